@@ -1,0 +1,107 @@
+"""Checkpoints: one Orbax tree per module, plus the spec, the tokenizer and training state.
+
+Layout of a checkpoint directory:
+    spec.yaml             the pathway spec (modules + pathways)
+    tokenizer.json        only for BPE tokenizers
+    modules/<name>/       each module's parameters (independently loadable)
+    train/<name>/         each module's optimizer state (optional)
+    train/meta.json       step and training settings (optional)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pathways import spec as spec_lib
+from pathways import tokenizers
+
+_checkpointer = None
+
+
+def _ckpt():
+    global _checkpointer
+    if _checkpointer is None:
+        import orbax.checkpoint as ocp  # slow import: only when checkpoints are touched
+
+        _checkpointer = ocp.StandardCheckpointer()
+    return _checkpointer
+
+
+def _to_host(tree):
+    return jax.tree.map(np.asarray, tree)
+
+
+def save_tree(path: Path, tree: Any) -> None:
+    path = Path(path).absolute()
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    _ckpt().save(tmp, tree)
+    _ckpt().wait_until_finished()
+    # Replace atomically enough: a crash leaves either the old tree or the .tmp, never half a tree.
+    if path.exists():
+        old = path.with_name(path.name + ".old")
+        path.rename(old)
+        tmp.rename(path)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(path)
+
+
+def load_tree(path: Path, like: Any) -> Any:
+    path = Path(path).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint tree {path} does not exist")
+    return _ckpt().restore(path, like)
+
+
+def save_module(directory: str | Path, name: str, state) -> None:
+    save_tree(Path(directory) / "modules" / name, nnx.to_pure_dict(state))
+
+
+def load_module(directory: str | Path, name: str, like_state):
+    """Restores a module's parameters into the structure of `like_state` (an nnx.State)."""
+    pure = load_tree(Path(directory) / "modules" / name, nnx.to_pure_dict(like_state))
+    state = jax.tree.map(lambda x: x, like_state)  # a copy to fill
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def save_spec(directory: str | Path, spec: spec_lib.PathwaySpec, tokenizer) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok_cfg = tokenizer.save(directory)
+    spec_lib.PathwaySpec(spec.modules, spec.pathways, tok_cfg).dump(directory / "spec.yaml")
+
+
+def load_spec(directory: str | Path):
+    """Returns (spec, tokenizer) of a checkpoint directory."""
+    directory = Path(directory)
+    if not (directory / "spec.yaml").exists():
+        raise FileNotFoundError(f"{directory} is not a Pathways checkpoint (no spec.yaml)")
+    spec = spec_lib.load(directory / "spec.yaml")
+    return spec, tokenizers.load(spec.tokenizer, directory)
+
+
+def has_module(directory: str | Path, name: str) -> bool:
+    return (Path(directory) / "modules" / name).exists()
+
+
+def write_meta(directory: str | Path, meta: dict) -> None:
+    path = Path(directory) / "train" / "meta.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(path)
+
+
+def read_meta(directory: str | Path) -> dict | None:
+    path = Path(directory) / "train" / "meta.json"
+    return json.loads(path.read_text()) if path.exists() else None

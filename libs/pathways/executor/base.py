@@ -1,0 +1,83 @@
+"""The executor interface shared by the local (in-process) and remote (gRPC) implementations."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Protocol
+
+import numpy as np
+
+from pathways.sampling import SamplingBatch, SamplingParams
+from pathways.spec import PathwaySpec
+
+_ids = itertools.count()
+
+
+def bucket(n: int, limit: int, minimum: int = 32) -> int:
+    """Rounds n up to a power of two (>= minimum, <= limit) to bound the number of compilations."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return min(b, limit)
+
+
+@dataclasses.dataclass
+class Session:
+    """A batch of sequences being generated on one pathway; holds their per-row progress."""
+
+    pathway: str
+    sampling: SamplingBatch
+    lengths: np.ndarray  # (B,) tokens already in every module's KV cache
+    steps: np.ndarray  # (B,) tokens sampled so far (seeds each draw)
+    max_seq_len: int
+    id: str = dataclasses.field(default_factory=lambda: f"s{next(_ids)}")
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.lengths)
+
+
+@dataclasses.dataclass
+class StepResult:
+    tokens: np.ndarray  # (B,) int32 sampled next tokens
+    logits: np.ndarray | None = None  # (B, V) float32 logits they were sampled from, on request
+
+
+class Executor(Protocol):
+    """Runs pathways: sessions (prefill/decode with KV caches), stateless forward, loss, grads."""
+
+    spec: PathwaySpec
+
+    def open_session(self, pathway: str, sampling: list[SamplingParams]) -> Session: ...
+
+    def prefill(self, session: Session, prompts: list[list[int]], *,
+                return_logits: bool = False) -> StepResult: ...
+
+    def decode(self, session: Session, tokens: np.ndarray, *,
+               return_logits: bool = False) -> StepResult: ...
+
+    def close_session(self, session: Session) -> None: ...
+
+    def forward(self, pathway: str, tokens: np.ndarray) -> np.ndarray: ...
+
+    def loss(self, pathway: str, inputs: np.ndarray, targets: np.ndarray) -> float: ...
+
+    def loss_and_grads(self, pathway: str, inputs: np.ndarray, targets: np.ndarray): ...
+
+
+def pad_prompts(prompts: list[list[int]], starts: np.ndarray, pad_position: int):
+    """Right-pads prompts to a bucketed length; padding gets position `pad_position` (dropped).
+
+    Returns:
+        tokens (B, T) int32, positions (B, T) int32, last_index (B,) int32.
+    """
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    t = bucket(int(lengths.max()), limit=max(int(lengths.max()), 1), minimum=8)
+    t = max(t, int(lengths.max()))
+    tokens = np.zeros((len(prompts), t), np.int32)
+    positions = np.full((len(prompts), t), pad_position, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+        positions[i, : len(p)] = starts[i] + np.arange(len(p))
+    return tokens, positions, lengths - 1

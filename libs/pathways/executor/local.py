@@ -1,0 +1,184 @@
+"""Local executor: every module of every pathway in this process, each its own jitted program."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pathways import modules as mod
+from pathways.executor.base import Session, StepResult, bucket, pad_prompts
+from pathways.modules.attention import empty_cache
+from pathways.sampling import SamplingBatch, SamplingParams, sample
+from pathways.spec import PathwaySpec
+
+
+class ModuleRuntime:
+    """One module's parameters and its jitted, functional entry points (no nnx.jit graph mode)."""
+
+    def __init__(self, name: str, cfg: mod.ModuleConfig, module: nnx.Module):
+        self.name, self.cfg = name, cfg
+        self.graphdef, self.state = nnx.split(module)
+        g = self.graphdef
+        self.forward = jax.jit(functools.partial(_forward, g))
+        if cfg.kind == "attention":
+            self.forward_cached = jax.jit(functools.partial(_forward_cached, g),
+                                          static_argnames="window", donate_argnames="cache")
+        if cfg.kind == "decoding":
+            self.head_sample = jax.jit(functools.partial(_head_sample, g))
+
+    def module(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state)
+
+    def param_count(self) -> int:
+        return sum(x.size for x in jax.tree.leaves(self.state))
+
+
+def _forward(graphdef, state, x, positions):
+    m = nnx.merge(graphdef, state)
+    if isinstance(m, mod.Decoding):
+        return m(x)
+    return m(x, positions)
+
+
+def _forward_cached(graphdef, state, x, positions, cache, slots, *, window):
+    return nnx.merge(graphdef, state).forward_cached(x, positions, cache, slots, window)
+
+
+def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed, step):
+    h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
+    logits = nnx.merge(graphdef, state)(h_bd)
+    return sample(logits, temperature, top_k, top_p, seed, step), logits
+
+
+def composite_loss(runtimes: list[ModuleRuntime], states: list[Any], inputs, targets, mask=None):
+    """Loss of a whole pathway as one function of every module's state (for jax.grad)."""
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    x = inputs
+    for rt, st in zip(runtimes[:-1], states[:-1]):
+        x = nnx.merge(rt.graphdef, st)(x, positions)
+    return nnx.merge(runtimes[-1].graphdef, states[-1]).loss(x, targets, mask)
+
+
+class LocalExecutor:
+    """Runs any pathway of a spec in-process. Modules are shared between pathways by name."""
+
+    def __init__(self, spec: PathwaySpec, states: dict[str, Any] | None = None, seed: int = 0):
+        self.spec = spec
+        self.runtimes: dict[str, ModuleRuntime] = {}
+        for i, (name, cfg) in enumerate(spec.modules.items()):
+            self.runtimes[name] = ModuleRuntime(name, cfg, mod.build(cfg, seed=seed + i))
+            if states and name in states:
+                self.set_state(name, states[name])
+        self._caches: dict[str, dict[str, dict[str, jax.Array]]] = {}  # session -> module -> KV
+        self._grad_fns: dict[str, Any] = {}
+
+    # ---- parameters -------------------------------------------------------------------------
+    def state(self, name: str):
+        return self.runtimes[name].state
+
+    def set_state(self, name: str, state) -> None:
+        rt = self.runtimes[name]
+        if jax.tree.structure(state) != jax.tree.structure(rt.state):
+            raise ValueError(f"module {name!r}: parameters do not match its config")
+        rt.state = state
+
+    def chain(self, pathway: str) -> list[ModuleRuntime]:
+        return [self.runtimes[m] for m in self.spec.pathway(pathway).modules]
+
+    # ---- sessions ---------------------------------------------------------------------------
+    def open_session(self, pathway: str, sampling: list[SamplingParams]) -> Session:
+        p = self.spec.pathway(pathway)
+        if not sampling:
+            raise ValueError("a session needs at least one sequence (sampling list is empty)")
+        b = len(sampling)
+        session = Session(pathway=pathway, sampling=SamplingBatch.of(sampling),
+                          lengths=np.zeros(b, np.int32), steps=np.zeros(b, np.int32),
+                          max_seq_len=p.max_seq_len)
+        self._caches[session.id] = {
+            rt.name: empty_cache(rt.cfg, b) for rt in self.chain(pathway) if rt.cfg.kind == "attention"
+        }
+        return session
+
+    def close_session(self, session: Session) -> None:
+        self._caches.pop(session.id, None)
+
+    def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
+        if len(prompts) != session.batch_size:
+            raise ValueError(f"prefill got {len(prompts)} prompts for a session of "
+                             f"{session.batch_size} sequences")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        self._check_room(session, np.array([len(p) for p in prompts]))
+        tokens, positions, last = pad_prompts(prompts, session.lengths, session.max_seq_len)
+        result = self._run(session, tokens, positions, last, return_logits)
+        session.lengths += np.array([len(p) for p in prompts], np.int32)
+        return result
+
+    def decode(self, session: Session, tokens, *, return_logits=False):
+        tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
+        self._check_room(session, np.ones(session.batch_size, np.int32))
+        positions = session.lengths[:, None].astype(np.int32)
+        result = self._run(session, tokens, positions, np.zeros(session.batch_size, np.int32),
+                           return_logits)
+        session.lengths += 1
+        return result
+
+    def _check_room(self, session: Session, extra: np.ndarray) -> None:
+        need = session.lengths + extra
+        if need.max() > session.max_seq_len:
+            raise ValueError(f"max sequence length exceeded: {int(need.max())} tokens > pathway "
+                             f"{session.pathway!r} max_seq_len {session.max_seq_len}")
+
+    def _run(self, session, tokens, positions, last, return_logits) -> StepResult:
+        caches = self._caches.get(session.id)
+        if caches is None:
+            raise KeyError(f"unknown session {session.id!r}")
+        window = bucket(int(positions[positions < session.max_seq_len].max()) + 1,
+                        session.max_seq_len)
+        slots = jnp.arange(session.batch_size, dtype=jnp.int32)
+        x = jnp.asarray(tokens)
+        pos = jnp.asarray(positions)
+        chain = self.chain(session.pathway)
+        for rt in chain[:-1]:
+            if rt.cfg.kind == "attention":
+                x, caches[rt.name] = rt.forward_cached(rt.state, x, pos, caches[rt.name], slots,
+                                                       window=window)
+            else:
+                x = rt.forward(rt.state, x, pos)
+        s = session.sampling
+        out, logits = chain[-1].head_sample(chain[-1].state, x, jnp.asarray(last), s.temperature,
+                                            s.top_k, s.top_p, s.seed, session.steps)
+        session.steps += 1
+        return StepResult(tokens=np.asarray(out),
+                          logits=np.asarray(logits) if return_logits else None)
+
+    # ---- stateless ---------------------------------------------------------------------------
+    def forward(self, pathway: str, tokens) -> np.ndarray:
+        tokens = jnp.asarray(tokens, jnp.int32)
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = tokens
+        for rt in self.chain(pathway):
+            x = rt.forward(rt.state, x, positions)
+        return np.asarray(x)
+
+    def loss(self, pathway: str, inputs, targets) -> float:
+        return float(self.loss_and_grads(pathway, inputs, targets, grads=False)[0])
+
+    def loss_and_grads(self, pathway: str, inputs, targets, *, grads: bool = True):
+        """Returns (loss, {module name: gradient of its parameters}) for one batch."""
+        chain = self.chain(pathway)
+        key = f"{pathway}:{grads}"
+        if key not in self._grad_fns:
+            f = functools.partial(composite_loss, chain)
+            self._grad_fns[key] = jax.jit(jax.value_and_grad(f) if grads else f)
+        states = [rt.state for rt in chain]
+        out = self._grad_fns[key](states, jnp.asarray(inputs), jnp.asarray(targets))
+        if not grads:
+            return out, None
+        loss, g = out
+        return loss, {rt.name: gi for rt, gi in zip(chain, g)}

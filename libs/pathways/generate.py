@@ -1,0 +1,125 @@
+"""Batched generation over any executor: prefill, then decode steps until every row is done."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import numpy as np
+
+from pathways.executor.base import Executor
+from pathways.sampling import SamplingParams
+from pathways.tokenizers import StreamDecoder, Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of one row; `text` is the printable piece it completes (may be "")."""
+
+    row: int
+    token_id: int
+    text: str
+    finished: str | None = None  # "stop", "eos" or "length" on the row's last event
+
+
+@dataclasses.dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+
+
+def stream(executor: Executor, pathway: str, prompts: list[str], tokenizer: Tokenizer,
+           params: SamplingParams | list[SamplingParams]) -> Iterator[TokenEvent]:
+    """Yields tokens as they are generated, for a batch of text prompts."""
+    if isinstance(params, SamplingParams):
+        params = [params] * len(prompts)
+    if len(params) != len(prompts):
+        raise ValueError(f"got {len(params)} sampling settings for {len(prompts)} prompts")
+    ids = [tokenizer.encode(p) for p in prompts]
+    for i, p in enumerate(ids):
+        if not p:
+            # An empty prompt starts from end-of-text, as a document boundary would.
+            ids[i] = [tokenizer.eos_id if tokenizer.eos_id >= 0 else 0]
+    limit = executor.spec.pathway(pathway).max_seq_len
+    for i, (p, sp) in enumerate(zip(ids, params)):
+        if len(p) + sp.max_new_tokens > limit:
+            raise ValueError(f"max sequence length exceeded: prompt {i} has {len(p)} tokens + "
+                             f"max_new_tokens {sp.max_new_tokens} > {limit} for pathway {pathway!r}")
+    session = executor.open_session(pathway, params)
+    try:
+        yield from _drive(executor, session, ids, tokenizer, params)
+    finally:
+        executor.close_session(session)
+
+
+def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
+    b = len(ids)
+    decoders = [StreamDecoder(tokenizer) for _ in range(b)]
+    texts = [""] * b
+    done = [p.max_new_tokens == 0 for p in params]
+    for i in range(b):
+        if done[i]:
+            yield TokenEvent(i, -1, "", finished="length")
+    if all(done):
+        return
+    result = executor.prefill(session, ids)
+    produced = 1
+    while True:
+        for i in range(b):
+            if done[i]:
+                continue
+            tok = int(result.tokens[i])
+            reason = None
+            if tok == tokenizer.eos_id:
+                piece, reason = decoders[i].flush(), "eos"
+            else:
+                piece = decoders[i].push(tok)
+            texts[i] += piece
+            hit = _first_stop(texts[i], params[i].stop)
+            if hit is not None:
+                # Trim the stop sequence (and anything after it) from what this event prints.
+                cut = len(texts[i]) - hit
+                piece = piece[: len(piece) - cut] if cut <= len(piece) else ""
+                texts[i] = texts[i][:hit]
+                reason = "stop"
+            elif reason is None and produced >= params[i].max_new_tokens:
+                piece += decoders[i].flush()
+                reason = "length"
+            done[i] = reason is not None
+            yield TokenEvent(i, tok, piece, finished=reason)
+        if all(done):
+            return
+        result = executor.decode(session, result.tokens)
+        produced += 1
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    hits = [text.find(s) for s in stops if s in text]
+    return min(hits) if hits else None
+
+
+def generate(executor: Executor, pathway: str, prompts: list[str], tokenizer: Tokenizer,
+             params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+    """Runs `stream` to the end and collects one completion per prompt."""
+    b = len(prompts)
+    texts, toks, reasons = [""] * b, [[] for _ in range(b)], ["length"] * b
+    for ev in stream(executor, pathway, prompts, tokenizer, params):
+        texts[ev.row] += ev.text
+        if ev.token_id >= 0:
+            toks[ev.row].append(ev.token_id)
+        if ev.finished:
+            reasons[ev.row] = ev.finished
+    return [Completion(t, k, r) for t, k, r in zip(texts, toks, reasons)]
+
+
+def greedy_ids(executor: Executor, pathway: str, prompt_ids: list[int], n: int) -> np.ndarray:
+    """Token ids of a greedy continuation (no tokenizer): the reference for parity tests."""
+    session = executor.open_session(pathway, [SamplingParams(max_new_tokens=n)])
+    try:
+        out = [int(executor.prefill(session, [prompt_ids]).tokens[0])]
+        while len(out) < n:
+            out.append(int(executor.decode(session, np.array(out[-1:])).tokens[0]))
+        return np.array(out, np.int32)
+    finally:
+        executor.close_session(session)

@@ -1,0 +1,48 @@
+"""Shared helpers for the frozen, validated module config dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A module config with a bad or missing value; the message names the field and value."""
+
+
+def require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def positive_int(name: str, value: Any) -> None:
+    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+            f"{name} must be a positive integer, got {value!r}")
+
+
+def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
+    """Builds a config dataclass from a plain dict, rejecting unknown or missing fields by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    prefix = f"{where}: " if where else ""
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{prefix}unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
+                          f"known: {', '.join(fields)}")
+    missing = [n for n, f in fields.items() if n not in data
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix}missing field(s) {', '.join(missing)} for {cls.__name__}")
+    try:
+        return cls(**data)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,54 @@
+"""`embedding` module: token ids (B, T) and positions (B, T) -> hidden states (B, T, D)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pathways.modules.config import one_of, positive_int, require
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingConfig:
+    vocab_size: int
+    d_model: int
+    max_seq_len: int
+    # "learned": GPT-2 style absolute position table; "none": positions are applied later (RoPE).
+    positions: str = "learned"
+    init_std: float = 0.02
+    kind: str = dataclasses.field(default="embedding", init=False)
+
+    def __post_init__(self):
+        positive_int("vocab_size", self.vocab_size)
+        positive_int("d_model", self.d_model)
+        positive_int("max_seq_len", self.max_seq_len)
+        one_of("positions", self.positions, ("learned", "none"))
+        require(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+
+    @property
+    def input_contract(self) -> tuple[str, int]:
+        return ("tokens", self.vocab_size)
+
+    @property
+    def output_contract(self) -> tuple[str, int]:
+        return ("hidden", self.d_model)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, cfg: EmbeddingConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(cfg.init_std)
+        self.tokens = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=init, rngs=rngs)
+        if cfg.positions == "learned":
+            self.positions = nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=init, rngs=rngs)
+
+    def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array) -> jax.Array:
+        h_btd = self.tokens(tokens_bt)
+        if self.cfg.positions == "learned":
+            # Padding positions may be out of range (== max_seq_len); clip, they are masked later.
+            pos = jnp.clip(positions_bt, 0, self.cfg.max_seq_len - 1)
+            h_btd = h_btd + self.positions(pos)
+        return h_btd

@@ -1,0 +1,70 @@
+"""Building blocks shared by the module kinds: norms, MLPs, rotary embeddings, attention math."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+
+# Large negative instead of -inf so fully masked rows (padding) stay finite.
+_MASK_VALUE = -1e30
+
+
+def make_norm(kind: str, dim: int, eps: float, rngs: nnx.Rngs) -> nnx.Module:
+    """LayerNorm (GPT-2) or RMSNorm (Llama) over the last axis."""
+    if kind == "layernorm":
+        return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs)
+    return nnx.RMSNorm(dim, epsilon=eps, rngs=rngs)
+
+
+def dense(d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+    init = nnx.initializers.normal(std) if std > 0 else nnx.initializers.zeros_init()
+    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, rngs=rngs)
+
+
+class Mlp(nnx.Module):
+    """GELU (tanh approximation, as GPT-2) or SwiGLU (Llama) feed-forward."""
+
+    def __init__(self, kind: str, d: int, d_ff: int, *, bias: bool, std: float, out_std: float,
+                 rngs: nnx.Rngs):
+        self.kind = kind
+        if kind == "gelu":
+            self.fc = dense(d, d_ff, bias=bias, std=std, rngs=rngs)
+        else:
+            self.gate = dense(d, d_ff, bias=bias, std=std, rngs=rngs)
+            self.up = dense(d, d_ff, bias=bias, std=std, rngs=rngs)
+        self.down = dense(d_ff, d, bias=bias, std=out_std, rngs=rngs)
+
+    def __call__(self, x):
+        if self.kind == "gelu":
+            return self.down(jax.nn.gelu(self.fc(x), approximate=True))
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+
+
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split convention (as Hugging Face Llama's rotate_half)."""
+    hd = x_btnh.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))  # (hd/2,)
+    freqs = positions_bt[..., None].astype(jnp.float32) * inv_freq  # (B, T, hd/2)
+    cos = jnp.cos(freqs)[:, :, None, :]
+    sin = jnp.sin(freqs)[:, :, None, :]
+    x1, x2 = x_btnh[..., : hd // 2], x_btnh[..., hd // 2 :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_btnh.dtype)
+
+
+def attend(q_btnh, k_bskh, v_bskh, mask_bts):
+    """Grouped-query attention: N query heads share K key/value heads (N % K == 0).
+
+    mask_bts[b, t, s] is True where query t may attend key s.
+    """
+    b, t, n, h = q_btnh.shape
+    kv = k_bskh.shape[2]
+    q = q_btnh.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_bskh) / jnp.sqrt(jnp.float32(h))
+    scores = jnp.where(mask_bts[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v_bskh.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
+    return out.reshape(b, t, n * h)

@@ -1,0 +1,89 @@
+"""Sampling on device: greedy, temperature, top-k and top-p, with per-row settings and seeds."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How one sequence is sampled. temperature == 0 means greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    seed: int = 0
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not (isinstance(self.temperature, (int, float)) and self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", tuple(self.stop))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling settings as arrays, the form the jitted sampler takes."""
+
+    temperature: np.ndarray  # (B,) float32
+    top_k: np.ndarray  # (B,) int32
+    top_p: np.ndarray  # (B,) float32
+    seed: np.ndarray  # (B,) uint32 (low 32 bits of the seed)
+
+    @staticmethod
+    def of(params: list[SamplingParams]) -> SamplingBatch:
+        return SamplingBatch(
+            temperature=np.array([p.temperature for p in params], np.float32),
+            top_k=np.array([p.top_k for p in params], np.int32),
+            top_p=np.array([p.top_p for p in params], np.float32),
+            seed=np.array([p.seed & 0xFFFFFFFF for p in params], np.uint32),
+        )
+
+    def take(self, rows) -> SamplingBatch:
+        return SamplingBatch(*(a[rows] for a in dataclasses.astuple(self)))
+
+    def as_tuple(self):
+        return dataclasses.astuple(self)
+
+
+def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b):
+    """Samples one token per row; jittable. step_b makes each step's draw distinct and replayable."""
+    logits = logits_bv.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    needs_filter = jnp.any((top_k_b > 0) | (top_p_b < 1.0))
+    scaled = logits / jnp.maximum(temperature_b, 1e-6)[:, None]
+    scaled = jax.lax.cond(needs_filter, _filter, lambda x, k, p: x, scaled, top_k_b, top_p_b)
+    keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seed_b, step_b)
+    drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
+    return jnp.where(temperature_b > 0, drawn, greedy)
+
+
+def _filter(scaled_bv, top_k_b, top_p_b):
+    """Masks logits outside each row's top-k and top-p (nucleus) sets."""
+    v = scaled_bv.shape[-1]
+    sorted_desc = -jnp.sort(-scaled_bv, axis=-1)
+    k = jnp.where(top_k_b > 0, jnp.minimum(top_k_b, v), v)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # (B, 1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it < p.
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = before < top_p_b[:, None]
+    n_keep = jnp.maximum(keep_sorted.sum(-1), 1)
+    pth = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)
+    threshold = jnp.maximum(kth, pth)
+    return jnp.where(scaled_bv >= threshold, scaled_bv, -jnp.inf)

@@ -1,0 +1,160 @@
+"""Pathway spec: named modules (kind + config) and named pathways (ordered module lists).
+
+Loading checks the contract between neighbouring modules and raises `SpecError` with one message
+naming the modules and values at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pathways.modules import ModuleConfig, config_from_dict
+from pathways.modules.config import ConfigError, to_dict
+
+
+class SpecError(ValueError):
+    """An invalid pathway spec; the message names the module/pathway and the values at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pathway:
+    name: str
+    modules: tuple[str, ...]
+    max_seq_len: int  # the smallest limit along the chain (or the declared, smaller one)
+
+
+@dataclasses.dataclass(frozen=True)
+class PathwaySpec:
+    modules: dict[str, ModuleConfig]
+    pathways: dict[str, Pathway]
+    tokenizer: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "byte"})
+
+    def pathway(self, name: str) -> Pathway:
+        if name not in self.pathways:
+            raise SpecError(f"unknown pathway {name!r}; known: {', '.join(self.pathways)}")
+        return self.pathways[name]
+
+    @property
+    def default_pathway(self) -> str:
+        return next(iter(self.pathways))
+
+    def to_dict(self) -> dict[str, Any]:
+        pathways = {}
+        for p in self.pathways.values():
+            pathways[p.name] = {"modules": list(p.modules), "max_seq_len": p.max_seq_len}
+        return {"tokenizer": dict(self.tokenizer),
+                "modules": {n: to_dict(c) for n, c in self.modules.items()},
+                "pathways": pathways}
+
+    def dump(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def with_pathway(self, name: str, modules: list[str]) -> PathwaySpec:
+        """A copy with pathway `name` added or replaced (validated)."""
+        data = self.to_dict()
+        data["pathways"][name] = list(modules)
+        return from_dict(data)
+
+    def without_pathway(self, name: str) -> PathwaySpec:
+        self.pathway(name)
+        data = self.to_dict()
+        del data["pathways"][name]
+        return from_dict(data)
+
+
+def load(path: str | Path) -> PathwaySpec:
+    """Reads and validates a YAML spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"cannot read spec {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return from_dict(data, source=str(path))
+
+
+def from_dict(data: Any, source: str = "spec") -> PathwaySpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: top level must be a mapping with 'modules' and 'pathways'")
+    unknown = sorted(set(data) - {"modules", "pathways", "tokenizer", "name"})
+    if unknown:
+        raise SpecError(f"{source}: unknown top-level key(s) {', '.join(unknown)}")
+    raw_modules = data.get("modules")
+    if not isinstance(raw_modules, dict) or not raw_modules:
+        raise SpecError(f"{source}: 'modules' must be a non-empty mapping of name -> config")
+    modules: dict[str, ModuleConfig] = {}
+    for name, raw in raw_modules.items():
+        if not isinstance(raw, dict):
+            raise SpecError(f"module {name!r}: config must be a mapping, got {raw!r}")
+        try:
+            modules[str(name)] = config_from_dict(raw, where=f"module {name!r}")
+        except (ConfigError, TypeError) as e:
+            raise SpecError(str(e)) from None
+
+    raw_pathways = data.get("pathways")
+    if not isinstance(raw_pathways, dict) or not raw_pathways:
+        raise SpecError(f"{source}: 'pathways' must be a non-empty mapping of name -> module list")
+    pathways = {str(n): _pathway(str(n), raw, modules) for n, raw in raw_pathways.items()}
+
+    tokenizer = data.get("tokenizer") or {"kind": "byte"}
+    if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("byte", "bpe"):
+        raise SpecError(f"{source}: tokenizer.kind must be 'byte' or 'bpe', got {tokenizer!r}")
+    return PathwaySpec(modules=modules, pathways=pathways, tokenizer=dict(tokenizer))
+
+
+def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
+    declared_len = None
+    if isinstance(raw, dict):
+        declared_len = raw.get("max_seq_len")
+        raw = raw.get("modules")
+    if not isinstance(raw, list) or not raw:
+        raise SpecError(f"pathway {name!r}: must be a non-empty list of module names, got {raw!r}")
+    chain = [str(m) for m in raw]
+    for m in chain:
+        if m not in modules:
+            raise SpecError(f"pathway {name!r}: unknown module {m!r}; known: {', '.join(modules)}")
+    seen = set()
+    for m in chain:
+        if m in seen:
+            raise SpecError(f"pathway {name!r}: module {m!r} appears more than once")
+        seen.add(m)
+    first, last = modules[chain[0]], modules[chain[-1]]
+    if first.input_contract[0] != "tokens":
+        raise SpecError(f"pathway {name!r}: must start with an embedding module, "
+                        f"but {chain[0]!r} is {first.kind}")
+    if last.output_contract[0] != "logits":
+        raise SpecError(f"pathway {name!r}: must end with a decoding module, "
+                        f"but {chain[-1]!r} is {last.kind}")
+    for a, b in zip(chain, chain[1:]):
+        out_kind, out_dim = modules[a].output_contract
+        in_kind, in_dim = modules[b].input_contract
+        if out_kind != in_kind:
+            raise SpecError(f"pathway {name!r}: {a!r} ({modules[a].kind}) outputs {out_kind} "
+                            f"but {b!r} ({modules[b].kind}) expects {in_kind}")
+        if out_dim != in_dim:
+            raise SpecError(f"pathway {name!r}: d_model mismatch: {a!r} outputs {out_dim} "
+                            f"but {b!r} expects {in_dim}")
+    emb_vocab, head_vocab = first.input_contract[1], last.output_contract[1]
+    if emb_vocab != head_vocab:
+        raise SpecError(f"pathway {name!r}: vocab mismatch: embedding {chain[0]!r} has "
+                        f"vocab_size {emb_vocab} but decoding {chain[-1]!r} has {head_vocab}")
+    limits = {m: modules[m].max_seq_len for m in chain if hasattr(modules[m], "max_seq_len")}
+    max_len = min(limits.values())
+    if declared_len is not None:
+        if not isinstance(declared_len, int) or declared_len <= 0:
+            raise SpecError(f"pathway {name!r}: max_seq_len must be a positive integer, "
+                            f"got {declared_len!r}")
+        over = {m: v for m, v in limits.items() if v < declared_len}
+        if over:
+            m, v = next(iter(over.items()))
+            raise SpecError(f"pathway {name!r}: max sequence length exceeded: max_seq_len "
+                            f"{declared_len} > module {m!r} max_seq_len {v}")
+        max_len = declared_len
+    return Pathway(name=name, modules=tuple(chain), max_seq_len=max_len)

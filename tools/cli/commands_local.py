@@ -1,0 +1,187 @@
+"""Local commands: inspect a spec, train a pathway in-process, generate from a checkpoint, demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from pathways import checkpoint as ckpt
+from pathways import data as data_lib
+from pathways import generate as gen
+from pathways import spec as spec_lib
+from pathways import tokenizers
+from pathways.sampling import SamplingParams
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("inspect", help="show a spec's modules, parameter counts and pathways")
+    p.add_argument("spec")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train a pathway locally (one process)")
+    p.add_argument("--spec", required=True)
+    p.add_argument("--pathway", help="pathway to train (default: the spec's first)")
+    p.add_argument("--data", nargs="*", default=None,
+                   help="text files or folders (default: this Python's standard library)")
+    p.add_argument("--max-data-mb", type=float, default=8.0, help="read at most this much text")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default: steps/15)")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint directory (resumed if it holds a run)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate text from a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    add_sampling_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="train the tiny example locally, then generate from it")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--steps", type=int, default=300)
+    p.set_defaults(func=cmd_demo)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pathway", help="pathway to run (default: the spec's first)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                          seed=args.seed, max_new_tokens=args.max_tokens, stop=tuple(args.stop))
+
+
+def cmd_inspect(args) -> int:
+    from pathways import modules as mod
+    import jax
+    from flax import nnx
+
+    spec = spec_lib.load(args.spec)
+    print(f"spec {args.spec}: contract OK")
+    print(f"{'module':<16} {'kind':<10} {'d_model':>7} {'params':>12}  details")
+    for name, cfg in spec.modules.items():
+        shapes = nnx.eval_shape(lambda c=cfg: mod.build(c))
+        n = sum(x.size for x in jax.tree.leaves(nnx.state(shapes)))
+        d = getattr(cfg, "d_model")
+        extra = {"embedding": lambda c: f"vocab {c.vocab_size}, max_seq_len {c.max_seq_len}",
+                 "attention": lambda c: f"{c.n_layers} layers, {c.n_heads} heads, "
+                                        f"{c.kv_heads} kv heads, {c.mlp}, {c.norm}",
+                 "decoding": lambda c: f"vocab {c.vocab_size}, {c.norm}"}[cfg.kind](cfg)
+        print(f"{name:<16} {cfg.kind:<10} {d:>7} {n:>12,}  {extra}")
+    for p in spec.pathways.values():
+        print(f"pathway {p.name}: {' -> '.join(p.modules)} (max_seq_len {p.max_seq_len})")
+    return 0
+
+
+def load_tokenizer_for(spec, texts_fn):
+    """The spec's tokenizer; a BPE one with no file yet is trained on the corpus."""
+    if spec.tokenizer.get("kind") == "bpe":
+        path = spec.tokenizer.get("path")
+        if path and Path(path).exists():
+            return tokenizers.BpeTokenizer.load(path)
+        vocab = next(c.vocab_size for c in spec.modules.values() if c.kind == "embedding")
+        print(f"training a BPE tokenizer with {vocab} entries on the corpus...", file=sys.stderr)
+        return tokenizers.BpeTokenizer.train(texts_fn(), vocab)
+    return tokenizers.ByteTokenizer()
+
+
+def cmd_train(args) -> int:
+    from tqdm import tqdm
+
+    from pathways.executor.local import LocalExecutor
+    from pathways.train import LocalTrainer, TrainConfig
+
+    out = Path(args.out)
+    spec = spec_lib.load(args.spec)
+    pathway = args.pathway or spec.default_pathway
+    spec.pathway(pathway)
+    paths = args.data if args.data else data_lib.default_corpus_paths()
+    texts = data_lib.read_texts(paths, int(args.max_data_mb * 1e6))
+    if (out / "spec.yaml").exists():
+        _, tok = ckpt.load_spec(out)
+    else:
+        tok = load_tokenizer_for(spec, lambda: texts)
+    emb_vocab = next(spec.modules[m].vocab_size for m in spec.pathway(pathway).modules
+                     if spec.modules[m].kind == "embedding")
+    if tok.vocab_size > emb_vocab:
+        raise ValueError(f"tokenizer has {tok.vocab_size} entries but the embedding's vocab_size "
+                         f"is {emb_vocab}")
+    data = data_lib.TokenData.build(texts, tok)
+    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                      lr=args.lr, warmup=args.warmup if args.warmup is not None
+                      else max(1, args.steps // 15), eval_every=args.eval_every,
+                      save_every=args.save_every, seed=args.seed)
+    trainer = LocalTrainer(LocalExecutor(spec, seed=args.seed), pathway, cfg, data, out, tok)
+    if trainer.try_resume():
+        print(f"resuming {out} at step {trainer.step}", file=sys.stderr)
+    print(f"training pathway {pathway!r} on {len(data.train):,} tokens "
+          f"(unigram baseline {data.unigram_loss():.3f} nats)", file=sys.stderr)
+    first_eval = trainer.eval_loss()
+    bar = tqdm(total=cfg.steps, initial=trainer.step, unit="step", dynamic_ncols=True)
+
+    def on_step(rec):
+        bar.update(1)
+        post = {"loss": f"{rec['loss']:.3f}", "tok/s": f"{rec['tokens_per_s']:.0f}"}
+        if "eval_loss" in rec:
+            post["eval"] = f"{rec['eval_loss']:.3f}"
+        bar.set_postfix(post)
+
+    history = trainer.run(on_step=on_step)
+    bar.close()
+    last_eval = next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r),
+                     trainer.eval_loss())
+    print(f"eval loss {first_eval:.3f} -> {last_eval:.3f}; checkpoint {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from pathways.executor.local import LocalExecutor
+
+    spec, tok = ckpt.load_spec(args.checkpoint)
+    ex = LocalExecutor(spec)
+    for name, rt in ex.runtimes.items():
+        if ckpt.has_module(args.checkpoint, name):
+            ex.set_state(name, ckpt.load_module(args.checkpoint, name, rt.state))
+    pathway = args.pathway or spec.default_pathway
+    missing = [m for m in spec.pathway(pathway).modules if not ckpt.has_module(args.checkpoint, m)]
+    if missing:
+        raise ValueError(f"checkpoint {args.checkpoint} has no weights for module(s) "
+                         f"{', '.join(missing)} of pathway {pathway!r}")
+    params = sampling_from_args(args)
+    sys.stdout.write(args.prompt)
+    for ev in gen.stream(ex, pathway, [args.prompt], tok, params):
+        sys.stdout.write(ev.text)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    t0 = time.time()
+    train_args = build_args("train", ["--spec", str(EXAMPLES / "tiny.yaml"), "--out", args.out,
+                                      "--steps", str(args.steps)])
+    cmd_train(train_args)
+    print(f"\ntrained in {time.time() - t0:.0f} s; generating:\n")
+    return cmd_generate(build_args("generate", ["--checkpoint", args.out, "--prompt", "def ",
+                                                "--max-tokens", "300", "--temperature", "0.7"]))
+
+
+def build_args(command: str, argv: list[str]):
+    from tools.cli.main import build_parser
+
+    return build_parser().parse_args([command, *argv])

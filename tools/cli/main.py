@@ -1,0 +1,43 @@
+"""The `pathways` command line. Each command group lives in its own module with `register()`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from tools.cli import commands_local
+
+# Command groups, in help order. Each module defines register(subparsers) and sets `func`.
+COMMAND_MODULES = [commands_local]
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathways", description="Serve and train a language model as independent modules.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for m in COMMAND_MODULES:
+        m.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, FileNotFoundError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"pathways {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

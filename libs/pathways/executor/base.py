@@ -73,8 +73,8 @@ def pad_prompts(prompts: list[list[int]], starts: np.ndarray, pad_position: int)
         tokens (B, T) int32, positions (B, T) int32, last_index (B,) int32.
     """
     lengths = np.array([len(p) for p in prompts], np.int32)
-    t = bucket(int(lengths.max()), limit=max(int(lengths.max()), 1), minimum=8)
-    t = max(t, int(lengths.max()))
+    # Bucketed so that prompts of nearby lengths share one compiled program.
+    t = max(bucket(int(lengths.max()), limit=pad_position, minimum=8), int(lengths.max()))
     tokens = np.zeros((len(prompts), t), np.int32)
     positions = np.full((len(prompts), t), pad_position, np.int32)
     for i, p in enumerate(prompts):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,8 @@ from pathways import spec as spec_lib
 from pathways import tokenizers
 
 _checkpointer = None
+# One Orbax checkpointer per process, and it is not safe for concurrent saves from threads.
+_lock = threading.Lock()
 
 
 def _ckpt():
@@ -43,8 +46,9 @@ def save_tree(path: Path, tree: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    _ckpt().save(tmp, tree)
-    _ckpt().wait_until_finished()
+    with _lock:
+        _ckpt().save(tmp, tree)
+        _ckpt().wait_until_finished()
     # Replace atomically enough: a crash leaves either the old tree or the .tmp, never half a tree.
     if path.exists():
         old = path.with_name(path.name + ".old")
@@ -59,7 +63,8 @@ def load_tree(path: Path, like: Any) -> Any:
     path = Path(path).absolute()
     if not path.exists():
         raise FileNotFoundError(f"checkpoint tree {path} does not exist")
-    return _ckpt().restore(path, like)
+    with _lock:
+        return _ckpt().restore(path, like)
 
 
 def save_module(directory: str | Path, name: str, state) -> None:

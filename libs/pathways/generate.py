@@ -46,6 +46,15 @@ def stream(executor: Executor, pathway: str, prompts: list[str], tokenizer: Toke
         if len(p) + sp.max_new_tokens > limit:
             raise ValueError(f"max sequence length exceeded: prompt {i} has {len(p)} tokens + "
                              f"max_new_tokens {sp.max_new_tokens} > {limit} for pathway {pathway!r}")
+    # Rows decode in lockstep: a finished row keeps taking cache positions until the batch's
+    # longest row is done. Refuse up front what would otherwise fail halfway through the stream.
+    steps = max(sp.max_new_tokens for sp in params) - 1
+    for i, p in enumerate(ids):
+        if len(p) + steps > limit:
+            raise ValueError(f"max sequence length exceeded: prompt {i} has {len(p)} tokens + "
+                             f"{steps} lockstep decode steps (the batch's largest max_new_tokens "
+                             f"is {steps + 1}) > {limit} for pathway {pathway!r}; generate it in "
+                             f"a separate batch")
     session = executor.open_session(pathway, params)
     try:
         yield from _drive(executor, session, ids, tokenizer, params)
@@ -57,6 +66,7 @@ def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
     b = len(ids)
     decoders = [StreamDecoder(tokenizer) for _ in range(b)]
     texts = [""] * b
+    shown = [0] * b  # characters of texts[i] already yielded
     done = [p.max_new_tokens == 0 for p in params]
     for i in range(b):
         if done[i]:
@@ -72,20 +82,22 @@ def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
             tok = int(result.tokens[i])
             reason = None
             if tok == tokenizer.eos_id:
-                piece, reason = decoders[i].flush(), "eos"
+                texts[i] += decoders[i].flush()
+                reason = "eos"
             else:
-                piece = decoders[i].push(tok)
-            texts[i] += piece
+                texts[i] += decoders[i].push(tok)
             hit = _first_stop(texts[i], params[i].stop)
             if hit is not None:
-                # Trim the stop sequence (and anything after it) from what this event prints.
-                cut = len(texts[i]) - hit
-                piece = piece[: len(piece) - cut] if cut <= len(piece) else ""
-                texts[i] = texts[i][:hit]
+                texts[i] = texts[i][:hit]  # drop the stop sequence and anything after it
                 reason = "stop"
             elif reason is None and produced >= params[i].max_new_tokens:
-                piece += decoders[i].flush()
+                texts[i] += decoders[i].flush()
                 reason = "length"
+            # A tail that may be the start of a stop sequence is held back until it is decided,
+            # so what was yielded never has to be taken back.
+            end = len(texts[i]) if reason else len(texts[i]) - _stop_prefix(texts[i],
+                                                                             params[i].stop)
+            piece, shown[i] = texts[i][shown[i] : end], max(shown[i], end)
             done[i] = reason is not None
             yield TokenEvent(i, tok, piece, finished=reason)
         if all(done):
@@ -97,6 +109,11 @@ def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     hits = [text.find(s) for s in stops if s in text]
     return min(hits) if hits else None
+
+
+def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that is a proper prefix of a stop sequence."""
+    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def generate(executor: Executor, pathway: str, prompts: list[str], tokenizer: Tokenizer,

@@ -1,7 +1,9 @@
-"""Local (single-process) training of a pathway: the monolithic baseline.
+"""Training a pathway: one loop, two engines.
 
-Each module has its own AdamW optimizer state (as it will when modules train in their own
-services); gradient clipping is per module for the same reason.
+`FusedEngine` jits the whole pathway's step as one program in this process (the monolithic
+baseline). `PipelineEngine` runs the step through pipeline stages — in-process or module services —
+over micro-batches. Both give each module its own AdamW state and per-module gradient clipping (as
+modules living in separate services must), and both write the same checkpoint layout.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import functools
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -21,6 +24,9 @@ import optax
 from pathways import checkpoint as ckpt
 from pathways.data import TokenData
 from pathways.executor.local import LocalExecutor, composite_loss
+from pathways.pipeline.runner import run_step
+from pathways.pipeline.schedule import SCHEDULES
+from pathways.pipeline.stage import LocalStage, Stage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +47,11 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "save_every"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not self.lr > 0:
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not 0 <= self.warmup < self.steps:
+        if not (isinstance(self.warmup, int) and 0 <= self.warmup < self.steps):
             raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}")
 
 
@@ -59,7 +65,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def _step(chain, tx, states, opt_states, inputs, targets):
+def _fused_step(chain, tx, states, opt_states, inputs, targets):
     loss, grads = jax.value_and_grad(functools.partial(composite_loss, chain))(
         states, inputs, targets)
     new_states, new_opts = [], []
@@ -70,32 +76,84 @@ def _step(chain, tx, states, opt_states, inputs, targets):
     return new_states, new_opts, loss
 
 
-class LocalTrainer:
-    """Trains one pathway of a LocalExecutor in place, checkpointing to `out`."""
+class FusedEngine:
+    """The whole pathway's training step as one jitted program (single process)."""
 
-    def __init__(self, executor: LocalExecutor, pathway: str, cfg: TrainConfig, data: TokenData,
-                 out: str | Path, tokenizer):
-        self.ex, self.pathway, self.cfg, self.data = executor, pathway, cfg, data
-        self.out, self.tokenizer = Path(out), tokenizer
-        limit = executor.spec.pathway(pathway).max_seq_len
+    def __init__(self, executor: LocalExecutor, pathway: str, tx: optax.GradientTransformation):
+        self.chain = executor.chain(pathway)
+        self.names = [rt.name for rt in self.chain]
+        # Stages only as the per-module holders of optimizer state and checkpoint I/O.
+        self.stages = [LocalStage(rt, tx) for rt in self.chain]
+        self._step = jax.jit(functools.partial(_fused_step, self.chain, tx), donate_argnums=(0, 1))
+        self._loss = jax.jit(functools.partial(composite_loss, self.chain))
+
+    def step(self, inputs, targets) -> dict:
+        states = [rt.state for rt in self.chain]
+        opts = [st.opt_state for st in self.stages]
+        t0 = time.perf_counter()
+        new_states, new_opts, loss = self._step(states, opts, inputs, targets)
+        loss = float(loss)
+        for rt, st, s, o in zip(self.chain, self.stages, new_states, new_opts):
+            rt.state, st.opt_state = s, o
+        return {"loss": loss, "stage_seconds": {"fused": time.perf_counter() - t0}}
+
+    def eval_loss(self, inputs, targets) -> float:
+        return float(self._loss([rt.state for rt in self.chain], inputs, targets))
+
+    def save(self, out: Path) -> None:
+        for st in self.stages:
+            st.save(out)
+
+    def load(self, out: Path) -> None:
+        for st in self.stages:
+            st.load(out)
+
+
+class PipelineEngine:
+    """A training step through a chain of stages (local or remote), pipelined over micro-batches."""
+
+    def __init__(self, stages: list[Stage], n_micro: int = 4, schedule: str = "1f1b"):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+        self.stages, self.n_micro, self.schedule = stages, n_micro, schedule
+        self.names = [s.name for s in stages]
+
+    def step(self, inputs, targets) -> dict:
+        return run_step(self.stages, inputs, targets, self.n_micro, self.schedule)
+
+    def eval_loss(self, inputs, targets) -> float:
+        x = inputs
+        for st in self.stages[:-1]:
+            x = st.evaluate(x)
+        return float(self.stages[-1].evaluate(x, targets))
+
+    def _each(self, fn) -> None:
+        with ThreadPoolExecutor(max_workers=len(self.stages)) as pool:
+            list(pool.map(fn, self.stages))
+
+    def save(self, out: Path) -> None:
+        self._each(lambda s: s.save(out))
+
+    def load(self, out: Path) -> None:
+        self._each(lambda s: s.load(out))
+
+
+class Trainer:
+    """The training loop: deterministic batches, eval, checkpoints, metrics, exact resume."""
+
+    def __init__(self, engine, spec, pathway: str, tokenizer, cfg: TrainConfig, data: TokenData,
+                 out: str | Path):
+        self.engine, self.spec, self.pathway = engine, spec, pathway
+        self.tokenizer, self.cfg, self.data, self.out = tokenizer, cfg, data, Path(out)
+        limit = spec.pathway(pathway).max_seq_len
         if cfg.seq_len > limit:
             raise ValueError(f"max sequence length exceeded: seq_len {cfg.seq_len} > pathway "
                              f"{pathway!r} max_seq_len {limit}")
-        self.chain = executor.chain(pathway)
-        self.tx = make_optimizer(cfg)
-        self.opt_states = [self.tx.init(rt.state) for rt in self.chain]
         self.step = 0
-        self._train_step = jax.jit(functools.partial(_step, self.chain, self.tx),
-                                   donate_argnums=(0, 1))
-        self._eval_loss = jax.jit(functools.partial(composite_loss, self.chain))
 
-    # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> None:
-        ckpt.save_spec(self.out, self.ex.spec, self.tokenizer)
-        for rt, opt in zip(self.chain, self.opt_states):
-            ckpt.save_module(self.out, rt.name, rt.state)
-            leaves = {str(i): np.asarray(x) for i, x in enumerate(jax.tree.leaves(opt))}
-            ckpt.save_tree(self.out / "train" / rt.name, leaves)
+        ckpt.save_spec(self.out, self.spec, self.tokenizer)
+        self.engine.save(self.out)
         ckpt.write_meta(self.out, {"step": self.step, "pathway": self.pathway,
                                    "config": dataclasses.asdict(self.cfg)})
 
@@ -107,23 +165,14 @@ class LocalTrainer:
         if meta.get("pathway") != self.pathway:
             raise ValueError(f"{self.out} holds a run of pathway {meta.get('pathway')!r}, "
                              f"not {self.pathway!r}")
-        for i, rt in enumerate(self.chain):
-            self.ex.set_state(rt.name, ckpt.load_module(self.out, rt.name, rt.state))
-            leaves, treedef = jax.tree.flatten(self.opt_states[i])
-            like = {str(j): np.asarray(x) for j, x in enumerate(leaves)}
-            saved = ckpt.load_tree(self.out / "train" / rt.name, like)
-            self.opt_states[i] = jax.tree.unflatten(
-                treedef, [jnp.asarray(saved[str(j)]) for j in range(len(leaves))])
+        self.engine.load(self.out)
         self.step = int(meta["step"])
         return True
 
-    # ---- loop ------------------------------------------------------------------------------------
     def eval_loss(self) -> float:
-        states = [rt.state for rt in self.chain]
-        losses = [float(self._eval_loss(states, *self.data.batch(
-            i, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed, split="eval")))
-            for i in range(self.cfg.eval_batches)]
-        return float(np.mean(losses))
+        c = self.cfg
+        return float(np.mean([self.engine.eval_loss(*self.data.batch(
+            i, c.batch_size, c.seq_len, c.seed, split="eval")) for i in range(c.eval_batches)]))
 
     def run(self, on_step: Callable[[dict], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> list[dict]:
@@ -131,23 +180,18 @@ class LocalTrainer:
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         history = []
-        metrics = (self.out / "metrics.jsonl").open("a")
-        try:
+        with (self.out / "metrics.jsonl").open("a") as metrics:
             while self.step < cfg.steps:
                 if should_stop and should_stop():
                     break
                 inputs, targets = self.data.batch(self.step, cfg.batch_size, cfg.seq_len, cfg.seed)
                 t0 = time.perf_counter()
-                states = [rt.state for rt in self.chain]
-                new_states, self.opt_states, loss = self._train_step(
-                    states, self.opt_states, inputs, targets)
-                for rt, st in zip(self.chain, new_states):
-                    rt.state = st
-                loss = float(loss)
+                out = self.engine.step(inputs, targets)
                 dt = time.perf_counter() - t0
                 self.step += 1
-                rec = {"step": self.step, "loss": loss,
-                       "tokens_per_s": cfg.batch_size * cfg.seq_len / dt}
+                rec = {"step": self.step, "loss": out["loss"],
+                       "tokens_per_s": cfg.batch_size * cfg.seq_len / dt, "step_seconds": dt,
+                       "stage_seconds": out.get("stage_seconds", {})}
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     rec["eval_loss"] = self.eval_loss()
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
@@ -157,6 +201,21 @@ class LocalTrainer:
                 history.append(rec)
                 if on_step:
                     on_step(rec)
-        finally:
-            metrics.close()
         return history
+
+
+class LocalTrainer(Trainer):
+    """A Trainer over this process's executor: fused (the baseline) or pipelined over stages."""
+
+    def __init__(self, executor: LocalExecutor, pathway: str, cfg: TrainConfig, data: TokenData,
+                 out: str | Path, tokenizer, *, engine: str = "fused", n_micro: int = 4,
+                 schedule: str = "1f1b"):
+        tx = make_optimizer(cfg)
+        if engine == "fused":
+            eng = FusedEngine(executor, pathway, tx)
+        elif engine == "pipeline":
+            eng = PipelineEngine([LocalStage(rt, tx) for rt in executor.chain(pathway)],
+                                 n_micro, schedule)
+        else:
+            raise ValueError(f"engine must be 'fused' or 'pipeline', got {engine!r}")
+        super().__init__(eng, executor.spec, pathway, tokenizer, cfg, data, out)

@@ -1,0 +1,155 @@
+"""Kubernetes objects for one pathway module: Deployment, headless Service, HPA and PDB."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pathways.k8s import names, pods
+
+# Starting points per module kind; overlays patch them for real model sizes.
+RESOURCES = {
+    "embedding": {
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    },
+    "attention": {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "2", "memory": "2Gi"},
+    },
+    "decoding": {
+        "requests": {"cpu": "250m", "memory": "512Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    },
+}
+DEFAULT_RESOURCES = RESOURCES["attention"]
+HPA_MIN, HPA_MAX, HPA_CPU_PERCENT = 1, 4, 70
+
+
+def module_objects(module: str, kind: str, image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
+    """The objects that run and expose `module` (the spec's name) of `kind`."""
+    name = names.dns_name(module)
+    labels = names.labels("module", module)
+    selector = {names.APP_LABEL: names.APP, names.MODULE_LABEL: name}
+    meta = {"name": name, "labels": labels, "annotations": {names.MODULE_NAME_ANNOTATION: module}}
+    return [
+        _deployment(meta, selector, module, kind, image, checkpoint_uri),
+        _service(meta, selector),
+        _hpa(meta),
+        _pdb(meta, selector),
+    ]
+
+
+def _deployment(meta, selector, module, kind, image, checkpoint_uri) -> dict[str, Any]:
+    volumes, mounts = pods.common_volumes(checkpoint_uri)
+    container = {
+        "name": "module-server",
+        "image": image,
+        "args": [
+            "--checkpoint",
+            pods.CHECKPOINT_DIR,
+            "--module",
+            module,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(pods.GRPC_PORT),
+            "--grace-s",
+            str(pods.SHUTDOWN_GRACE_S),
+        ],
+        "ports": [{"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"}],
+        "resources": RESOURCES.get(kind, DEFAULT_RESOURCES),
+        **pods.grpc_probes(),
+        "securityContext": pods.container_security(),
+        "volumeMounts": mounts,
+    }
+    # No spec.replicas: `kubectl scale` and the HPA own the count, and re-applying the base must not
+    # reset it (overlays may still pin one).
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": selector},
+            # Surge first: a new replica must be Ready before an old one drains.
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": meta["labels"],
+                    "annotations": {"pathways.dev/checkpoint": checkpoint_uri},
+                },
+                "spec": {
+                    "automountServiceAccountToken": False,  # modules never call the API
+                    "terminationGracePeriodSeconds": pods.SHUTDOWN_GRACE_S + pods.EXIT_MARGIN_S,
+                    "securityContext": pods.pod_security(),
+                    "topologySpreadConstraints": pods.spread(selector),
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def _service(meta, selector) -> dict[str, Any]:
+    # Headless: DNS and Endpoints list every ready pod, so clients balance per replica (gRPC
+    # round-robin or the Endpoints watch) instead of pinning one connection to a virtual IP.
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector,
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": pods.GRPC_PORT,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                }
+            ],
+        },
+    }
+
+
+def _hpa(meta) -> dict[str, Any]:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"]},
+            "minReplicas": HPA_MIN,
+            "maxReplicas": HPA_MAX,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": HPA_CPU_PERCENT},
+                    },
+                }
+            ],
+            # Scale down slowly: each removed replica drains its sessions.
+            "behavior": {
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 300,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 60}],
+                }
+            },
+        },
+    }
+
+
+def _pdb(meta, selector) -> dict[str, Any]:
+    # maxUnavailable rather than minAvailable: a one-replica module can still be drained.
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta,
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }

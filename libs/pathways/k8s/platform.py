@@ -1,0 +1,276 @@
+"""Kubernetes objects shared by every pathway: gateway, coordinator workers, broker, RBAC and
+network policies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pathways.k8s import names, pods
+
+BROKER_IMAGE = "docker.io/valkey/valkey:8.1"
+BROKER_PORT = 6379
+BROKER_USER = 999  # the image's `valkey` user
+BROKER_URL = f"redis://{names.BROKER}:{BROKER_PORT}/0"
+
+
+def _meta(name: str, component: str) -> dict[str, Any]:
+    return {"name": name, "labels": names.labels(component)}
+
+
+def _selector(component: str) -> dict[str, str]:
+    return {names.APP_LABEL: names.APP, names.COMPONENT_LABEL: component}
+
+
+def gateway(image: str, checkpoint_uri: str, module_hosts: dict[str, str]) -> list[dict[str, Any]]:
+    """Gateway Deployment + Service. `module_hosts` maps each module to its headless Service."""
+    volumes, mounts = pods.common_volumes(checkpoint_uri)
+    args = ["--checkpoint", pods.CHECKPOINT_DIR, "--host", "0.0.0.0", "--port", str(pods.GRPC_PORT)]
+    for module, host in module_hosts.items():
+        # The headless Service's DNS name resolves to every ready replica; in-cluster discovery
+        # (pathways.k8s.discovery) watches the same Service's Endpoints for changes.
+        args += ["--module", f"{module}={host}:{pods.GRPC_PORT}"]
+    container = {
+        "name": "gateway",
+        "image": image,
+        "args": args,
+        "env": [pods.namespace_env()],  # the namespace whose Endpoints discovery watches
+        "ports": [{"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": "250m", "memory": "512Mi"},
+            "limits": {"cpu": "1", "memory": "1Gi"},
+        },
+        **pods.grpc_probes(),
+        "securityContext": pods.container_security(),
+        "volumeMounts": mounts,
+    }
+    meta = _meta(names.GATEWAY, "gateway")
+    selector = _selector("gateway")
+    deployment = _deployment(
+        meta,
+        selector,
+        container,
+        volumes,
+        names.DISCOVERY_ACCOUNT,
+        grace_s=pods.GATEWAY_GRACE_S + pods.EXIT_MARGIN_S,
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "selector": selector,
+            "ports": [
+                {
+                    "name": "grpc",
+                    "port": pods.GRPC_PORT,
+                    "targetPort": "grpc",
+                    "protocol": "TCP",
+                    "appProtocol": "grpc",
+                }
+            ],
+        },
+    }
+    return [deployment, service]
+
+
+def coordinator(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
+    """Celery worker Deployment; it reaches modules directly, so it shares the discovery account."""
+    volumes, mounts = pods.common_volumes(checkpoint_uri)
+    container = {
+        "name": "coordinator",
+        "image": image,
+        "env": [
+            {"name": "CELERY_BROKER_URL", "value": BROKER_URL},
+            {"name": "CELERY_RESULT_BACKEND", "value": BROKER_URL},
+            {"name": "PATHWAYS_SPEC", "value": f"{pods.SPEC_DIR}/spec.yaml"},
+            {"name": "PATHWAYS_CHECKPOINT", "value": pods.CHECKPOINT_DIR},
+            pods.namespace_env(),
+        ],
+        "resources": {
+            "requests": {"cpu": "250m", "memory": "512Mi"},
+            "limits": {"cpu": "1", "memory": "1Gi"},
+        },
+        "securityContext": pods.container_security(),
+        "volumeMounts": mounts,
+    }
+    # Celery's warm shutdown finishes the running task; give it the module servers' grace.
+    return [
+        _deployment(
+            _meta(names.COORDINATOR, "coordinator"),
+            _selector("coordinator"),
+            container,
+            volumes,
+            names.DISCOVERY_ACCOUNT,
+            grace_s=pods.SHUTDOWN_GRACE_S + pods.EXIT_MARGIN_S,
+        )
+    ]
+
+
+def _deployment(meta, selector, container, volumes, account, grace_s) -> dict[str, Any]:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {"labels": meta["labels"]},
+                "spec": {
+                    "serviceAccountName": account,
+                    "terminationGracePeriodSeconds": grace_s,
+                    "securityContext": pods.pod_security(),
+                    "topologySpreadConstraints": pods.spread(selector),
+                    "containers": [container],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def broker() -> list[dict[str, Any]]:
+    """A single-replica Valkey (Redis protocol) StatefulSet + Service: the Celery broker."""
+    meta = _meta(names.BROKER, "broker")
+    selector = _selector("broker")
+    container = {
+        "name": "valkey",
+        "image": BROKER_IMAGE,
+        # Append-only file: queued tasks survive a restart. Protected mode would refuse every
+        # non-loopback client; the broker NetworkPolicy admits only Pathways pods instead.
+        "args": [
+            "valkey-server",
+            "--appendonly",
+            "yes",
+            "--dir",
+            "/data",
+            "--protected-mode",
+            "no",
+        ],
+        "ports": [{"name": "redis", "containerPort": BROKER_PORT, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": "100m", "memory": "128Mi"},
+            "limits": {"cpu": "500m", "memory": "512Mi"},
+        },
+        "readinessProbe": {
+            "exec": {"command": ["valkey-cli", "ping"]},
+            "periodSeconds": 5,
+            "timeoutSeconds": 3,
+        },
+        "livenessProbe": {
+            "tcpSocket": {"port": "redis"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "securityContext": pods.container_security(),
+        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+    }
+    statefulset = {
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "metadata": meta,
+        "spec": {
+            "serviceName": names.BROKER,
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": meta["labels"]},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": pods.pod_security(BROKER_USER, BROKER_USER),
+                    "containers": [container],
+                },
+            },
+            "volumeClaimTemplates": [
+                {
+                    "metadata": {"name": "data"},
+                    "spec": {
+                        "accessModes": ["ReadWriteOnce"],
+                        "resources": {"requests": {"storage": "1Gi"}},
+                    },
+                }
+            ],
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "selector": selector,
+            "ports": [
+                {"name": "redis", "port": BROKER_PORT, "targetPort": "redis", "protocol": "TCP"}
+            ],
+        },
+    }
+    return [statefulset, service]
+
+
+def rbac() -> list[dict[str, Any]]:
+    """The discovery account: read-only access to Endpoints/EndpointSlices in its own namespace."""
+    meta = _meta(names.DISCOVERY_ACCOUNT, "gateway")
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": meta,
+        "rules": [
+            {"apiGroups": [""], "resources": ["endpoints"], "verbs": ["get", "list", "watch"]},
+            {
+                "apiGroups": ["discovery.k8s.io"],
+                "resources": ["endpointslices"],
+                "verbs": ["get", "list", "watch"],
+            },
+        ],
+    }
+    binding = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": meta,
+        "roleRef": {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": "Role",
+            "name": names.DISCOVERY_ACCOUNT,
+        },
+        # kustomize's namespace transformer fills in the subject's namespace.
+        "subjects": [{"kind": "ServiceAccount", "name": names.DISCOVERY_ACCOUNT}],
+    }
+    account = {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta}
+    return [account, role, binding]
+
+
+def network_policies() -> list[dict[str, Any]]:
+    """Modules accept gRPC only from the gateway and coordinator; the broker only from those two."""
+    clients = [
+        {
+            "podSelector": {
+                "matchExpressions": [
+                    {"key": names.APP_LABEL, "operator": "In", "values": [names.APP]},
+                    {
+                        "key": names.COMPONENT_LABEL,
+                        "operator": "In",
+                        "values": ["gateway", "coordinator"],
+                    },
+                ]
+            }
+        }
+    ]
+
+    def policy(name: str, component: str, port: int) -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(name, component),
+            "spec": {
+                "podSelector": {"matchLabels": _selector(component)},
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": clients, "ports": [{"protocol": "TCP", "port": port}]}],
+            },
+        }
+
+    return [
+        policy("pathways-modules", "module", pods.GRPC_PORT),
+        policy(names.BROKER, "broker", BROKER_PORT),
+    ]

@@ -1,0 +1,113 @@
+"""Pod building blocks shared by the rendered workloads: hardened security contexts, gRPC health
+probes, volumes for the checkpoint, the spec and a writable /tmp."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import urlparse
+
+GRPC_PORT = 50051
+# On SIGTERM the module server flips health to NOT_SERVING and stops with server.stop(grace_s),
+# letting in-flight calls finish; the pod gets `--grace-s SHUTDOWN_GRACE_S` and Kubernetes waits that
+# long plus EXIT_MARGIN_S (process exit, telemetry flush) before SIGKILL.
+SHUTDOWN_GRACE_S = 30
+GATEWAY_GRACE_S = 5  # GatewayServer.stop()'s fixed grace
+EXIT_MARGIN_S = 5
+RUN_AS = 10001  # the non-root user the service images create
+
+CHECKPOINT_DIR = "/checkpoint"
+SPEC_DIR = "/etc/pathways"
+SPEC_CONFIGMAP = "pathways-spec"  # a configMapGenerator: kustomize appends a content hash
+DEFAULT_CHECKPOINT_URI = "pvc://pathways-checkpoints"
+
+
+def pod_security(user: int = RUN_AS, group: int = RUN_AS) -> dict[str, Any]:
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": user,
+        "runAsGroup": group,
+        "fsGroup": group,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security() -> dict[str, Any]:
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def grpc_probes() -> dict[str, Any]:
+    """Native gRPC probes against grpc.health.v1 (service "" = the whole server).
+
+    startup: allows 5 minutes for loading weights and compiling before liveness applies.
+    readiness: NOT_SERVING (still warming up, or draining after SIGTERM) takes the pod out of its
+    Service's endpoints, so discovery stops routing new sessions to it.
+    liveness: a server that stops answering health checks for 30 s is restarted.
+    """
+    check = {"grpc": {"port": GRPC_PORT, "service": ""}}
+    return {
+        "startupProbe": {**check, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 60},
+        "readinessProbe": {**check, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
+        "livenessProbe": {**check, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+    }
+
+
+def checkpoint_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, volumeMount) that put the checkpoint named by `uri` read-only at CHECKPOINT_DIR.
+
+    `pvc://CLAIM[/SUBPATH]` mounts a PersistentVolumeClaim (ReadOnlyMany storage shared by all
+    replicas); `file:///PATH` mounts a directory of the node (single-node dev clusters).
+    """
+    parsed = urlparse(uri)
+    mount: dict[str, Any] = {"name": "checkpoint", "mountPath": CHECKPOINT_DIR, "readOnly": True}
+    if parsed.scheme == "pvc" and parsed.netloc:
+        sub = parsed.path.strip("/")
+        if sub:
+            mount["subPath"] = sub
+        volume = {
+            "name": "checkpoint",
+            "persistentVolumeClaim": {"claimName": parsed.netloc, "readOnly": True},
+        }
+        return volume, mount
+    if parsed.scheme == "file" and not parsed.netloc and parsed.path.startswith("/"):
+        return {"name": "checkpoint", "hostPath": {"path": parsed.path, "type": "Directory"}}, mount
+    raise ValueError(f"checkpoint URI must be pvc://CLAIM[/SUBPATH] or file:///PATH, got {uri!r}")
+
+
+def common_volumes(checkpoint_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes and mounts every Pathways container gets: checkpoint, spec, and /tmp (the root
+    filesystem is read-only; JAX and gRPC still want a scratch directory)."""
+    ckpt_volume, ckpt_mount = checkpoint_volume(checkpoint_uri)
+    volumes = [
+        ckpt_volume,
+        {"name": "spec", "configMap": {"name": SPEC_CONFIGMAP}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+    ]
+    mounts = [
+        ckpt_mount,
+        {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    return volumes, mounts
+
+
+def namespace_env() -> dict[str, Any]:
+    return {
+        "name": "PATHWAYS_NAMESPACE",
+        "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}},
+    }
+
+
+def spread(selector: dict[str, str]) -> list[dict[str, Any]]:
+    """Spread replicas across nodes when possible (never blocks scheduling)."""
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector},
+        }
+    ]

@@ -1,0 +1,130 @@
+import copy
+
+import pytest
+import yaml
+
+from pathways import spec as spec_lib
+from pathways.k8s import render
+
+SPEC = {
+    "modules": {
+        "embed": {"kind": "embedding", "vocab_size": 11, "d_model": 6, "max_seq_len": 13},
+        "attn_0": {
+            "kind": "attention",
+            "d_model": 6,
+            "n_layers": 1,
+            "n_heads": 2,
+            "max_seq_len": 13,
+        },
+        "head": {"kind": "decoding", "d_model": 6, "vocab_size": 11},
+    },
+    "pathways": {"p": ["embed", "attn_0", "head"]},
+}
+
+
+def _docs(files, name):
+    return list(yaml.safe_load_all(files[name]))
+
+
+def _by_kind(docs):
+    return {d["kind"]: d for d in docs}
+
+
+def test_each_module_gets_deployment_service_hpa_pdb():
+    files = render.render(spec_lib.from_dict(SPEC), image_registry="reg.test/pw/")
+    assert sorted(f for f in files if f.startswith("modules/")) == [
+        "modules/attn-0.yaml",
+        "modules/embed.yaml",
+        "modules/head.yaml",
+    ]
+    objs = _by_kind(_docs(files, "modules/attn-0.yaml"))
+    assert set(objs) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    dep = objs["Deployment"]
+    assert dep["metadata"]["name"] == "attn-0"
+    assert dep["metadata"]["labels"] == {
+        "app.kubernetes.io/name": "pathways",
+        "app.kubernetes.io/component": "module",
+        "pathways.dev/module": "attn-0",
+    }
+    assert dep["metadata"]["annotations"]["pathways.dev/module-name"] == "attn_0"
+    assert "replicas" not in dep["spec"]  # owned by kubectl scale / the HPA
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"] == "reg.test/pw/module-server:latest"
+    assert c["args"] == [
+        "--checkpoint",
+        "/checkpoint",
+        "--module",
+        "attn_0",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "50051",
+        "--grace-s",
+        "30",
+    ]
+    assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["terminationGracePeriodSeconds"] == 35  # --grace-s 30, plus time to exit
+    svc = objs["Service"]
+    assert svc["spec"]["clusterIP"] == "None"
+    assert svc["spec"]["ports"][0]["name"] == "grpc"
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert objs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == "attn-0"
+
+    gateway_args = _by_kind(_docs(files, "gateway.yaml"))["Deployment"]["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    assert "attn_0=attn-0:50051" in gateway_args
+
+
+def test_adding_a_module_adds_its_deployment_and_nothing_else_changes():
+    before = render.render(spec_lib.from_dict(SPEC))
+    bigger = copy.deepcopy(SPEC)
+    bigger["modules"]["attn-1"] = dict(SPEC["modules"]["attn_0"])
+    bigger["pathways"]["deep"] = ["embed", "attn_0", "attn-1", "head"]
+    after = render.render(spec_lib.from_dict(bigger))
+
+    assert set(after) - set(before) == {"modules/attn-1.yaml"}
+    assert (
+        _by_kind(_docs(after, "modules/attn-1.yaml"))["Deployment"]["metadata"]["name"] == "attn-1"
+    )
+    assert "modules/attn-1.yaml" in yaml.safe_load(after["kustomization.yaml"])["resources"]
+    changed = {f for f in before if before[f] != after[f]}
+    assert changed == {"kustomization.yaml", "gateway.yaml", "spec.yaml"}
+
+
+def test_checkpoint_uris():
+    spec = spec_lib.from_dict(SPEC)
+    files = render.render(spec, checkpoint_uri="pvc://ckpts/runs/7")
+    pod = _by_kind(_docs(files, "modules/head.yaml"))["Deployment"]["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["persistentVolumeClaim"] == {"claimName": "ckpts", "readOnly": True}
+    assert pod["containers"][0]["volumeMounts"][0]["subPath"] == "runs/7"
+    files = render.render(spec, checkpoint_uri="file:///data/ckpt")
+    pod = _by_kind(_docs(files, "modules/head.yaml"))["Deployment"]["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["hostPath"]["path"] == "/data/ckpt"
+    with pytest.raises(ValueError, match="checkpoint URI must be.*'s3://b/k'"):
+        render.render(spec, checkpoint_uri="s3://b/k")
+
+
+def test_write_removes_modules_dropped_from_the_spec(tmp_path):
+    (tmp_path / "modules").mkdir()
+    (tmp_path / "modules" / "old.yaml").write_text("stale")
+    render.write(render.render(spec_lib.from_dict(SPEC)), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "modules").iterdir()) == [
+        "attn-0.yaml",
+        "embed.yaml",
+        "head.yaml",
+    ]
+
+
+def test_no_yaml_anchors():
+    files = render.render(spec_lib.from_dict(SPEC))
+    assert not any("&id" in text or "*id" in text for text in files.values())

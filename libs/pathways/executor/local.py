@@ -24,12 +24,13 @@ class ModuleRuntime:
         self.name, self.cfg = name, cfg
         self.graphdef, self.state = nnx.split(module)
         g = self.graphdef
-        self.forward = jax.jit(functools.partial(_forward, g))
+        # The graphdef is a static argument of module-level jits: modules of equal configs (and
+        # every executor in the process) share one compiled program per shape.
+        self.forward = functools.partial(_forward_jit, g)
         if cfg.kind == "attention":
-            self.forward_cached = jax.jit(functools.partial(_forward_cached, g),
-                                          static_argnames="window", donate_argnames="cache")
+            self.forward_cached = functools.partial(_forward_cached_jit, g)
         if cfg.kind == "decoding":
-            self.head_sample = jax.jit(functools.partial(_head_sample, g))
+            self.head_sample = functools.partial(_head_sample_jit, g)
 
     def module(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state)
@@ -53,6 +54,12 @@ def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed
     h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
     logits = nnx.merge(graphdef, state)(h_bd)
     return sample(logits, temperature, top_k, top_p, seed, step), logits
+
+
+_forward_jit = jax.jit(_forward, static_argnums=0)
+_forward_cached_jit = jax.jit(_forward_cached, static_argnums=0, static_argnames="window",
+                              donate_argnames="cache")
+_head_sample_jit = jax.jit(_head_sample, static_argnums=0)
 
 
 def composite_loss(runtimes: list[ModuleRuntime], states: list[Any], inputs, targets, mask=None):
@@ -151,8 +158,10 @@ class LocalExecutor:
             else:
                 x = rt.forward(rt.state, x, pos)
         s = session.sampling
+        # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
+        # call runs asynchronously, so the in-place += below could race with its read.
         out, logits = chain[-1].head_sample(chain[-1].state, x, jnp.asarray(last), s.temperature,
-                                            s.top_k, s.top_p, s.seed, session.steps)
+                                            s.top_k, s.top_p, s.seed, session.steps.copy())
         session.steps += 1
         return StepResult(tokens=np.asarray(out),
                           logits=np.asarray(logits) if return_logits else None)

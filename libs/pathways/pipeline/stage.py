@@ -69,6 +69,11 @@ def _update(tx, state, opt_state, acc):
     return optax.apply_updates(state, updates), opt_state, optax.global_norm(acc)
 
 
+_forward_jit = jax.jit(_forward, static_argnums=(0, 1))
+_apply_jit = jax.jit(_apply_module, static_argnums=(0, 1))
+_backward_jit = jax.jit(_backward, donate_argnums=2)
+
+
 class LocalStage:
     """A pipeline stage in this process, over a ModuleRuntime (shares its parameters)."""
 
@@ -76,10 +81,10 @@ class LocalStage:
         self.rt, self.tx = runtime, tx
         self.name, self.kind = runtime.name, runtime.cfg.kind
         g, k = runtime.graphdef, self.kind
-        self._fwd = jax.jit(functools.partial(_forward, g, k))
-        self._bwd = jax.jit(_backward, donate_argnums=2)
+        # Module-level jits with static graphdefs: equal modules share compiled programs.
+        self._fwd = functools.partial(_forward_jit, g, k)
+        self._eval = functools.partial(_apply_jit, g, k)
         self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1, 2))
-        self._eval = jax.jit(functools.partial(_apply_module, g, k))
         self.opt_state = tx.init(runtime.state)
         self._acc = jax.tree.map(jnp.zeros_like, runtime.state)
         self._vjps: dict[int, Any] = {}
@@ -95,7 +100,7 @@ class LocalStage:
         vjp = self._vjps.pop(mb, None)
         if vjp is None:
             raise KeyError(f"stage {self.name!r}: no forward pending for micro-batch {mb}")
-        g_x, self._acc = self._bwd(vjp, jnp.asarray(grad, jnp.float32), self._acc)
+        g_x, self._acc = _backward_jit(vjp, jnp.asarray(grad, jnp.float32), self._acc)
         return g_x
 
     def accumulated(self):

@@ -37,10 +37,21 @@ def register(sub) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint directory (resumed if it holds a run)")
+    p.add_argument("--engine", choices=["fused", "pipeline", "services"], default=None,
+                   help="fused: one program (default locally); pipeline: per-module stages in "
+                        "one process; services: through the module services (default --remote "
+                        "with a running deployment)")
+    p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
+    p.add_argument("--micro-batches", type=int, default=4)
+    p.add_argument("--remote", action="store_true",
+                   help="submit to the coordinator of a running deployment and follow it")
+    p.add_argument("--broker", help="coordinator broker URL for --remote")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint")
-    p.add_argument("--checkpoint", required=True)
+    p = sub.add_parser("generate", help="generate text from a checkpoint (or a running gateway)")
+    p.add_argument("--checkpoint", help="run locally from this checkpoint")
+    p.add_argument("--gateway", metavar="HOST:PORT", help="stream from a gateway (`pathways up`)")
+    p.add_argument("--timeout", type=float, default=300.0, help="gateway deadline in seconds")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -106,6 +117,13 @@ def cmd_train(args) -> int:
     from pathways.executor.local import LocalExecutor
     from pathways.train import LocalTrainer, TrainConfig
 
+    if args.remote:
+        from tools.cli.commands_jobs import submit_and_follow
+
+        return submit_and_follow(args)
+    if args.engine == "services":
+        raise ValueError("--engine services trains through a deployment's module services: "
+                         "add --remote")
     out = Path(args.out)
     spec = spec_lib.load(args.spec)
     pathway = args.pathway or spec.default_pathway
@@ -126,7 +144,9 @@ def cmd_train(args) -> int:
                       lr=args.lr, warmup=args.warmup if args.warmup is not None
                       else max(1, args.steps // 15), eval_every=args.eval_every,
                       save_every=args.save_every, seed=args.seed)
-    trainer = LocalTrainer(LocalExecutor(spec, seed=args.seed), pathway, cfg, data, out, tok)
+    trainer = LocalTrainer(LocalExecutor(spec, seed=args.seed), pathway, cfg, data, out, tok,
+                           engine=args.engine or "fused", n_micro=args.micro_batches,
+                           schedule=args.schedule)
     if trainer.try_resume():
         print(f"resuming {out} at step {trainer.step}", file=sys.stderr)
     print(f"training pathway {pathway!r} on {len(data.train):,} tokens "
@@ -152,6 +172,12 @@ def cmd_train(args) -> int:
 def cmd_generate(args) -> int:
     from pathways.executor.local import LocalExecutor
 
+    if getattr(args, "gateway", None):
+        from tools.cli.commands_serve import generate_via_gateway
+
+        return generate_via_gateway(args)
+    if not args.checkpoint:
+        raise ValueError("give --checkpoint DIR (local) or --gateway HOST:PORT")
     spec, tok = ckpt.load_spec(args.checkpoint)
     ex = LocalExecutor(spec)
     for name, rt in ex.runtimes.items():

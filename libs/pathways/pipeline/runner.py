@@ -19,6 +19,11 @@ class PipelineError(RuntimeError):
     """A stage failed during a step; the message names the stage, the op and the micro-batch."""
 
 
+def _ready(x):
+    """Waits for an in-process stage's (asynchronously dispatched) result, so busy time is real."""
+    return x.block_until_ready() if hasattr(x, "block_until_ready") else x
+
+
 def split_micro(inputs: np.ndarray, targets: np.ndarray, n_micro: int):
     b = inputs.shape[0]
     if n_micro < 1 or b % n_micro:
@@ -54,12 +59,12 @@ def run_step(stages: list[Stage], inputs: np.ndarray, targets: np.ndarray, n_mic
             t0 = time.perf_counter()
             try:
                 if op == "F":
-                    out = st.forward(m, value, ts[m] if i == k - 1 else None)
+                    out = _ready(st.forward(m, value, ts[m] if i == k - 1 else None))
                     if i == k - 1:
                         losses[m] = float(out)
                     acts[(i + 1, m)].set_result(out)
                 else:
-                    grads[(i, m)].set_result(st.backward(m, value))
+                    grads[(i, m)].set_result(_ready(st.backward(m, value)))
             except Exception as e:
                 err = PipelineError(f"stage {st.name!r} failed in {op}{m}: {e}")
                 # Unblock every waiter so the step fails fast instead of hanging.

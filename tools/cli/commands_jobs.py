@@ -1,0 +1,96 @@
+"""Coordinator commands: `jobs list|status|cancel`, and `train --remote` (submit and follow)."""
+
+from __future__ import annotations
+
+import sys
+
+from pathlib import Path
+
+from pathways import deployment
+
+
+def register(sub) -> None:
+    p = sub.add_parser("jobs", help="list, inspect or cancel training jobs of the coordinator")
+    p.add_argument("action", choices=["list", "status", "cancel"], nargs="?", default="list")
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--broker", help="coordinator broker URL (default: the running deployment)")
+    p.set_defaults(func=cmd_jobs)
+
+
+def client(broker: str | None):
+    from pathways.coordinator.app import make_app
+    from pathways.coordinator.client import JobClient
+
+    return JobClient(make_app(deployment.broker_url(broker)))
+
+
+def cmd_jobs(args) -> int:
+    c = client(args.broker)
+    if args.action == "list":
+        jobs = c.list()
+        if not jobs:
+            print("no jobs")
+        for j in jobs:
+            step = f"{j.get('step', 0)}/{j['steps']}"
+            loss = f"{j['loss']:.3f}" if isinstance(j.get("loss"), float) else "-"
+            print(f"{j['id']}  {j['state']:<9} step {step:<11} loss {loss:<7} {j['out']}")
+        return 0
+    if not args.job_id:
+        raise ValueError(f"jobs {args.action} needs a JOB_ID (see `pathways jobs list`)")
+    if args.action == "status":
+        st = c.status(args.job_id)
+        for k, v in st.items():
+            print(f"{k:>14}: {v}")
+        return 0 if st["state"] != "FAILURE" else 1
+    c.cancel(args.job_id)
+    print(f"cancelling {args.job_id}: it stops after its current step; its checkpoint is kept")
+    return 0
+
+
+def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
+    """`pathways train --remote`: submit to the coordinator and follow with a progress bar."""
+    from tqdm import tqdm
+
+    from pathways.coordinator.jobs import JobRequest
+
+    info = deployment.read() or {}
+    engine = args.engine or ("services" if info.get("train_modules") else "pipeline")
+    req = JobRequest(
+        spec=str(Path(args.spec).absolute()), out=str(Path(args.out).absolute()),
+        pathway=args.pathway, data=tuple(str(Path(d).absolute()) for d in args.data or ()),
+        max_data_mb=args.max_data_mb, steps=args.steps, batch_size=args.batch_size,
+        seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
+        save_every=args.save_every, seed=args.seed, engine=engine, schedule=args.schedule,
+        micro_batches=args.micro_batches,
+        modules=modules or (info.get("train_modules", {}) if engine == "services" else {}))
+    c = client(args.broker)
+    job = c.submit(req)
+    print(f"submitted job {job} ({engine}, {args.schedule}, {args.micro_batches} micro-batches)",
+          file=sys.stderr)
+    bar = tqdm(total=req.steps, unit="step", dynamic_ncols=True)
+    try:
+        def progress(st):
+            if st["state"] == "PROGRESS":
+                bar.n = st["step"]
+                post = {"loss": f"{st['loss']:.3f}", "tok/s": f"{st['tokens_per_s']:.0f}"}
+                if "eval_loss" in st:
+                    post["eval"] = f"{st['eval_loss']:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.refresh()
+            else:
+                bar.set_description(st["state"].lower())
+
+        final = c.follow(job, on_progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        c.cancel(job)
+        print(f"\ncancelled job {job}; its last checkpoint is in {req.out}", file=sys.stderr)
+        return 130
+    bar.close()
+    if final["state"] != "SUCCESS":
+        raise ValueError(f"job {job} {final['state'].lower()}: {final.get('error', '')}".strip())
+    print(f"job {job} done in {final['seconds']:.0f} s: loss {final['loss']:.3f}, eval "
+          f"{final['eval_loss']:.3f}; checkpoint {final['out']}, plot {final['loss_png']}")
+    return 0
+
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 from typing import Any
 
 import jax
@@ -23,14 +24,14 @@ class ModuleRuntime:
     def __init__(self, name: str, cfg: mod.ModuleConfig, module: nnx.Module):
         self.name, self.cfg = name, cfg
         self.graphdef, self.state = nnx.split(module)
-        g = self.graphdef
-        # The graphdef is a static argument of module-level jits: modules of equal configs (and
-        # every executor in the process) share one compiled program per shape.
-        self.forward = functools.partial(_forward_jit, g)
+        # Modules of equal configs (and every executor in the process) share one set of jitted
+        # entry points, so one compiled program per shape.
+        jits = _entry_points(self.graphdef)
+        self.forward = jits.forward
         if cfg.kind == "attention":
-            self.forward_cached = functools.partial(_forward_cached_jit, g)
+            self.forward_cached = jits.forward_cached
         if cfg.kind == "decoding":
-            self.head_sample = functools.partial(_head_sample_jit, g)
+            self.head_sample = jits.head_sample
 
     def module(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state)
@@ -56,10 +57,34 @@ def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed
     return sample(logits, temperature, top_k, top_p, seed, step), logits
 
 
-_forward_jit = jax.jit(_forward, static_argnums=0)
-_forward_cached_jit = jax.jit(_forward_cached, static_argnums=0, static_argnames="window",
-                              donate_argnames="cache")
-_head_sample_jit = jax.jit(_head_sample, static_argnums=0)
+_ENTRY_POINTS: dict[Any, SimpleNamespace] = {}
+
+
+def _entry_points(graphdef) -> SimpleNamespace:
+    """Jitted closures over `graphdef`, one set per distinct graphdef.
+
+    The graphdef is hashed once here. As a static jit argument it would be hashed and compared
+    on every call: about 0.9 ms per call for a 6-layer attention module, 2-4 ms per decoded token
+    of GPT-2 small.
+    """
+    if graphdef not in _ENTRY_POINTS:
+
+        def forward(state, x, positions):
+            return _forward(graphdef, state, x, positions)
+
+        def forward_cached(state, x, positions, cache, slots, *, window):
+            return _forward_cached(graphdef, state, x, positions, cache, slots, window=window)
+
+        def head_sample(state, h_btd, last_b, temperature, top_k, top_p, seed, step):
+            return _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed,
+                                step)
+
+        _ENTRY_POINTS[graphdef] = SimpleNamespace(
+            forward=jax.jit(forward),
+            forward_cached=jax.jit(forward_cached, static_argnames="window",
+                                   donate_argnames="cache"),
+            head_sample=jax.jit(head_sample))
+    return _ENTRY_POINTS[graphdef]
 
 
 def composite_loss(runtimes: list[ModuleRuntime], states: list[Any], inputs, targets, mask=None):

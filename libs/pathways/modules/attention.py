@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathways.modules.config import one_of, positive_int, require
+from pathways.modules.config import one_of, positive_int, positive_number, require
 from pathways.modules.layers import MLPS, NORMS, Mlp, attend, dense, make_norm, rope
 
 
@@ -54,9 +54,9 @@ class AttentionConfig:
             require(self.head_dim % 2 == 0,
                     f"rope needs an even head_dim, got {self.head_dim} "
                     f"(d_model {self.d_model} / n_heads {self.n_heads})")
-        require(self.rope_theta > 0, f"rope_theta must be > 0, got {self.rope_theta!r}")
-        require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
-        require(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        positive_number("rope_theta", self.rope_theta)
+        positive_number("norm_eps", self.norm_eps)
+        positive_number("init_std", self.init_std)
 
     @property
     def head_dim(self) -> int:

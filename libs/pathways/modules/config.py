@@ -22,6 +22,13 @@ def positive_int(name: str, value: Any) -> None:
             f"{name} must be a positive integer, got {value!r}")
 
 
+def positive_number(name: str, value: Any) -> None:
+    # Checks the type too: YAML reads `1e-5` (no dot) as a string, and `"1e-5" > 0` would raise a
+    # TypeError that names neither the field nor the value.
+    require(isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
+            f"{name} must be a positive number, got {value!r}")
+
+
 def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 

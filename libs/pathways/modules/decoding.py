@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from pathways.modules.config import one_of, positive_int, require
+from pathways.modules.config import one_of, positive_int, positive_number
 from pathways.modules.layers import NORMS, dense, make_norm
 
 
@@ -27,8 +27,8 @@ class DecodingConfig:
         positive_int("d_model", self.d_model)
         positive_int("vocab_size", self.vocab_size)
         one_of("norm", self.norm, NORMS)
-        require(self.norm_eps > 0, f"norm_eps must be > 0, got {self.norm_eps!r}")
-        require(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        positive_number("norm_eps", self.norm_eps)
+        positive_number("init_std", self.init_std)
 
     @property
     def input_contract(self) -> tuple[str, int]:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathways.modules.config import one_of, positive_int, require
+from pathways.modules.config import one_of, positive_int, positive_number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class EmbeddingConfig:
         positive_int("d_model", self.d_model)
         positive_int("max_seq_len", self.max_seq_len)
         one_of("positions", self.positions, ("learned", "none"))
-        require(self.init_std > 0, f"init_std must be > 0, got {self.init_std!r}")
+        positive_number("init_std", self.init_std)
 
     @property
     def input_contract(self) -> tuple[str, int]:

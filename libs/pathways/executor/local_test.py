@@ -1,0 +1,217 @@
+"""Tests for the local executor: incremental decoding against a full forward, limits, loss/grads."""
+
+import jax
+import numpy as np
+import pytest
+
+from pathways import spec as spec_lib
+from pathways.executor.local import LocalExecutor
+from pathways.sampling import SamplingParams, sample
+
+MAX_LEN = 24
+# Larger-than-default init scales so logits differ by O(1) between positions and tokens: a cache
+# bug then moves them far past the tolerance instead of hiding under a near-uniform softmax.
+SPEC = {
+    "modules": {
+        "embed": {
+            "kind": "embedding",
+            "vocab_size": 37,
+            "d_model": 24,
+            "max_seq_len": MAX_LEN,
+            "init_std": 1.0,
+        },
+        # GPT-2 style: layernorm, GELU, learned positions from the embedding.
+        "attn-a": {
+            "kind": "attention",
+            "d_model": 24,
+            "n_layers": 3,
+            "n_heads": 3,
+            "max_seq_len": MAX_LEN,
+            "init_std": 0.3,
+        },
+        # Llama style: rmsnorm, SwiGLU, RoPE, grouped-query attention (6 query, 2 kv heads).
+        "attn-b": {
+            "kind": "attention",
+            "d_model": 24,
+            "n_layers": 2,
+            "n_heads": 6,
+            "n_kv_heads": 2,
+            "max_seq_len": MAX_LEN,
+            "norm": "rmsnorm",
+            "mlp": "swiglu",
+            "positions": "rope",
+            "bias": False,
+            "init_std": 0.3,
+        },
+        "head": {"kind": "decoding", "d_model": 24, "vocab_size": 37, "init_std": 0.3},
+    },
+    "pathways": {
+        "full": ["embed", "attn-a", "attn-b", "head"],
+        "shallow": ["embed", "attn-b", "head"],
+    },
+}
+
+
+# Every test uses batches of B rows and prompts padded to 8 (or T-token forwards), so the
+# jitted programs compile once for the whole file.
+B, T = 3, 12
+
+
+@pytest.fixture(scope="module")
+def ex():
+    return LocalExecutor(spec_lib.from_dict(SPEC), seed=1)
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 37, n).tolist() for n in (5, 1, 8)]  # different lengths, one of 1
+
+
+def _tokens(seed):
+    return np.random.default_rng(seed).integers(0, 37, (B, T)).astype(np.int32)
+
+
+def test_prefill_and_decode_logits_equal_full_forward(ex):
+    prompts, steps = _prompts(), 4
+    s = ex.open_session("full", [SamplingParams()] * len(prompts))
+    r = ex.prefill(s, prompts, return_logits=True)
+    logits, seqs = [r.logits], [list(p) for p in prompts]
+    np.testing.assert_array_equal(r.tokens, r.logits.argmax(-1))  # greedy samples the logits
+    for _ in range(steps):
+        for seq, t in zip(seqs, r.tokens):
+            seq.append(int(t))
+        r = ex.decode(s, r.tokens, return_logits=True)
+        logits.append(r.logits)
+    ex.close_session(s)
+    assert s.lengths.tolist() == [len(p) + steps for p in prompts]
+
+    # Reference: one stateless forward over the right-padded sequences (causality keeps the
+    # padding out of the real positions).
+    batch = _tokens(0)
+    for i, q in enumerate(seqs):
+        batch[i, : len(q)] = q
+    full = ex.forward("full", batch)
+    assert full.shape == (B, T, 37)
+    for i, p in enumerate(prompts):
+        for j in range(steps + 1):
+            np.testing.assert_allclose(logits[j][i], full[i, len(p) - 1 + j], atol=1e-4)
+
+
+def test_sessions_are_independent_and_reproducible(ex):
+    params = [
+        SamplingParams(temperature=1.0, seed=3),
+        SamplingParams(temperature=1.0, seed=4),
+        SamplingParams(temperature=1.0, seed=3),
+    ]
+    prompt = _prompts()[2]
+
+    def run():
+        s = ex.open_session("full", params)
+        r = ex.prefill(s, [prompt] * B, return_logits=True)
+        toks = []
+        for step in range(8):
+            # Step j's draw is sample(its logits) under key fold_in(seed, j): replayable.
+            expected = sample(r.logits, *s.sampling.as_tuple(), np.full(B, step, np.int32))
+            np.testing.assert_array_equal(r.tokens, expected)
+            toks.append(r.tokens)
+            if step < 7:
+                r = ex.decode(s, r.tokens, return_logits=True)
+        ex.close_session(s)
+        return np.stack(toks, axis=1)  # (B, 8)
+
+    first = run()
+    np.testing.assert_array_equal(first[0], first[2])  # same prompt, same seed
+    assert (first[0] != first[1]).any()  # another seed
+    other = ex.open_session("full", [SamplingParams()] * B)  # interleaved, unrelated session
+    ex.prefill(other, _prompts())
+    np.testing.assert_array_equal(run(), first)
+    ex.close_session(other)
+
+
+def test_forward_is_causal(ex):
+    tokens = _tokens(1)
+    changed = tokens.copy()
+    changed[:, 5] = (tokens[:, 5] + 1) % 37
+    a, b = ex.forward("full", tokens), ex.forward("full", changed)
+    np.testing.assert_allclose(a[:, :5], b[:, :5], atol=1e-5)
+    assert np.abs(a[:, 5:] - b[:, 5:]).max() > 1e-2
+
+
+def test_pathways_share_module_parameters(ex):
+    assert ex.chain("full")[2] is ex.chain("shallow")[1] is ex.runtimes["attn-b"]
+    assert [rt.name for rt in ex.chain("shallow")] == ["embed", "attn-b", "head"]
+
+
+def test_max_sequence_length_exceeded(ex):
+    s = ex.open_session("full", [SamplingParams()] * B)
+    with pytest.raises(
+        ValueError,
+        match=f"max sequence length exceeded: 25 tokens > pathway " f"'full' max_seq_len {MAX_LEN}",
+    ):
+        ex.prefill(s, [[1] * 3, [2] * (MAX_LEN + 1), [3]])
+    # Prefill in chunks (each continues where the last stopped) up to MAX_LEN - 1 in row 0.
+    ex.prefill(s, [[1] * 8, [2] * 8, [3]])
+    ex.prefill(s, [[1] * 8, [2], [3]])
+    r = ex.prefill(s, [[1] * 7, [2], [3]])
+    assert s.lengths.tolist() == [MAX_LEN - 1, 10, 3]
+    r = ex.decode(s, r.tokens)  # fills row 0 to exactly MAX_LEN
+    with pytest.raises(ValueError, match=f"{MAX_LEN + 1} tokens > pathway 'full'"):
+        ex.decode(s, r.tokens)
+    ex.close_session(s)
+
+
+def test_session_errors(ex):
+    with pytest.raises(ValueError, match="at least one sequence"):
+        ex.open_session("full", [])
+    with pytest.raises(spec_lib.SpecError, match="unknown pathway 'deep'"):
+        ex.open_session("deep", [SamplingParams()])
+    s = ex.open_session("full", [SamplingParams()] * B)
+    with pytest.raises(ValueError, match="prefill got 1 prompts for a session of 3"):
+        ex.prefill(s, [[1]])
+    with pytest.raises(ValueError, match="at least one token"):
+        ex.prefill(s, [[1], [], [2]])
+    ex.close_session(s)
+    with pytest.raises(KeyError, match="unknown session"):
+        ex.prefill(s, [[1], [2], [3]])
+
+
+def _log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_loss_and_per_module_grads(ex):
+    inputs, targets = _tokens(2), _tokens(3)
+    loss, grads = ex.loss_and_grads("shallow", inputs, targets)
+    logp = _log_softmax(ex.forward("shallow", inputs).astype(np.float64))
+    ref = -np.take_along_axis(logp, targets[..., None], -1).mean()
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
+    assert ex.loss("shallow", inputs, targets) == pytest.approx(float(loss), rel=1e-6)
+    # One gradient per module on the pathway, shaped like its parameters; attn-a is not on it.
+    assert list(grads) == ["embed", "attn-b", "head"]
+
+    for name, g in grads.items():
+        assert jax.tree.structure(g) == jax.tree.structure(ex.state(name))
+        assert max(float(np.abs(x).max()) for x in jax.tree.leaves(g)) > 0
+
+
+def test_set_state_checks_structure(ex):
+    with pytest.raises(ValueError, match="module 'head': parameters do not match"):
+        ex.set_state("head", ex.state("embed"))
+
+
+def test_states_given_at_construction_are_used(ex):
+    other = LocalExecutor(spec_lib.from_dict(SPEC), states={"head": ex.state("head")}, seed=7)
+
+    same = jax.tree.map(
+        lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+        other.state("head"),
+        ex.state("head"),
+    )
+    assert all(jax.tree.leaves(same))
+    differ = jax.tree.map(
+        lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()),
+        other.state("embed"),
+        ex.state("embed"),
+    )
+    assert not all(jax.tree.leaves(differ))

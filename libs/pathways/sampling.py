@@ -43,7 +43,7 @@ class SamplingBatch:
     temperature: np.ndarray  # (B,) float32
     top_k: np.ndarray  # (B,) int32
     top_p: np.ndarray  # (B,) float32
-    seed: np.ndarray  # (B,) uint32 (low 32 bits of the seed)
+    seed: np.ndarray  # (B,) uint32 (the seed folded to 32 bits)
 
     @staticmethod
     def of(params: list[SamplingParams]) -> SamplingBatch:
@@ -51,7 +51,8 @@ class SamplingBatch:
             temperature=np.array([p.temperature for p in params], np.float32),
             top_k=np.array([p.top_k for p in params], np.int32),
             top_p=np.array([p.top_p for p in params], np.float32),
-            seed=np.array([p.seed & 0xFFFFFFFF for p in params], np.uint32),
+            # Fold the high half into the low one: seeds differing only above bit 32 differ too.
+            seed=np.array([(p.seed ^ (p.seed >> 32)) & 0xFFFFFFFF for p in params], np.uint32),
         )
 
     def take(self, rows) -> SamplingBatch:

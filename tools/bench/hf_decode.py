@@ -1,0 +1,184 @@
+"""Imported GPT-2 (124M): Pathways LocalExecutor against transformers' `generate`, same weights.
+
+Both sides generate greedily from the same prompt, on the same pinned CPUs with the same thread
+count, in this run: the transformers side is a long-lived Python 3.11 worker from the torch venv
+(torch never enters the Pants build), and the two alternate rep by rep so that load from other
+processes hits both alike; each figure is the best of its reps. Prefill is the time to the first
+token; decode is the time per further token.
+
+    PYTHONPATH=libs:. python tools/bench/hf_decode.py [--threads 1] [--torch-python PY]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().with_name("hf_decode_torch.py")
+
+
+def pin(threads: int) -> list[int]:
+    """Restricts this process (and the torch worker it starts) to `threads` CPUs.
+
+    Must run before jax is imported: XLA sizes its CPU thread pool from the affinity mask.
+    """
+    cpus = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
+class TorchWorker:
+    def __init__(self, python: str, hf_dir: Path, threads: int):
+        self.proc = subprocess.Popen(
+            [python, str(WORKER), "serve", "--hf-dir", str(hf_dir), "--threads", str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the torch worker exited with code {self.proc.wait()}")
+        return json.loads(line)
+
+    def generate(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        r = self._read()
+        return r["s"], r["tokens"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+class PathwaysSide:
+    def __init__(self, hf_dir: Path, split: str):
+        from pathways.executor.local import LocalExecutor
+        from pathways.hf import convert
+
+        imported = convert.load_hf(hf_dir, split)
+        self.ex = LocalExecutor(imported.spec, imported.states())
+        self.pathway = imported.pathway
+        self.modules = len(imported.spec.pathway(self.pathway).modules)
+
+    def generate(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
+        from pathways.sampling import SamplingParams
+
+        t0 = time.perf_counter()
+        s = self.ex.open_session(self.pathway, [SamplingParams(max_new_tokens=n)])
+        r = self.ex.prefill(s, [prompt])
+        out = [int(r.tokens[0])]  # a host value: the step has finished
+        while len(out) < n:
+            r = self.ex.decode(s, r.tokens)
+            out.append(int(r.tokens[0]))
+        self.ex.close_session(s)
+        return time.perf_counter() - t0, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument(
+        "--hf-dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "pathways-bench" / "gpt2-124m",
+        help="made with random weights if missing",
+    )
+    ap.add_argument("--torch-python", default="/work/venv311-torch/bin/python")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--split", default="6,6", help="attention layers per module (Pathways side)")
+    ap.add_argument("--out", default=str(ROOT / "tools/bench/results/hf_decode.json"))
+    args = ap.parse_args()
+    cpus = pin(args.threads)
+
+    if not (args.hf_dir / "config.json").exists():
+        print(f"making a random GPT-2 checkpoint in {args.hf_dir} ...", file=sys.stderr)
+        subprocess.run(
+            [args.torch_python, str(WORKER), "make", "--out", str(args.hf_dir)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+    import numpy as np
+
+    from tools.bench.common import print_table, write_json
+
+    prompt = np.random.default_rng(0).integers(0, 50257, args.prompt_len).tolist()
+    sides = {
+        "pathways": PathwaysSide(args.hf_dir, args.split),
+        "transformers": TorchWorker(args.torch_python, args.hf_dir, args.threads),
+    }
+    n = 1 + args.new_tokens
+    try:
+        tokens = {k: s.generate(prompt, n)[1] for k, s in sides.items()}  # warm-up / compile
+        times = {k: {"prefill": [], "total": []} for k in sides}
+        for _ in range(args.repeat):
+            for k, s in sides.items():
+                times[k]["prefill"].append(s.generate(prompt, 1)[0])
+                times[k]["total"].append(s.generate(prompt, n)[0])
+    finally:
+        sides["transformers"].close()
+
+    rows = []
+    for k, t in times.items():
+        prefill, total = min(t["prefill"]), min(t["total"])
+        decode = (total - prefill) / args.new_tokens
+        rows.append(
+            {
+                "impl": k,
+                "prefill_ms": prefill * 1e3,
+                "decode_ms": decode * 1e3,
+                "decode_tok_s": 1 / decode,
+            }
+        )
+    pw, hf = rows
+    speed = {
+        "decode_speedup": pw["decode_tok_s"] / hf["decode_tok_s"],
+        "prefill_speedup": hf["prefill_ms"] / pw["prefill_ms"],
+        "same_tokens": tokens["pathways"] == tokens["transformers"],
+    }
+    info = sides["transformers"].info
+    print(
+        f"GPT-2 {info['params'] / 1e6:.0f}M params, prompt {args.prompt_len}, "
+        f"{args.new_tokens} decode steps, best of {args.repeat}, {args.threads} thread(s) on "
+        f"CPU(s) {cpus}; Pathways in {sides['pathways'].modules} modules (split {args.split})"
+    )
+    print_table(
+        rows,
+        [
+            ("impl", "impl", ""),
+            ("prefill_ms", "prefill ms", ".1f"),
+            ("decode_ms", "decode ms/tok", ".2f"),
+            ("decode_tok_s", "tok/s", ".1f"),
+        ],
+    )
+    print(
+        f"Pathways vs transformers: decode {speed['decode_speedup']:.2f}x tok/s, prefill "
+        f"{speed['prefill_speedup']:.2f}x; identical greedy tokens: {speed['same_tokens']}"
+    )
+    path = write_json(
+        args.out,
+        "hf_decode",
+        rows,
+        **speed,
+        cpus=cpus,
+        versions=info["versions"],
+        raw_s=times,
+        args={**vars(args), "hf_dir": str(args.hf_dir)},
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

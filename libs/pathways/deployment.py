@@ -61,3 +61,95 @@ def broker_url(explicit: str | None = None) -> str:
         return info["broker"]
     raise ValueError("no coordinator found: start one with `pathways up`, or pass --broker URL "
                      "(or set PATHWAYS_BROKER_URL)")
+
+
+class LocalDeployment:
+    """Module servers, a gateway, an embedded broker and a coordinator worker, as local processes.
+
+    What `pathways up` and `pathways demo` run. `stop()` ends every process it started.
+    """
+
+    def __init__(self, checkpoint: str | Path, replicas: dict[str, int] | None = None,
+                 log=None, module_args: list[str] = (), coordinator: bool = True,
+                 worker_concurrency: int = 1):
+        from pathways import checkpoint as ckpt
+
+        self.checkpoint = str(checkpoint)
+        spec, _ = ckpt.load_spec(self.checkpoint)
+        self.modules = [m for m in spec.modules if ckpt.has_module(self.checkpoint, m)]
+        if not self.modules:
+            raise ValueError(f"checkpoint {self.checkpoint} has no module weights")
+        self.replicas, self.log, self.module_args = dict(replicas or {}), log, list(module_args)
+        self.coordinator, self.worker_concurrency = coordinator, worker_concurrency
+        self.fleet = None
+        self.broker = None
+        self.worker = None
+
+    @property
+    def gateway(self) -> str:
+        return self.fleet.gateway.address
+
+    @property
+    def train_modules(self) -> dict[str, str]:
+        """The replica of each module that trains (the first): module -> host:port."""
+        return {m: addrs[0] for m, addrs in self.fleet.endpoints.items()}
+
+    def start(self, timeout: float = 300.0) -> LocalDeployment:
+        import subprocess
+        import sys
+
+        from pathways.coordinator.broker import EmbeddedBroker
+        from pathways.serving.launcher import Fleet, child_env
+
+        try:
+            if self.coordinator:
+                self.broker = EmbeddedBroker().start()
+                # The worker first: it imports while the module servers compile.
+                self.worker = subprocess.Popen(
+                    [sys.executable, "-m", "pathways.coordinator.worker", "--loglevel=WARNING",
+                     f"--concurrency={self.worker_concurrency}"],
+                    env=child_env({"PATHWAYS_BROKER_URL": self.broker.url}),
+                    stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            self.fleet = Fleet(self.checkpoint, self.modules, self.replicas, log=self.log,
+                               module_args=self.module_args).start(timeout)
+            if self.worker is not None and self.worker.poll() is not None:
+                raise RuntimeError(f"coordinator worker exited with code {self.worker.returncode}")
+            write({"gateway": self.gateway, "broker": self.broker.url if self.broker else None,
+                   "modules": self.fleet.endpoints, "train_modules": self.train_modules,
+                   "checkpoint": self.checkpoint})
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def dead(self) -> list[str]:
+        """Names of processes that exited on their own."""
+        out = [p.name for ps in self.fleet.servers.values() for p in ps if p.proc.poll() is not None]
+        if self.fleet.gateway is not None and self.fleet.gateway.proc.poll() is not None:
+            out.append("gateway")
+        if self.worker is not None and self.worker.poll() is not None:
+            out.append("coordinator-worker")
+        return out
+
+    def stop(self) -> None:
+        import subprocess
+
+        remove()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()  # warm shutdown: a running job is requeued, not lost
+        if self.fleet is not None:
+            self.fleet.stop()
+        if self.worker is not None:
+            try:
+                self.worker.wait(30)
+            except subprocess.TimeoutExpired:
+                self.worker.kill()
+                self.worker.wait()
+        if self.broker is not None:
+            self.broker.stop()
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -65,26 +65,51 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def _fused_step(chain, tx, states, opt_states, inputs, targets):
+def _fused_step(chain, tx, trainable, states, opt_states, inputs, targets):
     loss, grads = jax.value_and_grad(functools.partial(composite_loss, chain))(
         states, inputs, targets)
     new_states, new_opts = [], []
-    for st, g, o in zip(states, grads, opt_states):
+    for st, g, o, learns in zip(states, grads, opt_states, trainable):
+        if not learns:  # frozen: its gradient is dead code, which XLA drops
+            new_states.append(st)
+            new_opts.append(o)
+            continue
         updates, o = tx.update(g, o, st)
         new_states.append(optax.apply_updates(st, updates))
         new_opts.append(o)
     return new_states, new_opts, loss
 
 
-class FusedEngine:
-    """The whole pathway's training step as one jitted program (single process)."""
+def _check_trainable(names: list[str], trainable) -> set[str]:
+    """The set of module names that learn (all when `trainable` is None), validated."""
+    if trainable is None:
+        return set(names)
+    trainable = set(trainable)
+    unknown = sorted(trainable - set(names))
+    if unknown:
+        raise ValueError(f"trainable module(s) {', '.join(unknown)} not in the pathway "
+                         f"({', '.join(names)})")
+    if not trainable:
+        raise ValueError("trainable is empty: nothing would learn")
+    return trainable
 
-    def __init__(self, executor: LocalExecutor, pathway: str, tx: optax.GradientTransformation):
+
+class FusedEngine:
+    """The whole pathway's training step as one jitted program (single process).
+
+    `trainable` names the modules that learn (default: all); the others stay frozen.
+    """
+
+    def __init__(self, executor: LocalExecutor, pathway: str, tx: optax.GradientTransformation,
+                 trainable: set[str] | None = None):
         self.chain = executor.chain(pathway)
         self.names = [rt.name for rt in self.chain]
+        learns = _check_trainable(self.names, trainable)
         # Stages only as the per-module holders of optimizer state and checkpoint I/O.
-        self.stages = [LocalStage(rt, tx) for rt in self.chain]
-        self._step = jax.jit(functools.partial(_fused_step, self.chain, tx), donate_argnums=(0, 1))
+        self.stages = [LocalStage(rt, tx, frozen=rt.name not in learns) for rt in self.chain]
+        mask = tuple(n in learns for n in self.names)
+        self._step = jax.jit(functools.partial(_fused_step, self.chain, tx, mask),
+                             donate_argnums=(0, 1))
         self._loss = jax.jit(functools.partial(composite_loss, self.chain))
 
     def step(self, inputs, targets) -> dict:
@@ -110,13 +135,25 @@ class FusedEngine:
 
 
 class PipelineEngine:
-    """A training step through a chain of stages (local or remote), pipelined over micro-batches."""
+    """A training step through a chain of stages (local or remote), pipelined over micro-batches.
 
-    def __init__(self, stages: list[Stage], n_micro: int = 4, schedule: str = "1f1b"):
+    `trainable` names the stages that learn (default: all); the others are frozen, and frozen
+    stages before the first learning one skip their backward entirely.
+    """
+
+    def __init__(self, stages: list[Stage], n_micro: int = 4, schedule: str = "1f1b",
+                 trainable: set[str] | None = None):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
         self.stages, self.n_micro, self.schedule = stages, n_micro, schedule
         self.names = [s.name for s in stages]
+        if trainable is not None:
+            learns = _check_trainable(self.names, trainable)
+            first = min(i for i, n in enumerate(self.names) if n in learns)
+            for i, st in enumerate(stages):
+                if not hasattr(st, "freeze"):
+                    raise TypeError(f"stage {st.name!r} ({type(st).__name__}) cannot be frozen")
+                st.freeze(st.name not in learns, input_grad=i > first)
 
     def step(self, inputs, targets) -> dict:
         return run_step(self.stages, inputs, targets, self.n_micro, self.schedule)
@@ -133,6 +170,12 @@ class PipelineEngine:
 
     def save(self, out: Path) -> None:
         self._each(lambda s: s.save(out))
+
+    def close(self) -> None:
+        """Releases remote stages' channels (in-process stages hold none)."""
+        for st in self.stages:
+            if hasattr(st, "close"):
+                st.close()
 
     def load(self, out: Path) -> None:
         self._each(lambda s: s.load(out))
@@ -167,7 +210,18 @@ class Trainer:
                              f"not {self.pathway!r}")
         self.engine.load(self.out)
         self.step = int(meta["step"])
+        self._truncate_metrics()
         return True
+
+    def _truncate_metrics(self) -> None:
+        """Drops records of steps after the checkpoint: they are about to be run again."""
+        path = self.out / "metrics.jsonl"
+        if path.exists():
+            keep = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line)["step"] <= self.step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(line + "\n" for line in keep))
+            tmp.replace(path)
 
     def eval_loss(self) -> float:
         c = self.cfg
@@ -209,13 +263,13 @@ class LocalTrainer(Trainer):
 
     def __init__(self, executor: LocalExecutor, pathway: str, cfg: TrainConfig, data: TokenData,
                  out: str | Path, tokenizer, *, engine: str = "fused", n_micro: int = 4,
-                 schedule: str = "1f1b"):
+                 schedule: str = "1f1b", trainable: set[str] | None = None):
         tx = make_optimizer(cfg)
         if engine == "fused":
-            eng = FusedEngine(executor, pathway, tx)
+            eng = FusedEngine(executor, pathway, tx, trainable)
         elif engine == "pipeline":
             eng = PipelineEngine([LocalStage(rt, tx) for rt in executor.chain(pathway)],
-                                 n_micro, schedule)
+                                 n_micro, schedule, trainable)
         else:
             raise ValueError(f"engine must be 'fused' or 'pipeline', got {engine!r}")
         super().__init__(eng, executor.spec, pathway, tokenizer, cfg, data, out)

@@ -6,10 +6,10 @@ import argparse
 import os
 import sys
 
-from tools.cli import commands_local
+from tools.cli import commands_hf, commands_jobs, commands_k8s, commands_local, commands_serve
 
 # Command groups, in help order. Each module defines register(subparsers) and sets `func`.
-COMMAND_MODULES = [commands_local]
+COMMAND_MODULES = [commands_local, commands_serve, commands_jobs, commands_k8s, commands_hf]
 
 
 class CliError(Exception):

@@ -58,6 +58,14 @@ def _forward(graphdef, kind, state, x, targets):
     return y, vjp
 
 
+def _forward_frozen(graphdef, kind, state, x, targets, input_grad):
+    """A frozen stage's forward: a VJP w.r.t. the input only (none when nothing upstream learns)."""
+    f = functools.partial(_apply_module, graphdef, kind)
+    if kind == "embedding" or not input_grad:
+        return f(state, x, targets), None
+    return jax.vjp(lambda h: f(state, h, targets), x)
+
+
 def _backward(vjp, grad, acc):
     grads = vjp(grad)
     g_state, g_x = grads[0], (grads[1] if len(grads) > 1 else None)
@@ -70,19 +78,28 @@ def _update(tx, state, opt_state, acc):
 
 
 _forward_jit = jax.jit(_forward, static_argnums=(0, 1))
+_forward_frozen_jit = jax.jit(_forward_frozen, static_argnums=(0, 1, 5))
 _apply_jit = jax.jit(_apply_module, static_argnums=(0, 1))
 _backward_jit = jax.jit(_backward, donate_argnums=2)
+_backward_frozen_jit = jax.jit(lambda vjp, grad: vjp(grad)[0])
 
 
 class LocalStage:
-    """A pipeline stage in this process, over a ModuleRuntime (shares its parameters)."""
+    """A pipeline stage in this process, over a ModuleRuntime (shares its parameters).
 
-    def __init__(self, runtime: ModuleRuntime, tx: optax.GradientTransformation):
+    A frozen stage still passes gradients to the stage before it (unless `input_grad` is False:
+    nothing upstream learns), but accumulates and applies nothing to its own parameters.
+    """
+
+    def __init__(self, runtime: ModuleRuntime, tx: optax.GradientTransformation, *,
+                 frozen: bool = False, input_grad: bool = True):
         self.rt, self.tx = runtime, tx
+        self.frozen, self.input_grad = frozen, input_grad
         self.name, self.kind = runtime.name, runtime.cfg.kind
         g, k = runtime.graphdef, self.kind
         # Module-level jits with static graphdefs: equal modules share compiled programs.
         self._fwd = functools.partial(_forward_jit, g, k)
+        self._fwd_frozen = functools.partial(_forward_frozen_jit, g, k)
         self._eval = functools.partial(_apply_jit, g, k)
         self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1, 2))
         self.opt_state = tx.init(runtime.state)
@@ -92,14 +109,28 @@ class LocalStage:
     def forward(self, mb: int, x, targets=None):
         if mb in self._vjps:
             raise ValueError(f"stage {self.name!r}: micro-batch {mb} already has a forward pending")
-        y, self._vjps[mb] = self._fwd(self.rt.state, jnp.asarray(x),
-                                      None if targets is None else jnp.asarray(targets))
+        t = None if targets is None else jnp.asarray(targets)
+        if self.frozen:
+            y, self._vjps[mb] = self._fwd_frozen(self.rt.state, jnp.asarray(x), t,
+                                                 self.input_grad)
+        else:
+            y, self._vjps[mb] = self._fwd(self.rt.state, jnp.asarray(x), t)
         return y
 
+    def freeze(self, frozen: bool = True, input_grad: bool = True) -> None:
+        """Stops (or resumes) updates to this stage's parameters between steps."""
+        if self._vjps:
+            raise ValueError(f"stage {self.name!r}: cannot (un)freeze with micro-batches "
+                             f"{sorted(self._vjps)} in flight")
+        self.frozen, self.input_grad = frozen, input_grad
+
     def backward(self, mb: int, grad):
-        vjp = self._vjps.pop(mb, None)
-        if vjp is None:
+        if mb not in self._vjps:
             raise KeyError(f"stage {self.name!r}: no forward pending for micro-batch {mb}")
+        vjp = self._vjps.pop(mb)
+        if self.frozen:
+            return None if vjp is None else _backward_frozen_jit(vjp, jnp.asarray(grad,
+                                                                                  jnp.float32))
         g_x, self._acc = _backward_jit(vjp, jnp.asarray(grad, jnp.float32), self._acc)
         return g_x
 
@@ -110,6 +141,8 @@ class LocalStage:
         if self._vjps:
             raise ValueError(f"stage {self.name!r}: apply with micro-batches "
                              f"{sorted(self._vjps)} still awaiting backward")
+        if self.frozen:
+            return {"grad_norm": 0.0}
         state, self.opt_state, norm = self._upd(self.rt.state, self.opt_state, self._acc)
         self.rt.state = state
         self._acc = jax.tree.map(jnp.zeros_like, state)
@@ -151,6 +184,9 @@ class LocalStage:
         from pathways import checkpoint as ckpt
 
         self.rt.state = ckpt.load_module(directory, self.name, self.rt.state)
-        self.load_optimizer_leaves(
-            ckpt.load_tree(Path(directory) / "train" / self.name, self.optimizer_leaves()))
+        opt = Path(directory) / "train" / self.name
+        if opt.exists():  # a serving checkpoint has parameters only: keep a fresh optimizer
+            self.load_optimizer_leaves(ckpt.load_tree(opt, self.optimizer_leaves()))
+        else:
+            self.opt_state = self.tx.init(self.rt.state)
         self.reset()

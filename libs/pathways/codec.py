@@ -1,0 +1,135 @@
+"""numpy/JAX arrays <-> `pathways.v1.Tensor`: float32, bfloat16, int32 and block-scaled int8."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+# jax's bfloat16 is ml_dtypes.bfloat16 (a numpy dtype); importing it through jax keeps the
+# dependency on a declared requirement.
+from jax.numpy import bfloat16
+
+from pathways.v1 import tensor_pb2
+
+DType = tensor_pb2.DType
+NAMES = {
+    DType.DTYPE_FLOAT32: "float32",
+    DType.DTYPE_BFLOAT16: "bfloat16",
+    DType.DTYPE_INT32: "int32",
+    DType.DTYPE_INT8_BLOCK: "int8",
+}
+BY_NAME = {v: k for k, v in NAMES.items()}
+_NUMPY = {
+    DType.DTYPE_FLOAT32: np.dtype("<f4"),
+    DType.DTYPE_BFLOAT16: np.dtype(bfloat16),
+    DType.DTYPE_INT32: np.dtype("<i4"),
+    DType.DTYPE_INT8_BLOCK: np.dtype("i1"),
+}
+DEFAULT_BLOCK = 64
+
+
+class CodecError(ValueError):
+    """A Tensor whose dtype, shape or byte length is inconsistent; the message names them."""
+
+
+def dtype_of(name: str | int) -> int:
+    """Parses "float32"/"bfloat16"/"int32"/"int8" (or an enum value) into a DType."""
+    if isinstance(name, int) and name in NAMES:
+        return name
+    if name in BY_NAME:
+        return BY_NAME[name]
+    raise CodecError(f"dtype must be one of {', '.join(BY_NAME)}; got {name!r}")
+
+
+def encode(
+    array,
+    dtype: str | int | None = None,
+    block_size: int = DEFAULT_BLOCK,
+    out: tensor_pb2.Tensor | None = None,
+) -> tensor_pb2.Tensor:
+    """Encodes an array; `dtype` None keeps int32 for integers and float32 for floats.
+
+    Args:
+        array: numpy or JAX array (anything np.asarray takes).
+        dtype: wire element type ("float32", "bfloat16", "int32", "int8" or a DType).
+        block_size: int8 only, elements per scale along the last axis.
+        out: a message to fill in place (e.g. a field of a response), else a new one.
+    """
+    a = np.asarray(array)
+    if dtype is None:
+        dt = DType.DTYPE_INT32 if np.issubdtype(a.dtype, np.integer) else DType.DTYPE_FLOAT32
+    else:
+        dt = dtype_of(dtype)
+    t = out if out is not None else tensor_pb2.Tensor()
+    t.dtype = dt
+    t.shape[:] = a.shape
+    if dt == DType.DTYPE_INT8_BLOCK:
+        q, scales = quantize_int8(a, block_size)
+        t.data, t.scales, t.block_size = q.tobytes(), scales.astype("<f4").tobytes(), block_size
+    else:
+        t.data = np.ascontiguousarray(a, dtype=_NUMPY[dt]).tobytes()
+    return t
+
+
+def decode(t: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
+    """Decodes a Tensor to numpy (bfloat16 and int8 come back as float32).
+
+    Raises:
+        CodecError: naming `field`, its dtype, shape and byte length when they disagree.
+    """
+    if t.dtype not in NAMES:
+        raise CodecError(
+            f"{field}.dtype must be one of {', '.join(BY_NAME)}; "
+            f"got {DType.Name(t.dtype) if t.dtype in DType.values() else t.dtype}"
+        )
+    shape = tuple(t.shape)
+    if any(d < 0 for d in shape):
+        raise CodecError(f"{field}.shape must not have negative sizes; got {list(shape)}")
+    n = math.prod(shape)
+    want = n * _NUMPY[t.dtype].itemsize
+    if len(t.data) != want:
+        raise CodecError(
+            f"{field}.data has {len(t.data)} bytes but dtype {NAMES[t.dtype]} and "
+            f"shape {list(shape)} need {want}"
+        )
+    a = np.frombuffer(t.data, _NUMPY[t.dtype]).reshape(shape)
+    if t.dtype == DType.DTYPE_INT8_BLOCK:
+        return _dequantize(a, t, field)
+    if t.dtype == DType.DTYPE_BFLOAT16:
+        return a.astype(np.float32)
+    return a
+
+
+def quantize_int8(a: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-block int8: returns (int8 values like `a`, float32 scales (..., n_blocks))."""
+    if block_size <= 0:
+        raise CodecError(f"block_size must be > 0; got {block_size}")
+    a = np.asarray(a, np.float32)
+    if a.ndim == 0:
+        a = a.reshape(1)
+    last = a.shape[-1]
+    nb = -(-last // block_size)
+    padded = np.zeros(a.shape[:-1] + (nb * block_size,), np.float32)
+    padded[..., :last] = a
+    blocks = padded.reshape(a.shape[:-1] + (nb, block_size))
+    scales = np.abs(blocks).max(-1) / 127.0
+    safe = np.where(scales > 0, scales, 1.0)
+    q = np.clip(np.rint(blocks / safe[..., None]), -127, 127).astype(np.int8)
+    return q.reshape(padded.shape)[..., :last], scales.astype(np.float32)
+
+
+def _dequantize(q: np.ndarray, t: tensor_pb2.Tensor, field: str) -> np.ndarray:
+    if t.block_size <= 0:
+        raise CodecError(f"{field}.block_size must be > 0 for int8; got {t.block_size}")
+    shape = q.shape if q.ndim else (1,)
+    nb = -(-shape[-1] // t.block_size)
+    n_scales = math.prod(shape[:-1]) * nb
+    if len(t.scales) != 4 * n_scales:
+        raise CodecError(
+            f"{field}.scales has {len(t.scales)} bytes but shape {list(q.shape)} "
+            f"with block_size {t.block_size} needs {4 * n_scales}"
+        )
+    scales = np.frombuffer(t.scales, "<f4").reshape(shape[:-1] + (nb,))
+    per_elem = np.repeat(scales, t.block_size, axis=-1)[..., : shape[-1]]
+    return (q.reshape(shape).astype(np.float32) * per_elem).reshape(q.shape)

@@ -1,0 +1,397 @@
+"""Remote executor: the Executor interface over a chain of ModuleService servers.
+
+Each module may have several replicas. Sessions are spread over replicas (fewest open sessions
+first) and stick to the replica holding their KV cache. When a replica fails (UNAVAILABLE) or
+forgets a session (NOT_FOUND after a restart or TTL), the session moves to another replica by
+replaying the exact calls it made to that module, so the cache and the generated text come out
+identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from pathways import codec, telemetry
+from pathways.executor.base import Session, StepResult, pad_prompts
+from pathways.executor.decode_stream import DecodeStream
+from pathways.sampling import SamplingBatch, SamplingParams
+from pathways.spec import PathwaySpec
+from pathways.v1 import module_pb2, module_pb2_grpc
+
+_MOVE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+
+
+class RemoteError(Exception):
+    """A module call failed; `code` is the gRPC status (pass it on), the message names the module."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class Replica:
+    def __init__(self, module: str, address: str, options):
+        self.module, self.address = module, address
+        self.channel = telemetry.channel(grpc.insecure_channel(address, options=options))
+        self.stub = module_pb2_grpc.ModuleServiceStub(self.channel)
+        self.sessions = 0
+        self.down_until = 0.0
+
+
+class ReplicaSet:
+    """The replicas of one module; picks the least loaded healthy one."""
+
+    def __init__(self, module: str, addresses: list[str], options, cooldown_s: float = 2.0):
+        if not addresses:
+            raise ValueError(f"module {module!r} has no replica addresses")
+        self.module, self.cooldown_s = module, cooldown_s
+        self.replicas = [Replica(module, a, options) for a in addresses]
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+
+    def pick(self, exclude: tuple[Replica, ...] = ()) -> Replica:
+        with self._lock:
+            now, start = time.monotonic(), next(self._rr)
+            order = [
+                self.replicas[(start + i) % len(self.replicas)] for i in range(len(self.replicas))
+            ]
+            up = [r for r in order if r.down_until <= now and r not in exclude]
+            pool = up or [r for r in order if r not in exclude] or order
+            return min(pool, key=lambda r: r.sessions)
+
+    def mark_down(self, r: Replica) -> None:
+        r.down_until = time.monotonic() + self.cooldown_s
+
+
+@dataclasses.dataclass
+class _ModuleSession:
+    replica: Replica
+    session_id: str
+    open_request: module_pb2.OpenSessionRequest
+    replay: list | None  # (method, request) calls made, kept for stateful (attention) modules
+    stream: DecodeStream | None = None
+
+    def drop_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+class RemoteExecutor:
+    """Runs pathways of `spec` on module servers: endpoints maps module name -> replica addresses.
+
+    Args:
+        wire_dtype: activations between modules ("float32" is exact; "bfloat16" halves bytes).
+        call_timeout_s: per-call deadline, shortened to any deadline set with `deadline()`.
+        max_attempts: tries of one call across replicas before giving up.
+        decode_streams: send a session's decode steps over one bidi stream per module (less
+            per-step overhead than unary calls); the stream's deadline is the caller's, or
+            `stream_horizon_s` ahead (then renewed).
+    """
+
+    def __init__(
+        self,
+        spec: PathwaySpec,
+        endpoints: dict[str, list[str]],
+        *,
+        wire_dtype: str = "float32",
+        call_timeout_s: float = 60.0,
+        max_attempts: int = 3,
+        max_message_mb: float = 64.0,
+        decode_streams: bool = True,
+        stream_horizon_s: float = 600.0,
+    ):
+        self.spec = spec
+        missing = sorted({m for p in spec.pathways.values() for m in p.modules} - set(endpoints))
+        unknown = sorted(set(endpoints) - set(spec.modules))
+        if unknown:
+            raise ValueError(
+                f"unknown module(s) {', '.join(unknown)}; known: " f"{', '.join(spec.modules)}"
+            )
+        self.served = {
+            name for name, p in spec.pathways.items() if not set(p.modules) & set(missing)
+        }
+        n = int(max_message_mb * 2**20)
+        options = [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+        self.replicas = {m: ReplicaSet(m, list(a), options) for m, a in endpoints.items()}
+        self.wire = codec.dtype_of(wire_dtype)
+        self.call_timeout_s, self.max_attempts = call_timeout_s, max_attempts
+        self.decode_streams, self.stream_horizon_s = decode_streams, stream_horizon_s
+        self._sessions: dict[str, dict[str, _ModuleSession]] = {}
+        self._local = threading.local()
+        # Serialized bytes sent to / received from each module by session calls (benchmarks).
+        self.wire_bytes: dict[str, list[int]] = {m: [0, 0] for m in endpoints}
+
+    def close(self) -> None:
+        for rs in self.replicas.values():
+            for r in rs.replicas:
+                r.channel.close()
+
+    # ---- deadlines ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def deadline(self, seconds: float | None):
+        """Calls made by this thread inside the block finish within `seconds` from now."""
+        prev = getattr(self._local, "deadline", None)
+        self._local.deadline = None if seconds is None else time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._local.deadline = prev
+
+    def _timeout(self, module: str) -> float:
+        dl = getattr(self._local, "deadline", None)
+        if dl is None:
+            return self.call_timeout_s
+        left = dl - time.monotonic()
+        if left <= 0:
+            raise RemoteError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline exceeded before calling module {module!r}",
+            )
+        return min(left, self.call_timeout_s)
+
+    # ---- sessions ----------------------------------------------------------------------------
+    def _pathway(self, pathway: str):
+        p = self.spec.pathway(pathway)
+        if pathway not in self.served:
+            raise ValueError(
+                f"pathway {pathway!r} needs modules with no replicas: "
+                f"{', '.join(m for m in p.modules if m not in self.replicas)}"
+            )
+        return p
+
+    def open_session(self, pathway: str, sampling: list[SamplingParams]) -> Session:
+        p = self._pathway(pathway)
+        if not sampling:
+            raise ValueError("a session needs at least one sequence (sampling list is empty)")
+        b = len(sampling)
+        session = Session(
+            pathway=pathway,
+            sampling=SamplingBatch.of(sampling),
+            lengths=np.zeros(b, np.int32),
+            steps=np.zeros(b, np.int32),
+            max_seq_len=p.max_seq_len,
+        )
+        rows = [
+            module_pb2.RowSampling(
+                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
+            )
+            for s in sampling
+        ]
+        opened: dict[str, _ModuleSession] = {}
+        self._sessions[session.id] = opened
+        try:
+            for m in p.modules:
+                kind = self.spec.modules[m].kind
+                req = module_pb2.OpenSessionRequest(
+                    batch_size=b,
+                    max_seq_len=p.max_seq_len,
+                    sampling=rows if kind == "decoding" else [],
+                )
+                opened[m] = self._open(m, req, [] if kind == "attention" else None)
+        except BaseException:
+            self.close_session(session)
+            raise
+        return session
+
+    def _open(self, module: str, req, replay, exclude=()) -> _ModuleSession:
+        rset, tried, last = self.replicas[module], list(exclude), None
+        for _ in range(len(rset.replicas) + 1):
+            r = rset.pick(tuple(tried))
+            try:
+                resp = r.stub.OpenSession(req, timeout=self._timeout(module))
+            except grpc.RpcError as e:
+                last = e
+                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        rset.mark_down(r)
+                    tried.append(r)
+                    if len(tried) >= len(rset.replicas):
+                        break
+                    continue
+                raise _error(module, r, e) from None
+            r.sessions += 1
+            return _ModuleSession(r, resp.session_id, req, replay)
+        raise _error(module, None, last)
+
+    def close_session(self, session: Session) -> None:
+        for ms in self._sessions.pop(session.id, {}).values():
+            ms.drop_stream()
+            ms.replica.sessions -= 1
+            try:
+                ms.replica.stub.CloseSession(
+                    module_pb2.CloseSessionRequest(session_id=ms.session_id), timeout=5.0
+                )
+            except grpc.RpcError:
+                pass  # a dead replica has nothing to free; a live one reclaims it by TTL
+
+    def _call(self, session: Session, module: str, method: str, req):
+        ms = self._sessions.get(session.id, {}).get(module)
+        if ms is None:
+            raise KeyError(f"unknown session {session.id!r}")
+        for attempt in range(self.max_attempts):
+            req.session_id = ms.session_id
+            try:
+                if method == "Decode" and self.decode_streams:
+                    resp = self._stream(module, ms).step(req)
+                else:
+                    resp = getattr(ms.replica.stub, method)(req, timeout=self._timeout(module))
+            except grpc.RpcError as e:
+                ms.drop_stream()  # a failed stream is over; the next step opens a new one
+                if e.code() not in _MOVE or attempt == self.max_attempts - 1:
+                    raise _error(module, ms.replica, e) from None
+                self._move(module, ms, failed=e.code() == grpc.StatusCode.UNAVAILABLE)
+                continue
+            counts = self.wire_bytes[module]
+            counts[0] += req.ByteSize()
+            counts[1] += resp.ByteSize()
+            if ms.replay is not None:
+                ms.replay.append((method, req))
+            return resp
+        raise AssertionError("unreachable")
+
+    def _stream(self, module: str, ms: _ModuleSession) -> DecodeStream:
+        dl = getattr(self._local, "deadline", None)
+        now = time.monotonic()
+        if dl is None:
+            dl = now + self.stream_horizon_s
+            if ms.stream is not None and ms.stream.deadline - now < self.call_timeout_s:
+                ms.drop_stream()  # renew before the horizon cuts a step short
+        elif ms.stream is not None and ms.stream.deadline != dl:
+            ms.drop_stream()
+        if ms.stream is None:
+            self._timeout(module)  # raises when the caller's deadline has passed
+            ms.stream = DecodeStream(ms.replica.stub, dl)
+        return ms.stream
+
+    def _move(self, module: str, ms: _ModuleSession, failed: bool) -> None:
+        """Re-creates a module session on another replica by replaying its calls."""
+        rset, old = self.replicas[module], ms.replica
+        if failed:
+            rset.mark_down(old)
+        old.sessions -= 1
+        for _ in range(self.max_attempts):
+            new = self._open(module, ms.open_request, ms.replay, exclude=(old,) if failed else ())
+            ms.replica, ms.session_id = new.replica, new.session_id
+            try:
+                for method, req in ms.replay or ():
+                    req.session_id = ms.session_id
+                    getattr(ms.replica.stub, method)(req, timeout=self._timeout(module))
+                return
+            except grpc.RpcError as e:
+                if e.code() not in _MOVE:
+                    raise _error(module, ms.replica, e) from None
+                rset.mark_down(ms.replica)
+                ms.replica.sessions -= 1
+                old = ms.replica
+        raise RemoteError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"module {module!r}: no replica could take over the session",
+        )
+
+    # ---- steps -------------------------------------------------------------------------------
+    def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
+        if len(prompts) != session.batch_size:
+            raise ValueError(
+                f"prefill got {len(prompts)} prompts for a session of "
+                f"{session.batch_size} sequences"
+            )
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        lens = np.array([len(p) for p in prompts], np.int32)
+        _check_room(session, lens)
+        tokens, _, _ = pad_prompts(prompts, session.lengths, session.max_seq_len)
+        x = codec.encode(tokens)
+        resp = None
+        for m in self.spec.pathway(session.pathway).modules:
+            req = module_pb2.PrefillRequest(
+                input=x,
+                starts=session.lengths.tolist(),
+                lengths=lens.tolist(),
+                steps=session.steps.tolist(),
+                output_dtype=self.wire,
+                return_logits=return_logits,
+            )
+            resp = self._call(session, m, "Prefill", req)
+            x = resp.output
+        session.lengths += lens
+        session.steps += 1
+        return _result(resp)
+
+    def decode(self, session: Session, tokens, *, return_logits=False):
+        tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
+        _check_room(session, np.ones(session.batch_size, np.int32))
+        x, resp = codec.encode(tokens), None
+        for m in self.spec.pathway(session.pathway).modules:
+            req = module_pb2.DecodeRequest(
+                input=x,
+                positions=session.lengths.tolist(),
+                steps=session.steps.tolist(),
+                output_dtype=self.wire,
+                return_logits=return_logits,
+            )
+            resp = self._call(session, m, "Decode", req)
+            x = resp.output
+        session.lengths += 1
+        session.steps += 1
+        return _result(resp)
+
+    # ---- stateless ---------------------------------------------------------------------------
+    def forward(self, pathway: str, tokens) -> np.ndarray:
+        x = codec.encode(np.asarray(tokens, np.int32))
+        for m in self._pathway(pathway).modules:
+            rset = self.replicas[m]
+            req = module_pb2.ForwardRequest(input=x, output_dtype=self.wire)
+            for attempt in range(self.max_attempts):
+                r = rset.pick()
+                try:
+                    x = r.stub.Forward(req, timeout=self._timeout(m)).output
+                    break
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_attempts - 1:
+                        raise _error(m, r, e) from None
+                    rset.mark_down(r)
+        return codec.decode(x, "output")
+
+    def loss(self, pathway: str, inputs, targets) -> float:
+        logits = self.forward(pathway, inputs).astype(np.float64)  # (B, T, V)
+        z = logits - logits.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        picked = np.take_along_axis(logp, np.asarray(targets)[..., None], axis=-1)
+        return float(-picked.mean())
+
+    def loss_and_grads(self, pathway: str, inputs, targets, *, grads: bool = True):
+        if grads:
+            raise NotImplementedError(
+                "gradients need every module in one process: train with "
+                "LocalExecutor (module servers serve inference only)"
+            )
+        return self.loss(pathway, inputs, targets), None
+
+
+def _check_room(session: Session, extra: np.ndarray) -> None:
+    need = session.lengths + extra
+    if need.max() > session.max_seq_len:
+        raise ValueError(
+            f"max sequence length exceeded: {int(need.max())} tokens > pathway "
+            f"{session.pathway!r} max_seq_len {session.max_seq_len}"
+        )
+
+
+def _result(resp) -> StepResult:
+    logits = codec.decode(resp.logits, "logits") if resp.HasField("logits") else None
+    return StepResult(tokens=codec.decode(resp.output, "output").astype(np.int32), logits=logits)
+
+
+def _error(module: str, r: Replica | None, e: grpc.RpcError | None) -> RemoteError:
+    where = f"module {module!r}" + (f" at {r.address}" if r is not None else "")
+    if e is None:
+        return RemoteError(grpc.StatusCode.UNAVAILABLE, f"{where}: no replica available")
+    return RemoteError(e.code(), f"{where}: {e.details()}")

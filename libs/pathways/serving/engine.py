@@ -1,0 +1,175 @@
+"""One module's compute for serving: the KV-cache slot pool and batched steps over LocalExecutor's
+jitted entry points (`ModuleRuntime`); no model math of its own."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from pathways import modules as mod
+from pathways.executor.base import bucket
+from pathways.executor.local import ModuleRuntime
+from pathways.modules.attention import empty_cache
+from pathways.sampling import SamplingBatch
+from pathways.serving.errors import InvalidArgument
+from pathways.serving.sessions import ServerSession
+
+
+@dataclasses.dataclass
+class Step:
+    """One session's rows of one decode step (the unit the batcher concatenates)."""
+
+    session: ServerSession
+    x: np.ndarray  # (B, 1) int32 tokens or (B, 1, D) float32
+    positions: np.ndarray  # (B,) int32
+    steps: np.ndarray  # (B,) int32, decoding modules only
+
+
+class ModuleEngine:
+    def __init__(self, name: str, cfg: mod.ModuleConfig, state, slots: int):
+        self.name, self.cfg, self.kind = name, cfg, cfg.kind
+        self.rt = ModuleRuntime(name, cfg, mod.build(cfg))
+        if state is not None:
+            self.rt.state = state
+        self.cache = empty_cache(cfg, slots) if self.kind == "attention" else None
+        self.max_seq_len = getattr(cfg, "max_seq_len", 0)
+
+    @property
+    def kv_bytes(self) -> int:
+        return 0 if self.cache is None else sum(int(a.nbytes) for a in self.cache.values())
+
+    # ---- validation --------------------------------------------------------------------------
+    def check_input(self, x: np.ndarray, field: str, rows: int | None, t: int | None = None):
+        kind, dim = self.cfg.input_contract
+        if kind == "tokens":
+            if x.dtype != np.int32 or x.ndim != 2:
+                raise InvalidArgument(
+                    f"{field} must be int32 tokens of shape (B, T) for "
+                    f"{self.kind} module {self.name!r}; got {x.dtype} "
+                    f"{list(x.shape)}"
+                )
+            bad = (x < 0) | (x >= dim)
+            if bad.any():
+                raise InvalidArgument(
+                    f"{field} has token id {int(x[bad][0])} outside "
+                    f"[0, {dim}) (vocab_size of {self.name!r})"
+                )
+        else:
+            if x.dtype != np.float32 or x.ndim != 3:
+                raise InvalidArgument(
+                    f"{field} must be float activations of shape "
+                    f"(B, T, {dim}) for {self.kind} module {self.name!r}; "
+                    f"got {x.dtype} {list(x.shape)}"
+                )
+            if x.shape[2] != dim:
+                raise InvalidArgument(
+                    f"{field} has d_model {x.shape[2]} but module "
+                    f"{self.name!r} expects d_model {dim}"
+                )
+        if rows is not None and x.shape[0] != rows:
+            raise InvalidArgument(f"{field} has batch {x.shape[0]} but the session has {rows} rows")
+        if t is not None and x.shape[1] != t:
+            raise InvalidArgument(f"{field} has {x.shape[1]} positions; expected {t}")
+        if x.shape[1] == 0 or x.shape[0] == 0:
+            raise InvalidArgument(f"{field} is empty: shape {list(x.shape)}")
+
+    # ---- steps -------------------------------------------------------------------------------
+    def prefill(self, s: ServerSession, x, starts, lengths, steps, want_logits: bool):
+        """Returns (output, logits or None); output is (B, T, D) or (B,) tokens for decoding."""
+        b, t = x.shape[:2]
+        pad = s.max_seq_len
+        positions = np.full((b, t), pad, np.int32)
+        for i in range(b):
+            positions[i, : lengths[i]] = starts[i] + np.arange(lengths[i])
+        if self.kind == "decoding":
+            return self._head(x, lengths - 1, s.sampling, steps, want_logits)
+        pos = jnp.asarray(positions)
+        if self.kind == "embedding":
+            return self.rt.forward(self.rt.state, jnp.asarray(x), pos), None
+        real = positions[positions < pad]
+        window = bucket(int(real.max()) + 1, s.max_seq_len)
+        y, self.cache = self.rt.forward_cached(
+            self.rt.state, jnp.asarray(x), pos, self.cache, jnp.asarray(s.slots), window=window
+        )
+        return y, None
+
+    def decode(self, items: list[Step], want_logits: bool):
+        """One decode step for several sessions at once; returns per-item (output, logits)."""
+        sizes = [it.session.batch_size for it in items]
+        x = np.concatenate([it.x for it in items])
+        pos = np.concatenate([it.positions for it in items])
+        r = len(pos)
+        # A lone session runs at its own batch size (identical to the local executor); a mixed
+        # batch pads to a power of two so few programs get compiled.
+        p = r if len(items) == 1 else bucket(r, limit=1 << 30, minimum=1)
+        limit = max(it.session.max_seq_len for it in items)
+        if self.kind == "decoding":
+            sampling = _concat_sampling([it.session.sampling for it in items])
+            steps = np.concatenate([it.steps for it in items])
+            if p > r:
+                x = np.concatenate([x, np.zeros((p - r, *x.shape[1:]), x.dtype)])
+                steps = np.concatenate([steps, np.zeros(p - r, np.int32)])
+                sampling = _concat_sampling([sampling, _greedy(p - r)])
+            out, logits = self._head(x, np.zeros(p, np.int32), sampling, steps, want_logits)
+        else:
+            pad_pos = limit if self.kind == "attention" else 0
+            if p > r:
+                x = np.concatenate([x, np.zeros((p - r, *x.shape[1:]), x.dtype)])
+                pos = np.concatenate([pos, np.full(p - r, self.max_seq_len or pad_pos, np.int32)])
+            positions = jnp.asarray(pos[:, None])
+            if self.kind == "embedding":
+                out = self.rt.forward(self.rt.state, jnp.asarray(x), positions)
+            else:
+                slots = np.concatenate(
+                    [it.session.slots for it in items] + [np.zeros(p - r, np.int32)]
+                )
+                window = bucket(int(pos[:r].max()) + 1, limit)
+                out, self.cache = self.rt.forward_cached(
+                    self.rt.state,
+                    jnp.asarray(x),
+                    positions,
+                    self.cache,
+                    jnp.asarray(slots),
+                    window=window,
+                )
+            logits = None
+        out = np.asarray(out)
+        logits = np.asarray(logits) if logits is not None else None
+        results, at = [], 0
+        for n in sizes:
+            results.append((out[at : at + n], None if logits is None else logits[at : at + n]))
+            at += n
+        return results
+
+    def forward(self, x):
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        return self.rt.forward(self.rt.state, jnp.asarray(x), positions)
+
+    def _head(self, x, last, sampling: SamplingBatch, steps, want_logits):
+        s = sampling
+        out, logits = self.rt.head_sample(
+            self.rt.state,
+            jnp.asarray(x),
+            jnp.asarray(last),
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            s.seed,
+            jnp.asarray(steps),
+        )
+        return out, (logits if want_logits else None)
+
+
+def _greedy(n: int) -> SamplingBatch:
+    return SamplingBatch(
+        np.zeros(n, np.float32),
+        np.zeros(n, np.int32),
+        np.ones(n, np.float32),
+        np.zeros(n, np.uint32),
+    )
+
+
+def _concat_sampling(batches: list[SamplingBatch]) -> SamplingBatch:
+    return SamplingBatch(*(np.concatenate(cols) for cols in zip(*(b.as_tuple() for b in batches))))

@@ -1,0 +1,134 @@
+"""`pathways.v1.GatewayService`: tokenizes, drives generation over a RemoteExecutor, streams text."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pathways import generate as gen
+from pathways import telemetry
+from pathways.executor.remote import RemoteError, RemoteExecutor
+from pathways.sampling import SamplingParams
+from pathways.serving.server import grpc_options
+from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+def sampling_params(o: gateway_pb2.SamplingOptions) -> SamplingParams:
+    """Proto options -> SamplingParams (unset top_p/max_new_tokens take the library defaults)."""
+    return SamplingParams(
+        temperature=o.temperature,
+        top_k=o.top_k,
+        top_p=o.top_p if o.HasField("top_p") else 1.0,
+        seed=o.seed,
+        max_new_tokens=o.max_new_tokens if o.HasField("max_new_tokens") else 64,
+        stop=tuple(o.stop),
+    )
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, executor: RemoteExecutor, tokenizer):
+        self.executor, self.tokenizer = executor, tokenizer
+
+    def ListPathways(self, request, context):
+        spec = self.executor.spec
+        return gateway_pb2.ListPathwaysResponse(
+            pathways=[
+                gateway_pb2.PathwayInfo(name=p.name, modules=p.modules, max_seq_len=p.max_seq_len)
+                for p in spec.pathways.values()
+                if p.name in self.executor.served
+            ]
+        )
+
+    def Generate(self, request, context):
+        spec = self.executor.spec
+        name = request.pathway or spec.default_pathway
+        if name not in self.executor.served:
+            known = ", ".join(p for p in spec.pathways if p in self.executor.served)
+            context.abort(
+                grpc.StatusCode.NOT_FOUND, f"unknown pathway {name!r}; this gateway serves: {known}"
+            )
+        try:
+            params = sampling_params(request.sampling)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
+        events = gen.stream(self.executor, name, [request.prompt], self.tokenizer, params)
+        try:
+            with self.executor.deadline(context.time_remaining()):
+                for ev in events:
+                    yield gateway_pb2.GenerateResponse(
+                        token_id=ev.token_id, text=ev.text, finish_reason=ev.finished or ""
+                    )
+        except RemoteError as e:
+            context.abort(e.code, str(e))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            events.close()  # closes the session on every module, also on cancel
+
+
+class GatewayServer:
+    def __init__(
+        self,
+        spec,
+        tokenizer,
+        endpoints: dict[str, list[str]],
+        port: int = 0,
+        host: str = "127.0.0.1",
+        wire_dtype: str = "float32",
+        workers: int = 32,
+        max_message_mb: float = 64.0,
+    ):
+        telemetry.init("pathways-gateway")
+        self.executor = RemoteExecutor(
+            spec, endpoints, wire_dtype=wire_dtype, max_message_mb=max_message_mb
+        )
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(workers),
+            options=grpc_options(max_message_mb),
+            interceptors=telemetry.server_interceptors(),
+        )
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
+            GatewayServicer(self.executor, tokenizer), self.server
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+
+    def start(self) -> None:
+        self.server.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.executor.close()
+        telemetry.shutdown()
+
+    def serve_forever(self) -> None:
+        done = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: done.set())
+        try:
+            self.start()
+            print(f"gateway serving on 127.0.0.1:{self.port}", flush=True)
+            done.wait()
+        finally:
+            self.stop()

@@ -1,0 +1,174 @@
+"""Module server bootstrap: gRPC server + health + reflection, weight loading, warm-up, SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pathways import checkpoint as ckpt
+from pathways import codec, telemetry
+from pathways.serving.engine import ModuleEngine
+from pathways.serving.errors import NotFound
+from pathways.serving.servicer import ModuleServicer
+from pathways.serving.sessions import SessionTable
+from pathways.serving.settings import ModuleServerSettings
+from pathways.serving.training import SERVICE as TRAINING_SERVICE
+from pathways.serving.training import TrainingServicer
+from pathways.v1 import module_pb2, module_pb2_grpc, training_pb2_grpc
+
+log = logging.getLogger(__name__)
+SERVICE = module_pb2.DESCRIPTOR.services_by_name["ModuleService"].full_name
+
+
+def grpc_options(max_message_mb: float) -> list[tuple[str, int]]:
+    n = int(max_message_mb * 2**20)
+    return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
+
+
+def slot_count(engine_cfg, s: ModuleServerSettings) -> int:
+    """Slots the KV-cache cap allows: each holds one sequence of max_seq_len positions."""
+    if engine_cfg.kind != "attention":
+        return s.max_rows
+    per_slot = engine_cfg.kv_bytes_per_token() * engine_cfg.max_seq_len
+    return max(1, min(s.max_slots, int(s.kv_cache_mb * 2**20) // per_slot))
+
+
+class ModuleServer:
+    """A running module server; `port` is bound, `ready` is set once SERVING."""
+
+    def __init__(self, settings: ModuleServerSettings):
+        self.settings = settings
+        telemetry.init(f"pathways-module-{settings.module}")
+        spec, _ = ckpt.load_spec(settings.checkpoint)
+        if settings.module not in spec.modules:
+            raise NotFound(
+                f"unknown module {settings.module!r} in checkpoint "
+                f"{settings.checkpoint}; known: {', '.join(spec.modules)}"
+            )
+        if not ckpt.has_module(settings.checkpoint, settings.module):
+            raise NotFound(
+                f"checkpoint {settings.checkpoint} has no weights for module "
+                f"{settings.module!r}"
+            )
+        self.cfg = spec.modules[settings.module]
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(settings.workers),
+            options=grpc_options(settings.max_message_mb),
+            interceptors=telemetry.server_interceptors(),
+        )
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE,
+                TRAINING_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.servicer: ModuleServicer | None = None
+        self.stopped = threading.Event()
+
+    def _set_health(self, status) -> None:
+        for name in ("", SERVICE):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        """Starts answering (health NOT_SERVING), loads weights, warms up, then SERVING."""
+        s = self.settings
+        engine = ModuleEngine(s.module, self.cfg, None, slot_count(self.cfg, s))
+        engine.rt.state = ckpt.load_module(s.checkpoint, s.module, engine.rt.state)
+        table = SessionTable(slot_count(self.cfg, s), s.session_ttl_s)
+        self.servicer = ModuleServicer(engine, table, s.max_batch, s.batch_wait_ms / 1e3)
+        module_pb2_grpc.add_ModuleServiceServicer_to_server(self.servicer, self.server)
+        # The same module trains in place through TrainingService (same port, same weights).
+        training_pb2_grpc.add_TrainingServiceServicer_to_server(
+            TrainingServicer(engine, self.servicer.metrics), self.server)
+        self.server.start()
+        warm_up(self.servicer)
+        self.servicer.ready = True
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
+        log.info("module %s (%s) serving on port %d", s.module, self.cfg.kind, self.port)
+
+    def _reap(self) -> None:
+        while not self.stopped.wait(min(1.0, self.settings.session_ttl_s / 4)):
+            self.servicer.table.expire()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Graceful: NOT_SERVING first so balancers move away, then drain in-flight calls."""
+        if self.stopped.is_set():
+            return
+        self.stopped.set()
+        self.health.enter_graceful_shutdown()
+        if self.servicer is not None:
+            self.servicer.ready = False
+        self.server.stop(self.settings.grace_s if grace is None else grace).wait()
+        if self.servicer is not None:
+            self.servicer.batcher.stop()
+        telemetry.shutdown()
+
+
+class _Ctx:
+    """A context for in-process warm-up calls (no deadline, no metadata)."""
+
+    def time_remaining(self):
+        return None
+
+    def abort(self, code, details):
+        raise RuntimeError(f"warm-up failed: {code.name}: {details}")
+
+    def set_trailing_metadata(self, md):
+        pass
+
+
+def warm_up(svc: ModuleServicer) -> None:
+    """Compiles prefill (8 positions) and a one-row decode step through the real handlers."""
+    e, ctx = svc.engine, _Ctx()
+    svc.ready = True
+    try:
+        sid = svc.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), ctx).session_id
+        if e.cfg.input_contract[0] == "tokens":
+            x, step = np.zeros((1, 8), np.int32), np.zeros((1, 1), np.int32)
+        else:
+            d = e.cfg.input_contract[1]
+            x, step = np.zeros((1, 8, d), np.float32), np.zeros((1, 1, d), np.float32)
+        svc.Prefill(
+            module_pb2.PrefillRequest(
+                session_id=sid, input=codec.encode(x), starts=[0], lengths=[8], steps=[0]
+            ),
+            ctx,
+        )
+        svc.Decode(
+            module_pb2.DecodeRequest(
+                session_id=sid, input=codec.encode(step), positions=[8], steps=[1]
+            ),
+            ctx,
+        )
+        svc.CloseSession(module_pb2.CloseSessionRequest(session_id=sid), ctx)
+    finally:
+        svc.ready = False
+
+
+def serve(settings: ModuleServerSettings) -> None:
+    """Runs until SIGTERM/SIGINT, then shuts down gracefully (always, via finally)."""
+    server = ModuleServer(settings)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        server.start()
+        print(f"module {settings.module} serving on {settings.host}:{server.port}", flush=True)
+        done.wait()
+    finally:
+        server.stop()

@@ -1,0 +1,215 @@
+"""`pathways.v1.ModuleService` over a ModuleEngine: validation, sessions, batching, status codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+
+import grpc
+import numpy as np
+
+from pathways import codec
+from pathways.modules.config import to_dict
+from pathways.sampling import SamplingBatch, SamplingParams
+from pathways.serving.batcher import Batcher
+from pathways.serving.engine import ModuleEngine, Step
+from pathways.serving.errors import Exhausted, InvalidArgument, ServingError, Unavailable
+from pathways.serving.sessions import SessionTable
+from pathways.telemetry import ModuleMetrics
+from pathways.v1 import module_pb2, module_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def rpc(method):
+    """Maps typed errors to status codes; the server survives any request."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        t0 = time.perf_counter()
+        try:
+            return method(self, request, context)
+        except ServingError as e:
+            if isinstance(e, Exhausted):
+                context.set_trailing_metadata(
+                    (("retry-after-ms", str(int(e.retry_after_s * 1000))),)
+                )
+            context.abort(e.code, str(e))
+        except codec.CodecError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except Exception as e:
+            if isinstance(e, grpc.RpcError) or type(e).__name__ == "_AbortionError":
+                raise
+            log.exception("%s failed", method.__name__)
+            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        finally:
+            self.metrics.latency(method.__name__, (time.perf_counter() - t0) * 1e3)
+
+    return wrapper
+
+
+def _deadline(context) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
+def _rows(values, field: str, b: int, lo: int, hi: int | None = None) -> np.ndarray:
+    a = np.asarray(values, np.int64)
+    if len(a) != b:
+        raise InvalidArgument(f"{field} has {len(a)} entries; the session has {b} rows")
+    bad = (a < lo) | ((a > hi) if hi is not None else False)
+    if bad.any():
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise InvalidArgument(f"{field}[{int(np.argmax(bad))}] = {int(a[bad][0])} is outside {rng}")
+    return a.astype(np.int32)
+
+
+class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
+    def __init__(
+        self, engine: ModuleEngine, table: SessionTable, max_batch: int, batch_wait_s: float
+    ):
+        self.engine, self.table = engine, table
+        self.metrics = ModuleMetrics(engine.name, lambda: len(table), lambda: engine.kv_bytes)
+        self.batcher = Batcher(engine.decode, max_batch, batch_wait_s, self.metrics.batch)
+        self.ready = False
+
+    def _check_ready(self):
+        if not self.ready:
+            raise Unavailable(f"module {self.engine.name!r} is loading or shutting down")
+
+    @rpc
+    def Describe(self, request, context):
+        e = self.engine
+        (ik, idim), (ok, odim) = e.cfg.input_contract, e.cfg.output_contract
+        return module_pb2.DescribeResponse(
+            name=e.name,
+            kind=e.kind,
+            config_json=json.dumps(to_dict(e.cfg)),
+            input_kind=ik,
+            input_dim=idim,
+            output_kind=ok,
+            output_dim=odim,
+            max_seq_len=e.max_seq_len,
+            capacity=self.table.capacity,
+            in_use=self.table.in_use,
+            sessions=len(self.table),
+        )
+
+    @rpc
+    def OpenSession(self, request, context):
+        self._check_ready()
+        b = request.batch_size
+        if b <= 0 or b > self.table.capacity:
+            raise InvalidArgument(f"batch_size must be in [1, {self.table.capacity}]; got {b}")
+        limit = self.engine.max_seq_len or 2**31 - 1
+        msl = request.max_seq_len or limit
+        if not 0 < msl <= limit:
+            raise InvalidArgument(
+                f"max_seq_len {request.max_seq_len} exceeds module "
+                f"{self.engine.name!r} max_seq_len {limit}"
+            )
+        sampling = None
+        if self.engine.kind == "decoding":
+            rows = list(request.sampling) or [module_pb2.RowSampling(top_p=1.0)] * b
+            if len(rows) != b:
+                raise InvalidArgument(f"sampling has {len(rows)} entries for batch_size {b}")
+            try:
+                params = [
+                    SamplingParams(
+                        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed
+                    )
+                    for r in rows
+                ]
+            except ValueError as err:
+                raise InvalidArgument(f"sampling: {err}") from None
+            sampling = SamplingBatch.of(params)
+        s = self.table.open(b, msl, sampling)
+        return module_pb2.OpenSessionResponse(session_id=s.id, ttl_s=self.table.ttl_s)
+
+    @rpc
+    def CloseSession(self, request, context):
+        self.batcher.forget(request.session_id)
+        return module_pb2.CloseSessionResponse(closed=self.table.close(request.session_id))
+
+    @rpc
+    def Prefill(self, request, context):
+        self._check_ready()
+        s = self.table.acquire(request.session_id)
+        try:
+            x = codec.decode(request.input, "input")
+            self.engine.check_input(x, "input", s.batch_size)
+            b, t = x.shape[:2]
+            lengths = _rows(request.lengths, "lengths", b, 1, t)
+            starts = _rows(request.starts, "starts", b, 0)
+            end = starts + lengths
+            if end.max() > s.max_seq_len:
+                i = int(np.argmax(end))
+                raise InvalidArgument(
+                    f"starts[{i}] + lengths[{i}] = {int(end[i])} exceeds the "
+                    f"session's max_seq_len {s.max_seq_len}"
+                )
+            steps = self._steps(request.steps, b)
+            out, logits = self.batcher.call(
+                lambda: self.engine.prefill(s, x, starts, lengths, steps, request.return_logits),
+                _deadline(context),
+            )
+            return module_pb2.PrefillResponse(**self._encode(out, logits, request.output_dtype))
+        finally:
+            self.table.release(s)
+
+    @rpc
+    def Decode(self, request, context):
+        return self._decode(request, _deadline(context))
+
+    def DecodeStream(self, request_iterator, context):
+        for req in request_iterator:
+            resp = self.Decode(req.step, context)  # aborts the stream on a bad step
+            yield module_pb2.DecodeStreamResponse(step=resp)
+
+    def _decode(self, request, deadline):
+        self._check_ready()
+        s = self.table.acquire(request.session_id)
+        try:
+            x = codec.decode(request.input, "input")
+            self.engine.check_input(x, "input", s.batch_size, t=1)
+            b = x.shape[0]
+            positions = _rows(request.positions, "positions", b, 0, s.max_seq_len - 1)
+            steps = self._steps(request.steps, b)
+            out, logits = self.batcher.decode(
+                Step(s, x, positions, steps), b, request.return_logits, deadline, key=s.id
+            )
+            return module_pb2.DecodeResponse(**self._encode(out, logits, request.output_dtype))
+        finally:
+            self.table.release(s)
+
+    @rpc
+    def Forward(self, request, context):
+        self._check_ready()
+        x = codec.decode(request.input, "input")
+        self.engine.check_input(x, "input", None)
+        if self.engine.max_seq_len and x.shape[1] > self.engine.max_seq_len:
+            raise InvalidArgument(
+                f"input has {x.shape[1]} positions but module "
+                f"{self.engine.name!r} max_seq_len is {self.engine.max_seq_len}"
+            )
+        out = self.engine.forward(x)
+        return module_pb2.ForwardResponse(output=self._tensor(out, request.output_dtype))
+
+    def _steps(self, steps, b: int) -> np.ndarray:
+        if self.engine.kind != "decoding":
+            return np.zeros(b, np.int32)
+        return _rows(steps, "steps", b, 0)
+
+    def _encode(self, out, logits, dtype) -> dict:
+        fields = {"output": self._tensor(out, dtype)}
+        if logits is not None:
+            fields["logits"] = codec.encode(logits, "float32")
+        return fields
+
+    def _tensor(self, a, dtype):
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.integer) or dtype == codec.DType.DTYPE_UNSPECIFIED:
+            return codec.encode(a)
+        return codec.encode(a, dtype)

@@ -1,0 +1,73 @@
+"""Module-server settings: parsed once from flags or PATHWAYS_* environment variables."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleServerSettings:
+    checkpoint: str
+    module: str
+    port: int = 0  # 0: pick a free port (tests, `pathways up`)
+    host: str = "127.0.0.1"
+    kv_cache_mb: float = 256.0  # attention modules: KV-cache pool size, shared by all sessions
+    max_slots: int = 64  # upper bound on slots whatever the pool size
+    max_rows: int = 4096  # embedding/decoding modules: sequences held at once
+    session_ttl_s: float = 120.0  # idle sessions are closed after this long
+    max_batch: int = 8  # rows per continuous-batching decode step
+    # Longest wait for the other sessions' decode steps before running a batch (never waited
+    # when only one session is decoding).
+    batch_wait_ms: float = 2.0
+    max_message_mb: float = 64.0  # bigger requests get RESOURCE_EXHAUSTED from gRPC itself
+    grace_s: float = 5.0  # in-flight calls get this long to finish on SIGTERM
+    workers: int = 128  # gRPC handler threads: each open decode stream (session) holds one
+
+    def __post_init__(self):
+        if not self.checkpoint or not self.module:
+            raise ValueError(
+                "a module server needs --checkpoint/PATHWAYS_CHECKPOINT and "
+                "--module/PATHWAYS_MODULE"
+            )
+        for name in ("max_slots", "max_rows", "max_batch", "workers"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("kv_cache_mb", "session_ttl_s", "max_message_mb"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.batch_wait_ms < 0 or self.grace_s < 0 or not 0 <= self.port < 65536:
+            raise ValueError(
+                f"batch_wait_ms, grace_s must be >= 0 and port in [0, 65535]; got "
+                f"{self.batch_wait_ms!r}, {self.grace_s!r}, {self.port!r}"
+            )
+
+
+def _env_name(field: str) -> str:
+    return "PATHWAYS_" + field.upper()
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    """Adds one flag per setting; each defaults to its PATHWAYS_<NAME> environment variable."""
+    for f in dataclasses.fields(ModuleServerSettings):
+        flag = "--" + f.name.replace("_", "-")
+        p.add_argument(flag, dest=f.name, default=None, help=f"(env {_env_name(f.name)})")
+
+
+def from_args(args: argparse.Namespace, env=os.environ) -> ModuleServerSettings:
+    values = {}
+    for f in dataclasses.fields(ModuleServerSettings):
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            raw = env.get(_env_name(f.name))
+        if raw is None:
+            continue
+        kind = type(f.default) if f.default is not dataclasses.MISSING else str
+        try:
+            values[f.name] = kind(raw)
+        except ValueError:
+            raise ValueError(f"{f.name} must be a {kind.__name__}, got {raw!r}") from None
+    values.setdefault("checkpoint", "")
+    values.setdefault("module", "")
+    return ModuleServerSettings(**values)

@@ -1,0 +1,100 @@
+"""Pipeline stages that live in module servers: the client side of TrainingService."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from pathways import codec
+from pathways.serving.server import grpc_options
+from pathways.spec import PathwaySpec
+from pathways.train import TrainConfig
+from pathways.v1 import training_pb2, training_pb2_grpc
+
+
+class RemoteStageError(RuntimeError):
+    """A training call failed; the message names the module, its address and the server's reason."""
+
+
+class RemoteStage:
+    """The Stage interface over gRPC: the module trains inside its own service."""
+
+    def __init__(self, name: str, kind: str, address: str, timeout: float = 600.0,
+                 max_message_mb: float = 256.0):
+        self.name, self.kind, self.address, self.timeout = name, kind, address, timeout
+        self._channel = grpc.insecure_channel(address, options=grpc_options(max_message_mb))
+        self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as e:
+            raise RemoteStageError(f"module {self.name!r} at {self.address}: {method}: "
+                                   f"{e.code().name}: {e.details()}") from None
+
+    def configure(self, cfg: TrainConfig, frozen: bool = False) -> int:
+        opt = training_pb2.OptimizerConfig(lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps,
+                                           min_lr_ratio=cfg.min_lr_ratio,
+                                           weight_decay=cfg.weight_decay, clip=cfg.clip)
+        r = self._call("Configure", training_pb2.ConfigureRequest(module=self.name,
+                                                                  optimizer=opt, frozen=frozen))
+        if r.kind != self.kind:
+            raise RemoteStageError(f"module {self.name!r} at {self.address} is {r.kind}, but "
+                                   f"the spec says {self.kind}")
+        return r.parameters
+
+    def forward(self, mb: int, x, targets=None):
+        req = training_pb2.TrainForwardRequest(micro_batch=mb)
+        codec.encode(np.asarray(x), out=req.input)
+        if targets is not None:
+            codec.encode(np.asarray(targets, np.int32), out=req.targets)
+        r = self._call("Forward", req)
+        return np.float32(r.loss) if r.WhichOneof("result") == "loss" else codec.decode(r.output)
+
+    def backward(self, mb: int, grad):
+        req = training_pb2.TrainBackwardRequest(micro_batch=mb)
+        codec.encode(np.asarray(grad, np.float32), out=req.grad)
+        r = self._call("Backward", req)
+        return codec.decode(r.grad_input) if r.HasField("grad_input") else None
+
+    def apply(self) -> dict:
+        return {"grad_norm": self._call("Apply", training_pb2.ApplyRequest()).grad_norm}
+
+    def evaluate(self, x, targets=None):
+        req = training_pb2.EvaluateRequest()
+        codec.encode(np.asarray(x), out=req.input)
+        if targets is not None:
+            codec.encode(np.asarray(targets, np.int32), out=req.targets)
+        r = self._call("Evaluate", req)
+        return np.float32(r.loss) if r.WhichOneof("result") == "loss" else codec.decode(r.output)
+
+    def save(self, directory) -> None:
+        self._call("Save", training_pb2.SaveRequest(directory=str(directory)))
+
+    def load(self, directory) -> None:
+        self._call("Load", training_pb2.LoadRequest(directory=str(directory)))
+
+    def reset(self) -> None:
+        self._call("Reset", training_pb2.ResetRequest())
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def remote_stages(spec: PathwaySpec, pathway: str, addresses: dict[str, str],
+                  cfg: TrainConfig, frozen: set[str] = frozenset()) -> list[RemoteStage]:
+    """Configured stages for each module of `pathway`, at `addresses` (module -> host:port)."""
+    chain = spec.pathway(pathway).modules
+    missing = [m for m in chain if m not in addresses]
+    if missing:
+        raise ValueError(f"no module service address for {', '.join(missing)} of pathway "
+                         f"{pathway!r}")
+    stages = [RemoteStage(m, spec.modules[m].kind, addresses[m]) for m in chain]
+    try:
+        for st in stages:
+            st.configure(cfg, frozen=st.name in frozen)
+    except Exception:
+        for st in stages:
+            st.close()
+        raise
+    return stages

@@ -1,0 +1,149 @@
+"""TrainingService: a module server trains its own module (pipeline stage behind gRPC)."""
+
+from __future__ import annotations
+
+import threading
+
+import jax
+import numpy as np
+
+from pathways import codec
+from pathways.pipeline.stage import LocalStage
+from pathways.serving.engine import ModuleEngine
+from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
+from pathways.serving.servicer import rpc
+from pathways.train import TrainConfig, make_optimizer
+from pathways.v1 import training_pb2, training_pb2_grpc
+
+
+def train_config(opt: training_pb2.OptimizerConfig) -> TrainConfig:
+    """The optimizer part of a TrainConfig from the wire; bad values name their field."""
+    try:
+        return TrainConfig(steps=opt.steps, lr=opt.lr, warmup=opt.warmup,
+                           min_lr_ratio=opt.min_lr_ratio, weight_decay=opt.weight_decay,
+                           clip=opt.clip)
+    except ValueError as e:
+        raise InvalidArgument(f"optimizer.{e}") from None
+
+
+class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
+    """Wraps the served module's runtime in a LocalStage: the same code as local training."""
+
+    def __init__(self, engine: ModuleEngine, metrics):
+        self.engine, self.metrics = engine, metrics
+        self.stage: LocalStage | None = None
+        # Calls for one module arrive in schedule order from one client thread; the lock keeps
+        # a stray concurrent caller from interleaving with them.
+        self._lock = threading.Lock()
+
+    def _stage(self) -> LocalStage:
+        if self.stage is None:
+            raise FailedPrecondition(f"module {self.engine.name!r} has no training run: call "
+                                     f"Configure first")
+        return self.stage
+
+    def _input(self, t, field: str, rows: int | None = None) -> np.ndarray:
+        x = codec.decode(t, field)
+        self.engine.check_input(x, field, rows)
+        return x
+
+    def _targets(self, request) -> np.ndarray | None:
+        if self.engine.kind != "decoding":
+            if request.HasField("targets"):
+                raise InvalidArgument(f"targets are only for the decoding module; "
+                                      f"{self.engine.name!r} is {self.engine.kind}")
+            return None
+        if not request.HasField("targets"):
+            raise InvalidArgument(f"targets are required by decoding module {self.engine.name!r}")
+        t = codec.decode(request.targets, "targets")
+        x_shape = tuple(request.input.shape)[:2]
+        if t.dtype != np.int32 or t.shape != x_shape:
+            raise InvalidArgument(f"targets must be int32 of shape {list(x_shape)}; got "
+                                  f"{t.dtype} {list(t.shape)}")
+        vocab = self.engine.cfg.vocab_size
+        if ((t < 0) | (t >= vocab)).any():
+            raise InvalidArgument(f"targets has a token id outside [0, {vocab})")
+        return t
+
+    @rpc
+    def Configure(self, request, context):
+        if request.module != self.engine.name:
+            raise NotFound(f"this server hosts module {self.engine.name!r}, not "
+                           f"{request.module!r}")
+        cfg = train_config(request.optimizer)
+        with self._lock:
+            self.stage = LocalStage(self.engine.rt, make_optimizer(cfg), frozen=request.frozen)
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.engine.rt.state))
+        return training_pb2.ConfigureResponse(kind=self.engine.kind, parameters=n)
+
+    @rpc
+    def Forward(self, request, context):
+        with self._lock:
+            st = self._stage()
+            x = self._input(request.input, "input")
+            y = st.forward(request.micro_batch, x, self._targets(request))
+            if self.engine.kind == "decoding":
+                return training_pb2.TrainForwardResponse(loss=float(y))
+            return training_pb2.TrainForwardResponse(output=codec.encode(np.asarray(y)))
+
+    @rpc
+    def Backward(self, request, context):
+        with self._lock:
+            st = self._stage()
+            if request.micro_batch not in st._vjps:
+                raise NotFound(f"micro_batch {request.micro_batch} has no forward pending on "
+                               f"module {self.engine.name!r}")
+            g = codec.decode(request.grad, "grad")
+            if g.dtype != np.float32:
+                raise InvalidArgument(f"grad must be float32; got {g.dtype}")
+            g_x = st.backward(request.micro_batch, g)
+            resp = training_pb2.TrainBackwardResponse()
+            if g_x is not None:
+                codec.encode(np.asarray(g_x), out=resp.grad_input)
+            return resp
+
+    @rpc
+    def Apply(self, request, context):
+        with self._lock:
+            st = self._stage()
+            if st._vjps:
+                raise FailedPrecondition(f"micro-batches {sorted(st._vjps)} still await "
+                                         f"their backward on module {self.engine.name!r}")
+            return training_pb2.ApplyResponse(grad_norm=st.apply()["grad_norm"])
+
+    @rpc
+    def Evaluate(self, request, context):
+        x = self._input(request.input, "input")
+        y = self._stage().evaluate(x, self._targets(request))
+        if self.engine.kind == "decoding":
+            return training_pb2.EvaluateResponse(loss=float(y))
+        return training_pb2.EvaluateResponse(output=codec.encode(np.asarray(y)))
+
+    @rpc
+    def Save(self, request, context):
+        if not request.directory:
+            raise InvalidArgument("directory is required")
+        with self._lock:
+            self._stage().save(request.directory)
+        return training_pb2.SaveResponse()
+
+    @rpc
+    def Load(self, request, context):
+        with self._lock:
+            st = self._stage()
+            try:
+                st.load(request.directory)
+            except FileNotFoundError as e:
+                raise NotFound(f"directory {request.directory!r}: {e}") from None
+        return training_pb2.LoadResponse()
+
+    @rpc
+    def Reset(self, request, context):
+        with self._lock:
+            if self.stage is not None:
+                self.stage.reset()
+        return training_pb2.ResetResponse()
+
+
+SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
+__all__ = ["SERVICE", "TrainingServicer"]

@@ -1,0 +1,26 @@
+"""Module server: hosts one module of a checkpoint as pathways.v1.ModuleService."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pathways.serving import server, settings
+from pathways.serving.errors import NotFound
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    p = argparse.ArgumentParser(prog="module_server", description=__doc__)
+    settings.add_args(p)
+    try:
+        server.serve(settings.from_args(p.parse_args(argv)))
+    except (NotFound, FileNotFoundError, ValueError) as e:
+        print(f"module_server: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""End to end: every module its own process, a gateway, the remote executor, bad input, failover."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from pathways import codec
+from pathways import generate as gen
+from pathways.executor.remote import RemoteExecutor
+from pathways.sampling import SamplingParams
+from pathways.serving import launcher, testing
+from pathways.tokenizers import ByteTokenizer
+from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2, module_pb2_grpc
+
+pytestmark = pytest.mark.slow
+PROMPT = "def main():"
+N = 24
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    local = testing.make_checkpoint(d)
+    # 1 MiB of KV cache = 2 slots of the tiny attention modules: small enough to fill in a test.
+    f = launcher.Fleet(
+        str(d),
+        list(local.spec.modules),
+        replicas={"attn-0": 2, "attn-1": 2},
+        module_args=["--kv-cache-mb", "1", "--max-message-mb", "1"],
+    )
+    with f:
+        yield f, local
+
+
+def stub(address):
+    return module_pb2_grpc.ModuleServiceStub(grpc.insecure_channel(address))
+
+
+@pytest.mark.parametrize("pathway", ["tiny", "tiny-shallow"])
+def test_greedy_through_services_matches_local(fleet, pathway):
+    f, local = fleet
+    ex = RemoteExecutor(local.spec, f.endpoints)
+    try:
+        ids = list(PROMPT.encode())
+        np.testing.assert_array_equal(
+            gen.greedy_ids(ex, pathway, ids, N), gen.greedy_ids(local, pathway, ids, N)
+        )
+    finally:
+        ex.close()
+
+
+@pytest.mark.parametrize("wire, limit", [("bfloat16", 2 * 128 + 128), ("int8", 128 + 128)])
+def test_compressed_wire_dtypes_generate_within_the_byte_budget(fleet, wire, limit):
+    f, local = fleet
+    ex = RemoteExecutor(local.spec, f.endpoints, wire_dtype=wire)
+    session = ex.open_session("tiny-shallow", [SamplingParams(max_new_tokens=8)])
+    try:
+        tok = ex.prefill(session, [list(PROMPT.encode())]).tokens
+        before = ex.wire_bytes["attn-0"][0]
+        for _ in range(4):
+            tok = ex.decode(session, tok).tokens
+            assert 0 <= int(tok[0]) < 257
+        assert (ex.wire_bytes["attn-0"][0] - before) / 4 <= limit  # request bytes per step
+    finally:
+        ex.close_session(session)
+        ex.close()
+
+
+def test_gateway_streams_the_local_text(fleet):
+    f, local = fleet
+    want = gen.generate(local, "tiny", [PROMPT], ByteTokenizer(), SamplingParams(max_new_tokens=N))
+    gw = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(f.gateway.address))
+    req = gateway_pb2.GenerateRequest(
+        pathway="tiny", prompt=PROMPT, sampling=gateway_pb2.SamplingOptions(max_new_tokens=N)
+    )
+    events = list(gw.Generate(req, timeout=60))
+    assert [e.token_id for e in events] == want[0].token_ids
+    assert "".join(e.text for e in events) == want[0].text
+    assert events[-1].finish_reason == "length"
+    with pytest.raises(grpc.RpcError) as e:
+        list(gw.Generate(gateway_pb2.GenerateRequest(pathway="nope", prompt="x"), timeout=10))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        bad = gateway_pb2.GenerateRequest(prompt="x", sampling=gateway_pb2.SamplingOptions(top_p=2))
+        list(gw.Generate(bad, timeout=10))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_p" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:  # the deadline reaches the module calls
+        list(gw.Generate(req, timeout=0.001))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def _status(call, *args, **kw):
+    with pytest.raises(grpc.RpcError) as e:
+        call(*args, timeout=10, **kw)
+    return e.value.code(), e.value.details()
+
+
+def test_bad_input_gets_its_status_and_the_server_keeps_serving(fleet):
+    f, _ = fleet
+    s = stub(f.servers["attn-1"][0].address)
+    sid = s.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), timeout=10).session_id
+    good = codec.encode(np.zeros((1, 1, 128), np.float32))
+    cases = {
+        "dtype": (codec.encode(np.zeros((1, 1, 128), np.int32)), "int32"),
+        "shape": (codec.encode(np.zeros((1, 128), np.float32)), "[1, 128]"),
+        "d_model": (codec.encode(np.zeros((1, 1, 64), np.float32)), "d_model 64"),
+        "batch": (codec.encode(np.zeros((2, 1, 128), np.float32)), "batch 2"),
+    }
+    for name, (x, needle) in cases.items():
+        code, msg = _status(
+            s.Decode, module_pb2.DecodeRequest(session_id=sid, input=x, positions=[0])
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in msg, (name, msg)
+    short = module_pb2.DecodeRequest(session_id=sid, input=good, positions=[0])
+    short.input.data = short.input.data[:-2]
+    code, msg = _status(s.Decode, short)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "input.data has 510 bytes" in msg
+    code, msg = _status(
+        s.Decode, module_pb2.DecodeRequest(session_id=sid, input=good, positions=[999])
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "positions[0] = 999" in msg
+    code, msg = _status(
+        s.Decode, module_pb2.DecodeRequest(session_id="nope", input=good, positions=[0])
+    )
+    assert code == grpc.StatusCode.NOT_FOUND and "'nope'" in msg
+    big = codec.encode(np.zeros((1, 4096, 128), np.float32))  # 2 MiB > --max-message-mb 1
+    code, _ = _status(s.Forward, module_pb2.ForwardRequest(input=big))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    e = stub(f.servers["embed"][0].address)
+    code, msg = _status(
+        e.Forward, module_pb2.ForwardRequest(input=codec.encode(np.array([[1, 300]], np.int32)))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "token id 300" in msg
+    # Still serving, and the session survived every bad call.
+    out = s.Decode(module_pb2.DecodeRequest(session_id=sid, input=good, positions=[0]), timeout=10)
+    assert list(out.output.shape) == [1, 1, 128]
+    assert s.CloseSession(module_pb2.CloseSessionRequest(session_id=sid), timeout=10).closed
+    assert s.Describe(module_pb2.DescribeRequest(), timeout=10).sessions == 0
+
+
+def test_full_kv_cache_refuses_new_sessions_only(fleet):
+    f, _ = fleet
+    s = stub(f.servers["attn-1"][0].address)
+    cap = s.Describe(module_pb2.DescribeRequest(), timeout=10).capacity
+    assert cap == 2
+    sids = [
+        s.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), timeout=10).session_id
+        for _ in range(cap)
+    ]
+    with pytest.raises(grpc.RpcError) as e:
+        s.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), timeout=10)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "retry after" in e.value.details()
+    assert dict(e.value.trailing_metadata())["retry-after-ms"] == "1000"
+    x = codec.encode(np.ones((1, 1, 128), np.float32))
+    for sid in sids:  # existing sessions untouched
+        s.Decode(module_pb2.DecodeRequest(session_id=sid, input=x, positions=[0]), timeout=10)
+        s.CloseSession(module_pb2.CloseSessionRequest(session_id=sid), timeout=10)
+    s.CloseSession(module_pb2.CloseSessionRequest(session_id=sids[0]), timeout=10)  # idempotent
+
+
+def test_killing_a_replica_under_a_gateway_stream_gives_the_same_text(fleet):
+    f, local = fleet
+    n = 200  # long enough that the gateway is still generating when the replica dies
+    params = SamplingParams(max_new_tokens=n)
+    want = gen.generate(local, "tiny", [PROMPT], ByteTokenizer(), params)[0]
+    gw = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(f.gateway.address))
+    req = gateway_pb2.GenerateRequest(
+        pathway="tiny", prompt=PROMPT, sampling=gateway_pb2.SamplingOptions(max_new_tokens=n)
+    )
+    events = gw.Generate(req, timeout=120)
+    got = [next(events)]
+    holders = [
+        p
+        for p in f.servers["attn-1"]
+        if stub(p.address).Describe(module_pb2.DescribeRequest(), timeout=10).sessions
+    ]
+    assert len(holders) == 1
+    holders[0].kill()
+    got += list(events)
+    assert [e.token_id for e in got] == want.token_ids
+    assert "".join(e.text for e in got) == want.text
+
+
+def test_killing_a_replica_mid_generation_gives_the_same_text(fleet):
+    f, local = fleet
+    ids = list(PROMPT.encode())
+    want = gen.greedy_ids(local, "tiny", ids, N)
+    ex = RemoteExecutor(local.spec, f.endpoints)
+    session = ex.open_session("tiny", [SamplingParams(max_new_tokens=N)])
+    try:
+        out = [int(ex.prefill(session, [ids]).tokens[0])]
+        for _ in range(N // 2):
+            out.append(int(ex.decode(session, np.array(out[-1:])).tokens[0]))
+        holder = ex._sessions[session.id]["attn-0"].replica.address
+        victim = next(p for p in f.servers["attn-0"] if p.address == holder)
+        victim.kill()
+        while len(out) < N:
+            out.append(int(ex.decode(session, np.array(out[-1:])).tokens[0]))
+        assert ex._sessions[session.id]["attn-0"].replica.address != holder
+    finally:
+        ex.close_session(session)
+        ex.close()
+    np.testing.assert_array_equal(np.array(out), want)
+
+
+def test_a_gateway_without_some_module_refuses_only_the_pathways_needing_it(fleet):
+    f, local = fleet
+    from pathways.serving.gateway import GatewayServer
+
+    endpoints = {m: a for m, a in f.endpoints.items() if m != "attn-1"}
+    gateway = GatewayServer(local.spec, ByteTokenizer(), endpoints)
+    gateway.start()
+    try:
+        gw = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(f"127.0.0.1:{gateway.port}"))
+        names = [p.name for p in gw.ListPathways(gateway_pb2.ListPathwaysRequest()).pathways]
+        assert names == ["tiny-shallow"]
+        with pytest.raises(grpc.RpcError) as e:
+            list(gw.Generate(gateway_pb2.GenerateRequest(pathway="tiny", prompt="x"), timeout=10))
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "'tiny'" in e.value.details()
+        req = gateway_pb2.GenerateRequest(
+            pathway="tiny-shallow",
+            prompt="x",
+            sampling=gateway_pb2.SamplingOptions(max_new_tokens=3),
+        )
+        assert len(list(gw.Generate(req, timeout=30))) == 3
+    finally:
+        gateway.stop(0)

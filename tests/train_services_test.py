@@ -1,0 +1,105 @@
+"""Pipeline training through module services (each module its own process) against local."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from pathways import checkpoint as ckpt
+from pathways.executor.local import LocalExecutor
+from pathways.pipeline.runner import PipelineError, run_step
+from pathways.pipeline.stage import LocalStage
+from pathways.serving.launcher import Fleet
+from pathways.serving.testing import make_checkpoint
+from pathways.serving.train_client import RemoteStageError, remote_stages
+from pathways.train import TrainConfig, make_optimizer
+
+pytestmark = pytest.mark.slow
+MODULES = ["embed", "attn-0", "attn-1", "head"]
+CFG = TrainConfig(steps=20, warmup=1, lr=1e-2, batch_size=8, seq_len=16)
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("ckpt")
+    make_checkpoint(directory)
+    with Fleet(str(directory), MODULES, gateway=False) as f:
+        yield f, directory
+
+
+def batch(seed: int):
+    toks = np.random.default_rng(seed).integers(0, 257, (8, 17)).astype(np.int32)
+    return toks[:, :-1], toks[:, 1:]
+
+
+def rel_err(a, b) -> float:
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(la, lb))
+    return diff / max(float(np.abs(np.asarray(y)).max()) for y in lb)
+
+
+def local_reference(directory, schedule: str, n_micro: int, steps: int):
+    """The same steps in this process, from the same checkpoint."""
+    spec, _ = ckpt.load_spec(directory)
+    ex = LocalExecutor(spec)
+    for m in MODULES:
+        ex.set_state(m, ckpt.load_module(directory, m, ex.state(m)))
+    stages = [LocalStage(rt, make_optimizer(CFG)) for rt in ex.chain("tiny")]
+    return ex, [run_step(stages, *batch(s), n_micro, schedule) for s in range(steps)]
+
+
+@pytest.mark.parametrize("schedule,n_micro", [("1f1b", 4), ("gpipe", 2), ("1f1b", 1)])
+def test_steps_through_services_match_the_local_executor(fleet, tmp_path, schedule, n_micro):
+    f, directory = fleet
+    spec, _ = ckpt.load_spec(directory)
+    addresses = {m: f.endpoints[m][0] for m in MODULES}
+    # Every run starts from the checkpoint's weights: reload them into the servers first.
+    stages = remote_stages(spec, "tiny", addresses, CFG)
+    try:
+        for st in stages:
+            st.load(directory)  # parameters only: the checkpoint has no optimizer state
+        outs = [run_step(stages, *batch(s), n_micro, schedule) for s in range(3)]
+        out = tmp_path / "saved"
+        for st in stages:
+            st.save(out)
+    finally:
+        for st in stages:
+            st.close()
+    ex, ref = local_reference(directory, schedule, n_micro, 3)
+    assert [o["loss"] for o in outs] == pytest.approx([o["loss"] for o in ref], rel=1e-5)
+    for o, r in zip(outs, ref):  # per-module gradients, through their norms
+        for m in MODULES:
+            assert o["grad_norms"][m] == pytest.approx(r["grad_norms"][m], rel=1e-5), m
+    for m in MODULES:
+        remote_params = ckpt.load_module(out, m, ex.state(m))
+        assert rel_err(remote_params, ex.state(m)) <= 1e-5, m
+
+
+def test_training_calls_out_of_order_or_malformed_get_clear_statuses(fleet):
+    f, directory = fleet
+    spec, _ = ckpt.load_spec(directory)
+    addresses = {m: f.endpoints[m][0] for m in MODULES}
+    stages = remote_stages(spec, "tiny", addresses, CFG)
+    head, attn = stages[3], stages[1]
+    try:
+        with pytest.raises(RemoteStageError, match="NOT_FOUND: micro_batch 7 has no forward"):
+            attn.backward(7, np.zeros((2, 4, 128), np.float32))
+        with pytest.raises(RemoteStageError, match=r"INVALID_ARGUMENT: input has d_model 64"):
+            attn.forward(0, np.zeros((2, 4, 64), np.float32))
+        with pytest.raises(RemoteStageError, match="targets are required by decoding module"):
+            head.forward(0, np.zeros((2, 4, 128), np.float32))
+        with pytest.raises(RemoteStageError, match="NOT_FOUND: this server hosts module 'head'"):
+            remote_stages(spec, "tiny", {**addresses, "attn-0": addresses["head"]}, CFG)
+        attn.forward(0, np.zeros((2, 4, 128), np.float32))
+        with pytest.raises(RemoteStageError, match="FAILED_PRECONDITION: micro-batches \\[0\\]"):
+            attn.apply()
+        attn.reset()
+        # A step that fails in one stage fails the whole step, and the stages are reset.
+        inputs, targets = batch(0)
+        with pytest.raises(PipelineError, match="stage 'head' failed in F0"):
+            run_step(stages, inputs, targets[:, :3], 2)
+        assert np.isfinite(run_step(stages, inputs, targets, 2)["loss"])
+    finally:
+        for st in stages:
+            st.close()

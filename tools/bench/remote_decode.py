@@ -1,0 +1,202 @@
+"""Decode throughput through module servers (every module its own process) vs the local executor.
+
+Prints a table and writes JSON: local and remote tokens/s on the same checkpoint in the same run,
+wire bytes per decoded token per hop, and aggregate tokens/s with 1, 4 and 8 concurrent sessions.
+
+    PYTHONPATH=libs:.:build/gen python -m tools.bench.remote_decode --spec examples/tiny.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+
+from pathways.serving.launcher import XLA_FLAGS
+
+# Same XLA threading in this process as in the servers, so local and remote compare fairly.
+os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
+
+import numpy as np  # noqa: E402
+
+from pathways.executor.remote import RemoteExecutor  # noqa: E402
+from pathways.sampling import SamplingParams  # noqa: E402
+from pathways.serving import launcher, testing  # noqa: E402
+from tools.bench.common import write_json  # noqa: E402
+
+
+def decode_run(ex, pathway: str, prompt: list[int], n: int) -> float:
+    """Tokens/s of n greedy decode steps of one session (a first, untimed pass compiles)."""
+    rates = []
+    for _ in range(2):
+        s = ex.open_session(pathway, [SamplingParams(max_new_tokens=n)])
+        try:
+            tok = ex.prefill(s, [prompt]).tokens
+            t0 = time.perf_counter()
+            for _ in range(n):
+                tok = ex.decode(s, tok).tokens
+            rates.append(n / (time.perf_counter() - t0))
+        finally:
+            ex.close_session(s)
+    return rates[-1]
+
+
+def concurrent_run(ex, pathway: str, prompt: list[int], n: int, k: int) -> float:
+    """Aggregate tokens/s of k sessions decoding n tokens each at once (second of two runs)."""
+    _concurrent_once(ex, pathway, prompt, n, k)  # compiles the batch shapes
+    return _concurrent_once(ex, pathway, prompt, n, k)
+
+
+def _concurrent_once(ex, pathway: str, prompt: list[int], n: int, k: int) -> float:
+    barrier, errors = threading.Barrier(k + 1), []
+    done = [0.0] * k
+
+    def worker(i):
+        try:
+            s = ex.open_session(pathway, [SamplingParams(max_new_tokens=n + 2)])
+            tok = ex.prefill(s, [prompt]).tokens
+            barrier.wait()
+            for _ in range(n):
+                tok = ex.decode(s, tok).tokens
+            done[i] = time.perf_counter()
+            ex.close_session(s)
+        except BaseException as e:  # reported below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    try:
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass  # a worker failed: its error is raised below
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return k * n / (max(done) - t0)
+
+
+def decode_bytes(ex, spec, pathway, prompt, module, n: int = 8) -> dict[str, float]:
+    """Serialized request/response bytes of one decode step to `module` (mean of n steps)."""
+    s = ex.open_session(pathway, [SamplingParams(max_new_tokens=n)])
+    try:
+        tok = ex.prefill(s, [prompt]).tokens
+        base = list(ex.wire_bytes[module])
+        for _ in range(n):
+            tok = ex.decode(s, tok).tokens
+        now = ex.wire_bytes[module]
+        return {"request": (now[0] - base[0]) / n, "response": (now[1] - base[1]) / n}
+    finally:
+        ex.close_session(s)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--spec", default="examples/tiny.yaml")
+    p.add_argument("--pathway", default=None)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--concurrency", default="1,4,8")
+    p.add_argument(
+        "--modes",
+        default="float32:stream,bfloat16:stream,bfloat16:unary",
+        help="wire dtype:transport pairs (transport: stream = bidi DecodeStream, unary = Decode)",
+    )
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=2.0, help="module servers' --batch-wait-ms"
+    )
+    p.add_argument("--kv-cache-mb", type=float, default=512.0, help="per attention server")
+    p.add_argument("--json", default=None, help="write results here")
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",")]
+    with tempfile.TemporaryDirectory() as d:
+        local = testing.make_checkpoint(d, args.spec)
+        spec = local.spec
+        pathway = args.pathway or spec.default_pathway
+        prompt = list(np.random.default_rng(0).integers(0, 200, args.prompt_len))
+        d_model = next(c.d_model for c in spec.modules.values())
+        res = {
+            "spec": args.spec,
+            "pathway": pathway,
+            "d_model": d_model,
+            "tokens": args.tokens,
+            "local_tok_s": decode_run(local, pathway, prompt, args.tokens),
+            "wire": {},
+        }
+        chain = spec.pathway(pathway).modules
+        slots = str(max(levels))
+        with launcher.Fleet(
+            d,
+            list(chain),
+            gateway=False,
+            module_args=[
+                "--max-batch",
+                slots,
+                "--batch-wait-ms",
+                str(args.batch_wait_ms),
+                "--kv-cache-mb",
+                str(args.kv_cache_mb),
+            ],
+        ) as fleet:
+            for mode in args.modes.split(","):
+                wire, _, transport = mode.partition(":")
+                ex = RemoteExecutor(
+                    spec, fleet.endpoints, wire_dtype=wire, decode_streams=transport != "unary"
+                )
+                r = {"remote_tok_s": decode_run(ex, pathway, prompt, args.tokens)}
+                r["bytes_per_token"] = {
+                    m: decode_bytes(ex, spec, pathway, prompt, m) for m in chain
+                }
+                r["remote_vs_local"] = r["remote_tok_s"] / res["local_tok_s"]
+                print(
+                    f"{mode}: local {res['local_tok_s']:.1f} tok/s, remote "
+                    f"{r['remote_tok_s']:.1f} tok/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                r["concurrent_tok_s"] = {
+                    k: concurrent_run(ex, pathway, prompt, args.tokens, k) for k in levels
+                }
+                res["wire"][mode] = r
+                ex.close()
+        # Local again after the servers are gone: brackets the load drift of a shared machine.
+        res["local_tok_s_after"] = decode_run(local, pathway, prompt, args.tokens)
+        mean = (res["local_tok_s"] + res["local_tok_s_after"]) / 2
+        for r in res["wire"].values():
+            r["remote_vs_local"] = r["remote_tok_s"] / mean
+    print_table(res)
+    if args.json:
+        write_json(args.json, "remote_decode", [res])
+    return 0
+
+
+def print_table(res) -> None:
+    print(
+        f"\n{res['spec']} pathway {res['pathway']} (d_model {res['d_model']}), "
+        f"{res['tokens']} decode tokens per session"
+    )
+    print(
+        f"local executor: {res['local_tok_s']:.1f} tok/s before, "
+        f"{res['local_tok_s_after']:.1f} tok/s after the remote runs"
+    )
+    for wire, r in res["wire"].items():
+        conc = ", ".join(f"{k}: {v:.1f}" for k, v in r["concurrent_tok_s"].items())
+        print(
+            f"{wire:<16} remote {r['remote_tok_s']:.1f} tok/s "
+            f"({r['remote_vs_local']:.2f}x local); concurrent sessions -> tok/s {conc}"
+        )
+        for m, b in r["bytes_per_token"].items():
+            print(
+                f"    hop {m:<12} request {b['request']:8.0f} B/token  "
+                f"response {b['response']:8.0f} B/token"
+            )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

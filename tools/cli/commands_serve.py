@@ -1,0 +1,110 @@
+"""Serving commands: `up` (every module its own local process + a gateway) and gateway generation."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from pathways import checkpoint as ckpt
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "up", help="serve a checkpoint: every module its own process, plus a gateway"
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument(
+        "--replicas",
+        action="append",
+        default=[],
+        metavar="MODULE=N",
+        help="replicas of a module (repeatable; default 1 each)",
+    )
+    p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache pool per server")
+    p.add_argument("--log", default=None, help="append server output to this file")
+    p.set_defaults(func=cmd_up)
+
+
+def parse_replicas(values: list[str], modules) -> dict[str, int]:
+    out = {}
+    for v in values:
+        name, _, n = v.partition("=")
+        if name not in modules:
+            raise ValueError(f"--replicas: unknown module {name!r}; known: {', '.join(modules)}")
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--replicas must be MODULE=N with N >= 1; got {v!r}")
+        out[name] = int(n)
+    return out
+
+
+def cmd_up(args) -> int:
+    from pathways.serving.launcher import Fleet
+
+    spec, _ = ckpt.load_spec(args.checkpoint)
+    served = [m for m in spec.modules if ckpt.has_module(args.checkpoint, m)]
+    if not served:
+        raise ValueError(f"checkpoint {args.checkpoint} has no module weights")
+    replicas = parse_replicas(args.replicas, spec.modules)
+    extra = ["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []
+    log = open(args.log, "ab") if args.log else None  # noqa: SIM115 (lives as long as the fleet)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    fleet = Fleet(args.checkpoint, served, replicas, log=log, module_args=extra)
+    n = sum(replicas.get(m, 1) for m in served)
+    print(f"starting {n} module server(s) and a gateway...", file=sys.stderr)
+    try:
+        fleet.start()
+        for m, addrs in fleet.endpoints.items():
+            print(f"  {m:<16} {', '.join(addrs)}", file=sys.stderr)
+        print(f"gateway {fleet.gateway.address}", flush=True)
+        print(
+            f"try: pathways generate --gateway {fleet.gateway.address} --prompt 'def '",
+            file=sys.stderr,
+        )
+        while not done.wait(1.0):
+            dead = [p for ps in fleet.servers.values() for p in ps if p.proc.poll() is not None]
+            if fleet.gateway.proc.poll() is not None:
+                dead.append(fleet.gateway)
+            if dead:
+                print(
+                    f"server(s) exited: {', '.join(p.name for p in dead)}; stopping",
+                    file=sys.stderr,
+                )
+                return 1
+    finally:
+        print("stopping...", file=sys.stderr)
+        fleet.stop()
+        if log is not None:
+            log.close()
+    return 0
+
+
+def generate_via_gateway(args) -> int:
+    """`pathways generate --gateway HOST:PORT`: streams tokens from GatewayService.Generate."""
+    import grpc
+
+    from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+
+    opts = gateway_pb2.SamplingOptions(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_new_tokens=args.max_tokens,
+        stop=args.stop,
+    )
+    req = gateway_pb2.GenerateRequest(pathway=args.pathway or "", prompt=args.prompt, sampling=opts)
+    with grpc.insecure_channel(args.gateway) as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        sys.stdout.write(args.prompt)
+        try:
+            for ev in stub.Generate(req, timeout=args.timeout):
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        except grpc.RpcError as e:
+            sys.stdout.write("\n")
+            raise ValueError(f"gateway {args.gateway}: {e.code().name}: {e.details()}") from None
+    sys.stdout.write("\n")
+    return 0

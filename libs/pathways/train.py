@@ -156,7 +156,16 @@ class PipelineEngine:
                 st.freeze(st.name not in learns, input_grad=i > first)
 
     def step(self, inputs, targets) -> dict:
-        return run_step(self.stages, inputs, targets, self.n_micro, self.schedule)
+        before = self._wire_bytes()
+        out = run_step(self.stages, inputs, targets, self.n_micro, self.schedule)
+        if before is not None:
+            out["wire_bytes"] = self._wire_bytes() - before
+        return out
+
+    def _wire_bytes(self) -> int | None:
+        """Bytes remote stages moved over the wire so far (None for in-process stages)."""
+        counts = [getattr(st, "wire_bytes", None) for st in self.stages]
+        return None if any(c is None for c in counts) else sum(counts)
 
     def eval_loss(self, inputs, targets) -> float:
         x = inputs
@@ -246,6 +255,8 @@ class Trainer:
                 rec = {"step": self.step, "loss": out["loss"],
                        "tokens_per_s": cfg.batch_size * cfg.seq_len / dt, "step_seconds": dt,
                        "stage_seconds": out.get("stage_seconds", {})}
+                if "wire_bytes" in out:
+                    rec["wire_bytes"] = out["wire_bytes"]
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     rec["eval_loss"] = self.eval_loss()
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:

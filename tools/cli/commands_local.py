@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from pathways import checkpoint as ckpt
@@ -55,10 +54,6 @@ def register(sub) -> None:
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="train the tiny example locally, then generate from it")
-    p.add_argument("--out", default="runs/demo")
-    p.add_argument("--steps", type=int, default=300)
-    p.set_defaults(func=cmd_demo)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -195,16 +190,6 @@ def cmd_generate(args) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     return 0
-
-
-def cmd_demo(args) -> int:
-    t0 = time.time()
-    train_args = build_args("train", ["--spec", str(EXAMPLES / "tiny.yaml"), "--out", args.out,
-                                      "--steps", str(args.steps)])
-    cmd_train(train_args)
-    print(f"\ntrained in {time.time() - t0:.0f} s; generating:\n")
-    return cmd_generate(build_args("generate", ["--checkpoint", args.out, "--prompt", "def ",
-                                                "--max-tokens", "300", "--temperature", "0.7"]))
 
 
 def build_args(command: str, argv: list[str]):

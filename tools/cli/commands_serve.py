@@ -23,6 +23,8 @@ def register(sub) -> None:
     )
     p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache pool per server")
     p.add_argument("--log", default=None, help="append server output to this file")
+    p.add_argument("--no-coordinator", action="store_true",
+                   help="serve only: no broker and no coordinator worker")
     p.set_defaults(func=cmd_up)
 
 
@@ -39,43 +41,37 @@ def parse_replicas(values: list[str], modules) -> dict[str, int]:
 
 
 def cmd_up(args) -> int:
-    from pathways.serving.launcher import Fleet
+    from pathways.deployment import LocalDeployment
 
     spec, _ = ckpt.load_spec(args.checkpoint)
-    served = [m for m in spec.modules if ckpt.has_module(args.checkpoint, m)]
-    if not served:
-        raise ValueError(f"checkpoint {args.checkpoint} has no module weights")
     replicas = parse_replicas(args.replicas, spec.modules)
     extra = ["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []
     log = open(args.log, "ab") if args.log else None  # noqa: SIM115 (lives as long as the fleet)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    fleet = Fleet(args.checkpoint, served, replicas, log=log, module_args=extra)
-    n = sum(replicas.get(m, 1) for m in served)
-    print(f"starting {n} module server(s) and a gateway...", file=sys.stderr)
+    dep = LocalDeployment(args.checkpoint, replicas, log=log, module_args=extra,
+                          coordinator=not args.no_coordinator)
+    n = sum(replicas.get(m, 1) for m in dep.modules)
+    print(f"starting {n} module server(s), a gateway"
+          f"{'' if args.no_coordinator else ', a broker and a coordinator worker'}...",
+          file=sys.stderr)
     try:
-        fleet.start()
-        for m, addrs in fleet.endpoints.items():
+        dep.start()
+        for m, addrs in dep.fleet.endpoints.items():
             print(f"  {m:<16} {', '.join(addrs)}", file=sys.stderr)
-        print(f"gateway {fleet.gateway.address}", flush=True)
-        print(
-            f"try: pathways generate --gateway {fleet.gateway.address} --prompt 'def '",
-            file=sys.stderr,
-        )
+        if dep.broker is not None:
+            print(f"  {'broker':<16} {dep.broker.url}", file=sys.stderr)
+        print(f"gateway {dep.gateway}", flush=True)
+        print(f"try: pathways generate --gateway {dep.gateway} --prompt 'def '", file=sys.stderr)
         while not done.wait(1.0):
-            dead = [p for ps in fleet.servers.values() for p in ps if p.proc.poll() is not None]
-            if fleet.gateway.proc.poll() is not None:
-                dead.append(fleet.gateway)
+            dead = dep.dead()
             if dead:
-                print(
-                    f"server(s) exited: {', '.join(p.name for p in dead)}; stopping",
-                    file=sys.stderr,
-                )
+                print(f"process(es) exited: {', '.join(dead)}; stopping", file=sys.stderr)
                 return 1
     finally:
         print("stopping...", file=sys.stderr)
-        fleet.stop()
+        dep.stop()
         if log is not None:
             log.close()
     return 0

@@ -6,10 +6,24 @@ import argparse
 import os
 import sys
 
-from tools.cli import commands_hf, commands_jobs, commands_k8s, commands_local, commands_serve
+from tools.cli import (
+    commands_demo,
+    commands_hf,
+    commands_jobs,
+    commands_k8s,
+    commands_local,
+    commands_serve,
+)
 
 # Command groups, in help order. Each module defines register(subparsers) and sets `func`.
-COMMAND_MODULES = [commands_local, commands_serve, commands_jobs, commands_k8s, commands_hf]
+COMMAND_MODULES = [
+    commands_demo,
+    commands_local,
+    commands_serve,
+    commands_jobs,
+    commands_k8s,
+    commands_hf,
+]
 
 
 class CliError(Exception):

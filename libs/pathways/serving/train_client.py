@@ -22,12 +22,15 @@ class RemoteStage:
     def __init__(self, name: str, kind: str, address: str, timeout: float = 600.0,
                  max_message_mb: float = 256.0):
         self.name, self.kind, self.address, self.timeout = name, kind, address, timeout
+        self.wire_bytes = 0  # protobuf payload bytes sent and received, all calls
         self._channel = grpc.insecure_channel(address, options=grpc_options(max_message_mb))
         self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
 
     def _call(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            response = getattr(self._stub, method)(request, timeout=self.timeout)
+            self.wire_bytes += request.ByteSize() + response.ByteSize()
+            return response
         except grpc.RpcError as e:
             raise RemoteStageError(f"module {self.name!r} at {self.address}: {method}: "
                                    f"{e.code().name}: {e.details()}") from None

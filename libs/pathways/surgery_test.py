@@ -37,9 +37,10 @@ def _equal(a, b) -> bool:
                for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-@pytest.mark.parametrize("position", [1, 2, 3])
-@pytest.mark.parametrize("cfg", [None, AttentionConfig(d_model=24, n_layers=2, n_heads=4,
-                                                        max_seq_len=16, mlp="swiglu", d_ff=13)])
+NARROW = AttentionConfig(d_model=24, n_layers=2, n_heads=4, max_seq_len=16, mlp="swiglu", d_ff=13)
+
+
+@pytest.mark.parametrize("position,cfg", [(1, None), (2, NARROW), (3, None)])
 def test_inserted_module_leaves_the_logits_unchanged(position, cfg):
     ex = LocalExecutor(SPEC, seed=1)
     before = ex.forward("p", TOKENS)

@@ -37,13 +37,21 @@ def measure(engine, batches, warmup: int) -> tuple[float, list[dict]]:
     return statistics.median(walls), outs
 
 
-def services_engine(spec_path: Path, spec, pathway, cfg, n_micro, schedule, stack):
-    """Every module of the pathway in its own module-server process (loopback)."""
-    from pathways.serving.train_client import remote_stages
-    from pathways.serving.testing import serve_training_fleet
+def services_engine(spec_path: Path, spec, pathway, cfg, n_micro, schedule, stack, cache):
+    """Every module of the pathway in its own module-server process (loopback), started once."""
+    import tempfile
 
-    fleet = stack.enter_context(serve_training_fleet(spec_path, pathway))
-    return PipelineEngine(remote_stages(spec, pathway, fleet.addresses, cfg), n_micro, schedule)
+    from pathways.serving.launcher import Fleet
+    from pathways.serving.testing import make_checkpoint
+    from pathways.serving.train_client import remote_stages
+
+    if "fleet" not in cache:
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-"))
+        make_checkpoint(directory, spec_path)
+        cache["fleet"] = stack.enter_context(
+            Fleet(directory, list(spec.pathway(pathway).modules), gateway=False))
+    addresses = {m: a[0] for m, a in cache["fleet"].endpoints.items()}
+    return PipelineEngine(remote_stages(spec, pathway, addresses, cfg), n_micro, schedule)
 
 
 def main() -> None:
@@ -73,6 +81,7 @@ def main() -> None:
     cfg = TrainConfig(steps=1000, batch_size=args.batch_size, seq_len=args.seq_len)
     tokens = args.batch_size * args.seq_len
     rows = []
+    cache: dict = {}
     with contextlib.ExitStack() as stack:
         base = None
         runs = [("fused", 1)] if "fused" in args.engines else []
@@ -86,7 +95,7 @@ def main() -> None:
                                          LocalExecutor(spec).chain(pathway)], m, args.schedule)
             else:
                 engine = services_engine(Path(args.spec), spec, pathway, cfg, m, args.schedule,
-                                         stack)
+                                         stack, cache)
             wall, outs = measure(engine, batches, warmup=2)
             if engine_name == "fused":
                 base = tokens / wall

@@ -20,7 +20,8 @@ def broker_url(explicit: str | None = None) -> str:
 
 def make_app(url: str | None = None) -> Celery:
     url = broker_url(url)
-    app = Celery("pathways", broker=url, backend=url, include=["pathways.coordinator.tasks"])
+    app = Celery("pathways", broker=url, backend=url,
+                 include=["pathways.coordinator.tasks", "pathways.coordinator.distill_tasks"])
     app.conf.update(
         task_default_queue=DEFAULT_QUEUE,
         # A job is acknowledged only when it ends; if the process running it dies, the message

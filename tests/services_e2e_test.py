@@ -51,6 +51,57 @@ def test_greedy_through_services_matches_local(fleet, pathway):
         ex.close()
 
 
+class _Source:
+    """A ReplicaSource the test edits, as discovery does when `kubectl scale` adds/removes pods."""
+
+    def __init__(self, addresses: dict[str, list[str]]):
+        self.addresses = addresses
+
+    def replicas(self, module: str) -> list[str]:
+        return list(self.addresses.get(module, []))
+
+    def subscribe(self, callback) -> None:
+        pass
+
+
+def test_new_sessions_follow_the_replica_source_and_old_ones_are_kept(fleet):
+    f, local = fleet
+    a, b = f.endpoints["attn-0"]
+    src = _Source({**f.endpoints, "attn-0": [a]})
+    ids = list(PROMPT.encode())
+    want = gen.greedy_ids(local, "tiny-shallow", ids, N)
+    ex = RemoteExecutor(local.spec, src)
+    sessions, outs = [], []
+
+    def start():
+        s = ex.open_session("tiny-shallow", [SamplingParams(max_new_tokens=N)])
+        sessions.append(s)
+        outs.append([int(ex.prefill(s, [ids]).tokens[0])])
+        return ex._sessions[s.id]["attn-0"].replica.address
+
+    def step(i, n):
+        for _ in range(n):
+            outs[i].append(int(ex.decode(sessions[i], np.array(outs[i][-1:])).tokens[0]))
+
+    try:
+        assert start() == a
+        step(0, 4)
+        src.addresses["attn-0"] = [a, b]  # scaled up: the new replica takes the next session
+        assert start() == b
+        src.addresses["attn-0"] = [b]  # a leaves discovery (still running): nothing new goes there
+        assert start() == b
+        step(0, N - 5)  # ...but the session it holds carries on there, not replayed elsewhere
+        assert ex._sessions[sessions[0].id]["attn-0"].replica.address == a
+        step(1, N - 1)
+        step(2, N - 1)
+    finally:
+        for s in sessions:
+            ex.close_session(s)
+        ex.close()
+    for out in outs:
+        np.testing.assert_array_equal(np.array(out), want)
+
+
 @pytest.mark.parametrize("wire, limit", [("bfloat16", 2 * 128 + 128), ("int8", 128 + 128)])
 def test_compressed_wire_dtypes_generate_within_the_byte_budget(fleet, wire, limit):
     f, local = fleet

@@ -37,6 +37,24 @@ def main(argv: list[str] | None = None) -> int:
         "separated by ';')",
     )
     p.add_argument(
+        "--discover",
+        default=os.environ.get("PATHWAYS_DISCOVER", "static"),
+        help="where module replicas come from: 'static' (the --module addresses; default) or "
+        "'k8s' (watch the Endpoints of each module's Service, so scaling a module's Deployment "
+        "changes the replicas new sessions use; env PATHWAYS_DISCOVER)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=os.environ.get("PATHWAYS_NAMESPACE"),
+        help="k8s discovery: the module Services' namespace (env PATHWAYS_NAMESPACE; in a pod "
+        "it defaults to the pod's service-account namespace)",
+    )
+    p.add_argument(
+        "--kubeconfig",
+        help="k8s discovery from outside the cluster with this kubeconfig's credentials "
+        "(default: the pod's service account)",
+    )
+    p.add_argument(
         "--wire-dtype",
         default=os.environ.get("PATHWAYS_WIRE_DTYPE", "float32"),
         choices=["float32", "bfloat16", "int8"],
@@ -44,16 +62,39 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.checkpoint:
         p.error("--checkpoint (or PATHWAYS_CHECKPOINT) is required")
+    if args.discover not in ("static", "k8s"):
+        p.error(f"--discover must be 'static' or 'k8s'; got {args.discover!r}")
     modules = args.module or [m for m in os.environ.get("PATHWAYS_MODULES", "").split(";") if m]
+    if args.discover == "k8s" and args.module:
+        p.error("--module addresses and --discover k8s exclude each other")
+    if args.discover == "static" and args.kubeconfig:
+        p.error("--kubeconfig needs --discover k8s")
+    if args.discover == "k8s" and args.kubeconfig and not args.namespace:
+        p.error("--discover k8s with --kubeconfig needs --namespace (or PATHWAYS_NAMESPACE)")
     spec, tok = ckpt.load_spec(args.checkpoint)
-    GatewayServer(
-        spec,
-        tok,
-        parse_modules(modules),
-        port=args.port,
-        host=args.host,
-        wire_dtype=args.wire_dtype,
-    ).serve_forever()
+    watcher = None
+    if args.discover == "k8s":
+        from pathways.k8s import discovery  # the Kubernetes client only when discovering
+
+        if args.kubeconfig:
+            watcher = discovery.from_kubeconfig(spec.modules, args.namespace, args.kubeconfig)
+        else:
+            watcher = discovery.in_cluster(spec.modules, args.namespace)
+        replicas = watcher
+    else:
+        replicas = parse_modules(modules)
+    try:
+        GatewayServer(
+            spec,
+            tok,
+            replicas,
+            port=args.port,
+            host=args.host,
+            wire_dtype=args.wire_dtype,
+        ).serve_forever()
+    finally:
+        if watcher is not None:
+            watcher.stop()
     return 0
 
 

@@ -1,12 +1,19 @@
-"""Helpers for the Kubernetes tests: kustomize, the v1.20 subset of the manifests, polling."""
+"""Helpers for the Kubernetes tests: the local control plane, kustomize, the v1.20 subset of the
+manifests, polling."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import random
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -45,3 +52,64 @@ def wait_for(cond, timeout_s: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_port_run(n: int) -> int:
+    """A base port with `n` consecutive free ports (etcd uses client, peer and metrics ports)."""
+    for _ in range(100):
+        base = random.randint(20000, 40000)
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range for etcd")
+
+
+def kit() -> Path:
+    """The shared k8s-local kit; skips the test (with the reason) when it or kubectl is absent."""
+    shared = os.environ.get("PATHWAYS_SHARED_DIR")
+    if not shared:
+        pytest.skip("PATHWAYS_SHARED_DIR is unset: no local Kubernetes kit (shared/k8s-local)")
+    path = Path(shared) / "k8s-local"
+    if not (path / "up.sh").is_file():
+        pytest.skip(f"no Kubernetes kit at {path} (PATHWAYS_SHARED_DIR={shared})")
+    if subprocess.run(["which", "kubectl"], capture_output=True).returncode != 0:
+        pytest.skip("kubectl is not installed")
+    return path
+
+
+@contextlib.contextmanager
+def control_plane(run_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
+    """A real Kubernetes v1.20 control plane (etcd, API server, controller manager, scheduler; no
+    kubelet) on free loopback ports: yields (kubeconfig path, the kit's environment); torn down
+    on exit."""
+    path = kit()
+    env = {
+        **os.environ,
+        "RUN_DIR": str(run_dir),
+        "API_PORT": str(_free_port()),
+        "ETCD_PORT": str(_free_port_run(3)),
+    }
+    try:
+        up = subprocess.run(
+            [str(path / "up.sh")], env=env, capture_output=True, text=True, timeout=300
+        )
+        if up.returncode != 0:
+            pytest.fail(f"k8s-local up.sh failed:\n{up.stdout}\n{up.stderr}")
+        yield str(run_dir / "kubeconfig"), env
+    finally:
+        subprocess.run([str(path / "down.sh")], env=env, capture_output=True)

@@ -1,10 +1,11 @@
 """Remote executor: the Executor interface over a chain of ModuleService servers.
 
-Each module may have several replicas. Sessions are spread over replicas (fewest open sessions
-first) and stick to the replica holding their KV cache. When a replica fails (UNAVAILABLE) or
-forgets a session (NOT_FOUND after a restart or TTL), the session moves to another replica by
-replaying the exact calls it made to that module, so the cache and the generated text come out
-identical.
+Each module may have several replicas, listed by a `ReplicaSource` (fixed addresses, or Kubernetes
+discovery) that is asked again for every new session, so replicas can come and go at runtime.
+Sessions are spread over replicas (fewest open sessions first) and stick to the replica holding
+their KV cache. When a replica fails (UNAVAILABLE) or forgets a session (NOT_FOUND after a restart
+or TTL), the session moves to another replica by replaying the exact calls it made to that module,
+so the cache and the generated text come out identical.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from pathways import codec, telemetry
 from pathways.executor.base import Session, StepResult, pad_prompts
 from pathways.executor.decode_stream import DecodeStream
+from pathways.executor.replicas import ReplicaSource, StaticReplicaSource
 from pathways.sampling import SamplingBatch, SamplingParams
 from pathways.spec import PathwaySpec
 from pathways.v1 import module_pb2, module_pb2_grpc
@@ -41,33 +43,91 @@ class Replica:
         self.module, self.address = module, address
         self.channel = telemetry.channel(grpc.insecure_channel(address, options=options))
         self.stub = module_pb2_grpc.ModuleServiceStub(self.channel)
-        self.sessions = 0
+        self.sessions = 0  # module sessions (and in-flight stateless calls) holding it
         self.down_until = 0.0
+        self.retired = False  # no longer listed by the source: gets nothing new
 
 
 class ReplicaSet:
-    """The replicas of one module; picks the least loaded healthy one."""
+    """The replicas of one module as its source lists them now; hands out the least loaded one.
 
-    def __init__(self, module: str, addresses: list[str], options, cooldown_s: float = 2.0):
-        if not addresses:
-            raise ValueError(f"module {module!r} has no replica addresses")
-        self.module, self.cooldown_s = module, cooldown_s
-        self.replicas = [Replica(module, a, options) for a in addresses]
+    The source is asked on every `acquire`, so a new session can go to a replica listed a moment
+    ago and a replica no longer listed gets no new sessions. Sessions already on a retired replica
+    keep it (its channel closes when the last one is released); if it stops answering they move by
+    replay, as after any failure.
+    """
+
+    def __init__(self, module: str, source: ReplicaSource, options, cooldown_s: float = 2.0):
+        self.module, self.source, self.options, self.cooldown_s = (
+            module,
+            source,
+            options,
+            cooldown_s,
+        )
+        self.replicas: list[Replica] = []  # the current pool, in the source's order
+        self._held: dict[str, Replica] = {}  # the pool plus retired replicas still in use
         self._rr = itertools.count()
         self._lock = threading.Lock()
 
-    def pick(self, exclude: tuple[Replica, ...] = ()) -> Replica:
+    def _refresh(self) -> None:  # with self._lock held
+        addresses = list(dict.fromkeys(self.source.replicas(self.module)))
+        if addresses == [r.address for r in self.replicas]:
+            return
+        pool = []
+        for a in addresses:
+            r = self._held.get(a)
+            if r is None:
+                r = self._held[a] = Replica(self.module, a, self.options)
+            r.retired = False  # an address may come back (a replica Ready again)
+            pool.append(r)
+        for r in self.replicas:
+            if r not in pool:
+                r.retired = True
+                if r.sessions <= 0:
+                    self._drop(r)
+        self.replicas = pool
+
+    def _drop(self, r: Replica) -> None:
+        r.channel.close()
+        del self._held[r.address]
+
+    def size(self) -> int:
         with self._lock:
-            now, start = time.monotonic(), next(self._rr)
-            order = [
-                self.replicas[(start + i) % len(self.replicas)] for i in range(len(self.replicas))
-            ]
+            self._refresh()
+            return len(self.replicas)
+
+    def acquire(self, exclude: tuple[Replica, ...] = ()) -> Replica | None:
+        """The least loaded healthy replica, held until `release`; None when there is none."""
+        with self._lock:
+            self._refresh()
+            if not self.replicas:
+                return None
+            now, start, n = time.monotonic(), next(self._rr), len(self.replicas)
+            order = [self.replicas[(start + i) % n] for i in range(n)]
             up = [r for r in order if r.down_until <= now and r not in exclude]
             pool = up or [r for r in order if r not in exclude] or order
-            return min(pool, key=lambda r: r.sessions)
+            r = min(pool, key=lambda r: r.sessions)
+            r.sessions += 1
+            return r
+
+    def release(self, r: Replica) -> None:
+        with self._lock:
+            r.sessions -= 1
+            if r.retired and r.sessions <= 0 and self._held.get(r.address) is r:
+                self._drop(r)
+
+    def tried_all(self, tried: list[Replica]) -> bool:
+        return all(r in tried for r in self.replicas)
 
     def mark_down(self, r: Replica) -> None:
         r.down_until = time.monotonic() + self.cooldown_s
+
+    def close(self) -> None:
+        with self._lock:
+            for r in self._held.values():
+                r.channel.close()
+            self._held.clear()
+            self.replicas = []
 
 
 @dataclasses.dataclass
@@ -85,9 +145,13 @@ class _ModuleSession:
 
 
 class RemoteExecutor:
-    """Runs pathways of `spec` on module servers: endpoints maps module name -> replica addresses.
+    """Runs pathways of `spec` on module servers.
 
     Args:
+        endpoints: module name -> replica addresses (fixed; pathways needing a module not listed
+            are not served), or a `ReplicaSource` asked for a module's replicas on every new
+            session (discovery: every pathway is served; a module listing no replica fails
+            new sessions with UNAVAILABLE until one appears).
         wire_dtype: activations between modules ("float32" is exact; "bfloat16" halves bytes).
         call_timeout_s: per-call deadline, shortened to any deadline set with `deadline()`.
         max_attempts: tries of one call across replicas before giving up.
@@ -99,7 +163,7 @@ class RemoteExecutor:
     def __init__(
         self,
         spec: PathwaySpec,
-        endpoints: dict[str, list[str]],
+        endpoints: dict[str, list[str]] | ReplicaSource,
         *,
         wire_dtype: str = "float32",
         call_timeout_s: float = 60.0,
@@ -109,30 +173,36 @@ class RemoteExecutor:
         stream_horizon_s: float = 600.0,
     ):
         self.spec = spec
-        missing = sorted({m for p in spec.pathways.values() for m in p.modules} - set(endpoints))
-        unknown = sorted(set(endpoints) - set(spec.modules))
-        if unknown:
-            raise ValueError(
-                f"unknown module(s) {', '.join(unknown)}; known: " f"{', '.join(spec.modules)}"
-            )
+        if isinstance(endpoints, dict):
+            unknown = sorted(set(endpoints) - set(spec.modules))
+            if unknown:
+                raise ValueError(
+                    f"unknown module(s) {', '.join(unknown)}; known: " f"{', '.join(spec.modules)}"
+                )
+            for m, addresses in endpoints.items():
+                if not addresses:
+                    raise ValueError(f"module {m!r} has no replica addresses")
+            modules, source = list(endpoints), StaticReplicaSource(endpoints)
+        else:
+            modules, source = list(spec.modules), endpoints
+        missing = sorted({m for p in spec.pathways.values() for m in p.modules} - set(modules))
         self.served = {
             name for name, p in spec.pathways.items() if not set(p.modules) & set(missing)
         }
         n = int(max_message_mb * 2**20)
         options = [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
-        self.replicas = {m: ReplicaSet(m, list(a), options) for m, a in endpoints.items()}
+        self.replicas = {m: ReplicaSet(m, source, options) for m in modules}
         self.wire = codec.dtype_of(wire_dtype)
         self.call_timeout_s, self.max_attempts = call_timeout_s, max_attempts
         self.decode_streams, self.stream_horizon_s = decode_streams, stream_horizon_s
         self._sessions: dict[str, dict[str, _ModuleSession]] = {}
         self._local = threading.local()
         # Serialized bytes sent to / received from each module by session calls (benchmarks).
-        self.wire_bytes: dict[str, list[int]] = {m: [0, 0] for m in endpoints}
+        self.wire_bytes: dict[str, list[int]] = {m: [0, 0] for m in modules}
 
     def close(self) -> None:
         for rs in self.replicas.values():
-            for r in rs.replicas:
-                r.channel.close()
+            rs.close()
 
     # ---- deadlines ---------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -203,34 +273,37 @@ class RemoteExecutor:
 
     def _open(self, module: str, req, replay, exclude=()) -> _ModuleSession:
         rset, tried, last = self.replicas[module], list(exclude), None
-        for _ in range(len(rset.replicas) + 1):
-            r = rset.pick(tuple(tried))
+        for _ in range(rset.size() + 1):
+            r = rset.acquire(tuple(tried))
+            if r is None:
+                break
             try:
                 resp = r.stub.OpenSession(req, timeout=self._timeout(module))
             except grpc.RpcError as e:
+                rset.release(r)
                 last = e
                 if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     if e.code() == grpc.StatusCode.UNAVAILABLE:
                         rset.mark_down(r)
                     tried.append(r)
-                    if len(tried) >= len(rset.replicas):
+                    if rset.tried_all(tried):
                         break
                     continue
                 raise _error(module, r, e) from None
-            r.sessions += 1
             return _ModuleSession(r, resp.session_id, req, replay)
         raise _error(module, None, last)
 
     def close_session(self, session: Session) -> None:
-        for ms in self._sessions.pop(session.id, {}).values():
+        for module, ms in self._sessions.pop(session.id, {}).items():
             ms.drop_stream()
-            ms.replica.sessions -= 1
             try:
                 ms.replica.stub.CloseSession(
                     module_pb2.CloseSessionRequest(session_id=ms.session_id), timeout=5.0
                 )
             except grpc.RpcError:
                 pass  # a dead replica has nothing to free; a live one reclaims it by TTL
+            finally:
+                self.replicas[module].release(ms.replica)
 
     def _call(self, session: Session, module: str, method: str, req):
         ms = self._sessions.get(session.id, {}).get(module)
@@ -276,9 +349,9 @@ class RemoteExecutor:
         rset, old = self.replicas[module], ms.replica
         if failed:
             rset.mark_down(old)
-        old.sessions -= 1
         for _ in range(self.max_attempts):
             new = self._open(module, ms.open_request, ms.replay, exclude=(old,) if failed else ())
+            rset.release(old)  # ms always holds exactly one replica, also when _open raises
             ms.replica, ms.session_id = new.replica, new.session_id
             try:
                 for method, req in ms.replay or ():
@@ -289,7 +362,6 @@ class RemoteExecutor:
                 if e.code() not in _MOVE:
                     raise _error(module, ms.replica, e) from None
                 rset.mark_down(ms.replica)
-                ms.replica.sessions -= 1
                 old = ms.replica
         raise RemoteError(
             grpc.StatusCode.UNAVAILABLE,
@@ -350,7 +422,9 @@ class RemoteExecutor:
             rset = self.replicas[m]
             req = module_pb2.ForwardRequest(input=x, output_dtype=self.wire)
             for attempt in range(self.max_attempts):
-                r = rset.pick()
+                r = rset.acquire()
+                if r is None:
+                    raise _error(m, None, None)
                 try:
                     x = r.stub.Forward(req, timeout=self._timeout(m)).output
                     break
@@ -358,6 +432,8 @@ class RemoteExecutor:
                     if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_attempts - 1:
                         raise _error(m, r, e) from None
                     rset.mark_down(r)
+                finally:
+                    rset.release(r)
         return codec.decode(x, "output")
 
     def loss(self, pathway: str, inputs, targets) -> float:

@@ -6,38 +6,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from collections.abc import Iterable
+from typing import Any
 
 from kubernetes import client, config, watch
 
+# The interface lives with the executor that consumes it (no Kubernetes client there); re-exported.
+from pathways.executor.replicas import (  # noqa: F401
+    Callback,
+    ReplicaSource,
+    StaticReplicaSource,
+)
 from pathways.k8s import names
 
 log = logging.getLogger(__name__)
 _SA_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-
-Callback = Callable[[str, list[str]], None]  # (module, its ready "ip:port" replicas)
-
-
-class ReplicaSource(Protocol):
-    """Where a module's replicas are: `replicas(module)` now, `subscribe(cb)` for every change."""
-
-    def replicas(self, module: str) -> list[str]: ...
-
-    def subscribe(self, callback: Callback) -> None: ...
-
-
-class StaticReplicaSource:
-    """Fixed addresses (the gateway's `--module NAME=HOST:PORT[,...]` flags, tests)."""
-
-    def __init__(self, addresses: dict[str, list[str]]):
-        self._addresses = {m: list(a) for m, a in addresses.items()}
-
-    def replicas(self, module: str) -> list[str]:
-        return list(self._addresses.get(module, []))
-
-    def subscribe(self, callback: Callback) -> None:
-        pass  # never changes
 
 
 def ready_addresses(endpoints: Any, port_name: str = "grpc") -> list[str]:
@@ -171,3 +154,12 @@ def in_cluster(modules: Iterable[str], namespace: str | None = None) -> Endpoint
         with open(_SA_NAMESPACE) as f:
             namespace = f.read().strip()
     return EndpointsWatcher(client.ApiClient(), namespace, modules).start()
+
+
+def from_kubeconfig(
+    modules: Iterable[str], namespace: str, kubeconfig: str | None = None
+) -> EndpointsWatcher:
+    """A started watcher with a kubeconfig's credentials (a gateway outside the cluster, tests);
+    `kubeconfig` defaults to $KUBECONFIG, else ~/.kube/config."""
+    api = config.new_client_from_config(config_file=kubeconfig)
+    return EndpointsWatcher(api, namespace, modules).start()

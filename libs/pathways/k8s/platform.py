@@ -21,14 +21,21 @@ def _selector(component: str) -> dict[str, str]:
     return {names.APP_LABEL: names.APP, names.COMPONENT_LABEL: component}
 
 
-def gateway(image: str, checkpoint_uri: str, module_hosts: dict[str, str]) -> list[dict[str, Any]]:
-    """Gateway Deployment + Service. `module_hosts` maps each module to its headless Service."""
+def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
+    """Gateway Deployment + Service. The gateway finds each module's replicas by watching the
+    Endpoints of the module's headless Service (pathways.k8s.discovery, with the discovery
+    ServiceAccount), so `kubectl scale` changes the replicas new sessions go to."""
     volumes, mounts = pods.common_volumes(checkpoint_uri)
-    args = ["--checkpoint", pods.CHECKPOINT_DIR, "--host", "0.0.0.0", "--port", str(pods.GRPC_PORT)]
-    for module, host in module_hosts.items():
-        # The headless Service's DNS name resolves to every ready replica; in-cluster discovery
-        # (pathways.k8s.discovery) watches the same Service's Endpoints for changes.
-        args += ["--module", f"{module}={host}:{pods.GRPC_PORT}"]
+    args = [
+        "--checkpoint",
+        pods.CHECKPOINT_DIR,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(pods.GRPC_PORT),
+        "--discover",
+        "k8s",
+    ]
     container = {
         "name": "gateway",
         "image": image,

@@ -55,7 +55,7 @@ def render(
     for module, cfg in spec.modules.items():
         objs = module_objs.module_objects(module, cfg.kind, image["module"], checkpoint_uri)
         files[f"modules/{dns[module]}.yaml"] = to_yaml(objs)
-    files["gateway.yaml"] = to_yaml(platform.gateway(image["gateway"], checkpoint_uri, dns))
+    files["gateway.yaml"] = to_yaml(platform.gateway(image["gateway"], checkpoint_uri))
     files["coordinator.yaml"] = to_yaml(platform.coordinator(image["coordinator"], checkpoint_uri))
     files["broker.yaml"] = to_yaml(platform.broker())
     files["rbac.yaml"] = to_yaml(platform.rbac())

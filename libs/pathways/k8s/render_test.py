@@ -82,7 +82,8 @@ def test_each_module_gets_deployment_service_hpa_pdb():
     gateway_args = _by_kind(_docs(files, "gateway.yaml"))["Deployment"]["spec"]["template"]["spec"][
         "containers"
     ][0]["args"]
-    assert "attn_0=attn-0:50051" in gateway_args
+    # The gateway discovers replicas from the module Services' Endpoints (no fixed addresses).
+    assert gateway_args[-2:] == ["--discover", "k8s"] and "--module" not in gateway_args
 
 
 def test_adding_a_module_adds_its_deployment_and_nothing_else_changes():
@@ -98,7 +99,7 @@ def test_adding_a_module_adds_its_deployment_and_nothing_else_changes():
     )
     assert "modules/attn-1.yaml" in yaml.safe_load(after["kustomization.yaml"])["resources"]
     changed = {f for f in before if before[f] != after[f]}
-    assert changed == {"kustomization.yaml", "gateway.yaml", "spec.yaml"}
+    assert changed == {"kustomization.yaml", "spec.yaml"}
 
 
 def test_checkpoint_uris():

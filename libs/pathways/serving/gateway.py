@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 from pathways import generate as gen
 from pathways import telemetry
 from pathways.executor.remote import RemoteError, RemoteExecutor
+from pathways.executor.replicas import ReplicaSource
 from pathways.sampling import SamplingParams
 from pathways.serving.server import grpc_options
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc
@@ -80,7 +81,7 @@ class GatewayServer:
         self,
         spec,
         tokenizer,
-        endpoints: dict[str, list[str]],
+        endpoints: dict[str, list[str]] | ReplicaSource,  # see RemoteExecutor
         port: int = 0,
         host: str = "127.0.0.1",
         wire_dtype: str = "float32",

@@ -96,6 +96,7 @@ class ModuleServer:
             TrainingServicer(engine, self.servicer.metrics), self.server)
         self.server.start()
         warm_up(self.servicer)
+        self.servicer.count_request(reset=True)  # warm-up calls are not traffic
         self.servicer.ready = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()

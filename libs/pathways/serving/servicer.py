@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
 import time
 
 import grpc
@@ -26,9 +27,13 @@ log = logging.getLogger(__name__)
 def rpc(method):
     """Maps typed errors to status codes; the server survives any request."""
 
+    counted = method.__name__ != "Describe"  # asking a server how busy it is is no traffic
+
     @functools.wraps(method)
     def wrapper(self, request, context):
         t0 = time.perf_counter()
+        if counted:
+            self.count_request()
         try:
             return method(self, request, context)
         except ServingError as e:
@@ -74,6 +79,12 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         self.metrics = ModuleMetrics(engine.name, lambda: len(table), lambda: engine.kv_bytes)
         self.batcher = Batcher(engine.decode, max_batch, batch_wait_s, self.metrics.batch)
         self.ready = False
+        self.requests = 0  # calls handled (see DescribeResponse.requests)
+        self._requests_lock = threading.Lock()
+
+    def count_request(self, reset: bool = False) -> None:
+        with self._requests_lock:
+            self.requests = 0 if reset else self.requests + 1
 
     def _check_ready(self):
         if not self.ready:
@@ -95,6 +106,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             capacity=self.table.capacity,
             in_use=self.table.in_use,
             sessions=len(self.table),
+            requests=self.requests,
         )
 
     @rpc

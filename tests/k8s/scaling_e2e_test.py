@@ -1,0 +1,249 @@
+"""End to end on a real Kubernetes v1.20 control plane with a kubelet that runs pods as processes:
+the rendered module Deployments serve generation through a gateway that discovers replicas from
+the Services' Endpoints; `kubectl scale` up moves traffic onto the new replicas, and scaling back
+down loses no request."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+import yaml
+from kubernetes import client, config
+
+from pathways import generate as gen
+from pathways import spec as spec_lib
+from pathways.k8s import discovery, names, render
+from pathways.sampling import SamplingParams
+from pathways.serving import launcher, testing
+from pathways.tokenizers import ByteTokenizer
+from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2, module_pb2_grpc
+from tests.k8s.kube import REPO, control_plane, for_v1_20, kit, kustomize, wait_for
+from tests.k8s.process_kubelet import ProcessKubelet
+
+pytestmark = [
+    pytest.mark.k8s,
+    pytest.mark.slow,
+    # The kit's kubeconfig uses insecure-skip-tls-verify (a throwaway loopback cluster).
+    pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning"),
+]
+NAMESPACE = "pathways-e2e"
+NODE = "process-node"
+IMAGES = {"module-server": "services.module_server.main", "gateway": "services.gateway.main"}
+# The gateway runs outside the cluster (a kubeconfig, not a service account) and generation needs
+# no coordinator or broker: their workloads are not applied; everything else is.
+NOT_APPLIED = {("gateway", "Deployment"), ("coordinator", "Deployment"), ("broker", "StatefulSet")}
+
+
+def _kubectl(kubeconfig: str, *args: str) -> str:
+    return subprocess.run(
+        ["kubectl", "--kubeconfig", kubeconfig, *args], check=True, capture_output=True, text=True
+    ).stdout
+
+
+@dataclass
+class Deployed:
+    kubeconfig: str
+    api: client.ApiClient
+    kubelet: ProcessKubelet
+    gateway: launcher.Process
+    local: object  # LocalExecutor over the same checkpoint: the reference text
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    kit()  # skips with the reason when the kit or kubectl is absent
+    tmp = tmp_path_factory.mktemp("scaling")
+    ckpt = tmp / "checkpoint"
+    local = testing.make_checkpoint(ckpt)
+    base = tmp / "base"
+    spec = spec_lib.load(REPO / "examples" / "tiny.yaml")
+    render.write(render.render(spec, checkpoint_uri=f"file://{ckpt}", namespace=NAMESPACE), base)
+    docs = [
+        d
+        for d in for_v1_20(kustomize(base))
+        if (d["metadata"].get("labels", {}).get(names.COMPONENT_LABEL), d["kind"])
+        not in NOT_APPLIED
+    ]
+    (tmp / "applied.yaml").write_text(yaml.safe_dump_all(docs))
+    logs = tmp / "logs"
+    logs.mkdir()
+
+    with control_plane(tmp / "k8s") as (kubeconfig, _):
+        api = client.ApiClient(config.new_client_from_config(kubeconfig).configuration)
+        kubelet = ProcessKubelet(api, NAMESPACE, NODE, IMAGES, logs).start()
+        gateway = None
+        try:
+            _kubectl(kubeconfig, "apply", "-f", str(tmp / "applied.yaml"))
+            _kubectl(
+                kubeconfig,
+                *("-n", NAMESPACE, "wait", "--for=condition=Available", "--timeout=240s"),
+                *("deployment", "-l", f"{names.COMPONENT_LABEL}=module"),
+            )
+            port = launcher.free_port()
+            argv = ["services.gateway.main", "--checkpoint", str(ckpt), "--port", str(port)]
+            argv += ["--discover", "k8s", "--kubeconfig", kubeconfig, "--namespace", NAMESPACE]
+            with open(logs / "gateway.log", "w") as out:
+                # grpc_proxy: the gateway reaches pod IPs through the test kubelet's pod network.
+                gateway = launcher.Process(
+                    "gateway", argv, port, env={"grpc_proxy": kubelet.network.url}, log=out
+                )
+            launcher.wait_healthy(gateway.address, gateway.proc, timeout=60)
+            yield Deployed(kubeconfig, api, kubelet, gateway, local)
+        finally:
+            if gateway is not None:
+                gateway.stop()
+            kubelet.stop()
+
+
+@dataclass
+class Traffic:
+    """Generation requests through the gateway from `clients` threads until stopped."""
+
+    address: str
+    clients: int = 2
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def start(self) -> Traffic:
+        self._threads = [threading.Thread(target=self._run, args=(i,)) for i in range(self.clients)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def _run(self, i: int) -> None:
+        with grpc.insecure_channel(self.address) as ch:
+            gw = gateway_pb2_grpc.GatewayServiceStub(ch)
+            k = 0
+            while not self._stop.is_set():
+                req = gateway_pb2.GenerateRequest(
+                    pathway="tiny-shallow",
+                    prompt=f"client {i} request {k}:",
+                    sampling=gateway_pb2.SamplingOptions(max_new_tokens=8),
+                )
+                try:
+                    n = len(list(gw.Generate(req, timeout=60)))
+                    assert n == 8, f"{n} tokens"
+                    with self._lock:
+                        self.ok += 1
+                except (grpc.RpcError, AssertionError) as e:
+                    with self._lock:
+                        self.failures.append(f"client {i} request {k}: {e}")
+                k += 1
+
+
+def _describe(address: str) -> module_pb2.DescribeResponse:
+    with grpc.insecure_channel(address) as ch:
+        stub = module_pb2_grpc.ModuleServiceStub(ch)
+        return stub.Describe(module_pb2.DescribeRequest(), timeout=10)
+
+
+def _requests(address: str) -> int:
+    return _describe(address).requests
+
+
+LONG_PROMPT, LONG_N = "def scale(replicas):", 64
+
+
+def _long_generation(address: str, out: list) -> None:
+    """One long greedy generation; appends its token ids (or the error)."""
+    req = gateway_pb2.GenerateRequest(
+        pathway="tiny-shallow",
+        prompt=LONG_PROMPT,
+        sampling=gateway_pb2.SamplingOptions(max_new_tokens=LONG_N),
+    )
+    with grpc.insecure_channel(address) as ch:
+        try:
+            out.append(
+                [
+                    e.token_id
+                    for e in gateway_pb2_grpc.GatewayServiceStub(ch).Generate(req, timeout=120)
+                ]
+            )
+        except grpc.RpcError as e:
+            out.append(f"{e.code()}: {e.details()}")
+
+
+def _endpoints(api, service: str) -> list[str]:
+    eps = client.CoreV1Api(api).read_namespaced_endpoints(service, NAMESPACE)
+    return discovery.ready_addresses(eps)
+
+
+def test_scaling_a_module_moves_traffic_and_loses_no_request(deployed):
+    d = deployed
+    attn = lambda: d.kubelet.running(names.MODULE_LABEL, "attn-0")  # noqa: E731
+    assert len(attn()) == 1 and len(_endpoints(d.api, "attn-0")) == 1
+    traffic = Traffic(d.gateway.address).start()
+    try:
+        wait_for(lambda: traffic.ok >= 4 or traffic.failures, 60, "first generations")
+        first = attn()[0]
+        assert _requests(first.address) > 0
+
+        _kubectl(d.kubeconfig, "-n", NAMESPACE, "scale", "deployment/attn-0", "--replicas=3")
+        wait_for(lambda: len(_endpoints(d.api, "attn-0")) == 3, 120, "3 ready attn-0 endpoints")
+        replicas = attn()
+        assert len(replicas) == 3
+        # Every replica, the two new ones included, serves generation traffic.
+        wait_for(
+            lambda: all(_requests(r.address) > 0 for r in replicas) or traffic.failures,
+            60,
+            "requests on every attn-0 replica",
+        )
+        counts = {r.name: _requests(r.address) for r in replicas}
+        assert all(counts.values()), counts
+
+        # Three long generations in flight while scaling down. Sessions go to the least loaded
+        # replica and the two short-request clients hold at most two sessions, so at least one
+        # long session sits on a replica that is about to be removed.
+        long_out: list = []
+        longs = [
+            threading.Thread(target=_long_generation, args=(d.gateway.address, long_out))
+            for _ in range(3)
+        ]
+        for t in longs:
+            t.start()
+        wait_for(
+            lambda: sum(_describe(r.address).sessions for r in replicas) >= 3 or long_out,
+            30,
+            "the long sessions to open",
+        )
+        held = {r.name: _describe(r.address).sessions for r in replicas}
+
+        _kubectl(d.kubeconfig, "-n", NAMESPACE, "scale", "deployment/attn-0", "--replicas=1")
+        wait_for(lambda: len(_endpoints(d.api, "attn-0")) == 1, 60, "1 ready attn-0 endpoint")
+        for t in longs:
+            t.join(timeout=120)
+        wait_for(lambda: len(attn()) == 1, 60, "removed attn-0 processes to exit")
+        survivor = attn()[0]
+        assert any(n for name, n in held.items() if name != survivor.name), held
+        want = gen.generate(
+            d.local,
+            "tiny-shallow",
+            [LONG_PROMPT],
+            ByteTokenizer(),
+            SamplingParams(max_new_tokens=LONG_N),
+        )[0].token_ids
+        assert long_out == [want] * 3
+        before, done = _requests(survivor.address), traffic.ok
+        wait_for(lambda: traffic.ok >= done + 4 or traffic.failures, 60, "generations after")
+        assert _requests(survivor.address) > before
+    finally:
+        traffic.stop()
+    assert traffic.failures == []
+    assert traffic.ok >= 12
+    # The other modules were not touched.
+    assert [len(d.kubelet.running(names.MODULE_LABEL, m)) for m in ("embed", "attn-1", "head")] == [
+        1,
+        1,
+        1,
+    ]

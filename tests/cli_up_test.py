@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from pathways.serving import launcher, testing
 from pathways.tokenizers import ByteTokenizer
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_up_then_generate_via_gateway_then_clean_stop(tmp_path):
@@ -21,7 +23,8 @@ def test_up_then_generate_via_gateway_then_clean_stop(tmp_path):
     want = gen.generate(
         local, "tiny-shallow", ["def "], ByteTokenizer(), SamplingParams(max_new_tokens=12)
     )[0].text
-    env = launcher.child_env()
+    # `up` records its addresses in $PATHWAYS_HOME for `train --remote` and `jobs`.
+    env = launcher.child_env({"PATHWAYS_HOME": str(tmp_path / "home")})
     up = subprocess.Popen(
         [
             sys.executable,
@@ -85,6 +88,24 @@ def test_up_then_generate_via_gateway_then_clean_stop(tmp_path):
             timeout=60,
         )
         assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
+
+        def cli(*argv, timeout=300):
+            return subprocess.run([sys.executable, "-m", "tools.cli.main", *argv],
+                                  capture_output=True, text=True, env=env, timeout=timeout)
+
+        # Training through the deployment's module services, under its coordinator.
+        run = tmp_path / "run"
+        trained = cli("train", "--remote", "--spec", str(ROOT / "examples/tiny.yaml"),
+                      "--out", str(run), "--steps", "4", "--batch-size", "4", "--seq-len", "32",
+                      "--micro-batches", "2", "--max-data-mb", "0.2", "--eval-every", "2",
+                      "--save-every", "2")
+        assert trained.returncode == 0, trained.stderr
+        assert "(services, 1f1b, 2 micro-batches)" in trained.stderr
+        assert (run / "loss.png").exists() and (run / "train" / "meta.json").exists()
+        jobs = cli("jobs", "list", timeout=60)
+        assert jobs.returncode == 0 and "SUCCESS" in jobs.stdout and str(run) in jobs.stdout
+        unknown = cli("jobs", "status", "no-such-job", timeout=60)
+        assert unknown.returncode == 2 and "unknown job 'no-such-job'" in unknown.stderr
     finally:
         up.send_signal(signal.SIGTERM)
         assert up.wait(timeout=60) == 0

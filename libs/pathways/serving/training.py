@@ -29,8 +29,10 @@ def train_config(opt: training_pb2.OptimizerConfig) -> TrainConfig:
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Wraps the served module's runtime in a LocalStage: the same code as local training."""
 
-    def __init__(self, engine: ModuleEngine, metrics):
-        self.engine, self.metrics = engine, metrics
+    def __init__(self, engine: ModuleEngine, serving):
+        self.engine = engine
+        # Latency metrics and the request counter are the module server's, shared with serving.
+        self.metrics, self.count_request = serving.metrics, serving.count_request
         self.stage: LocalStage | None = None
         # Calls for one module arrive in schedule order from one client thread; the lock keeps
         # a stray concurrent caller from interleaving with them.

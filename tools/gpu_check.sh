@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The library on a GPU: unit tests of the model code with JAX on CUDA, then the local decode
+# benchmark. For a lent accelerator machine whose image has jax[cuda], flax and optax; results go
+# to $OUT (or ./gpu-check). Generated protos are not needed by these tests.
+set -uo pipefail
+OUT="${OUT:-gpu-check}"
+mkdir -p "$OUT"
+# float32 parity tests need full-precision matmuls: JAX uses TF32 for float32 on GPUs by default.
+export PYTHONPATH=libs:. PYTHONUNBUFFERED=1 JAX_PLATFORMS=cuda JAX_DEFAULT_MATMUL_PRECISION=highest
+python3 - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import jax, flax, optax
+print("jax", jax.__version__, "flax", flax.__version__, "optax", optax.__version__)
+print("devices", jax.devices())
+PY
+timeout 300 python3 -m pytest -q -p no:cacheprovider -W ignore \
+  libs/pathways/modules libs/pathways/executor/local_test.py libs/pathways/generate_test.py \
+  libs/pathways/sampling_test.py libs/pathways/pipeline 2>&1 | tee "$OUT/tests.txt" | tail -25
+env -u JAX_DEFAULT_MATMUL_PRECISION timeout 240 python3 tools/bench/local_decode.py --repeat 3 --out "$OUT/local_decode_gpu.json" \
+  2>&1 | tee "$OUT/bench.txt" | tail -6

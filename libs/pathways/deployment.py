@@ -122,6 +122,23 @@ class LocalDeployment:
             raise
         return self
 
+    def add_module(self, checkpoint: str | Path, name: str, timeout: float = 300.0) -> str:
+        """Starts a module server for module `name` of `checkpoint`; returns its address.
+
+        The gateway does not know it yet: register it with GatewayService.AddModule
+        (`pathways pathways add-module NAME ADDRESS`).
+        """
+        from pathways.serving.launcher import start_module, wait_healthy
+
+        proc = start_module(str(checkpoint), name, log=self.log, extra_args=self.module_args)
+        try:
+            wait_healthy(proc.address, proc.proc, timeout)
+        except BaseException:
+            proc.stop()
+            raise
+        self.fleet.servers.setdefault(name, []).append(proc)
+        return proc.address
+
     def dead(self) -> list[str]:
         """Names of processes that exited on their own."""
         out = [p.name for ps in self.fleet.servers.values() for p in ps if p.proc.poll() is not None]

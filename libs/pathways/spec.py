@@ -53,6 +53,12 @@ class PathwaySpec:
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
+    def with_module(self, name: str, cfg: ModuleConfig) -> PathwaySpec:
+        """A copy with module `name` added; an existing module must keep its exact config."""
+        if name in self.modules and self.modules[name] != cfg:
+            raise SpecError(f"module {name!r} already exists with a different config")
+        return PathwaySpec({**self.modules, name: cfg}, dict(self.pathways), dict(self.tokenizer))
+
     def with_pathway(self, name: str, modules: list[str]) -> PathwaySpec:
         """A copy with pathway `name` added or replaced (validated)."""
         data = self.to_dict()

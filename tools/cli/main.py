@@ -12,6 +12,7 @@ from tools.cli import (
     commands_jobs,
     commands_k8s,
     commands_local,
+    commands_pathways,
     commands_serve,
 )
 
@@ -20,6 +21,7 @@ COMMAND_MODULES = [
     commands_demo,
     commands_local,
     commands_serve,
+    commands_pathways,
     commands_jobs,
     commands_k8s,
     commands_hf,

@@ -192,6 +192,8 @@ class RemoteExecutor:
         n = int(max_message_mb * 2**20)
         options = [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
         self.replicas = {m: ReplicaSet(m, source, options) for m in modules}
+        self._options = options
+        self._table_lock = threading.Lock()
         self.wire = codec.dtype_of(wire_dtype)
         self.call_timeout_s, self.max_attempts = call_timeout_s, max_attempts
         self.decode_streams, self.stream_horizon_s = decode_streams, stream_horizon_s
@@ -226,6 +228,45 @@ class RemoteExecutor:
                 f"deadline exceeded before calling module {module!r}",
             )
         return min(left, self.call_timeout_s)
+
+    # ---- live pathway table ------------------------------------------------------------------
+    def add_module(self, name: str, cfg, addresses: list[str]) -> None:
+        """Makes a newly started module service usable by pathways (static endpoints)."""
+        if not addresses:
+            raise ValueError(f"module {name!r} needs at least one replica address")
+        with self._table_lock:
+            spec = self.spec.with_module(name, cfg)
+            if name not in self.replicas:
+                self.replicas[name] = ReplicaSet(name, StaticReplicaSource({name: addresses}),
+                                                 self._options)
+                self.wire_bytes[name] = [0, 0]
+            self._set_spec(spec)
+
+    def set_pathway(self, name: str, modules: list[str]) -> None:
+        """Adds or replaces pathway `name`. Open sessions keep the modules they started with."""
+        with self._table_lock:
+            missing = [m for m in modules if m in self.spec.modules and m not in self.replicas]
+            if missing:
+                raise ValueError(f"pathway {name!r} needs module(s) with no replicas: "
+                                 f"{', '.join(missing)}")
+            self._set_spec(self.spec.with_pathway(name, modules))
+
+    def remove_pathway(self, name: str) -> None:
+        with self._table_lock:
+            self._set_spec(self.spec.without_pathway(name))
+
+    def _set_spec(self, spec: PathwaySpec) -> None:
+        served = {n for n, p in spec.pathways.items() if set(p.modules) <= set(self.replicas)}
+        # One assignment each: a reader sees the old table or the new one, never a mix that
+        # matters (sessions hold their own module chain).
+        self.spec, self.served = spec, served
+
+    def _chain(self, session: Session) -> list[str]:
+        """The modules the session was opened on (the pathway may have changed since)."""
+        chain = self._sessions.get(session.id)
+        if chain is None:
+            raise RemoteError(grpc.StatusCode.NOT_FOUND, f"unknown session {session.id!r}")
+        return list(chain)
 
     # ---- sessions ----------------------------------------------------------------------------
     def _pathway(self, pathway: str):
@@ -382,7 +423,7 @@ class RemoteExecutor:
         tokens, _, _ = pad_prompts(prompts, session.lengths, session.max_seq_len)
         x = codec.encode(tokens)
         resp = None
-        for m in self.spec.pathway(session.pathway).modules:
+        for m in self._chain(session):
             req = module_pb2.PrefillRequest(
                 input=x,
                 starts=session.lengths.tolist(),
@@ -401,7 +442,7 @@ class RemoteExecutor:
         tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
         _check_room(session, np.ones(session.batch_size, np.int32))
         x, resp = codec.encode(tokens), None
-        for m in self.spec.pathway(session.pathway).modules:
+        for m in self._chain(session):
             req = module_pb2.DecodeRequest(
                 input=x,
                 positions=session.lengths.tolist(),

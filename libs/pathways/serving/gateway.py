@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -17,7 +18,7 @@ from pathways.executor.remote import RemoteError, RemoteExecutor
 from pathways.executor.replicas import ReplicaSource
 from pathways.sampling import SamplingParams
 from pathways.serving.server import grpc_options
-from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
 
 log = logging.getLogger(__name__)
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -48,6 +49,52 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 if p.name in self.executor.served
             ]
         )
+
+    def AddModule(self, request, context):
+        from pathways.modules import config_from_dict
+        from pathways.v1 import module_pb2_grpc
+
+        if not request.name or not request.addresses:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name and addresses are required")
+        try:
+            with grpc.insecure_channel(request.addresses[0]) as ch:
+                d = module_pb2_grpc.ModuleServiceStub(ch).Describe(
+                    module_pb2.DescribeRequest(), timeout=10)
+        except grpc.RpcError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"module {request.name!r} at "
+                          f"{request.addresses[0]}: {e.code().name}: {e.details()}")
+        if d.name != request.name:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the service at "
+                          f"{request.addresses[0]} hosts module {d.name!r}, not {request.name!r}")
+        try:
+            cfg = config_from_dict({"kind": d.kind, **json.loads(d.config_json)},
+                                   where=f"module {d.name!r}")
+            self.executor.add_module(request.name, cfg, list(request.addresses))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return gateway_pb2.AddModuleResponse(kind=d.kind)
+
+    def SetPathway(self, request, context):
+        unknown = [m for m in request.modules if m not in self.executor.spec.modules]
+        if unknown:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"pathway {request.name!r}: unknown "
+                          f"module(s) {', '.join(unknown)} (register with AddModule)")
+        try:
+            self.executor.set_pathway(request.name, list(request.modules))
+        except ValueError as e:  # SpecError included: the message names modules and values
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        p = self.executor.spec.pathway(request.name)
+        return gateway_pb2.SetPathwayResponse(pathway=gateway_pb2.PathwayInfo(
+            name=p.name, modules=p.modules, max_seq_len=p.max_seq_len))
+
+    def RemovePathway(self, request, context):
+        if request.name not in self.executor.spec.pathways:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown pathway {request.name!r}")
+        try:
+            self.executor.remove_pathway(request.name)
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return gateway_pb2.RemovePathwayResponse()
 
     def Generate(self, request, context):
         spec = self.executor.spec

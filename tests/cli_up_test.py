@@ -90,15 +90,38 @@ def test_up_then_generate_via_gateway_then_clean_stop(tmp_path):
         assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
 
         def cli(*argv, timeout=300):
-            return subprocess.run([sys.executable, "-m", "tools.cli.main", *argv],
-                                  capture_output=True, text=True, env=env, timeout=timeout)
+            return subprocess.run(
+                [sys.executable, "-m", "tools.cli.main", *argv],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=timeout,
+            )
 
         # Training through the deployment's module services, under its coordinator.
         run = tmp_path / "run"
-        trained = cli("train", "--remote", "--spec", str(ROOT / "examples/tiny.yaml"),
-                      "--out", str(run), "--steps", "4", "--batch-size", "4", "--seq-len", "32",
-                      "--micro-batches", "2", "--max-data-mb", "0.2", "--eval-every", "2",
-                      "--save-every", "2")
+        trained = cli(
+            "train",
+            "--remote",
+            "--spec",
+            str(ROOT / "examples/tiny.yaml"),
+            "--out",
+            str(run),
+            "--steps",
+            "4",
+            "--batch-size",
+            "4",
+            "--seq-len",
+            "32",
+            "--micro-batches",
+            "2",
+            "--max-data-mb",
+            "0.2",
+            "--eval-every",
+            "2",
+            "--save-every",
+            "2",
+        )
         assert trained.returncode == 0, trained.stderr
         assert "(services, 1f1b, 2 micro-batches)" in trained.stderr
         assert (run / "loss.png").exists() and (run / "train" / "meta.json").exists()

@@ -25,8 +25,19 @@ pytestmark = pytest.mark.slow
 
 
 def small_job(out: Path, **kw) -> JobRequest:
-    args = dict(spec=TINY, out=str(out), steps=30, batch_size=8, seq_len=32, max_data_mb=0.3,
-                eval_every=10, save_every=5, engine="pipeline", micro_batches=2, warmup=3)
+    args = dict(
+        spec=TINY,
+        out=str(out),
+        steps=30,
+        batch_size=8,
+        seq_len=32,
+        max_data_mb=0.3,
+        eval_every=10,
+        save_every=5,
+        engine="pipeline",
+        micro_batches=2,
+        warmup=3,
+    )
     args.update(kw)
     return JobRequest(**args)
 
@@ -38,7 +49,10 @@ def coordinator(tmp_path_factory):
         env = child_env({"PATHWAYS_BROKER_URL": broker.url})
         worker = subprocess.Popen(
             [sys.executable, "-m", "pathways.coordinator.worker", "--loglevel=WARNING"],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             yield JobClient(make_app(broker.url)), worker
         finally:
@@ -75,8 +89,9 @@ def test_job_runs_to_completion_with_progress_metrics_and_plot(coordinator, tmp_
     st = client.follow(job, timeout=300, on_progress=seen.append)
     assert st["state"] == "SUCCESS", st
     progress = [s for s in seen if s["state"] == "PROGRESS"]
-    assert progress and all({"step", "loss", "tokens_per_s", "stage_seconds"} <= set(s)
-                            for s in progress)
+    assert progress and all(
+        {"step", "loss", "tokens_per_s", "stage_seconds"} <= set(s) for s in progress
+    )
     assert set(progress[-1]["stage_seconds"]) == {"embed", "attn-0", "attn-1", "head"}
     assert st["step"] == 12 and st["eval_loss"] is not None
     out = tmp_path / "run"
@@ -120,8 +135,10 @@ def test_killed_worker_process_resumes_from_checkpoint_to_the_same_losses(coordi
 def test_bad_spec_and_unreadable_data_fail_with_a_clear_error(coordinator, tmp_path):
     client, worker = coordinator
     bad_spec = tmp_path / "bad.yaml"
-    bad_spec.write_text("modules: {embed: {kind: embedding, vocab_size: 0, d_model: 8, "
-                        "max_seq_len: 8}}\npathways: {p: [embed]}\n")
+    bad_spec.write_text(
+        "modules: {embed: {kind: embedding, vocab_size: 0, d_model: 8, "
+        "max_seq_len: 8}}\npathways: {p: [embed]}\n"
+    )
     job = client.submit(small_job(tmp_path / "a", spec=str(bad_spec)))
     st = client.follow(job, timeout=120)
     assert st["state"] == "FAILURE"

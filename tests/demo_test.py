@@ -16,9 +16,23 @@ def test_demo_trains_through_the_services_generates_and_stops_everything(tmp_pat
     env = launcher.child_env({"PATHWAYS_HOME": str(tmp_path / "home")})
     out = tmp_path / "demo"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tools.cli.main", "demo", "--out", str(out), "--steps", "6",
-         "--max-tokens", "16"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        [
+            sys.executable,
+            "-m",
+            "tools.cli.main",
+            "demo",
+            "--out",
+            str(out),
+            "--steps",
+            "6",
+            "--max-tokens",
+            "16",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=600)
     finally:

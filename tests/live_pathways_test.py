@@ -13,7 +13,6 @@ from pathways import generate as gen
 from pathways import surgery
 from pathways.deployment import LocalDeployment
 from pathways.executor.local import LocalExecutor
-from pathways.pipeline.runner import run_step
 from pathways.sampling import SamplingParams
 from pathways.serving.testing import make_checkpoint
 from pathways.serving.train_client import remote_stages
@@ -30,8 +29,9 @@ def local_text(ex, pathway: str, prompt: str, n: int) -> str:
 
 
 def stream(stub, pathway: str, prompt: str, n: int) -> str:
-    req = gateway_pb2.GenerateRequest(pathway=pathway, prompt=prompt,
-                                      sampling=gateway_pb2.SamplingOptions(max_new_tokens=n))
+    req = gateway_pb2.GenerateRequest(
+        pathway=pathway, prompt=prompt, sampling=gateway_pb2.SamplingOptions(max_new_tokens=n)
+    )
     return "".join(ev.text for ev in stub.Generate(req, timeout=120))
 
 
@@ -74,8 +74,12 @@ def test_insert_switch_train_and_remove_under_live_traffic(deployment, tmp_path)
         ckpt.save_spec(new_ckpt, grown, TOK)
         ckpt.save_module(new_ckpt, "attn-new", state)
         address = dep.add_module(new_ckpt, "attn-new")
-        assert stub.AddModule(gateway_pb2.AddModuleRequest(name="attn-new", addresses=[address]),
-                              timeout=30).kind == "attention"
+        assert (
+            stub.AddModule(
+                gateway_pb2.AddModuleRequest(name="attn-new", addresses=[address]), timeout=30
+            ).kind
+            == "attention"
+        )
         chain = list(grown.pathway("tiny").modules)
         assert chain == ["embed", "attn-0", "attn-new", "attn-1", "head"]
         stub.SetPathway(gateway_pb2.SetPathwayRequest(name="tiny-grown", modules=chain), timeout=10)
@@ -87,8 +91,10 @@ def test_insert_switch_train_and_remove_under_live_traffic(deployment, tmp_path)
 
         def long_stream(ev: threading.Event) -> None:
             req = gateway_pb2.GenerateRequest(
-                pathway="tiny-shallow", prompt="def ",
-                sampling=gateway_pb2.SamplingOptions(max_new_tokens=60))
+                pathway="tiny-shallow",
+                prompt="def ",
+                sampling=gateway_pb2.SamplingOptions(max_new_tokens=60),
+            )
             text = ""
             for msg in stub.Generate(req, timeout=120):
                 ev.set()  # its session is open: the pathway change must not affect it
@@ -99,22 +105,28 @@ def test_insert_switch_train_and_remove_under_live_traffic(deployment, tmp_path)
         for t in long:
             t.start()
         assert all(ev.wait(60) for ev in started)
-        stub.SetPathway(gateway_pb2.SetPathwayRequest(name="tiny-shallow",
-                                                      modules=["embed", "attn-1", "head"]),
-                        timeout=10)
+        stub.SetPathway(
+            gateway_pb2.SetPathwayRequest(name="tiny-shallow", modules=["embed", "attn-1", "head"]),
+            timeout=10,
+        )
         for t in long:
             t.join(120)
         assert results == [want_shallow, want_shallow]
         changed = spec.with_pathway("tiny-shallow", ["embed", "attn-1", "head"])
-        want_changed = local_text(LocalExecutor(changed, states={
-            m: local.state(m) for m in spec.modules}), "tiny-shallow", "def ", 24)
+        want_changed = local_text(
+            LocalExecutor(changed, states={m: local.state(m) for m in spec.modules}),
+            "tiny-shallow",
+            "def ",
+            24,
+        )
         assert stream(stub, "tiny-shallow", "def ", 24) == want_changed
 
         # 3. Train only the new module, through the services; the others stay frozen.
         cfg = TrainConfig(steps=10, warmup=1, lr=1e-2)
         addresses = {m: a[0] for m, a in dep.fleet.endpoints.items()}
-        stages = remote_stages(grown, "tiny", addresses, cfg,
-                               frozen={m for m in chain if m != "attn-new"})
+        stages = remote_stages(
+            grown, "tiny", addresses, cfg, frozen={m for m in chain if m != "attn-new"}
+        )
         engine = PipelineEngine(stages, n_micro=2)
         toks = np.random.default_rng(0).integers(0, 257, (4, 33)).astype(np.int32)
         before = engine.eval_loss(toks[:, :-1], toks[:, 1:])
@@ -132,13 +144,15 @@ def test_insert_switch_train_and_remove_under_live_traffic(deployment, tmp_path)
             stream(stub, "tiny-grown", "def ", 4)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
         with pytest.raises(grpc.RpcError) as e:
-            stub.SetPathway(gateway_pb2.SetPathwayRequest(name="bad", modules=["attn-0", "head"]),
-                            timeout=10)
+            stub.SetPathway(
+                gateway_pb2.SetPathwayRequest(name="bad", modules=["attn-0", "head"]), timeout=10
+            )
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "must start with an embedding module" in e.value.details()
         with pytest.raises(grpc.RpcError) as e:
-            stub.SetPathway(gateway_pb2.SetPathwayRequest(name="bad", modules=["embed", "nope"]),
-                            timeout=10)
+            stub.SetPathway(
+                gateway_pb2.SetPathwayRequest(name="bad", modules=["embed", "nope"]), timeout=10
+            )
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         done.set()

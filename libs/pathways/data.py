@@ -79,8 +79,10 @@ class TokenData:
         """Returns (inputs, targets), each (batch_size, seq_len) int32."""
         tokens = self.train if split == "train" else self.eval
         if len(tokens) < seq_len + 2:
-            raise ValueError(f"{split} split has {len(tokens)} tokens, fewer than seq_len "
-                             f"{seq_len} + 2: give more data or a shorter seq_len")
+            raise ValueError(
+                f"{split} split has {len(tokens)} tokens, fewer than seq_len "
+                f"{seq_len} + 2: give more data or a shorter seq_len"
+            )
         rng = np.random.default_rng([seed, step, 0 if split == "train" else 1])
         starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch_size)
         windows = np.stack([tokens[s : s + seq_len + 1] for s in starts])

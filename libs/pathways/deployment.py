@@ -59,8 +59,10 @@ def broker_url(explicit: str | None = None) -> str:
     info = read()
     if info and info.get("broker"):
         return info["broker"]
-    raise ValueError("no coordinator found: start one with `pathways up`, or pass --broker URL "
-                     "(or set PATHWAYS_BROKER_URL)")
+    raise ValueError(
+        "no coordinator found: start one with `pathways up`, or pass --broker URL "
+        "(or set PATHWAYS_BROKER_URL)"
+    )
 
 
 class LocalDeployment:
@@ -69,9 +71,15 @@ class LocalDeployment:
     What `pathways up` and `pathways demo` run. `stop()` ends every process it started.
     """
 
-    def __init__(self, checkpoint: str | Path, replicas: dict[str, int] | None = None,
-                 log=None, module_args: list[str] = (), coordinator: bool = True,
-                 worker_concurrency: int = 1):
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        replicas: dict[str, int] | None = None,
+        log=None,
+        module_args: list[str] = (),
+        coordinator: bool = True,
+        worker_concurrency: int = 1,
+    ):
         from pathways import checkpoint as ckpt
 
         self.checkpoint = str(checkpoint)
@@ -106,17 +114,35 @@ class LocalDeployment:
                 self.broker = EmbeddedBroker().start()
                 # The worker first: it imports while the module servers compile.
                 self.worker = subprocess.Popen(
-                    [sys.executable, "-m", "pathways.coordinator.worker", "--loglevel=WARNING",
-                     f"--concurrency={self.worker_concurrency}"],
+                    [
+                        sys.executable,
+                        "-m",
+                        "pathways.coordinator.worker",
+                        "--loglevel=WARNING",
+                        f"--concurrency={self.worker_concurrency}",
+                    ],
                     env=child_env({"PATHWAYS_BROKER_URL": self.broker.url}),
-                    stdout=self.log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
-            self.fleet = Fleet(self.checkpoint, self.modules, self.replicas, log=self.log,
-                               module_args=self.module_args).start(timeout)
+                    stdout=self.log or subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT,
+                )
+            self.fleet = Fleet(
+                self.checkpoint,
+                self.modules,
+                self.replicas,
+                log=self.log,
+                module_args=self.module_args,
+            ).start(timeout)
             if self.worker is not None and self.worker.poll() is not None:
                 raise RuntimeError(f"coordinator worker exited with code {self.worker.returncode}")
-            write({"gateway": self.gateway, "broker": self.broker.url if self.broker else None,
-                   "modules": self.fleet.endpoints, "train_modules": self.train_modules,
-                   "checkpoint": self.checkpoint})
+            write(
+                {
+                    "gateway": self.gateway,
+                    "broker": self.broker.url if self.broker else None,
+                    "modules": self.fleet.endpoints,
+                    "train_modules": self.train_modules,
+                    "checkpoint": self.checkpoint,
+                }
+            )
         except BaseException:
             self.stop()
             raise
@@ -141,7 +167,9 @@ class LocalDeployment:
 
     def dead(self) -> list[str]:
         """Names of processes that exited on their own."""
-        out = [p.name for ps in self.fleet.servers.values() for p in ps if p.proc.poll() is not None]
+        out = [
+            p.name for ps in self.fleet.servers.values() for p in ps if p.proc.poll() is not None
+        ]
         if self.fleet.gateway is not None and self.fleet.gateway.proc.poll() is not None:
             out.append("gateway")
         if self.worker is not None and self.worker.poll() is not None:

@@ -29,8 +29,13 @@ class Completion:
     finish_reason: str
 
 
-def stream(executor: Executor, pathway: str, prompts: list[str], tokenizer: Tokenizer,
-           params: SamplingParams | list[SamplingParams]) -> Iterator[TokenEvent]:
+def stream(
+    executor: Executor,
+    pathway: str,
+    prompts: list[str],
+    tokenizer: Tokenizer,
+    params: SamplingParams | list[SamplingParams],
+) -> Iterator[TokenEvent]:
     """Yields tokens as they are generated, for a batch of text prompts."""
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
@@ -44,17 +49,21 @@ def stream(executor: Executor, pathway: str, prompts: list[str], tokenizer: Toke
     limit = executor.spec.pathway(pathway).max_seq_len
     for i, (p, sp) in enumerate(zip(ids, params)):
         if len(p) + sp.max_new_tokens > limit:
-            raise ValueError(f"max sequence length exceeded: prompt {i} has {len(p)} tokens + "
-                             f"max_new_tokens {sp.max_new_tokens} > {limit} for pathway {pathway!r}")
+            raise ValueError(
+                f"max sequence length exceeded: prompt {i} has {len(p)} tokens + "
+                f"max_new_tokens {sp.max_new_tokens} > {limit} for pathway {pathway!r}"
+            )
     # Rows decode in lockstep: a finished row keeps taking cache positions until the batch's
     # longest row is done. Refuse up front what would otherwise fail halfway through the stream.
     steps = max(sp.max_new_tokens for sp in params) - 1
     for i, p in enumerate(ids):
         if len(p) + steps > limit:
-            raise ValueError(f"max sequence length exceeded: prompt {i} has {len(p)} tokens + "
-                             f"{steps} lockstep decode steps (the batch's largest max_new_tokens "
-                             f"is {steps + 1}) > {limit} for pathway {pathway!r}; generate it in "
-                             f"a separate batch")
+            raise ValueError(
+                f"max sequence length exceeded: prompt {i} has {len(p)} tokens + "
+                f"{steps} lockstep decode steps (the batch's largest max_new_tokens "
+                f"is {steps + 1}) > {limit} for pathway {pathway!r}; generate it in "
+                f"a separate batch"
+            )
     session = executor.open_session(pathway, params)
     try:
         yield from _drive(executor, session, ids, tokenizer, params)
@@ -95,8 +104,9 @@ def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
                 reason = "length"
             # A tail that may be the start of a stop sequence is held back until it is decided,
             # so what was yielded never has to be taken back.
-            end = len(texts[i]) if reason else len(texts[i]) - _stop_prefix(texts[i],
-                                                                             params[i].stop)
+            end = (
+                len(texts[i]) if reason else len(texts[i]) - _stop_prefix(texts[i], params[i].stop)
+            )
             piece, shown[i] = texts[i][shown[i] : end], max(shown[i], end)
             done[i] = reason is not None
             yield TokenEvent(i, tok, piece, finished=reason)
@@ -116,8 +126,13 @@ def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
     return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
-def generate(executor: Executor, pathway: str, prompts: list[str], tokenizer: Tokenizer,
-             params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+def generate(
+    executor: Executor,
+    pathway: str,
+    prompts: list[str],
+    tokenizer: Tokenizer,
+    params: SamplingParams | list[SamplingParams],
+) -> list[Completion]:
     """Runs `stream` to the end and collects one completion per prompt."""
     b = len(prompts)
     texts, toks, reasons = [""] * b, [[] for _ in range(b)], ["length"] * b

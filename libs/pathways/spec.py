@@ -46,9 +46,11 @@ class PathwaySpec:
         pathways = {}
         for p in self.pathways.values():
             pathways[p.name] = {"modules": list(p.modules), "max_seq_len": p.max_seq_len}
-        return {"tokenizer": dict(self.tokenizer),
-                "modules": {n: to_dict(c) for n, c in self.modules.items()},
-                "pathways": pathways}
+        return {
+            "tokenizer": dict(self.tokenizer),
+            "modules": {n: to_dict(c) for n, c in self.modules.items()},
+            "pathways": pathways,
+        }
 
     def dump(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -133,34 +135,48 @@ def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
         seen.add(m)
     first, last = modules[chain[0]], modules[chain[-1]]
     if first.input_contract[0] != "tokens":
-        raise SpecError(f"pathway {name!r}: must start with an embedding module, "
-                        f"but {chain[0]!r} is {first.kind}")
+        raise SpecError(
+            f"pathway {name!r}: must start with an embedding module, "
+            f"but {chain[0]!r} is {first.kind}"
+        )
     if last.output_contract[0] != "logits":
-        raise SpecError(f"pathway {name!r}: must end with a decoding module, "
-                        f"but {chain[-1]!r} is {last.kind}")
+        raise SpecError(
+            f"pathway {name!r}: must end with a decoding module, "
+            f"but {chain[-1]!r} is {last.kind}"
+        )
     for a, b in zip(chain, chain[1:]):
         out_kind, out_dim = modules[a].output_contract
         in_kind, in_dim = modules[b].input_contract
         if out_kind != in_kind:
-            raise SpecError(f"pathway {name!r}: {a!r} ({modules[a].kind}) outputs {out_kind} "
-                            f"but {b!r} ({modules[b].kind}) expects {in_kind}")
+            raise SpecError(
+                f"pathway {name!r}: {a!r} ({modules[a].kind}) outputs {out_kind} "
+                f"but {b!r} ({modules[b].kind}) expects {in_kind}"
+            )
         if out_dim != in_dim:
-            raise SpecError(f"pathway {name!r}: d_model mismatch: {a!r} outputs {out_dim} "
-                            f"but {b!r} expects {in_dim}")
+            raise SpecError(
+                f"pathway {name!r}: d_model mismatch: {a!r} outputs {out_dim} "
+                f"but {b!r} expects {in_dim}"
+            )
     emb_vocab, head_vocab = first.input_contract[1], last.output_contract[1]
     if emb_vocab != head_vocab:
-        raise SpecError(f"pathway {name!r}: vocab mismatch: embedding {chain[0]!r} has "
-                        f"vocab_size {emb_vocab} but decoding {chain[-1]!r} has {head_vocab}")
+        raise SpecError(
+            f"pathway {name!r}: vocab mismatch: embedding {chain[0]!r} has "
+            f"vocab_size {emb_vocab} but decoding {chain[-1]!r} has {head_vocab}"
+        )
     limits = {m: modules[m].max_seq_len for m in chain if hasattr(modules[m], "max_seq_len")}
     max_len = min(limits.values())
     if declared_len is not None:
         if not isinstance(declared_len, int) or declared_len <= 0:
-            raise SpecError(f"pathway {name!r}: max_seq_len must be a positive integer, "
-                            f"got {declared_len!r}")
+            raise SpecError(
+                f"pathway {name!r}: max_seq_len must be a positive integer, "
+                f"got {declared_len!r}"
+            )
         over = {m: v for m, v in limits.items() if v < declared_len}
         if over:
             m, v = next(iter(over.items()))
-            raise SpecError(f"pathway {name!r}: max sequence length exceeded: max_seq_len "
-                            f"{declared_len} > module {m!r} max_seq_len {v}")
+            raise SpecError(
+                f"pathway {name!r}: max sequence length exceeded: max_seq_len "
+                f"{declared_len} > module {m!r} max_seq_len {v}"
+            )
         max_len = declared_len
     return Pathway(name=name, modules=tuple(chain), max_seq_len=max_len)

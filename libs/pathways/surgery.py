@@ -23,8 +23,9 @@ def _chain(spec: PathwaySpec, pathway: str) -> list[str]:
     return list(spec.pathway(pathway).modules)
 
 
-def _with(spec: PathwaySpec, pathway: str, chain: list[str],
-          modules: dict[str, Any] | None = None) -> PathwaySpec:
+def _with(
+    spec: PathwaySpec, pathway: str, chain: list[str], modules: dict[str, Any] | None = None
+) -> PathwaySpec:
     data = spec.to_dict()
     if modules is not None:
         data["modules"] = modules
@@ -43,12 +44,24 @@ def default_attention(spec: PathwaySpec, pathway: str, *, n_layers: int = 1) -> 
     if like is not None:
         return dataclasses.replace(like, n_layers=n_layers, zero_init_output=True)
     d = spec.modules[chain[0]].output_contract[1]
-    return AttentionConfig(d_model=d, n_layers=n_layers, n_heads=max(1, d // 64),
-                           max_seq_len=spec.pathway(pathway).max_seq_len, zero_init_output=True)
+    return AttentionConfig(
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=max(1, d // 64),
+        max_seq_len=spec.pathway(pathway).max_seq_len,
+        zero_init_output=True,
+    )
 
 
-def insert_attention(spec: PathwaySpec, pathway: str, name: str, position: int,
-                     cfg: AttentionConfig | None = None, *, seed: int = 0):
+def insert_attention(
+    spec: PathwaySpec,
+    pathway: str,
+    name: str,
+    position: int,
+    cfg: AttentionConfig | None = None,
+    *,
+    seed: int = 0,
+):
     """Inserts a new attention module `name` so that it becomes the pathway's `position`-th module.
 
     Args:
@@ -70,8 +83,10 @@ def insert_attention(spec: PathwaySpec, pathway: str, name: str, position: int,
     if name in spec.modules:
         raise SpecError(f"module {name!r} already exists in the spec")
     if not 1 <= position <= len(chain) - 1:
-        raise SpecError(f"pathway {pathway!r}: insert position must be between 1 (after "
-                        f"{chain[0]!r}) and {len(chain) - 1} (before {chain[-1]!r}), got {position}")
+        raise SpecError(
+            f"pathway {pathway!r}: insert position must be between 1 (after "
+            f"{chain[0]!r}) and {len(chain) - 1} (before {chain[-1]!r}), got {position}"
+        )
     cfg = cfg or default_attention(spec, pathway)
     if cfg.kind != "attention":
         raise SpecError(f"only attention modules can be inserted, got a {cfg.kind} config")
@@ -83,8 +98,9 @@ def insert_attention(spec: PathwaySpec, pathway: str, name: str, position: int,
     return new_spec, state
 
 
-def remove_module(spec: PathwaySpec, pathway: str, name: str, *,
-                  drop_unused: bool = False) -> PathwaySpec:
+def remove_module(
+    spec: PathwaySpec, pathway: str, name: str, *, drop_unused: bool = False
+) -> PathwaySpec:
     """Removes attention module `name` from `pathway`.
 
     Args:
@@ -95,13 +111,14 @@ def remove_module(spec: PathwaySpec, pathway: str, name: str, *,
     if name not in chain:
         raise SpecError(f"pathway {pathway!r} has no module {name!r}; it has {', '.join(chain)}")
     if spec.modules[name].kind != "attention":
-        raise SpecError(f"only attention modules can be removed; {name!r} is "
-                        f"{spec.modules[name].kind} (a pathway must start with an embedding "
-                        f"and end with a decoding module)")
+        raise SpecError(
+            f"only attention modules can be removed; {name!r} is "
+            f"{spec.modules[name].kind} (a pathway must start with an embedding "
+            f"and end with a decoding module)"
+        )
     new_chain = [m for m in chain if m != name]
     modules = None
-    if drop_unused and not any(name in p.modules for n, p in spec.pathways.items()
-                               if n != pathway):
+    if drop_unused and not any(name in p.modules for n, p in spec.pathways.items() if n != pathway):
         modules = {n: to_dict(c) for n, c in spec.modules.items() if n != name}
     return _with(spec, pathway, new_chain, modules)
 

@@ -15,16 +15,33 @@ from pathways.spec import SpecError
 from pathways.tokenizers import ByteTokenizer
 from pathways.train import FusedEngine, LocalTrainer, PipelineEngine, TrainConfig, make_optimizer
 
-SPEC = spec_lib.from_dict({
-    "modules": {
-        "embed": {"kind": "embedding", "vocab_size": 37, "d_model": 24, "max_seq_len": 16},
-        "a0": {"kind": "attention", "d_model": 24, "n_layers": 2, "n_heads": 3, "max_seq_len": 16},
-        "a1": {"kind": "attention", "d_model": 24, "n_layers": 1, "n_heads": 2, "max_seq_len": 16,
-               "n_kv_heads": 1, "norm": "rmsnorm", "mlp": "swiglu", "positions": "rope"},
-        "head": {"kind": "decoding", "d_model": 24, "vocab_size": 37},
-    },
-    "pathways": {"p": ["embed", "a0", "a1", "head"], "short": ["embed", "a0", "head"]},
-})
+SPEC = spec_lib.from_dict(
+    {
+        "modules": {
+            "embed": {"kind": "embedding", "vocab_size": 37, "d_model": 24, "max_seq_len": 16},
+            "a0": {
+                "kind": "attention",
+                "d_model": 24,
+                "n_layers": 2,
+                "n_heads": 3,
+                "max_seq_len": 16,
+            },
+            "a1": {
+                "kind": "attention",
+                "d_model": 24,
+                "n_layers": 1,
+                "n_heads": 2,
+                "max_seq_len": 16,
+                "n_kv_heads": 1,
+                "norm": "rmsnorm",
+                "mlp": "swiglu",
+                "positions": "rope",
+            },
+            "head": {"kind": "decoding", "d_model": 24, "vocab_size": 37},
+        },
+        "pathways": {"p": ["embed", "a0", "a1", "head"], "short": ["embed", "a0", "head"]},
+    }
+)
 TOKENS = np.random.default_rng(0).integers(0, 37, (3, 11)).astype(np.int32)
 
 
@@ -33,8 +50,10 @@ def _states(ex, names):
 
 
 def _equal(a, b) -> bool:
-    return all(np.array_equal(np.asarray(x), np.asarray(y))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return all(
+        np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 NARROW = AttentionConfig(d_model=24, n_layers=2, n_heads=4, max_seq_len=16, mlp="swiglu", d_ff=13)
@@ -62,9 +81,12 @@ def test_insert_and_remove_refuse_bad_requests_by_name():
     with pytest.raises(SpecError, match="module 'a0' already exists"):
         surgery.insert_attention(SPEC, "p", "a0", 1)
     with pytest.raises(SpecError, match="d_model mismatch"):
-        surgery.insert_attention(SPEC, "p", "new", 1,
-                                 AttentionConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=16))
-    with pytest.raises(SpecError, match="only attention modules can be removed; 'head' is decoding"):
+        surgery.insert_attention(
+            SPEC, "p", "new", 1, AttentionConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=16)
+        )
+    with pytest.raises(
+        SpecError, match="only attention modules can be removed; 'head' is decoding"
+    ):
         surgery.remove_module(SPEC, "p", "head")
     with pytest.raises(SpecError, match="pathway 'short' has no module 'a1'"):
         surgery.remove_module(SPEC, "short", "a1")
@@ -92,12 +114,22 @@ def test_only_the_trainable_module_moves(engine, tmp_path):
     # Copies: the fused step donates its input buffers.
     base = LocalExecutor(spec2, seed=1, states={"new": jax.tree.map(np.array, state)})
     ex = LocalExecutor(spec2, seed=1, states={"new": state})
-    cfg = TrainConfig(steps=4, batch_size=8, seq_len=12, warmup=1, lr=1e-2, eval_every=4,
-                      eval_batches=1, save_every=4)
-    data = TokenData(train=np.tile(np.arange(37, dtype=np.int32), 20), eval=np.arange(37,
-                                                                                   dtype=np.int32))
-    trainer = LocalTrainer(ex, "p", cfg, data, tmp_path, ByteTokenizer(), engine=engine,
-                           n_micro=2, trainable={"new"})
+    cfg = TrainConfig(
+        steps=4,
+        batch_size=8,
+        seq_len=12,
+        warmup=1,
+        lr=1e-2,
+        eval_every=4,
+        eval_batches=1,
+        save_every=4,
+    )
+    data = TokenData(
+        train=np.tile(np.arange(37, dtype=np.int32), 20), eval=np.arange(37, dtype=np.int32)
+    )
+    trainer = LocalTrainer(
+        ex, "p", cfg, data, tmp_path, ByteTokenizer(), engine=engine, n_micro=2, trainable={"new"}
+    )
     trainer.run()
     for name in ("embed", "a0", "a1", "head"):
         assert _equal(ex.state(name), base.state(name)), name
@@ -113,7 +145,12 @@ def test_frozen_pipeline_updates_equal_the_fused_updates():
     stages = [LocalStage(rt, make_optimizer(cfg)) for rt in pipe_ex.chain("p")]
     PipelineEngine(stages, 4, trainable={"new", "head"})
     assert [(s.frozen, s.input_grad) for s in stages] == [
-        (True, False), (True, False), (False, False), (True, True), (False, True)]
+        (True, False),
+        (True, False),
+        (False, False),
+        (True, True),
+        (False, True),
+    ]
     for step in range(3):
         inputs, targets = _batch(step)
         fused.step(inputs, targets)

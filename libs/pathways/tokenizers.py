@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
@@ -55,8 +54,11 @@ class BpeTokenizer:
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, special_tokens=[EOS_TEXT],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+            vocab_size=vocab_size,
+            special_tokens=[EOS_TEXT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         return BpeTokenizer(tok)
 
@@ -118,5 +120,3 @@ class StreamDecoder:
         piece = text[self._emitted :]
         self._emitted = len(text)
         return piece
-
-

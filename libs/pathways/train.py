@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -49,7 +48,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not (isinstance(self.warmup, int) and 0 <= self.warmup < self.steps):
             raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}")
@@ -57,7 +56,8 @@ class TrainConfig:
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, max(cfg.warmup, 1), cfg.steps, end_value=cfg.lr * cfg.min_lr_ratio)
+        0.0, cfg.lr, max(cfg.warmup, 1), cfg.steps, end_value=cfg.lr * cfg.min_lr_ratio
+    )
     decay_mask = functools.partial(jax.tree.map, lambda p: p.ndim >= 2)  # no decay on norms/biases
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip),
@@ -67,7 +67,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
 def _fused_step(chain, tx, trainable, states, opt_states, inputs, targets):
     loss, grads = jax.value_and_grad(functools.partial(composite_loss, chain))(
-        states, inputs, targets)
+        states, inputs, targets
+    )
     new_states, new_opts = [], []
     for st, g, o, learns in zip(states, grads, opt_states, trainable):
         if not learns:  # frozen: its gradient is dead code, which XLA drops
@@ -87,8 +88,9 @@ def _check_trainable(names: list[str], trainable) -> set[str]:
     trainable = set(trainable)
     unknown = sorted(trainable - set(names))
     if unknown:
-        raise ValueError(f"trainable module(s) {', '.join(unknown)} not in the pathway "
-                         f"({', '.join(names)})")
+        raise ValueError(
+            f"trainable module(s) {', '.join(unknown)} not in the pathway " f"({', '.join(names)})"
+        )
     if not trainable:
         raise ValueError("trainable is empty: nothing would learn")
     return trainable
@@ -100,16 +102,22 @@ class FusedEngine:
     `trainable` names the modules that learn (default: all); the others stay frozen.
     """
 
-    def __init__(self, executor: LocalExecutor, pathway: str, tx: optax.GradientTransformation,
-                 trainable: set[str] | None = None):
+    def __init__(
+        self,
+        executor: LocalExecutor,
+        pathway: str,
+        tx: optax.GradientTransformation,
+        trainable: set[str] | None = None,
+    ):
         self.chain = executor.chain(pathway)
         self.names = [rt.name for rt in self.chain]
         learns = _check_trainable(self.names, trainable)
         # Stages only as the per-module holders of optimizer state and checkpoint I/O.
         self.stages = [LocalStage(rt, tx, frozen=rt.name not in learns) for rt in self.chain]
         mask = tuple(n in learns for n in self.names)
-        self._step = jax.jit(functools.partial(_fused_step, self.chain, tx, mask),
-                             donate_argnums=(0, 1))
+        self._step = jax.jit(
+            functools.partial(_fused_step, self.chain, tx, mask), donate_argnums=(0, 1)
+        )
         self._loss = jax.jit(functools.partial(composite_loss, self.chain))
 
     def step(self, inputs, targets) -> dict:
@@ -141,8 +149,13 @@ class PipelineEngine:
     stages before the first learning one skip their backward entirely.
     """
 
-    def __init__(self, stages: list[Stage], n_micro: int = 4, schedule: str = "1f1b",
-                 trainable: set[str] | None = None):
+    def __init__(
+        self,
+        stages: list[Stage],
+        n_micro: int = 4,
+        schedule: str = "1f1b",
+        trainable: set[str] | None = None,
+    ):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
         self.stages, self.n_micro, self.schedule = stages, n_micro, schedule
@@ -193,21 +206,33 @@ class PipelineEngine:
 class Trainer:
     """The training loop: deterministic batches, eval, checkpoints, metrics, exact resume."""
 
-    def __init__(self, engine, spec, pathway: str, tokenizer, cfg: TrainConfig, data: TokenData,
-                 out: str | Path):
+    def __init__(
+        self,
+        engine,
+        spec,
+        pathway: str,
+        tokenizer,
+        cfg: TrainConfig,
+        data: TokenData,
+        out: str | Path,
+    ):
         self.engine, self.spec, self.pathway = engine, spec, pathway
         self.tokenizer, self.cfg, self.data, self.out = tokenizer, cfg, data, Path(out)
         limit = spec.pathway(pathway).max_seq_len
         if cfg.seq_len > limit:
-            raise ValueError(f"max sequence length exceeded: seq_len {cfg.seq_len} > pathway "
-                             f"{pathway!r} max_seq_len {limit}")
+            raise ValueError(
+                f"max sequence length exceeded: seq_len {cfg.seq_len} > pathway "
+                f"{pathway!r} max_seq_len {limit}"
+            )
         self.step = 0
 
     def save(self) -> None:
         ckpt.save_spec(self.out, self.spec, self.tokenizer)
         self.engine.save(self.out)
-        ckpt.write_meta(self.out, {"step": self.step, "pathway": self.pathway,
-                                   "config": dataclasses.asdict(self.cfg)})
+        ckpt.write_meta(
+            self.out,
+            {"step": self.step, "pathway": self.pathway, "config": dataclasses.asdict(self.cfg)},
+        )
 
     def try_resume(self) -> bool:
         """Loads parameters, optimizer states and step from `out` if it holds a training run."""
@@ -215,8 +240,10 @@ class Trainer:
         if meta is None:
             return False
         if meta.get("pathway") != self.pathway:
-            raise ValueError(f"{self.out} holds a run of pathway {meta.get('pathway')!r}, "
-                             f"not {self.pathway!r}")
+            raise ValueError(
+                f"{self.out} holds a run of pathway {meta.get('pathway')!r}, "
+                f"not {self.pathway!r}"
+            )
         self.engine.load(self.out)
         self.step = int(meta["step"])
         self._truncate_metrics()
@@ -226,19 +253,33 @@ class Trainer:
         """Drops records of steps after the checkpoint: they are about to be run again."""
         path = self.out / "metrics.jsonl"
         if path.exists():
-            keep = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line)["step"] <= self.step]
+            keep = [
+                line
+                for line in path.read_text().splitlines()
+                if line and json.loads(line)["step"] <= self.step
+            ]
             tmp = path.with_suffix(".tmp")
             tmp.write_text("".join(line + "\n" for line in keep))
             tmp.replace(path)
 
     def eval_loss(self) -> float:
         c = self.cfg
-        return float(np.mean([self.engine.eval_loss(*self.data.batch(
-            i, c.batch_size, c.seq_len, c.seed, split="eval")) for i in range(c.eval_batches)]))
+        return float(
+            np.mean(
+                [
+                    self.engine.eval_loss(
+                        *self.data.batch(i, c.batch_size, c.seq_len, c.seed, split="eval")
+                    )
+                    for i in range(c.eval_batches)
+                ]
+            )
+        )
 
-    def run(self, on_step: Callable[[dict], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> list[dict]:
+    def run(
+        self,
+        on_step: Callable[[dict], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[dict]:
         """Trains until cfg.steps; returns (and appends to metrics.jsonl) one record per step."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
@@ -252,9 +293,13 @@ class Trainer:
                 out = self.engine.step(inputs, targets)
                 dt = time.perf_counter() - t0
                 self.step += 1
-                rec = {"step": self.step, "loss": out["loss"],
-                       "tokens_per_s": cfg.batch_size * cfg.seq_len / dt, "step_seconds": dt,
-                       "stage_seconds": out.get("stage_seconds", {})}
+                rec = {
+                    "step": self.step,
+                    "loss": out["loss"],
+                    "tokens_per_s": cfg.batch_size * cfg.seq_len / dt,
+                    "step_seconds": dt,
+                    "stage_seconds": out.get("stage_seconds", {}),
+                }
                 if "wire_bytes" in out:
                     rec["wire_bytes"] = out["wire_bytes"]
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
@@ -272,15 +317,27 @@ class Trainer:
 class LocalTrainer(Trainer):
     """A Trainer over this process's executor: fused (the baseline) or pipelined over stages."""
 
-    def __init__(self, executor: LocalExecutor, pathway: str, cfg: TrainConfig, data: TokenData,
-                 out: str | Path, tokenizer, *, engine: str = "fused", n_micro: int = 4,
-                 schedule: str = "1f1b", trainable: set[str] | None = None):
+    def __init__(
+        self,
+        executor: LocalExecutor,
+        pathway: str,
+        cfg: TrainConfig,
+        data: TokenData,
+        out: str | Path,
+        tokenizer,
+        *,
+        engine: str = "fused",
+        n_micro: int = 4,
+        schedule: str = "1f1b",
+        trainable: set[str] | None = None,
+    ):
         tx = make_optimizer(cfg)
         if engine == "fused":
             eng = FusedEngine(executor, pathway, tx, trainable)
         elif engine == "pipeline":
-            eng = PipelineEngine([LocalStage(rt, tx) for rt in executor.chain(pathway)],
-                                 n_micro, schedule, trainable)
+            eng = PipelineEngine(
+                [LocalStage(rt, tx) for rt in executor.chain(pathway)], n_micro, schedule, trainable
+            )
         else:
             raise ValueError(f"engine must be 'fused' or 'pipeline', got {engine!r}")
         super().__init__(eng, executor.spec, pathway, tokenizer, cfg, data, out)

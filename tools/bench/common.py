@@ -35,8 +35,12 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
 def write_json(path: str | Path, name: str, rows: list[dict], **extra) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-              "rows": rows, **extra}
+    record = {
+        "benchmark": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "rows": rows,
+        **extra,
+    }
     path.write_text(json.dumps(record, indent=1))
     return path

@@ -10,7 +10,6 @@ of modularity on one machine.
 from __future__ import annotations
 
 import argparse
-import functools
 from pathlib import Path
 
 import jax
@@ -86,16 +85,28 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
 
     def fused_prefill():
         caches = [empty_cache(c, 1) for c in attn]
-        tok, caches = step(states, caches, np.array([prompt], np.int32), pos_prompt,
-                           np.array([prompt_len - 1], np.int32), window=min(window, max_len))
+        tok, caches = step(
+            states,
+            caches,
+            np.array([prompt], np.int32),
+            pos_prompt,
+            np.array([prompt_len - 1], np.int32),
+            window=min(window, max_len),
+        )
         return tok, caches
 
     def fused_generate():
         tok, caches = fused_prefill()
         for i in range(new_tokens):
             pos = np.array([[prompt_len + i]], np.int32)
-            tok, caches = step(states, caches, tok[:, None], pos, np.zeros(1, np.int32),
-                               window=min(window, max_len))
+            tok, caches = step(
+                states,
+                caches,
+                tok[:, None],
+                pos,
+                np.zeros(1, np.int32),
+                window=min(window, max_len),
+            )
         tok.block_until_ready()
 
     fused_generate()
@@ -104,31 +115,50 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
     fused_decode = (fused_total - fused_prefill_s) / new_tokens
 
     params = sum(rt.param_count() for rt in ex.chain(pathway))
-    return {"spec": path.name, "pathway": pathway, "params_m": params / 1e6,
-            "modules": len(p.modules), "prompt": prompt_len, "new_tokens": new_tokens,
-            "prefill_ms": mod_prefill * 1e3, "fused_prefill_ms": fused_prefill_s * 1e3,
-            "decode_ms": mod_decode * 1e3, "fused_decode_ms": fused_decode * 1e3,
-            "decode_tok_s": 1 / mod_decode, "decode_vs_fused": fused_decode / mod_decode,
-            "prefill_vs_fused": fused_prefill_s / mod_prefill}
+    return {
+        "spec": path.name,
+        "pathway": pathway,
+        "params_m": params / 1e6,
+        "modules": len(p.modules),
+        "prompt": prompt_len,
+        "new_tokens": new_tokens,
+        "prefill_ms": mod_prefill * 1e3,
+        "fused_prefill_ms": fused_prefill_s * 1e3,
+        "decode_ms": mod_decode * 1e3,
+        "fused_decode_ms": fused_decode * 1e3,
+        "decode_tok_s": 1 / mod_decode,
+        "decode_vs_fused": fused_decode / mod_decode,
+        "prefill_vs_fused": fused_prefill_s / mod_prefill,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--specs", nargs="+", default=[str(ROOT / "examples/tiny.yaml"),
-                                                    str(ROOT / "examples/gpt2-small.yaml")])
+    ap.add_argument(
+        "--specs",
+        nargs="+",
+        default=[str(ROOT / "examples/tiny.yaml"), str(ROOT / "examples/gpt2-small.yaml")],
+    )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--out", default=str(ROOT / "tools/bench/results/local_decode.json"))
     args = ap.parse_args()
     rows = [bench_spec(Path(s), args.prompt_len, args.new_tokens, args.repeat) for s in args.specs]
-    print_table(rows, [("spec", "spec", ""), ("params_m", "params (M)", ".1f"),
-                       ("modules", "modules", "d"), ("prefill_ms", "prefill ms", ".1f"),
-                       ("fused_prefill_ms", "fused prefill ms", ".1f"),
-                       ("decode_ms", "decode ms/tok", ".2f"),
-                       ("fused_decode_ms", "fused ms/tok", ".2f"),
-                       ("decode_tok_s", "tok/s", ".0f"),
-                       ("decode_vs_fused", "speed vs fused", ".2f")])
+    print_table(
+        rows,
+        [
+            ("spec", "spec", ""),
+            ("params_m", "params (M)", ".1f"),
+            ("modules", "modules", "d"),
+            ("prefill_ms", "prefill ms", ".1f"),
+            ("fused_prefill_ms", "fused prefill ms", ".1f"),
+            ("decode_ms", "decode ms/tok", ".2f"),
+            ("fused_decode_ms", "fused ms/tok", ".2f"),
+            ("decode_tok_s", "tok/s", ".0f"),
+            ("decode_vs_fused", "speed vs fused", ".2f"),
+        ],
+    )
     print(f"wrote {write_json(args.out, 'local_decode', rows, args=vars(args))}")
 
 

@@ -41,8 +41,13 @@ ATTN = [f"attn-{i}" for i in range(4)]
 
 
 def base_spec(d: int, seq: int, d_ff: int | None = None) -> dict:
-    attn = {"kind": "attention", "d_model": d, "n_layers": 1, "n_heads": max(1, d // 16),
-            "max_seq_len": seq}
+    attn = {
+        "kind": "attention",
+        "d_model": d,
+        "n_layers": 1,
+        "n_heads": max(1, d // 16),
+        "max_seq_len": seq,
+    }
     if d_ff:
         attn["d_ff"] = d_ff
     mods = {"embed": {"kind": "embedding", "vocab_size": 257, "d_model": d, "max_seq_len": seq}}
@@ -71,21 +76,30 @@ def module_memory(ex: LocalExecutor, pathway: str) -> dict[str, float]:
 
 
 def kv_kib_per_token(ex: LocalExecutor, pathway: str) -> float:
-    return sum(rt.cfg.kv_bytes_per_token() for rt in ex.chain(pathway)
-               if rt.cfg.kind == "attention") / 1024
+    return (
+        sum(rt.cfg.kv_bytes_per_token() for rt in ex.chain(pathway) if rt.cfg.kind == "attention")
+        / 1024
+    )
 
 
 def row(label: str, ex: LocalExecutor, pathway: str, data, ev: dict) -> dict:
     mem = module_memory(ex, pathway)
-    r = {"pathway": label, "modules": " ".join(ex.spec.pathway(pathway).modules),
-         "n_modules": len(mem), "params_mb": sum(mem.values()),
-         "module_mb": " ".join(f"{k}={v:.3f}" for k, v in mem.items()),
-         "kv_kib_per_token": kv_kib_per_token(ex, pathway),
-         "eval_loss": eval_loss(ex, pathway, data, **ev),
-         "decode_tok_s": decode_tokens_per_s(ex, pathway)}
+    r = {
+        "pathway": label,
+        "modules": " ".join(ex.spec.pathway(pathway).modules),
+        "n_modules": len(mem),
+        "params_mb": sum(mem.values()),
+        "module_mb": " ".join(f"{k}={v:.3f}" for k, v in mem.items()),
+        "kv_kib_per_token": kv_kib_per_token(ex, pathway),
+        "eval_loss": eval_loss(ex, pathway, data, **ev),
+        "decode_tok_s": decode_tokens_per_s(ex, pathway),
+    }
     r["perplexity"] = float(np.exp(r["eval_loss"]))
-    print(f"{label}: eval {r['eval_loss']:.3f}, {r['decode_tok_s']:.0f} tok/s, "
-          f"{r['params_mb']:.3f} MB", flush=True)
+    print(
+        f"{label}: eval {r['eval_loss']:.3f}, {r['decode_tok_s']:.0f} tok/s, "
+        f"{r['params_mb']:.3f} MB",
+        flush=True,
+    )
     return r
 
 
@@ -97,9 +111,15 @@ def plot(rows: list[dict], png: Path) -> Path:
 
     labels = [r["pathway"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5), dpi=100)
-    for ax, key, title in zip(axes, ("eval_loss", "decode_tok_s", "params_mb"),
-                              ("eval loss (nats/token, lower is better)",
-                               "greedy decode tokens/s (batch 1)", "parameters (MB, float32)")):
+    for ax, key, title in zip(
+        axes,
+        ("eval_loss", "decode_tok_s", "params_mb"),
+        (
+            "eval loss (nats/token, lower is better)",
+            "greedy decode tokens/s (batch 1)",
+            "parameters (MB, float32)",
+        ),
+    ):
         ax.barh(labels, [r[key] for r in rows], color="tab:blue")
         ax.set_title(title, fontsize=10)
         ax.invert_yaxis()
@@ -124,10 +144,20 @@ def coordinator(workers: int, queues: list[str], workdir: Path):
 
     with EmbeddedBroker(workdir=workdir) as broker:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pathways.coordinator.worker", "--loglevel=WARNING",
-             "--concurrency", str(workers), "--queues", ",".join([DEFAULT_QUEUE, *queues])],
+            [
+                sys.executable,
+                "-m",
+                "pathways.coordinator.worker",
+                "--loglevel=WARNING",
+                "--concurrency",
+                str(workers),
+                "--queues",
+                ",".join([DEFAULT_QUEUE, *queues]),
+            ],
             env=child_env({"PATHWAYS_BROKER_URL": broker.url}),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             yield make_app(broker.url)
         finally:
@@ -185,26 +215,37 @@ def main() -> None:
     d, seq, bs = args.d_model, args.seq_len, args.batch_size
     tok = ByteTokenizer()
     data = data_lib.TokenData.build(
-        data_lib.read_texts(data_lib.default_corpus_paths(), int(args.max_data_mb * 1e6)), tok)
+        data_lib.read_texts(data_lib.default_corpus_paths(), int(args.max_data_mb * 1e6)), tok
+    )
     ev = dict(batch_size=bs, seq_len=seq, batches=8, seed=0)
     lr, warmup = 1e-2, 20
 
     # --- the base pathway, trained end to end ----------------------------------------------
     spec = spec_lib.from_dict(base_spec(d, seq))
     base = LocalExecutor(spec)
-    cfg = TrainConfig(steps=args.steps, batch_size=bs, seq_len=seq, lr=lr, warmup=warmup,
-                      eval_every=args.steps, eval_batches=4, save_every=args.steps)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=bs,
+        seq_len=seq,
+        lr=lr,
+        warmup=warmup,
+        eval_every=args.steps,
+        eval_batches=4,
+        save_every=args.steps,
+    )
     t0 = time.perf_counter()
     LocalTrainer(base, "full", cfg, data, work / "teacher", tok).run()
     teacher_s = time.perf_counter() - t0
     print(f"base pathway: {args.steps} steps in {teacher_s:.1f} s", flush=True)
 
     # --- compositions over the shared modules ------------------------------------------------
-    comps = {"full (4 attn)": ["embed", *ATTN, "head"],
-             "3 attn": ["embed", "attn-0", "attn-1", "attn-2", "head"],
-             "2 attn": ["embed", "attn-0", "attn-1", "head"],
-             "1 attn": ["embed", "attn-0", "head"],
-             "0 attn": ["embed", "head"]}
+    comps = {
+        "full (4 attn)": ["embed", *ATTN, "head"],
+        "3 attn": ["embed", "attn-0", "attn-1", "attn-2", "head"],
+        "2 attn": ["embed", "attn-0", "attn-1", "head"],
+        "1 attn": ["embed", "attn-0", "head"],
+        "0 attn": ["embed", "head"],
+    }
     shared = spec
     for name, chain in comps.items():
         shared = shared.with_pathway(name, chain)
@@ -212,20 +253,49 @@ def main() -> None:
     rows = [row(name, ex, name, data, ev) for name in comps]
 
     grown_spec, new_state = surgery.insert_attention(spec, "full", "attn-new", 5, seed=1)
-    grown = LocalExecutor(grown_spec, states={**{n: base.state(n) for n in spec.modules},
-                                              "attn-new": new_state})
-    gcfg = TrainConfig(steps=args.steps // 2, batch_size=bs, seq_len=seq, lr=2e-2, warmup=5,
-                       eval_every=args.steps, eval_batches=2, save_every=args.steps, seed=1)
-    LocalTrainer(grown, "full", gcfg, data, work / "grown", tok, engine="pipeline", n_micro=2,
-                 trainable={"attn-new"}).run()
-    rows.append(row(f"full + attn-new (trained alone {gcfg.steps} steps)", grown, "full", data,
-                    ev))
+    grown = LocalExecutor(
+        grown_spec, states={**{n: base.state(n) for n in spec.modules}, "attn-new": new_state}
+    )
+    gcfg = TrainConfig(
+        steps=args.steps // 2,
+        batch_size=bs,
+        seq_len=seq,
+        lr=2e-2,
+        warmup=5,
+        eval_every=args.steps,
+        eval_batches=2,
+        save_every=args.steps,
+        seed=1,
+    )
+    LocalTrainer(
+        grown,
+        "full",
+        gcfg,
+        data,
+        work / "grown",
+        tok,
+        engine="pipeline",
+        n_micro=2,
+        trainable={"attn-new"},
+    ).run()
+    rows.append(row(f"full + attn-new (trained alone {gcfg.steps} steps)", grown, "full", data, ev))
 
     # --- module-wise (parallel) against end-to-end training ---------------------------------
     student = base_spec(d, seq, d_ff=2 * d)
-    req = dict(teacher=str(work / "teacher"), student_spec=student, store=str(work / "store"),
-               max_data_mb=args.max_data_mb, rows=args.rows, seq_len=seq, shard_rows=256,
-               steps=args.module_steps, batch_size=bs, lr=lr, warmup=warmup, eval_batches=8)
+    req = dict(
+        teacher=str(work / "teacher"),
+        student_spec=student,
+        store=str(work / "store"),
+        max_data_mb=args.max_data_mb,
+        rows=args.rows,
+        seq_len=seq,
+        shard_rows=256,
+        steps=args.module_steps,
+        batch_size=bs,
+        lr=lr,
+        warmup=warmup,
+        eval_batches=8,
+    )
     t0 = time.perf_counter()
     ensure_store(DistillRequest(out=str(work / "unused"), **req))
     record_s = time.perf_counter() - t0
@@ -236,31 +306,54 @@ def main() -> None:
         r = DistillRequest(out=str(work / f"student-w{w}"), **req)
         with coordinator(w, module_queues(r), work / f"broker-w{w}") as app:
             # A 2-step job first, so the worker's pool processes have imported jax (warm workers).
-            distill(app, DistillRequest(out=str(work / f"warm-w{w}"),
-                                        **{**req, "steps": 2, "warmup": 1}), timeout=3600)
+            distill(
+                app,
+                DistillRequest(out=str(work / f"warm-w{w}"), **{**req, "steps": 2, "warmup": 1}),
+                timeout=3600,
+            )
             t0 = time.perf_counter()
             result = distill(app, r, timeout=3600)
             job_s = time.perf_counter() - t0
         tasks = [t for t in result["tasks"] if "position" in t]
         # The training phase: first module task start to last module task end.
         wall = max(t["ended"] for t in tasks) - min(t["started"] for t in tasks)
-        timing.append({"method": "module-wise (coordinator)", "workers": w, "seconds": wall,
-                       "job_seconds": job_s, "steps": f"{args.module_steps} per module",
-                       "eval_loss": result["student"]["eval_loss"],
-                       "task_seconds_sum": sum(t["ended"] - t["started"] for t in tasks),
-                       "overlap": max(t["started"] for t in tasks) < min(t["ended"] for t in
-                                                                           tasks)})
-        print(f"module-wise, {w} workers: {wall:.1f} s -> eval {result['student']['eval_loss']:.3f}",
-              flush=True)
+        timing.append(
+            {
+                "method": "module-wise (coordinator)",
+                "workers": w,
+                "seconds": wall,
+                "job_seconds": job_s,
+                "steps": f"{args.module_steps} per module",
+                "eval_loss": result["student"]["eval_loss"],
+                "task_seconds_sum": sum(t["ended"] - t["started"] for t in tasks),
+                "overlap": max(t["started"] for t in tasks) < min(t["ended"] for t in tasks),
+            }
+        )
+        print(
+            f"module-wise, {w} workers: {wall:.1f} s -> eval {result['student']['eval_loss']:.3f}",
+            flush=True,
+        )
     target = max(t["eval_loss"] for t in timing)
-    ecfg = TrainConfig(steps=args.e2e_max_steps, batch_size=bs, seq_len=seq, lr=lr,
-                       warmup=warmup, seed=0)
+    ecfg = TrainConfig(
+        steps=args.e2e_max_steps, batch_size=bs, seq_len=seq, lr=lr, warmup=warmup, seed=0
+    )
     secs, steps, loss = e2e_time_to(spec_lib.from_dict(student), data, target, ecfg, ev, every=25)
-    timing.append({"method": "end-to-end (fused, 1 process)", "workers": 1, "seconds": secs,
-                   "job_seconds": float("nan"), "steps": str(steps), "eval_loss": loss, "task_seconds_sum": secs,
-                   "overlap": False})
-    print(f"end-to-end: {secs:.1f} s, {steps} steps -> eval {loss:.3f} (target {target:.3f})",
-          flush=True)
+    timing.append(
+        {
+            "method": "end-to-end (fused, 1 process)",
+            "workers": 1,
+            "seconds": secs,
+            "job_seconds": float("nan"),
+            "steps": str(steps),
+            "eval_loss": loss,
+            "task_seconds_sum": secs,
+            "overlap": False,
+        }
+    )
+    print(
+        f"end-to-end: {secs:.1f} s, {steps} steps -> eval {loss:.3f} (target {target:.3f})",
+        flush=True,
+    )
 
     _, _, distilled = load_checkpoint(work / f"student-w{args.workers[-1]}")
     rows.append(row("distilled student (d_ff 2d)", distilled, "full", data, ev))
@@ -270,22 +363,40 @@ def main() -> None:
     rows.append(row(f"student shape, end to end ({args.steps} steps)", e2e, "full", data, ev))
 
     print()
-    print_table(rows, [("pathway", "pathway", ""), ("n_modules", "modules", "d"),
-                       ("params_mb", "params MB", ".3f"), ("kv_kib_per_token", "KV KiB/tok", ".2f"),
-                       ("eval_loss", "eval loss", ".3f"), ("perplexity", "ppl", ".2f"),
-                       ("decode_tok_s", "decode tok/s", ".0f")])
+    print_table(
+        rows,
+        [
+            ("pathway", "pathway", ""),
+            ("n_modules", "modules", "d"),
+            ("params_mb", "params MB", ".3f"),
+            ("kv_kib_per_token", "KV KiB/tok", ".2f"),
+            ("eval_loss", "eval loss", ".3f"),
+            ("perplexity", "ppl", ".2f"),
+            ("decode_tok_s", "decode tok/s", ".0f"),
+        ],
+    )
     print()
     for r in rows:
         print(f"{r['pathway']}: {r['module_mb']}")
     print()
-    print_table(timing, [("method", "training", ""), ("workers", "workers", "d"),
-                         ("seconds", "train wall s", ".1f"), ("job_seconds", "job wall s", ".1f"),
-                         ("steps", "steps", ""),
-                         ("eval_loss", "eval loss", ".3f"),
-                         ("task_seconds_sum", "busy s (sum)", ".1f"), ("overlap", "overlap", "")])
+    print_table(
+        timing,
+        [
+            ("method", "training", ""),
+            ("workers", "workers", "d"),
+            ("seconds", "train wall s", ".1f"),
+            ("job_seconds", "job wall s", ".1f"),
+            ("steps", "steps", ""),
+            ("eval_loss", "eval loss", ".3f"),
+            ("task_seconds_sum", "busy s (sum)", ".1f"),
+            ("overlap", "overlap", ""),
+        ],
+    )
     png = plot(rows, Path(args.out).with_suffix(".png"))
     print(f"teacher: {teacher_s:.1f} s end to end; recording {args.rows} windows: {record_s:.1f} s")
-    print(f"wrote {write_json(args.out, 'modular', rows, timing=timing, args=vars(args), teacher_seconds=teacher_s, record_seconds=record_s, devices=str(jax.devices()))} and {png}")
+    print(
+        f"wrote {write_json(args.out, 'modular', rows, timing=timing, args=vars(args), teacher_seconds=teacher_s, record_seconds=record_s, devices=str(jax.devices()))} and {png}"
+    )
 
 
 if __name__ == "__main__":

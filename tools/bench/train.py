@@ -49,7 +49,8 @@ def services_engine(spec_path: Path, spec, pathway, cfg, n_micro, schedule, stac
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-"))
         make_checkpoint(directory, spec_path)
         cache["fleet"] = stack.enter_context(
-            Fleet(directory, list(spec.pathway(pathway).modules), gateway=False))
+            Fleet(directory, list(spec.pathway(pathway).modules), gateway=False)
+        )
     addresses = {m: a[0] for m, a in cache["fleet"].endpoints.items()}
     return PipelineEngine(remote_stages(spec, pathway, addresses, cfg), n_micro, schedule)
 
@@ -91,33 +92,51 @@ def main() -> None:
                 engine = FusedEngine(LocalExecutor(spec), pathway, make_optimizer(cfg))
             elif engine_name == "pipeline":
                 tx = make_optimizer(cfg)
-                engine = PipelineEngine([LocalStage(rt, tx) for rt in
-                                         LocalExecutor(spec).chain(pathway)], m, args.schedule)
+                engine = PipelineEngine(
+                    [LocalStage(rt, tx) for rt in LocalExecutor(spec).chain(pathway)],
+                    m,
+                    args.schedule,
+                )
             else:
-                engine = services_engine(Path(args.spec), spec, pathway, cfg, m, args.schedule,
-                                         stack, cache)
+                engine = services_engine(
+                    Path(args.spec), spec, pathway, cfg, m, args.schedule, stack, cache
+                )
             wall, outs = measure(engine, batches, warmup=2)
             if engine_name == "fused":
                 base = tokens / wall
-            row = {"engine": engine_name, "micro_batches": m, "step_s": wall,
-                   "tokens_per_s": tokens / wall,
-                   "vs_fused": (tokens / wall) / base if base else float("nan"),
-                   "bubble_measured": float("nan"), "bubble_gpipe": float("nan")}
+            row = {
+                "engine": engine_name,
+                "micro_batches": m,
+                "step_s": wall,
+                "tokens_per_s": tokens / wall,
+                "vs_fused": (tokens / wall) / base if base else float("nan"),
+                "bubble_measured": float("nan"),
+                "bubble_gpipe": float("nan"),
+            }
             if engine_name != "fused":
                 busy = [sum(o["stage_seconds"].values()) for o in outs]
                 walls = [o["wall_seconds"] for o in outs]
                 row["bubble_measured"] = 1 - statistics.median(
-                    b / (k * w) for b, w in zip(busy, walls))
+                    b / (k * w) for b, w in zip(busy, walls)
+                )
                 row["bubble_gpipe"] = bubble_fraction(k, m)
             rows.append(row)
             print(f"{engine_name} M={m}: {row['tokens_per_s']:.0f} tok/s", flush=True)
             close = getattr(engine, "close", None)
             if close:
                 close()
-    print_table(rows, [("engine", "engine", ""), ("micro_batches", "M", "d"),
-                       ("step_s", "step s", ".3f"), ("tokens_per_s", "tok/s", ".0f"),
-                       ("vs_fused", "vs fused", ".2f"), ("bubble_measured", "bubble", ".2f"),
-                       ("bubble_gpipe", "GPipe bound", ".2f")])
+    print_table(
+        rows,
+        [
+            ("engine", "engine", ""),
+            ("micro_batches", "M", "d"),
+            ("step_s", "step s", ".3f"),
+            ("tokens_per_s", "tok/s", ".0f"),
+            ("vs_fused", "vs fused", ".2f"),
+            ("bubble_measured", "bubble", ".2f"),
+            ("bubble_gpipe", "GPipe bound", ".2f"),
+        ],
+    )
     print(f"wrote {write_json(args.out, 'train', rows, args=vars(args), stages=k)}")
 
 

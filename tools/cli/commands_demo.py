@@ -18,16 +18,20 @@ from tools.cli.commands_local import EXAMPLES
 
 
 def register(sub) -> None:
-    p = sub.add_parser("demo", help="train the tiny example through the module services under "
-                                    "the coordinator, then generate from it via the gateway")
+    p = sub.add_parser(
+        "demo",
+        help="train the tiny example through the module services under "
+        "the coordinator, then generate from it via the gateway",
+    )
     p.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, plot)")
     p.add_argument("--steps", type=int, default=300, help="training steps (~2-3 min here)")
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     p.add_argument("--prompt", default="def ")
     p.add_argument("--max-tokens", type=int, default=200)
-    p.add_argument("--local", action="store_true",
-                   help="no services: train and generate in this one process")
+    p.add_argument(
+        "--local", action="store_true", help="no services: train and generate in this one process"
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -36,11 +40,27 @@ def cmd_demo(args) -> int:
         from tools.cli.commands_local import build_args, cmd_generate, cmd_train
 
         out = str(Path(args.out) / "local")
-        cmd_train(build_args("train", ["--spec", str(EXAMPLES / "tiny.yaml"), "--out", out,
-                                       "--steps", str(args.steps)]))
-        return cmd_generate(build_args("generate", [
-            "--checkpoint", out, "--prompt", args.prompt, "--max-tokens", str(args.max_tokens),
-            "--temperature", "0.7"]))
+        cmd_train(
+            build_args(
+                "train",
+                ["--spec", str(EXAMPLES / "tiny.yaml"), "--out", out, "--steps", str(args.steps)],
+            )
+        )
+        return cmd_generate(
+            build_args(
+                "generate",
+                [
+                    "--checkpoint",
+                    out,
+                    "--prompt",
+                    args.prompt,
+                    "--max-tokens",
+                    str(args.max_tokens),
+                    "--temperature",
+                    "0.7",
+                ],
+            )
+        )
     return run_distributed(args)
 
 
@@ -87,32 +107,65 @@ def run_distributed(args) -> int:
     t_start = time.time()
     with log_path.open("ab") as log:
         dep = LocalDeployment(serve_from, log=log)
-        print(f"starting a local deployment: {len(dep.modules)} module servers "
-              f"({', '.join(dep.modules)}), a gateway, a broker and a coordinator worker "
-              f"(logs: {log_path})", file=sys.stderr)
+        print(
+            f"starting a local deployment: {len(dep.modules)} module servers "
+            f"({', '.join(dep.modules)}), a gateway, a broker and a coordinator worker "
+            f"(logs: {log_path})",
+            file=sys.stderr,
+        )
         job = None
         client = None
         try:
             dep.start()
-            print(f"gateway {dep.gateway}; broker {dep.broker.url} "
-                  f"({time.time() - t_start:.0f} s)", file=sys.stderr)
+            print(
+                f"gateway {dep.gateway}; broker {dep.broker.url} "
+                f"({time.time() - t_start:.0f} s)",
+                file=sys.stderr,
+            )
             client = JobClient(make_app(dep.broker.url))
-            req = JobRequest(spec=str(EXAMPLES / "tiny.yaml"), out=str(trained), steps=args.steps,
-                             batch_size=16, seq_len=128, max_data_mb=2.0, eval_every=50,
-                             save_every=50, engine="services", schedule=args.schedule,
-                             micro_batches=args.micro_batches, modules=dep.train_modules)
+            req = JobRequest(
+                spec=str(EXAMPLES / "tiny.yaml"),
+                out=str(trained),
+                steps=args.steps,
+                batch_size=16,
+                seq_len=128,
+                max_data_mb=2.0,
+                eval_every=50,
+                save_every=50,
+                engine="services",
+                schedule=args.schedule,
+                micro_batches=args.micro_batches,
+                modules=dep.train_modules,
+            )
             job = client.submit(req)
-            print(f"training job {job}: pathway 'tiny' through the module services, "
-                  f"{args.schedule} over {args.micro_batches} micro-batches", file=sys.stderr)
+            print(
+                f"training job {job}: pathway 'tiny' through the module services, "
+                f"{args.schedule} over {args.micro_batches} micro-batches",
+                file=sys.stderr,
+            )
             final = follow(client, job, req.steps, tqdm)
             if final["state"] != "SUCCESS":
-                raise ValueError(f"training job {final['state'].lower()}: "
-                                 f"{final.get('error', '')}")
-            print("\ngenerating through the gateway from the trained modules:\n",
-                  file=sys.stderr)
-            generate_via_gateway(build_args("generate", [
-                "--gateway", dep.gateway, "--prompt", args.prompt, "--max-tokens",
-                str(args.max_tokens), "--temperature", "0.7", "--seed", "1"]))
+                raise ValueError(
+                    f"training job {final['state'].lower()}: " f"{final.get('error', '')}"
+                )
+            print("\ngenerating through the gateway from the trained modules:\n", file=sys.stderr)
+            generate_via_gateway(
+                build_args(
+                    "generate",
+                    [
+                        "--gateway",
+                        dep.gateway,
+                        "--prompt",
+                        args.prompt,
+                        "--max-tokens",
+                        str(args.max_tokens),
+                        "--temperature",
+                        "0.7",
+                        "--seed",
+                        "1",
+                    ],
+                )
+            )
             summarize(trained, final, time.time() - t_start)
             return 0
         except KeyboardInterrupt:
@@ -165,11 +218,15 @@ def summarize(run: Path, final: dict, seconds: float) -> None:
     toks = [r["tokens_per_s"] for r in recs]
     wire = sum(r.get("wire_bytes", 0) for r in recs)
     print("\nsummary", file=sys.stderr)
-    print(f"  loss           {recs[0]['loss']:.3f} (step 1) -> {final['loss']:.3f} "
-          f"(step {final['step']}); eval {final['eval_loss']:.3f} nats/byte")
+    print(
+        f"  loss           {recs[0]['loss']:.3f} (step 1) -> {final['loss']:.3f} "
+        f"(step {final['step']}); eval {final['eval_loss']:.3f} nats/byte"
+    )
     print(f"  throughput     {sum(toks) / len(toks):,.0f} tokens/s (mean over steps)")
     print("  module time    " + ", ".join(f"{m} {s:.1f} s" for m, s in per_module.items()))
-    print(f"  on the wire    {wire / 2**20:,.1f} MiB of activations and gradients "
-          f"({wire / max(len(recs), 1) / 2**20:.2f} MiB per step)")
+    print(
+        f"  on the wire    {wire / 2**20:,.1f} MiB of activations and gradients "
+        f"({wire / max(len(recs), 1) / 2**20:.2f} MiB per step)"
+    )
     print(f"  loss plot      {final['loss_png']}")
     print(f"  checkpoint     {final['out']}  (total {seconds:.0f} s)")

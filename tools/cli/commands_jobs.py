@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 
 from pathways import deployment
@@ -56,19 +55,33 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
     info = deployment.read() or {}
     engine = args.engine or ("services" if info.get("train_modules") else "pipeline")
     req = JobRequest(
-        spec=str(Path(args.spec).absolute()), out=str(Path(args.out).absolute()),
-        pathway=args.pathway, data=tuple(str(Path(d).absolute()) for d in args.data or ()),
-        max_data_mb=args.max_data_mb, steps=args.steps, batch_size=args.batch_size,
-        seq_len=args.seq_len, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
-        save_every=args.save_every, seed=args.seed, engine=engine, schedule=args.schedule,
+        spec=str(Path(args.spec).absolute()),
+        out=str(Path(args.out).absolute()),
+        pathway=args.pathway,
+        data=tuple(str(Path(d).absolute()) for d in args.data or ()),
+        max_data_mb=args.max_data_mb,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup=args.warmup,
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+        engine=engine,
+        schedule=args.schedule,
         micro_batches=args.micro_batches,
-        modules=modules or (info.get("train_modules", {}) if engine == "services" else {}))
+        modules=modules or (info.get("train_modules", {}) if engine == "services" else {}),
+    )
     c = client(args.broker)
     job = c.submit(req)
-    print(f"submitted job {job} ({engine}, {args.schedule}, {args.micro_batches} micro-batches)",
-          file=sys.stderr)
+    print(
+        f"submitted job {job} ({engine}, {args.schedule}, {args.micro_batches} micro-batches)",
+        file=sys.stderr,
+    )
     bar = tqdm(total=req.steps, unit="step", dynamic_ncols=True)
     try:
+
         def progress(st):
             if st["state"] == "PROGRESS":
                 bar.n = st["step"]
@@ -89,8 +102,8 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
     bar.close()
     if final["state"] != "SUCCESS":
         raise ValueError(f"job {job} {final['state'].lower()}: {final.get('error', '')}".strip())
-    print(f"job {job} done in {final['seconds']:.0f} s: loss {final['loss']:.3f}, eval "
-          f"{final['eval_loss']:.3f}; checkpoint {final['out']}, plot {final['loss_png']}")
+    print(
+        f"job {job} done in {final['seconds']:.0f} s: loss {final['loss']:.3f}, eval "
+        f"{final['eval_loss']:.3f}; checkpoint {final['out']}, plot {final['loss_png']}"
+    )
     return 0
-
-

@@ -24,8 +24,12 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a pathway locally (one process)")
     p.add_argument("--spec", required=True)
     p.add_argument("--pathway", help="pathway to train (default: the spec's first)")
-    p.add_argument("--data", nargs="*", default=None,
-                   help="text files or folders (default: this Python's standard library)")
+    p.add_argument(
+        "--data",
+        nargs="*",
+        default=None,
+        help="text files or folders (default: this Python's standard library)",
+    )
     p.add_argument("--max-data-mb", type=float, default=8.0, help="read at most this much text")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
@@ -36,14 +40,21 @@ def register(sub) -> None:
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint directory (resumed if it holds a run)")
-    p.add_argument("--engine", choices=["fused", "pipeline", "services"], default=None,
-                   help="fused: one program (default locally); pipeline: per-module stages in "
-                        "one process; services: through the module services (default --remote "
-                        "with a running deployment)")
+    p.add_argument(
+        "--engine",
+        choices=["fused", "pipeline", "services"],
+        default=None,
+        help="fused: one program (default locally); pipeline: per-module stages in "
+        "one process; services: through the module services (default --remote "
+        "with a running deployment)",
+    )
     p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     p.add_argument("--micro-batches", type=int, default=4)
-    p.add_argument("--remote", action="store_true",
-                   help="submit to the coordinator of a running deployment and follow it")
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="submit to the coordinator of a running deployment and follow it",
+    )
     p.add_argument("--broker", help="coordinator broker URL for --remote")
     p.set_defaults(func=cmd_train)
 
@@ -53,7 +64,6 @@ def register(sub) -> None:
     p.add_argument("--timeout", type=float, default=300.0, help="gateway deadline in seconds")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
-
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -68,14 +78,21 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          seed=args.seed, max_new_tokens=args.max_tokens, stop=tuple(args.stop))
+    return SamplingParams(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_new_tokens=args.max_tokens,
+        stop=tuple(args.stop),
+    )
 
 
 def cmd_inspect(args) -> int:
-    from pathways import modules as mod
     import jax
     from flax import nnx
+
+    from pathways import modules as mod
 
     spec = spec_lib.load(args.spec)
     print(f"spec {args.spec}: contract OK")
@@ -83,11 +100,13 @@ def cmd_inspect(args) -> int:
     for name, cfg in spec.modules.items():
         shapes = nnx.eval_shape(lambda c=cfg: mod.build(c))
         n = sum(x.size for x in jax.tree.leaves(nnx.state(shapes)))
-        d = getattr(cfg, "d_model")
-        extra = {"embedding": lambda c: f"vocab {c.vocab_size}, max_seq_len {c.max_seq_len}",
-                 "attention": lambda c: f"{c.n_layers} layers, {c.n_heads} heads, "
-                                        f"{c.kv_heads} kv heads, {c.mlp}, {c.norm}",
-                 "decoding": lambda c: f"vocab {c.vocab_size}, {c.norm}"}[cfg.kind](cfg)
+        d = cfg.d_model
+        extra = {
+            "embedding": lambda c: f"vocab {c.vocab_size}, max_seq_len {c.max_seq_len}",
+            "attention": lambda c: f"{c.n_layers} layers, {c.n_heads} heads, "
+            f"{c.kv_heads} kv heads, {c.mlp}, {c.norm}",
+            "decoding": lambda c: f"vocab {c.vocab_size}, {c.norm}",
+        }[cfg.kind](cfg)
         print(f"{name:<16} {cfg.kind:<10} {d:>7} {n:>12,}  {extra}")
     for p in spec.pathways.values():
         print(f"pathway {p.name}: {' -> '.join(p.modules)} (max_seq_len {p.max_seq_len})")
@@ -117,8 +136,9 @@ def cmd_train(args) -> int:
 
         return submit_and_follow(args)
     if args.engine == "services":
-        raise ValueError("--engine services trains through a deployment's module services: "
-                         "add --remote")
+        raise ValueError(
+            "--engine services trains through a deployment's module services: " "add --remote"
+        )
     out = Path(args.out)
     spec = spec_lib.load(args.spec)
     pathway = args.pathway or spec.default_pathway
@@ -129,23 +149,45 @@ def cmd_train(args) -> int:
         _, tok = ckpt.load_spec(out)
     else:
         tok = load_tokenizer_for(spec, lambda: texts)
-    emb_vocab = next(spec.modules[m].vocab_size for m in spec.pathway(pathway).modules
-                     if spec.modules[m].kind == "embedding")
+    emb_vocab = next(
+        spec.modules[m].vocab_size
+        for m in spec.pathway(pathway).modules
+        if spec.modules[m].kind == "embedding"
+    )
     if tok.vocab_size > emb_vocab:
-        raise ValueError(f"tokenizer has {tok.vocab_size} entries but the embedding's vocab_size "
-                         f"is {emb_vocab}")
+        raise ValueError(
+            f"tokenizer has {tok.vocab_size} entries but the embedding's vocab_size "
+            f"is {emb_vocab}"
+        )
     data = data_lib.TokenData.build(texts, tok)
-    cfg = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      lr=args.lr, warmup=args.warmup if args.warmup is not None
-                      else max(1, args.steps // 15), eval_every=args.eval_every,
-                      save_every=args.save_every, seed=args.seed)
-    trainer = LocalTrainer(LocalExecutor(spec, seed=args.seed), pathway, cfg, data, out, tok,
-                           engine=args.engine or "fused", n_micro=args.micro_batches,
-                           schedule=args.schedule)
+    cfg = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup=args.warmup if args.warmup is not None else max(1, args.steps // 15),
+        eval_every=args.eval_every,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
+    trainer = LocalTrainer(
+        LocalExecutor(spec, seed=args.seed),
+        pathway,
+        cfg,
+        data,
+        out,
+        tok,
+        engine=args.engine or "fused",
+        n_micro=args.micro_batches,
+        schedule=args.schedule,
+    )
     if trainer.try_resume():
         print(f"resuming {out} at step {trainer.step}", file=sys.stderr)
-    print(f"training pathway {pathway!r} on {len(data.train):,} tokens "
-          f"(unigram baseline {data.unigram_loss():.3f} nats)", file=sys.stderr)
+    print(
+        f"training pathway {pathway!r} on {len(data.train):,} tokens "
+        f"(unigram baseline {data.unigram_loss():.3f} nats)",
+        file=sys.stderr,
+    )
     first_eval = trainer.eval_loss()
     bar = tqdm(total=cfg.steps, initial=trainer.step, unit="step", dynamic_ncols=True)
 
@@ -158,8 +200,9 @@ def cmd_train(args) -> int:
 
     history = trainer.run(on_step=on_step)
     bar.close()
-    last_eval = next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r),
-                     trainer.eval_loss())
+    last_eval = next(
+        (r["eval_loss"] for r in reversed(history) if "eval_loss" in r), trainer.eval_loss()
+    )
     print(f"eval loss {first_eval:.3f} -> {last_eval:.3f}; checkpoint {out}")
     return 0
 
@@ -181,8 +224,10 @@ def cmd_generate(args) -> int:
     pathway = args.pathway or spec.default_pathway
     missing = [m for m in spec.pathway(pathway).modules if not ckpt.has_module(args.checkpoint, m)]
     if missing:
-        raise ValueError(f"checkpoint {args.checkpoint} has no weights for module(s) "
-                         f"{', '.join(missing)} of pathway {pathway!r}")
+        raise ValueError(
+            f"checkpoint {args.checkpoint} has no weights for module(s) "
+            f"{', '.join(missing)} of pathway {pathway!r}"
+        )
     params = sampling_from_args(args)
     sys.stdout.write(args.prompt)
     for ev in gen.stream(ex, pathway, [args.prompt], tok, params):

@@ -7,11 +7,15 @@ from pathways import deployment
 
 def register(sub) -> None:
     p = sub.add_parser("pathways", help="list, add or remove pathways of a running deployment")
-    p.add_argument("action", choices=["list", "add", "remove", "add-module"], nargs="?",
-                   default="list")
+    p.add_argument(
+        "action", choices=["list", "add", "remove", "add-module"], nargs="?", default="list"
+    )
     p.add_argument("name", nargs="?", help="pathway (or, for add-module, module) name")
-    p.add_argument("items", nargs="*",
-                   help="add: module names in order; add-module: replica addresses HOST:PORT")
+    p.add_argument(
+        "items",
+        nargs="*",
+        help="add: module names in order; add-module: replica addresses HOST:PORT",
+    )
     p.add_argument("--gateway", help="gateway HOST:PORT (default: the running deployment's)")
     p.set_defaults(func=cmd_pathways)
 
@@ -43,15 +47,17 @@ def cmd_pathways(args) -> int:
                 for p in stub.ListPathways(gateway_pb2.ListPathwaysRequest(), timeout=10).pathways:
                     print(f"{p.name:<20} {' -> '.join(p.modules)}  (max_seq_len {p.max_seq_len})")
             elif args.action == "add":
-                r = stub.SetPathway(gateway_pb2.SetPathwayRequest(name=args.name,
-                                                                  modules=args.items), timeout=10)
+                r = stub.SetPathway(
+                    gateway_pb2.SetPathwayRequest(name=args.name, modules=args.items), timeout=10
+                )
                 print(f"{r.pathway.name}: {' -> '.join(r.pathway.modules)}")
             elif args.action == "remove":
                 stub.RemovePathway(gateway_pb2.RemovePathwayRequest(name=args.name), timeout=10)
                 print(f"removed pathway {args.name}")
             else:
-                r = stub.AddModule(gateway_pb2.AddModuleRequest(name=args.name,
-                                                                addresses=args.items), timeout=30)
+                r = stub.AddModule(
+                    gateway_pb2.AddModuleRequest(name=args.name, addresses=args.items), timeout=30
+                )
                 print(f"module {args.name} ({r.kind}) at {', '.join(args.items)}")
         except grpc.RpcError as e:
             raise ValueError(f"gateway {address}: {e.code().name}: {e.details()}") from None

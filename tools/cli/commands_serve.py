@@ -23,8 +23,11 @@ def register(sub) -> None:
     )
     p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache pool per server")
     p.add_argument("--log", default=None, help="append server output to this file")
-    p.add_argument("--no-coordinator", action="store_true",
-                   help="serve only: no broker and no coordinator worker")
+    p.add_argument(
+        "--no-coordinator",
+        action="store_true",
+        help="serve only: no broker and no coordinator worker",
+    )
     p.set_defaults(func=cmd_up)
 
 
@@ -50,12 +53,15 @@ def cmd_up(args) -> int:
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
-    dep = LocalDeployment(args.checkpoint, replicas, log=log, module_args=extra,
-                          coordinator=not args.no_coordinator)
+    dep = LocalDeployment(
+        args.checkpoint, replicas, log=log, module_args=extra, coordinator=not args.no_coordinator
+    )
     n = sum(replicas.get(m, 1) for m in dep.modules)
-    print(f"starting {n} module server(s), a gateway"
-          f"{'' if args.no_coordinator else ', a broker and a coordinator worker'}...",
-          file=sys.stderr)
+    print(
+        f"starting {n} module server(s), a gateway"
+        f"{'' if args.no_coordinator else ', a broker and a coordinator worker'}...",
+        file=sys.stderr,
+    )
     try:
         dep.start()
         for m, addrs in dep.fleet.endpoints.items():

@@ -34,7 +34,8 @@ class CliError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pathways", description="Serve and train a language model as independent modules.")
+        prog="pathways", description="Serve and train a language model as independent modules."
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for m in COMMAND_MODULES:
         m.register(sub)

@@ -13,15 +13,21 @@ DEFAULT_QUEUE = "pathways"
 def broker_url(explicit: str | None = None) -> str:
     url = explicit or os.environ.get(BROKER_ENV)
     if not url:
-        raise ValueError(f"no broker: pass --broker URL or set {BROKER_ENV} (e.g. "
-                         f"redis://127.0.0.1:6379/0); `pathways up` starts an embedded one")
+        raise ValueError(
+            f"no broker: pass --broker URL or set {BROKER_ENV} (e.g. "
+            f"redis://127.0.0.1:6379/0); `pathways up` starts an embedded one"
+        )
     return url
 
 
 def make_app(url: str | None = None) -> Celery:
     url = broker_url(url)
-    app = Celery("pathways", broker=url, backend=url,
-                 include=["pathways.coordinator.tasks", "pathways.coordinator.distill_tasks"])
+    app = Celery(
+        "pathways",
+        broker=url,
+        backend=url,
+        include=["pathways.coordinator.tasks", "pathways.coordinator.distill_tasks"],
+    )
     app.conf.update(
         task_default_queue=DEFAULT_QUEUE,
         # A job is acknowledged only when it ends; if the process running it dies, the message

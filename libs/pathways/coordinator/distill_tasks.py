@@ -20,8 +20,11 @@ MODULE_QUEUE = "pathways.module.{}"
 
 def _where(task) -> dict:
     info = task.request.delivery_info or {}
-    return {"pid": os.getpid(), "hostname": task.request.hostname or socket.gethostname(),
-            "queue": info.get("routing_key")}
+    return {
+        "pid": os.getpid(),
+        "hostname": task.request.hostname or socket.gethostname(),
+        "queue": info.get("routing_key"),
+    }
 
 
 @shared_task(bind=True, name="pathways.distill.record")

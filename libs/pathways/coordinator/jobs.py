@@ -37,15 +37,18 @@ class JobRequest:
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; "
-                             f"got {self.schedule!r}")
+            raise ValueError(
+                f"schedule must be one of {', '.join(SCHEDULES)}; " f"got {self.schedule!r}"
+            )
         for name in ("steps", "batch_size", "seq_len", "micro_batches", "eval_every", "save_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if self.batch_size % self.micro_batches:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible into "
-                             f"micro_batches {self.micro_batches}")
+            raise ValueError(
+                f"batch_size {self.batch_size} is not divisible into "
+                f"micro_batches {self.micro_batches}"
+            )
         if not str(self.out):
             raise ValueError("out (checkpoint directory) is required")
         if self.engine == "services" and not self.modules:

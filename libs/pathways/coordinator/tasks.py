@@ -21,8 +21,8 @@ JOBS_KEY = "pathways:jobs"
 def train(self, request: dict) -> dict:
     """Runs (or resumes) a training job, reporting progress as the task's PROGRESS state."""
     req = JobRequest.from_dict(request)
-    from pathways.coordinator.runner import build_trainer
     from pathways.coordinator.plot import plot_losses
+    from pathways.coordinator.runner import build_trainer
 
     redis = self.app.backend.client
     trainer = build_trainer(req)
@@ -36,9 +36,16 @@ def train(self, request: dict) -> dict:
         return cancelled
 
     def on_step(rec: dict) -> None:
-        self.update_state(state="PROGRESS", meta={
-            **rec, "steps": req.steps, "pid": os.getpid(), "resumed_from": resumed_from,
-            "out": req.out})
+        self.update_state(
+            state="PROGRESS",
+            meta={
+                **rec,
+                "steps": req.steps,
+                "pid": os.getpid(),
+                "resumed_from": resumed_from,
+                "out": req.out,
+            },
+        )
         if "eval_loss" in rec or rec["step"] == req.steps:
             plot_losses(trainer.out / "metrics.jsonl", trainer.out / "loss.png", req.pathway or "")
 
@@ -48,12 +55,16 @@ def train(self, request: dict) -> dict:
         close = getattr(trainer.engine, "close", None)
         if close:
             close()
-    summary = {"step": trainer.step, "steps": req.steps, "out": req.out,
-               "resumed_from": resumed_from, "seconds": time.time() - started,
-               "loss": history[-1]["loss"] if history else None,
-               "eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r),
-                                 None),
-               "loss_png": str(trainer.out / "loss.png")}
+    summary = {
+        "step": trainer.step,
+        "steps": req.steps,
+        "out": req.out,
+        "resumed_from": resumed_from,
+        "seconds": time.time() - started,
+        "loss": history[-1]["loss"] if history else None,
+        "eval_loss": next((r["eval_loss"] for r in reversed(history) if "eval_loss" in r), None),
+        "loss_png": str(trainer.out / "loss.png"),
+    }
     if cancelled:
         trainer.save()  # the checkpoint of the last finished step, intact
         if (trainer.out / "metrics.jsonl").exists():

@@ -12,14 +12,23 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--broker", default=None, help="Redis URL (default: $PATHWAYS_BROKER_URL)")
     ap.add_argument("--queues", default=os.environ.get("PATHWAYS_QUEUES", DEFAULT_QUEUE))
-    ap.add_argument("--concurrency", type=int, default=int(os.environ.get("PATHWAYS_CONCURRENCY",
-                                                                          "1")))
+    ap.add_argument(
+        "--concurrency", type=int, default=int(os.environ.get("PATHWAYS_CONCURRENCY", "1"))
+    )
     ap.add_argument("--hostname", default=None)
     ap.add_argument("--loglevel", default="INFO")
     args = ap.parse_args(argv)
     app = make_app(args.broker)
-    cmd = ["worker", "--pool=prefork", f"--concurrency={args.concurrency}", "-Q", args.queues,
-           f"--loglevel={args.loglevel}", "--without-gossip", "--without-mingle"]
+    cmd = [
+        "worker",
+        "--pool=prefork",
+        f"--concurrency={args.concurrency}",
+        "-Q",
+        args.queues,
+        f"--loglevel={args.loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
     if args.hostname:
         cmd.append(f"--hostname={args.hostname}")
     app.worker_main(cmd)

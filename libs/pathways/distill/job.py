@@ -44,22 +44,27 @@ def plan(req: DistillRequest) -> list[dict[str, Any]]:
     tp = t_spec.pathway(req.teacher_pathway or t_spec.default_pathway).modules
     sp = s_spec.pathway(req.student_pathway or s_spec.default_pathway).modules
     if len(tp) != len(sp):
-        raise ValueError(f"the student pathway has {len(sp)} modules ({', '.join(sp)}) but the "
-                         f"teacher's has {len(tp)} ({', '.join(tp)}): blockwise distillation "
-                         f"maps module i onto module i")
+        raise ValueError(
+            f"the student pathway has {len(sp)} modules ({', '.join(sp)}) but the "
+            f"teacher's has {len(tp)} ({', '.join(tp)}): blockwise distillation "
+            f"maps module i onto module i"
+        )
     out = []
     for i, (t, s) in enumerate(zip(tp, sp)):
         tc, sc = t_spec.modules[t], s_spec.modules[s]
         if tc.kind != sc.kind or tc.output_contract != sc.output_contract:
-            raise ValueError(f"position {i}: student {s!r} ({sc.kind}, out {sc.output_contract}) "
-                             f"does not match teacher {t!r} ({tc.kind}, out {tc.output_contract})")
+            raise ValueError(
+                f"position {i}: student {s!r} ({sc.kind}, out {sc.output_contract}) "
+                f"does not match teacher {t!r} ({tc.kind}, out {tc.output_contract})"
+            )
         out.append({"position": i, "teacher": t, "student": s, "kind": sc.kind})
     return out
 
 
 def load_data(req: DistillRequest, tokenizer) -> data_lib.TokenData:
-    texts = data_lib.read_texts(list(req.data) or data_lib.default_corpus_paths(),
-                                int(req.max_data_mb * 1e6))
+    texts = data_lib.read_texts(
+        list(req.data) or data_lib.default_corpus_paths(), int(req.max_data_mb * 1e6)
+    )
     return data_lib.TokenData.build(texts, tokenizer)
 
 
@@ -71,10 +76,22 @@ def ensure_store(req: DistillRequest) -> dict[str, Any]:
         return {"store": str(path), "recorded": False, "seconds": 0.0}
     t_spec, tok, ex = load_checkpoint(req.teacher)
     pathway = req.teacher_pathway or t_spec.default_pathway
-    store_lib.record(ex, pathway, load_data(req, tok), path, rows=req.rows, seq_len=req.seq_len,
-                     batch_size=req.batch_size, shard_rows=req.shard_rows, seed=req.seed,
-                     provenance={"teacher": str(req.teacher), "data": list(req.data),
-                                 "max_data_mb": req.max_data_mb})
+    store_lib.record(
+        ex,
+        pathway,
+        load_data(req, tok),
+        path,
+        rows=req.rows,
+        seq_len=req.seq_len,
+        batch_size=req.batch_size,
+        shard_rows=req.shard_rows,
+        seed=req.seed,
+        provenance={
+            "teacher": str(req.teacher),
+            "data": list(req.data),
+            "max_data_mb": req.max_data_mb,
+        },
+    )
     return {"store": str(path), "recorded": True, "seconds": time.time() - t0}
 
 
@@ -89,8 +106,9 @@ def train_position(req: DistillRequest, position: int) -> dict[str, Any]:
         t_spec, _, ex = load_checkpoint(req.teacher)
         rt = ex.runtimes[entry["teacher"]]
         head = (rt.graphdef, rt.state)
-    state, summary = train_module(store, position, s_spec.modules[entry["student"]],
-                                  req.distill_config(), teacher_head=head)
+    state, summary = train_module(
+        store, position, s_spec.modules[entry["student"]], req.distill_config(), teacher_head=head
+    )
     ckpt.save_module(req.out, entry["student"], state)
     return {**entry, **summary, "started": started, "ended": time.time()}
 
@@ -105,15 +123,26 @@ def train_baseline(req: DistillRequest) -> dict[str, Any]:
         _, tok = ckpt.load_spec(req.teacher)
         s_spec = student_spec(req)
         pathway = req.student_pathway or s_spec.default_pathway
-        cfg = TrainConfig(steps=req.baseline_steps, batch_size=req.batch_size,
-                          seq_len=req.seq_len, lr=req.lr,
-                          warmup=min(req.warmup, req.baseline_steps - 1),
-                          eval_every=req.baseline_steps, eval_batches=req.eval_batches,
-                          save_every=req.baseline_steps, seed=req.seed)
-        LocalTrainer(LocalExecutor(s_spec, seed=req.seed), pathway, cfg, load_data(req, tok), out,
-                     tok).run()
-    return {"baseline": str(out), "steps": req.baseline_steps, "started": started,
-            "ended": time.time()}
+        cfg = TrainConfig(
+            steps=req.baseline_steps,
+            batch_size=req.batch_size,
+            seq_len=req.seq_len,
+            lr=req.lr,
+            warmup=min(req.warmup, req.baseline_steps - 1),
+            eval_every=req.baseline_steps,
+            eval_batches=req.eval_batches,
+            save_every=req.baseline_steps,
+            seed=req.seed,
+        )
+        LocalTrainer(
+            LocalExecutor(s_spec, seed=req.seed), pathway, cfg, load_data(req, tok), out, tok
+        ).run()
+    return {
+        "baseline": str(out),
+        "steps": req.baseline_steps,
+        "started": started,
+        "ended": time.time(),
+    }
 
 
 def assemble_and_evaluate(req: DistillRequest, results: list[dict] | None = None) -> dict:
@@ -127,16 +156,20 @@ def assemble_and_evaluate(req: DistillRequest, results: list[dict] | None = None
     ckpt.save_spec(req.out, s_spec, tok)
     _, _, student = load_checkpoint(req.out)
     data = load_data(req, tok)
-    kw = dict(batch_size=req.batch_size, seq_len=req.seq_len, batches=req.eval_batches,
-              seed=req.seed)
+    kw = dict(
+        batch_size=req.batch_size, seq_len=req.seq_len, batches=req.eval_batches, seed=req.seed
+    )
     sp = req.student_pathway or s_spec.default_pathway
     out: dict[str, Any] = {
         "out": req.out,
         "student": evaluation.report(evaluation.eval_loss(student, sp, data, **kw)),
-        "teacher": evaluation.report(evaluation.eval_loss(
-            teacher, req.teacher_pathway or t_spec.default_pathway, data, **kw)),
-        "params": {"student": _params(student, sp),
-                   "teacher": _params(teacher, req.teacher_pathway or t_spec.default_pathway)},
+        "teacher": evaluation.report(
+            evaluation.eval_loss(teacher, req.teacher_pathway or t_spec.default_pathway, data, **kw)
+        ),
+        "params": {
+            "student": _params(student, sp),
+            "teacher": _params(teacher, req.teacher_pathway or t_spec.default_pathway),
+        },
         "modules": [r for r in results or [] if "position" in r],
     }
     if ckpt.read_meta(req.baseline_dir) is not None:

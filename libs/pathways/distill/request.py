@@ -37,8 +37,13 @@ class DistillConfig:
     def train_config(self):
         from pathways.train import TrainConfig  # jax: not needed to build or send a request
 
-        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                           warmup=self.warmup, seed=self.seed)
+        return TrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup=self.warmup,
+            seed=self.seed,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,8 +80,14 @@ class DistillRequest:
         object.__setattr__(self, "data", tuple(self.data))
 
     def distill_config(self) -> DistillConfig:
-        return DistillConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                             warmup=self.warmup, ce_weight=self.ce_weight, seed=self.seed)
+        return DistillConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            warmup=self.warmup,
+            ce_weight=self.ce_weight,
+            seed=self.seed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

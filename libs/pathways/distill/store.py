@@ -38,9 +38,20 @@ def boundary_names(n_modules: int) -> list[str]:
     return ["tokens"] + [f"b{i}" for i in range(1, n_modules)] + ["logits"]
 
 
-def record(executor: LocalExecutor, pathway: str, data: TokenData, out: str | Path, *,
-           rows: int, seq_len: int, batch_size: int = 16, shard_rows: int = 256, seed: int = 0,
-           hidden_dtype: str = "float32", provenance: dict[str, Any] | None = None) -> Path:
+def record(
+    executor: LocalExecutor,
+    pathway: str,
+    data: TokenData,
+    out: str | Path,
+    *,
+    rows: int,
+    seq_len: int,
+    batch_size: int = 16,
+    shard_rows: int = 256,
+    seed: int = 0,
+    hidden_dtype: str = "float32",
+    provenance: dict[str, Any] | None = None,
+) -> Path:
     """Runs the teacher over `rows` training windows and writes every boundary into `out`.
 
     Windows are `data.batch(step, batch_size, seq_len, seed)` for step = 0, 1, ... (the same
@@ -54,8 +65,10 @@ def record(executor: LocalExecutor, pathway: str, data: TokenData, out: str | Pa
     if (out / INDEX).exists():
         raise FileExistsError(f"{out} already holds an activation store")
     if rows % batch_size or shard_rows % batch_size:
-        raise ValueError(f"rows ({rows}) and shard_rows ({shard_rows}) must be multiples of "
-                         f"batch_size ({batch_size})")
+        raise ValueError(
+            f"rows ({rows}) and shard_rows ({shard_rows}) must be multiples of "
+            f"batch_size ({batch_size})"
+        )
     chain = executor.chain(pathway)
     names = boundary_names(len(chain))
     d_model = chain[0].cfg.d_model
@@ -75,9 +88,12 @@ def record(executor: LocalExecutor, pathway: str, data: TokenData, out: str | Pa
             n_rows = min(shard_rows, rows - written)
             shard = out / f"shard-{len(shards):05d}"
             shard.mkdir(exist_ok=True)
-            arrays = {k: np.lib.format.open_memmap(shard / f"{k}.npy", mode="w+", dtype=dt,
-                                                   shape=(n_rows, *tail))
-                      for k, (tail, dt) in shapes.items()}
+            arrays = {
+                k: np.lib.format.open_memmap(
+                    shard / f"{k}.npy", mode="w+", dtype=dt, shape=(n_rows, *tail)
+                )
+                for k, (tail, dt) in shapes.items()
+            }
             shards.append({"dir": shard.name, "rows": n_rows})
         inputs, targets = data.batch(step, batch_size, seq_len, seed)
         r = slice(written % shard_rows, written % shard_rows + batch_size)
@@ -91,12 +107,23 @@ def record(executor: LocalExecutor, pathway: str, data: TokenData, out: str | Pa
         if written % shard_rows == 0 or written == rows:
             for a in arrays.values():
                 a.flush()
-    index = {"pathway": pathway, "modules": [rt.name for rt in chain], "boundaries": names,
-             "rows": rows, "seq_len": seq_len, "d_model": d_model, "vocab_size": vocab,
-             "logits": keep_logits, "logits_max_vocab": LOGITS_MAX_VOCAB, "seed": seed,
-             "batch_size": batch_size, "shard_rows": shard_rows,
-             "arrays": {k: {"shape": list(t), "dtype": dt} for k, (t, dt) in shapes.items()},
-             "shards": shards, "provenance": provenance or {}}
+    index = {
+        "pathway": pathway,
+        "modules": [rt.name for rt in chain],
+        "boundaries": names,
+        "rows": rows,
+        "seq_len": seq_len,
+        "d_model": d_model,
+        "vocab_size": vocab,
+        "logits": keep_logits,
+        "logits_max_vocab": LOGITS_MAX_VOCAB,
+        "seed": seed,
+        "batch_size": batch_size,
+        "shard_rows": shard_rows,
+        "arrays": {k: {"shape": list(t), "dtype": dt} for k, (t, dt) in shapes.items()},
+        "shards": shards,
+        "provenance": provenance or {},
+    }
     tmp = out / (INDEX + ".tmp")
     tmp.write_text(json.dumps(index, indent=1))
     tmp.replace(out / INDEX)
@@ -125,8 +152,10 @@ class ActivationStore:
 
     def _meta(self, name: str) -> dict:
         if name not in self.index["arrays"]:
-            raise KeyError(f"store {self.path} has no array {name!r}; it has "
-                           f"{', '.join(self.index['arrays'])}")
+            raise KeyError(
+                f"store {self.path} has no array {name!r}; it has "
+                f"{', '.join(self.index['arrays'])}"
+            )
         return self.index["arrays"][name]
 
     def array(self, shard: int, name: str) -> np.ndarray:

@@ -13,19 +13,33 @@ from pathways.executor.local import LocalExecutor
 
 
 def _spec(vocab=37):
-    return spec_lib.from_dict({
-        "modules": {
-            "embed": {"kind": "embedding", "vocab_size": vocab, "d_model": 12, "max_seq_len": 16},
-            "a0": {"kind": "attention", "d_model": 12, "n_layers": 1, "n_heads": 3,
-                   "max_seq_len": 16},
-            "head": {"kind": "decoding", "d_model": 12, "vocab_size": vocab},
-        },
-        "pathways": {"p": ["embed", "a0", "head"]},
-    })
+    return spec_lib.from_dict(
+        {
+            "modules": {
+                "embed": {
+                    "kind": "embedding",
+                    "vocab_size": vocab,
+                    "d_model": 12,
+                    "max_seq_len": 16,
+                },
+                "a0": {
+                    "kind": "attention",
+                    "d_model": 12,
+                    "n_layers": 1,
+                    "n_heads": 3,
+                    "max_seq_len": 16,
+                },
+                "head": {"kind": "decoding", "d_model": 12, "vocab_size": vocab},
+            },
+            "pathways": {"p": ["embed", "a0", "head"]},
+        }
+    )
 
 
-DATA = TokenData(train=np.random.default_rng(0).integers(0, 37, 3000).astype(np.int32),
-                 eval=np.arange(300, dtype=np.int32) % 37)
+DATA = TokenData(
+    train=np.random.default_rng(0).integers(0, 37, 3000).astype(np.int32),
+    eval=np.arange(300, dtype=np.int32) % 37,
+)
 
 
 def test_boundaries_match_the_teacher_and_shards_split_rows(tmp_path):
@@ -39,14 +53,14 @@ def test_boundaries_match_the_teacher_and_shards_split_rows(tmp_path):
     toks = st.rows_of("tokens", rows)
     inputs = np.concatenate([DATA.batch(i, 4, 7, 0)[0] for i in range(5)])
     np.testing.assert_array_equal(toks, inputs[rows])
-    np.testing.assert_array_equal(st.rows_of("targets", rows),
-                                  np.concatenate([DATA.batch(i, 4, 7, 0)[1]
-                                                  for i in range(5)])[rows])
+    np.testing.assert_array_equal(
+        st.rows_of("targets", rows),
+        np.concatenate([DATA.batch(i, 4, 7, 0)[1] for i in range(5)])[rows],
+    )
     # b1 is the embedding's output, b2 the attention module's; logits the whole pathway's.
     emb = ex.runtimes["embed"]
     pos = np.broadcast_to(np.arange(7), toks.shape)
-    np.testing.assert_allclose(st.rows_of("b1", rows), emb.forward(emb.state, toks, pos),
-                               atol=1e-6)
+    np.testing.assert_allclose(st.rows_of("b1", rows), emb.forward(emb.state, toks, pos), atol=1e-6)
     np.testing.assert_allclose(st.rows_of("logits", rows), ex.forward("p", toks), atol=1e-5)
     assert isinstance(st.array(0, "b2"), np.memmap)
     seen = np.concatenate([b["tokens"] for b in st.batches(["tokens"], 5, 4, seed=1)])

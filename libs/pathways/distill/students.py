@@ -43,7 +43,8 @@ def _loss(graphdef, kind, ce_weight, state, x, y, targets):
 
 def _step(graphdef, kind, ce_weight, tx, state, opt_state, x, y, targets):
     (loss, aux), g = jax.value_and_grad(
-        functools.partial(_loss, graphdef, kind, ce_weight), has_aux=True)(state, x, y, targets)
+        functools.partial(_loss, graphdef, kind, ce_weight), has_aux=True
+    )(state, x, y, targets)
     updates, opt_state = tx.update(g, opt_state, state)
     return optax.apply_updates(state, updates), opt_state, loss, aux
 
@@ -63,9 +64,15 @@ def initial_module(cfg: mod.ModuleConfig, seed: int) -> nnx.Module:
     return mod.build(cfg, seed=seed)
 
 
-def train_module(store: ActivationStore, position: int, cfg: mod.ModuleConfig,
-                 dcfg: DistillConfig, *, teacher_head: tuple | None = None,
-                 on_step: Callable[[dict], None] | None = None) -> tuple[nnx.State, dict]:
+def train_module(
+    store: ActivationStore,
+    position: int,
+    cfg: mod.ModuleConfig,
+    dcfg: DistillConfig,
+    *,
+    teacher_head: tuple | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> tuple[nnx.State, dict]:
     """Trains the student module at `position` of the pathway on the store's boundaries.
 
     Args:
@@ -84,31 +91,41 @@ def train_module(store: ActivationStore, position: int, cfg: mod.ModuleConfig,
     names = store.index["boundaries"]
     if not 0 <= position < len(names) - 1:
         raise ValueError(f"position must be in [0, {len(names) - 2}], got {position}")
-    teacher_kind = ("embedding" if position == 0 else
-                    "decoding" if position == len(names) - 2 else "attention")
+    teacher_kind = (
+        "embedding" if position == 0 else "decoding" if position == len(names) - 2 else "attention"
+    )
     if cfg.kind != teacher_kind:
-        raise ValueError(f"position {position} of the teacher is {teacher_kind}; the student "
-                         f"module there is {cfg.kind}")
+        raise ValueError(
+            f"position {position} of the teacher is {teacher_kind}; the student "
+            f"module there is {cfg.kind}"
+        )
     if cfg.kind != "embedding" and cfg.input_contract[1] != store.index["d_model"]:
-        raise ValueError(f"student d_model {cfg.input_contract[1]} != teacher boundary d_model "
-                         f"{store.index['d_model']}")
+        raise ValueError(
+            f"student d_model {cfg.input_contract[1]} != teacher boundary d_model "
+            f"{store.index['d_model']}"
+        )
     src, dst = names[position], names[position + 1]
     from_head = dst == "logits" and not store.has_logits
     if from_head and teacher_head is None:
-        raise ValueError(f"store has no logits (vocab {store.index['vocab_size']} > "
-                         f"{store.index['logits_max_vocab']}): pass the teacher's decoding module")
+        raise ValueError(
+            f"store has no logits (vocab {store.index['vocab_size']} > "
+            f"{store.index['logits_max_vocab']}): pass the teacher's decoding module"
+        )
     wanted = [src, "targets"] + ([] if from_head else [dst])
 
     graphdef, state = nnx.split(initial_module(cfg, dcfg.seed + position))
     tx = make_optimizer(dcfg.train_config())
     opt_state = tx.init(state)
-    step = jax.jit(functools.partial(_step, graphdef, cfg.kind, float(dcfg.ce_weight), tx),
-                   donate_argnums=(0, 1))
+    step = jax.jit(
+        functools.partial(_step, graphdef, cfg.kind, float(dcfg.ce_weight), tx),
+        donate_argnums=(0, 1),
+    )
     tail = max(1, dcfg.steps // 10)
     losses, metrics = [], []
     t0 = time.perf_counter()
-    for i, b in enumerate(store.batches(wanted, dcfg.batch_size, dcfg.steps,
-                                        seed=dcfg.seed + 1000 * position)):
+    for i, b in enumerate(
+        store.batches(wanted, dcfg.batch_size, dcfg.steps, seed=dcfg.seed + 1000 * position)
+    ):
         x = jnp.asarray(b[src] if src == "tokens" else b[src].astype(np.float32))
         if from_head:
             y = _head_logits_jit(teacher_head[0], teacher_head[1], x)
@@ -122,8 +139,12 @@ def train_module(store: ActivationStore, position: int, cfg: mod.ModuleConfig,
                 metrics.append(rec["metric"])
             if on_step:
                 on_step(rec)
-    summary = {"loss": float(np.mean(losses)), "metric": float(np.mean(metrics)),
-               "metric_name": "ce" if cfg.kind == "decoding" else "relative_mse",
-               "steps": dcfg.steps, "seconds": time.perf_counter() - t0,
-               "params": int(sum(x.size for x in jax.tree.leaves(state)))}
+    summary = {
+        "loss": float(np.mean(losses)),
+        "metric": float(np.mean(metrics)),
+        "metric_name": "ce" if cfg.kind == "decoding" else "relative_mse",
+        "steps": dcfg.steps,
+        "seconds": time.perf_counter() - t0,
+        "params": int(sum(x.size for x in jax.tree.leaves(state))),
+    }
     return state, summary

@@ -76,14 +76,17 @@ def _entry_points(graphdef) -> SimpleNamespace:
             return _forward_cached(graphdef, state, x, positions, cache, slots, window=window)
 
         def head_sample(state, h_btd, last_b, temperature, top_k, top_p, seed, step):
-            return _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed,
-                                step)
+            return _head_sample(
+                graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed, step
+            )
 
         _ENTRY_POINTS[graphdef] = SimpleNamespace(
             forward=jax.jit(forward),
-            forward_cached=jax.jit(forward_cached, static_argnames="window",
-                                   donate_argnames="cache"),
-            head_sample=jax.jit(head_sample))
+            forward_cached=jax.jit(
+                forward_cached, static_argnames="window", donate_argnames="cache"
+            ),
+            head_sample=jax.jit(head_sample),
+        )
     return _ENTRY_POINTS[graphdef]
 
 
@@ -128,11 +131,17 @@ class LocalExecutor:
         if not sampling:
             raise ValueError("a session needs at least one sequence (sampling list is empty)")
         b = len(sampling)
-        session = Session(pathway=pathway, sampling=SamplingBatch.of(sampling),
-                          lengths=np.zeros(b, np.int32), steps=np.zeros(b, np.int32),
-                          max_seq_len=p.max_seq_len)
+        session = Session(
+            pathway=pathway,
+            sampling=SamplingBatch.of(sampling),
+            lengths=np.zeros(b, np.int32),
+            steps=np.zeros(b, np.int32),
+            max_seq_len=p.max_seq_len,
+        )
         self._caches[session.id] = {
-            rt.name: empty_cache(rt.cfg, b) for rt in self.chain(pathway) if rt.cfg.kind == "attention"
+            rt.name: empty_cache(rt.cfg, b)
+            for rt in self.chain(pathway)
+            if rt.cfg.kind == "attention"
         }
         return session
 
@@ -141,8 +150,10 @@ class LocalExecutor:
 
     def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
         if len(prompts) != session.batch_size:
-            raise ValueError(f"prefill got {len(prompts)} prompts for a session of "
-                             f"{session.batch_size} sequences")
+            raise ValueError(
+                f"prefill got {len(prompts)} prompts for a session of "
+                f"{session.batch_size} sequences"
+            )
         if any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         self._check_room(session, np.array([len(p) for p in prompts]))
@@ -155,41 +166,55 @@ class LocalExecutor:
         tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
         self._check_room(session, np.ones(session.batch_size, np.int32))
         positions = session.lengths[:, None].astype(np.int32)
-        result = self._run(session, tokens, positions, np.zeros(session.batch_size, np.int32),
-                           return_logits)
+        result = self._run(
+            session, tokens, positions, np.zeros(session.batch_size, np.int32), return_logits
+        )
         session.lengths += 1
         return result
 
     def _check_room(self, session: Session, extra: np.ndarray) -> None:
         need = session.lengths + extra
         if need.max() > session.max_seq_len:
-            raise ValueError(f"max sequence length exceeded: {int(need.max())} tokens > pathway "
-                             f"{session.pathway!r} max_seq_len {session.max_seq_len}")
+            raise ValueError(
+                f"max sequence length exceeded: {int(need.max())} tokens > pathway "
+                f"{session.pathway!r} max_seq_len {session.max_seq_len}"
+            )
 
     def _run(self, session, tokens, positions, last, return_logits) -> StepResult:
         caches = self._caches.get(session.id)
         if caches is None:
             raise KeyError(f"unknown session {session.id!r}")
-        window = bucket(int(positions[positions < session.max_seq_len].max()) + 1,
-                        session.max_seq_len)
+        window = bucket(
+            int(positions[positions < session.max_seq_len].max()) + 1, session.max_seq_len
+        )
         slots = jnp.arange(session.batch_size, dtype=jnp.int32)
         x = jnp.asarray(tokens)
         pos = jnp.asarray(positions)
         chain = self.chain(session.pathway)
         for rt in chain[:-1]:
             if rt.cfg.kind == "attention":
-                x, caches[rt.name] = rt.forward_cached(rt.state, x, pos, caches[rt.name], slots,
-                                                       window=window)
+                x, caches[rt.name] = rt.forward_cached(
+                    rt.state, x, pos, caches[rt.name], slots, window=window
+                )
             else:
                 x = rt.forward(rt.state, x, pos)
         s = session.sampling
         # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
         # call runs asynchronously, so the in-place += below could race with its read.
-        out, logits = chain[-1].head_sample(chain[-1].state, x, jnp.asarray(last), s.temperature,
-                                            s.top_k, s.top_p, s.seed, session.steps.copy())
+        out, logits = chain[-1].head_sample(
+            chain[-1].state,
+            x,
+            jnp.asarray(last),
+            s.temperature,
+            s.top_k,
+            s.top_p,
+            s.seed,
+            session.steps.copy(),
+        )
         session.steps += 1
-        return StepResult(tokens=np.asarray(out),
-                          logits=np.asarray(logits) if return_logits else None)
+        return StepResult(
+            tokens=np.asarray(out), logits=np.asarray(logits) if return_logits else None
+        )
 
     # ---- stateless ---------------------------------------------------------------------------
     def forward(self, pathway: str, tokens) -> np.ndarray:

@@ -237,8 +237,9 @@ class RemoteExecutor:
         with self._table_lock:
             spec = self.spec.with_module(name, cfg)
             if name not in self.replicas:
-                self.replicas[name] = ReplicaSet(name, StaticReplicaSource({name: addresses}),
-                                                 self._options)
+                self.replicas[name] = ReplicaSet(
+                    name, StaticReplicaSource({name: addresses}), self._options
+                )
                 self.wire_bytes[name] = [0, 0]
             self._set_spec(spec)
 
@@ -247,8 +248,9 @@ class RemoteExecutor:
         with self._table_lock:
             missing = [m for m in modules if m in self.spec.modules and m not in self.replicas]
             if missing:
-                raise ValueError(f"pathway {name!r} needs module(s) with no replicas: "
-                                 f"{', '.join(missing)}")
+                raise ValueError(
+                    f"pathway {name!r} needs module(s) with no replicas: " f"{', '.join(missing)}"
+                )
             self._set_spec(self.spec.with_pathway(name, modules))
 
     def remove_pathway(self, name: str) -> None:

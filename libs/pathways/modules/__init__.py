@@ -35,5 +35,13 @@ def build(cfg: ModuleConfig, seed: int = 0) -> nnx.Module:
     return KINDS[cfg.kind][1](cfg, nnx.Rngs(seed))
 
 
-__all__ = ["KINDS", "ConfigError", "ModuleConfig", "build", "config_from_dict",
-           "AttentionConfig", "DecodingConfig", "EmbeddingConfig"]
+__all__ = [
+    "KINDS",
+    "ConfigError",
+    "ModuleConfig",
+    "build",
+    "config_from_dict",
+    "AttentionConfig",
+    "DecodingConfig",
+    "EmbeddingConfig",
+]

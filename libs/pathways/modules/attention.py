@@ -39,21 +39,27 @@ class AttentionConfig:
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "max_seq_len"):
             positive_int(name, getattr(self, name))
-        require(self.d_model % self.n_heads == 0,
-                f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})")
+        require(
+            self.d_model % self.n_heads == 0,
+            f"n_heads ({self.n_heads}) must divide d_model ({self.d_model})",
+        )
         if self.n_kv_heads is not None:
             positive_int("n_kv_heads", self.n_kv_heads)
-            require(self.n_heads % self.n_kv_heads == 0,
-                    f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+            require(
+                self.n_heads % self.n_kv_heads == 0,
+                f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})",
+            )
         if self.d_ff is not None:
             positive_int("d_ff", self.d_ff)
         one_of("norm", self.norm, NORMS)
         one_of("mlp", self.mlp, MLPS)
         one_of("positions", self.positions, ("none", "rope"))
         if self.positions == "rope":
-            require(self.head_dim % 2 == 0,
-                    f"rope needs an even head_dim, got {self.head_dim} "
-                    f"(d_model {self.d_model} / n_heads {self.n_heads})")
+            require(
+                self.head_dim % 2 == 0,
+                f"rope needs an even head_dim, got {self.head_dim} "
+                f"(d_model {self.d_model} / n_heads {self.n_heads})",
+            )
         positive_number("rope_theta", self.rope_theta)
         positive_number("norm_eps", self.norm_eps)
         positive_number("init_std", self.init_std)

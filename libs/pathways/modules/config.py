@@ -18,15 +18,19 @@ def require(cond: bool, msg: str) -> None:
 
 
 def positive_int(name: str, value: Any) -> None:
-    require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-            f"{name} must be a positive integer, got {value!r}")
+    require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{name} must be a positive integer, got {value!r}",
+    )
 
 
 def positive_number(name: str, value: Any) -> None:
     # Checks the type too: YAML reads `1e-5` (no dot) as a string, and `"1e-5" > 0` would raise a
     # TypeError that names neither the field nor the value.
-    require(isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
-            f"{name} must be a positive number, got {value!r}")
+    require(
+        isinstance(value, int | float) and not isinstance(value, bool) and value > 0,
+        f"{name} must be a positive number, got {value!r}",
+    )
 
 
 def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -39,10 +43,17 @@ def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     prefix = f"{where}: " if where else ""
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{prefix}unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
-                          f"known: {', '.join(fields)}")
-    missing = [n for n, f in fields.items() if n not in data
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(
+            f"{prefix}unknown field(s) {', '.join(unknown)} for {cls.__name__}; "
+            f"known: {', '.join(fields)}"
+        )
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in data
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{prefix}missing field(s) {', '.join(missing)} for {cls.__name__}")
     try:

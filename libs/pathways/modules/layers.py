@@ -28,8 +28,17 @@ def dense(d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs) -> n
 class Mlp(nnx.Module):
     """GELU (tanh approximation, as GPT-2) or SwiGLU (Llama) feed-forward."""
 
-    def __init__(self, kind: str, d: int, d_ff: int, *, bias: bool, std: float, out_std: float,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        kind: str,
+        d: int,
+        d_ff: int,
+        *,
+        bias: bool,
+        std: float,
+        out_std: float,
+        rngs: nnx.Rngs,
+    ):
         self.kind = kind
         if kind == "gelu":
             self.fc = dense(d, d_ff, bias=bias, std=std, rngs=rngs)

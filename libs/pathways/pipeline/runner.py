@@ -31,8 +31,15 @@ def split_micro(inputs: np.ndarray, targets: np.ndarray, n_micro: int):
     return np.split(inputs, n_micro), np.split(targets, n_micro)
 
 
-def run_step(stages: list[Stage], inputs: np.ndarray, targets: np.ndarray, n_micro: int,
-             schedule: str = "1f1b", timeout: float = 600.0, apply: bool = True) -> dict:
+def run_step(
+    stages: list[Stage],
+    inputs: np.ndarray,
+    targets: np.ndarray,
+    n_micro: int,
+    schedule: str = "1f1b",
+    timeout: float = 600.0,
+    apply: bool = True,
+) -> dict:
     """Forward + backward of every micro-batch through `stages`, then each stage's apply.
 
     With apply=False the stages keep their accumulated gradients (for inspection).
@@ -41,10 +48,12 @@ def run_step(stages: list[Stage], inputs: np.ndarray, targets: np.ndarray, n_mic
     """
     xs, ts = split_micro(inputs, targets, n_micro)
     k = len(stages)
-    acts: dict[tuple[int, int], Future] = {(i, m): Future() for i in range(k + 1)
-                                           for m in range(n_micro)}
-    grads: dict[tuple[int, int], Future] = {(i, m): Future() for i in range(k + 1)
-                                            for m in range(n_micro)}
+    acts: dict[tuple[int, int], Future] = {
+        (i, m): Future() for i in range(k + 1) for m in range(n_micro)
+    }
+    grads: dict[tuple[int, int], Future] = {
+        (i, m): Future() for i in range(k + 1) for m in range(n_micro)
+    }
     for m in range(n_micro):
         acts[(0, m)].set_result(xs[m])
         grads[(k, m)].set_result(np.float32(1.0 / n_micro))  # d(mean loss) / d(micro loss)
@@ -88,6 +97,9 @@ def run_step(stages: list[Stage], inputs: np.ndarray, targets: np.ndarray, n_mic
     if apply:
         with ThreadPoolExecutor(max_workers=k) as pool:
             norms = list(pool.map(lambda s: s.apply()["grad_norm"], stages))
-    return {"loss": float(np.mean(losses)), "wall_seconds": time.perf_counter() - t0,
-            "stage_seconds": {s.name: b for s, b in zip(stages, busy)},
-            "grad_norms": {s.name: n for s, n in zip(stages, norms)}}
+    return {
+        "loss": float(np.mean(losses)),
+        "wall_seconds": time.perf_counter() - t0,
+        "stage_seconds": {s.name: b for s, b in zip(stages, busy)},
+        "grad_norms": {s.name: n for s, n in zip(stages, norms)},
+    }

@@ -91,8 +91,14 @@ class LocalStage:
     nothing upstream learns), but accumulates and applies nothing to its own parameters.
     """
 
-    def __init__(self, runtime: ModuleRuntime, tx: optax.GradientTransformation, *,
-                 frozen: bool = False, input_grad: bool = True):
+    def __init__(
+        self,
+        runtime: ModuleRuntime,
+        tx: optax.GradientTransformation,
+        *,
+        frozen: bool = False,
+        input_grad: bool = True,
+    ):
         self.rt, self.tx = runtime, tx
         self.frozen, self.input_grad = frozen, input_grad
         self.name, self.kind = runtime.name, runtime.cfg.kind
@@ -111,8 +117,7 @@ class LocalStage:
             raise ValueError(f"stage {self.name!r}: micro-batch {mb} already has a forward pending")
         t = None if targets is None else jnp.asarray(targets)
         if self.frozen:
-            y, self._vjps[mb] = self._fwd_frozen(self.rt.state, jnp.asarray(x), t,
-                                                 self.input_grad)
+            y, self._vjps[mb] = self._fwd_frozen(self.rt.state, jnp.asarray(x), t, self.input_grad)
         else:
             y, self._vjps[mb] = self._fwd(self.rt.state, jnp.asarray(x), t)
         return y
@@ -120,8 +125,10 @@ class LocalStage:
     def freeze(self, frozen: bool = True, input_grad: bool = True) -> None:
         """Stops (or resumes) updates to this stage's parameters between steps."""
         if self._vjps:
-            raise ValueError(f"stage {self.name!r}: cannot (un)freeze with micro-batches "
-                             f"{sorted(self._vjps)} in flight")
+            raise ValueError(
+                f"stage {self.name!r}: cannot (un)freeze with micro-batches "
+                f"{sorted(self._vjps)} in flight"
+            )
         self.frozen, self.input_grad = frozen, input_grad
 
     def backward(self, mb: int, grad):
@@ -129,8 +136,9 @@ class LocalStage:
             raise KeyError(f"stage {self.name!r}: no forward pending for micro-batch {mb}")
         vjp = self._vjps.pop(mb)
         if self.frozen:
-            return None if vjp is None else _backward_frozen_jit(vjp, jnp.asarray(grad,
-                                                                                  jnp.float32))
+            return (
+                None if vjp is None else _backward_frozen_jit(vjp, jnp.asarray(grad, jnp.float32))
+            )
         g_x, self._acc = _backward_jit(vjp, jnp.asarray(grad, jnp.float32), self._acc)
         return g_x
 
@@ -139,8 +147,10 @@ class LocalStage:
 
     def apply(self) -> dict:
         if self._vjps:
-            raise ValueError(f"stage {self.name!r}: apply with micro-batches "
-                             f"{sorted(self._vjps)} still awaiting backward")
+            raise ValueError(
+                f"stage {self.name!r}: apply with micro-batches "
+                f"{sorted(self._vjps)} still awaiting backward"
+            )
         if self.frozen:
             return {"grad_norm": 0.0}
         state, self.opt_state, norm = self._upd(self.rt.state, self.opt_state, self._acc)
@@ -159,15 +169,19 @@ class LocalStage:
     def load_optimizer_leaves(self, leaves: dict[str, np.ndarray]) -> None:
         flat, treedef = jax.tree.flatten(self.opt_state)
         if len(leaves) != len(flat):
-            raise ValueError(f"stage {self.name!r}: optimizer state has {len(leaves)} arrays, "
-                             f"expected {len(flat)}")
-        self.opt_state = jax.tree.unflatten(treedef, [jnp.asarray(leaves[str(i)])
-                                                      for i in range(len(flat))])
+            raise ValueError(
+                f"stage {self.name!r}: optimizer state has {len(leaves)} arrays, "
+                f"expected {len(flat)}"
+            )
+        self.opt_state = jax.tree.unflatten(
+            treedef, [jnp.asarray(leaves[str(i)]) for i in range(len(flat))]
+        )
 
     def evaluate(self, x, targets=None):
         """Forward without keeping residuals (eval): hidden states, or the loss at the last stage."""
-        return self._eval(self.rt.state, jnp.asarray(x),
-                          None if targets is None else jnp.asarray(targets))
+        return self._eval(
+            self.rt.state, jnp.asarray(x), None if targets is None else jnp.asarray(targets)
+        )
 
     def save(self, directory) -> None:
         """Writes this module's parameters and optimizer state into a checkpoint directory."""

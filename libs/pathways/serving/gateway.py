@@ -59,16 +59,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             with grpc.insecure_channel(request.addresses[0]) as ch:
                 d = module_pb2_grpc.ModuleServiceStub(ch).Describe(
-                    module_pb2.DescribeRequest(), timeout=10)
+                    module_pb2.DescribeRequest(), timeout=10
+                )
         except grpc.RpcError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"module {request.name!r} at "
-                          f"{request.addresses[0]}: {e.code().name}: {e.details()}")
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"module {request.name!r} at "
+                f"{request.addresses[0]}: {e.code().name}: {e.details()}",
+            )
         if d.name != request.name:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the service at "
-                          f"{request.addresses[0]} hosts module {d.name!r}, not {request.name!r}")
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the service at "
+                f"{request.addresses[0]} hosts module {d.name!r}, not {request.name!r}",
+            )
         try:
-            cfg = config_from_dict({"kind": d.kind, **json.loads(d.config_json)},
-                                   where=f"module {d.name!r}")
+            cfg = config_from_dict(
+                {"kind": d.kind, **json.loads(d.config_json)}, where=f"module {d.name!r}"
+            )
             self.executor.add_module(request.name, cfg, list(request.addresses))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -77,15 +85,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def SetPathway(self, request, context):
         unknown = [m for m in request.modules if m not in self.executor.spec.modules]
         if unknown:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"pathway {request.name!r}: unknown "
-                          f"module(s) {', '.join(unknown)} (register with AddModule)")
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"pathway {request.name!r}: unknown "
+                f"module(s) {', '.join(unknown)} (register with AddModule)",
+            )
         try:
             self.executor.set_pathway(request.name, list(request.modules))
         except ValueError as e:  # SpecError included: the message names modules and values
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         p = self.executor.spec.pathway(request.name)
-        return gateway_pb2.SetPathwayResponse(pathway=gateway_pb2.PathwayInfo(
-            name=p.name, modules=p.modules, max_seq_len=p.max_seq_len))
+        return gateway_pb2.SetPathwayResponse(
+            pathway=gateway_pb2.PathwayInfo(
+                name=p.name, modules=p.modules, max_seq_len=p.max_seq_len
+            )
+        )
 
     def RemovePathway(self, request, context):
         if request.name not in self.executor.spec.pathways:

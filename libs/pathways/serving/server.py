@@ -93,7 +93,8 @@ class ModuleServer:
         module_pb2_grpc.add_ModuleServiceServicer_to_server(self.servicer, self.server)
         # The same module trains in place through TrainingService (same port, same weights).
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(engine, self.servicer), self.server)
+            TrainingServicer(engine, self.servicer), self.server
+        )
         self.server.start()
         warm_up(self.servicer)
         self.servicer.count_request(reset=True)  # warm-up calls are not traffic

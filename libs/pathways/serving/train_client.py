@@ -19,8 +19,14 @@ class RemoteStageError(RuntimeError):
 class RemoteStage:
     """The Stage interface over gRPC: the module trains inside its own service."""
 
-    def __init__(self, name: str, kind: str, address: str, timeout: float = 600.0,
-                 max_message_mb: float = 256.0):
+    def __init__(
+        self,
+        name: str,
+        kind: str,
+        address: str,
+        timeout: float = 600.0,
+        max_message_mb: float = 256.0,
+    ):
         self.name, self.kind, self.address, self.timeout = name, kind, address, timeout
         self.wire_bytes = 0  # protobuf payload bytes sent and received, all calls
         self._channel = grpc.insecure_channel(address, options=grpc_options(max_message_mb))
@@ -32,18 +38,29 @@ class RemoteStage:
             self.wire_bytes += request.ByteSize() + response.ByteSize()
             return response
         except grpc.RpcError as e:
-            raise RemoteStageError(f"module {self.name!r} at {self.address}: {method}: "
-                                   f"{e.code().name}: {e.details()}") from None
+            raise RemoteStageError(
+                f"module {self.name!r} at {self.address}: {method}: "
+                f"{e.code().name}: {e.details()}"
+            ) from None
 
     def configure(self, cfg: TrainConfig, frozen: bool = False) -> int:
-        opt = training_pb2.OptimizerConfig(lr=cfg.lr, warmup=cfg.warmup, steps=cfg.steps,
-                                           min_lr_ratio=cfg.min_lr_ratio,
-                                           weight_decay=cfg.weight_decay, clip=cfg.clip)
-        r = self._call("Configure", training_pb2.ConfigureRequest(module=self.name,
-                                                                  optimizer=opt, frozen=frozen))
+        opt = training_pb2.OptimizerConfig(
+            lr=cfg.lr,
+            warmup=cfg.warmup,
+            steps=cfg.steps,
+            min_lr_ratio=cfg.min_lr_ratio,
+            weight_decay=cfg.weight_decay,
+            clip=cfg.clip,
+        )
+        r = self._call(
+            "Configure",
+            training_pb2.ConfigureRequest(module=self.name, optimizer=opt, frozen=frozen),
+        )
         if r.kind != self.kind:
-            raise RemoteStageError(f"module {self.name!r} at {self.address} is {r.kind}, but "
-                                   f"the spec says {self.kind}")
+            raise RemoteStageError(
+                f"module {self.name!r} at {self.address} is {r.kind}, but "
+                f"the spec says {self.kind}"
+            )
         return r.parameters
 
     def forward(self, mb: int, x, targets=None):
@@ -84,14 +101,20 @@ class RemoteStage:
         self._channel.close()
 
 
-def remote_stages(spec: PathwaySpec, pathway: str, addresses: dict[str, str],
-                  cfg: TrainConfig, frozen: set[str] = frozenset()) -> list[RemoteStage]:
+def remote_stages(
+    spec: PathwaySpec,
+    pathway: str,
+    addresses: dict[str, str],
+    cfg: TrainConfig,
+    frozen: set[str] = frozenset(),
+) -> list[RemoteStage]:
     """Configured stages for each module of `pathway`, at `addresses` (module -> host:port)."""
     chain = spec.pathway(pathway).modules
     missing = [m for m in chain if m not in addresses]
     if missing:
-        raise ValueError(f"no module service address for {', '.join(missing)} of pathway "
-                         f"{pathway!r}")
+        raise ValueError(
+            f"no module service address for {', '.join(missing)} of pathway " f"{pathway!r}"
+        )
     stages = [RemoteStage(m, spec.modules[m].kind, addresses[m]) for m in chain]
     try:
         for st in stages:

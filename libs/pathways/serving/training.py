@@ -19,9 +19,14 @@ from pathways.v1 import training_pb2, training_pb2_grpc
 def train_config(opt: training_pb2.OptimizerConfig) -> TrainConfig:
     """The optimizer part of a TrainConfig from the wire; bad values name their field."""
     try:
-        return TrainConfig(steps=opt.steps, lr=opt.lr, warmup=opt.warmup,
-                           min_lr_ratio=opt.min_lr_ratio, weight_decay=opt.weight_decay,
-                           clip=opt.clip)
+        return TrainConfig(
+            steps=opt.steps,
+            lr=opt.lr,
+            warmup=opt.warmup,
+            min_lr_ratio=opt.min_lr_ratio,
+            weight_decay=opt.weight_decay,
+            clip=opt.clip,
+        )
     except ValueError as e:
         raise InvalidArgument(f"optimizer.{e}") from None
 
@@ -40,8 +45,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     def _stage(self) -> LocalStage:
         if self.stage is None:
-            raise FailedPrecondition(f"module {self.engine.name!r} has no training run: call "
-                                     f"Configure first")
+            raise FailedPrecondition(
+                f"module {self.engine.name!r} has no training run: call " f"Configure first"
+            )
         return self.stage
 
     def _input(self, t, field: str, rows: int | None = None) -> np.ndarray:
@@ -52,16 +58,19 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def _targets(self, request) -> np.ndarray | None:
         if self.engine.kind != "decoding":
             if request.HasField("targets"):
-                raise InvalidArgument(f"targets are only for the decoding module; "
-                                      f"{self.engine.name!r} is {self.engine.kind}")
+                raise InvalidArgument(
+                    f"targets are only for the decoding module; "
+                    f"{self.engine.name!r} is {self.engine.kind}"
+                )
             return None
         if not request.HasField("targets"):
             raise InvalidArgument(f"targets are required by decoding module {self.engine.name!r}")
         t = codec.decode(request.targets, "targets")
         x_shape = tuple(request.input.shape)[:2]
         if t.dtype != np.int32 or t.shape != x_shape:
-            raise InvalidArgument(f"targets must be int32 of shape {list(x_shape)}; got "
-                                  f"{t.dtype} {list(t.shape)}")
+            raise InvalidArgument(
+                f"targets must be int32 of shape {list(x_shape)}; got " f"{t.dtype} {list(t.shape)}"
+            )
         vocab = self.engine.cfg.vocab_size
         if ((t < 0) | (t >= vocab)).any():
             raise InvalidArgument(f"targets has a token id outside [0, {vocab})")
@@ -70,8 +79,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     @rpc
     def Configure(self, request, context):
         if request.module != self.engine.name:
-            raise NotFound(f"this server hosts module {self.engine.name!r}, not "
-                           f"{request.module!r}")
+            raise NotFound(
+                f"this server hosts module {self.engine.name!r}, not " f"{request.module!r}"
+            )
         cfg = train_config(request.optimizer)
         with self._lock:
             self.stage = LocalStage(self.engine.rt, make_optimizer(cfg), frozen=request.frozen)
@@ -93,8 +103,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         with self._lock:
             st = self._stage()
             if request.micro_batch not in st._vjps:
-                raise NotFound(f"micro_batch {request.micro_batch} has no forward pending on "
-                               f"module {self.engine.name!r}")
+                raise NotFound(
+                    f"micro_batch {request.micro_batch} has no forward pending on "
+                    f"module {self.engine.name!r}"
+                )
             g = codec.decode(request.grad, "grad")
             if g.dtype != np.float32:
                 raise InvalidArgument(f"grad must be float32; got {g.dtype}")
@@ -109,8 +121,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         with self._lock:
             st = self._stage()
             if st._vjps:
-                raise FailedPrecondition(f"micro-batches {sorted(st._vjps)} still await "
-                                         f"their backward on module {self.engine.name!r}")
+                raise FailedPrecondition(
+                    f"micro-batches {sorted(st._vjps)} still await "
+                    f"their backward on module {self.engine.name!r}"
+                )
             return training_pb2.ApplyResponse(grad_norm=st.apply()["grad_norm"])
 
     @rpc

@@ -26,17 +26,6 @@ from tools.bench.common import print_table, write_json
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def measure(engine, batches, warmup: int) -> tuple[float, list[dict]]:
-    for inputs, targets in batches[:warmup]:
-        engine.step(inputs, targets)
-    outs, walls = [], []
-    for inputs, targets in batches[warmup:]:
-        t0 = time.perf_counter()
-        outs.append(engine.step(inputs, targets))
-        walls.append(time.perf_counter() - t0)
-    return statistics.median(walls), outs
-
-
 def services_engine(spec_path: Path, spec, pathway, cfg, n_micro, schedule, stack, cache):
     """Every module of the pathway in its own module-server process (loopback), started once."""
     import tempfile
@@ -87,6 +76,7 @@ def main() -> None:
         base = None
         runs = [("fused", 1)] if "fused" in args.engines else []
         runs += [(e, m) for e in args.engines if e != "fused" for m in args.micro]
+        engines = []
         for engine_name, m in runs:
             if engine_name == "fused":
                 engine = FusedEngine(LocalExecutor(spec), pathway, make_optimizer(cfg))
@@ -101,7 +91,19 @@ def main() -> None:
                 engine = services_engine(
                     Path(args.spec), spec, pathway, cfg, m, args.schedule, stack, cache
                 )
-            wall, outs = measure(engine, batches, warmup=2)
+            engines.append((engine_name, m, engine))
+        # Rounds: every engine takes one step per round, so drift in the machine's load hits all
+        # engines alike (this box's speed moves by 2x within minutes).
+        timings = {i: ([], []) for i in range(len(engines))}
+        for r, (inputs, targets) in enumerate(batches):
+            for i, (_, _, engine) in enumerate(engines):
+                t0 = time.perf_counter()
+                out = engine.step(inputs, targets)
+                if r >= 2:  # warm-up rounds compile
+                    timings[i][0].append(time.perf_counter() - t0)
+                    timings[i][1].append(out)
+        for i, (engine_name, m, engine) in enumerate(engines):
+            wall, outs = statistics.median(timings[i][0]), timings[i][1]
             if engine_name == "fused":
                 base = tokens / wall
             row = {
@@ -121,7 +123,6 @@ def main() -> None:
                 )
                 row["bubble_gpipe"] = bubble_fraction(k, m)
             rows.append(row)
-            print(f"{engine_name} M={m}: {row['tokens_per_s']:.0f} tok/s", flush=True)
             close = getattr(engine, "close", None)
             if close:
                 close()

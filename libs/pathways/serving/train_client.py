@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import queue
+
 import grpc
 import numpy as np
 
@@ -29,6 +31,7 @@ class RemoteStage:
     ):
         self.name, self.kind, self.address, self.timeout = name, kind, address, timeout
         self.wire_bytes = 0  # protobuf payload bytes sent and received, all calls
+        self._stream = None  # (request queue, response iterator) of the current step
         self._channel = grpc.insecure_channel(address, options=grpc_options(max_message_mb))
         self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
 
@@ -63,21 +66,46 @@ class RemoteStage:
             )
         return r.parameters
 
+    def _step_call(self, method: str, request):
+        """One forward/backward over the step's stream (opened on first use, closed by apply)."""
+        if self._stream is None:
+            requests: queue.Queue = queue.Queue()
+            responses = self._stub.Steps(iter(requests.get, None), timeout=self.timeout)
+            self._stream = (requests, responses)
+        requests, responses = self._stream
+        wrapped = training_pb2.StepRequest(**{method.lower(): request})
+        requests.put(wrapped)
+        try:
+            response = getattr(next(responses), method.lower())
+        except grpc.RpcError as e:
+            self._end_stream()
+            raise RemoteStageError(f"module {self.name!r} at {self.address}: {method}: "
+                                   f"{e.code().name}: {e.details()}") from None
+        self.wire_bytes += wrapped.ByteSize() + response.ByteSize()
+        return response
+
+    def _end_stream(self) -> None:
+        if self._stream is not None:
+            self._stream[0].put(None)  # ends the request iterator: the server finishes the call
+            self._stream[1].cancel()
+            self._stream = None
+
     def forward(self, mb: int, x, targets=None):
         req = training_pb2.TrainForwardRequest(micro_batch=mb)
         codec.encode(np.asarray(x), out=req.input)
         if targets is not None:
             codec.encode(np.asarray(targets, np.int32), out=req.targets)
-        r = self._call("Forward", req)
+        r = self._step_call("Forward", req)
         return np.float32(r.loss) if r.WhichOneof("result") == "loss" else codec.decode(r.output)
 
     def backward(self, mb: int, grad):
         req = training_pb2.TrainBackwardRequest(micro_batch=mb)
         codec.encode(np.asarray(grad, np.float32), out=req.grad)
-        r = self._call("Backward", req)
+        r = self._step_call("Backward", req)
         return codec.decode(r.grad_input) if r.HasField("grad_input") else None
 
     def apply(self) -> dict:
+        self._end_stream()
         return {"grad_norm": self._call("Apply", training_pb2.ApplyRequest()).grad_norm}
 
     def evaluate(self, x, targets=None):
@@ -95,9 +123,11 @@ class RemoteStage:
         self._call("Load", training_pb2.LoadRequest(directory=str(directory)))
 
     def reset(self) -> None:
+        self._end_stream()
         self._call("Reset", training_pb2.ResetRequest())
 
     def close(self) -> None:
+        self._end_stream()
         self._channel.close()
 
 

@@ -116,6 +116,13 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 codec.encode(np.asarray(g_x), out=resp.grad_input)
             return resp
 
+    def Steps(self, request_iterator, context):
+        for req in request_iterator:
+            if req.WhichOneof("op") == "forward":
+                yield training_pb2.StepResponse(forward=self.Forward(req.forward, context))
+            else:
+                yield training_pb2.StepResponse(backward=self.Backward(req.backward, context))
+
     @rpc
     def Apply(self, request, context):
         with self._lock:

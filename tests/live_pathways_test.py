@@ -161,3 +161,21 @@ def test_insert_switch_train_and_remove_under_live_traffic(deployment, tmp_path)
         channel.close()
     assert failures == []
     assert served[0] >= 4
+
+
+def test_pathways_cli_lists_adds_and_removes_on_the_running_gateway(deployment, capsys):
+    from tools.cli.main import main
+
+    dep, _ = deployment
+    gw = ["--gateway", dep.gateway]
+    assert main(["pathways", "add", "short", "embed", "attn-0", "head", *gw]) == 0
+    assert "short: embed -> attn-0 -> head" in capsys.readouterr().out
+    assert main(["pathways", "list", *gw]) == 0
+    listed = capsys.readouterr().out
+    assert "short                embed -> attn-0 -> head" in listed and "tiny " in listed
+    assert main(["pathways", "add", "bad", "embed", "attn-0", *gw]) == 2
+    err = capsys.readouterr().err
+    assert "INVALID_ARGUMENT" in err and "must end with a decoding module" in err
+    assert main(["pathways", "remove", "short", *gw]) == 0
+    assert main(["pathways", "remove", "short", *gw]) == 2
+    assert "NOT_FOUND: unknown pathway 'short'" in capsys.readouterr().err

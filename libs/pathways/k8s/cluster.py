@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import urllib3
+import urllib3  # pants: no-infer-dep (a dependency of `kubernetes`, imported below)
 from kubernetes import client, config
 from kubernetes.config.config_exception import ConfigException
 

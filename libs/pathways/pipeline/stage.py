@@ -122,6 +122,11 @@ class LocalStage:
             y, self._vjps[mb] = self._fwd(self.rt.state, jnp.asarray(x), t)
         return y
 
+    @property
+    def pending(self) -> list[int]:
+        """Micro-batches whose forward ran and whose backward has not yet."""
+        return sorted(self._vjps)
+
     def freeze(self, frozen: bool = True, input_grad: bool = True) -> None:
         """Stops (or resumes) updates to this stage's parameters between steps."""
         if self._vjps:

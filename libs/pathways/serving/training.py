@@ -102,7 +102,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def Backward(self, request, context):
         with self._lock:
             st = self._stage()
-            if request.micro_batch not in st._vjps:
+            if request.micro_batch not in st.pending:
                 raise NotFound(
                     f"micro_batch {request.micro_batch} has no forward pending on "
                     f"module {self.engine.name!r}"
@@ -127,9 +127,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def Apply(self, request, context):
         with self._lock:
             st = self._stage()
-            if st._vjps:
+            if st.pending:
                 raise FailedPrecondition(
-                    f"micro-batches {sorted(st._vjps)} still await "
+                    f"micro-batches {st.pending} still await "
                     f"their backward on module {self.engine.name!r}"
                 )
             return training_pb2.ApplyResponse(grad_norm=st.apply()["grad_norm"])

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tools.cli.commands_local import EXAMPLES
 
+BATCH = 16  # sequences of 128 tokens per training step
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -90,6 +92,14 @@ def run_distributed(args) -> int:
     from tools.cli.commands_local import build_args
     from tools.cli.commands_serve import generate_via_gateway
 
+    # Refuse bad settings before starting a single process.
+    if args.steps <= 0:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.micro_batches <= 0 or BATCH % args.micro_batches:
+        raise ValueError(f"--micro-batches must divide the batch of {BATCH}, "
+                         f"got {args.micro_batches}")
+    if args.max_tokens < 0:
+        raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     trained = out / "checkpoint"
@@ -127,7 +137,7 @@ def run_distributed(args) -> int:
                 spec=str(EXAMPLES / "tiny.yaml"),
                 out=str(trained),
                 steps=args.steps,
-                batch_size=16,
+                batch_size=BATCH,
                 seq_len=128,
                 max_data_mb=2.0,
                 eval_every=50,

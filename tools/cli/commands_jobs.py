@@ -20,7 +20,13 @@ def client(broker: str | None):
     from pathways.coordinator.app import make_app
     from pathways.coordinator.client import JobClient
 
-    return JobClient(make_app(deployment.broker_url(broker)))
+    url = deployment.broker_url(broker)
+    c = JobClient(make_app(url))
+    try:
+        c.redis.ping()
+    except Exception as e:  # redis raises its own ConnectionError/TimeoutError family
+        raise ValueError(f"cannot reach the coordinator's broker at {url}: {e}") from None
+    return c
 
 
 def cmd_jobs(args) -> int:

@@ -96,8 +96,9 @@ def run_distributed(args) -> int:
     if args.steps <= 0:
         raise ValueError(f"--steps must be a positive integer, got {args.steps}")
     if args.micro_batches <= 0 or BATCH % args.micro_batches:
-        raise ValueError(f"--micro-batches must divide the batch of {BATCH}, "
-                         f"got {args.micro_batches}")
+        raise ValueError(
+            f"--micro-batches must divide the batch of {BATCH}, " f"got {args.micro_batches}"
+        )
     if args.max_tokens < 0:
         raise ValueError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     out = Path(args.out).absolute()

@@ -79,8 +79,10 @@ class RemoteStage:
             response = getattr(next(responses), method.lower())
         except grpc.RpcError as e:
             self._end_stream()
-            raise RemoteStageError(f"module {self.name!r} at {self.address}: {method}: "
-                                   f"{e.code().name}: {e.details()}") from None
+            raise RemoteStageError(
+                f"module {self.name!r} at {self.address}: {method}: "
+                f"{e.code().name}: {e.details()}"
+            ) from None
         self.wire_bytes += wrapped.ByteSize() + response.ByteSize()
         return response
 

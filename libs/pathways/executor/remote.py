@@ -488,9 +488,12 @@ class RemoteExecutor:
 
     def loss_and_grads(self, pathway: str, inputs, targets, *, grads: bool = True):
         if grads:
-            raise NotImplementedError(
-                "gradients need every module in one process: train with "
-                "LocalExecutor (module servers serve inference only)"
+            # By design each module's gradients stay inside its own service (TrainingService):
+            # only activations and activation-gradients cross the wire.
+            raise ValueError(
+                "parameter gradients stay inside each module service: train through the "
+                "services with train.PipelineEngine(serving.train_client.remote_stages(...)), "
+                "or compute them in one process with LocalExecutor"
             )
         return self.loss(pathway, inputs, targets), None
 

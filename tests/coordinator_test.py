@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from pathways.coordinator import worker
 from pathways.coordinator.app import make_app
 from pathways.coordinator.broker import EmbeddedBroker
 from pathways.coordinator.client import JobClient
 from pathways.coordinator.jobs import JobRequest
-from pathways.serving.launcher import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "examples" / "tiny.yaml")
@@ -46,22 +44,11 @@ def small_job(out: Path, **kw) -> JobRequest:
 def coordinator(tmp_path_factory):
     """An embedded broker and one worker process (prefork, one pool process)."""
     with EmbeddedBroker(workdir=tmp_path_factory.mktemp("broker")) as broker:
-        env = child_env({"PATHWAYS_BROKER_URL": broker.url})
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "pathways.coordinator.worker", "--loglevel=WARNING"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = worker.spawn(broker.url)
         try:
-            yield JobClient(make_app(broker.url)), worker
+            yield JobClient(make_app(broker.url)), proc
         finally:
-            worker.terminate()
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            worker.stop(proc)
 
 
 def wait_for_step(client: JobClient, job_id: str, step: int, timeout: float = 180) -> dict:

@@ -6,9 +6,6 @@ every module task on its own queue; surgery runs in-process.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import jax
 import numpy as np
 import pytest
@@ -16,13 +13,13 @@ import pytest
 from pathways import data as data_lib
 from pathways import spec as spec_lib
 from pathways import surgery
+from pathways.coordinator import worker as worker_proc
 from pathways.coordinator.app import DEFAULT_QUEUE, make_app
 from pathways.coordinator.broker import EmbeddedBroker
 from pathways.coordinator.distill_client import distill, module_queues
 from pathways.distill.request import DistillRequest
 from pathways.evaluation import eval_loss
 from pathways.executor.local import LocalExecutor
-from pathways.serving.launcher import child_env
 from pathways.tokenizers import ByteTokenizer
 from pathways.train import LocalTrainer, TrainConfig
 
@@ -80,30 +77,11 @@ def worker(tmp_path_factory):
     """An embedded broker and one worker consuming the default and every module queue."""
     queues = ",".join([DEFAULT_QUEUE] + [f"pathways.module.{m}" for m in spec_dict()["modules"]])
     with EmbeddedBroker(workdir=tmp_path_factory.mktemp("broker")) as broker:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pathways.coordinator.worker",
-                "--loglevel=WARNING",
-                "--concurrency",
-                "5",
-                "--queues",
-                queues,
-            ],
-            env=child_env({"PATHWAYS_BROKER_URL": broker.url}),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        proc = worker_proc.spawn(broker.url, concurrency=5, queues=queues)
         try:
             yield make_app(broker.url)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            worker_proc.stop(proc)
 
 
 def test_parallel_blockwise_distillation_matches_the_teacher(teacher, worker, tmp_path):

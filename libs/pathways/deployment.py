@@ -103,27 +103,16 @@ class LocalDeployment:
         return {m: addrs[0] for m, addrs in self.fleet.endpoints.items()}
 
     def start(self, timeout: float = 300.0) -> LocalDeployment:
-        import subprocess
-        import sys
-
+        from pathways.coordinator import worker
         from pathways.coordinator.broker import EmbeddedBroker
-        from pathways.serving.launcher import Fleet, child_env
+        from pathways.serving.launcher import Fleet
 
         try:
             if self.coordinator:
                 self.broker = EmbeddedBroker().start()
                 # The worker first: it imports while the module servers compile.
-                self.worker = subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pathways.coordinator.worker",
-                        "--loglevel=WARNING",
-                        f"--concurrency={self.worker_concurrency}",
-                    ],
-                    env=child_env({"PATHWAYS_BROKER_URL": self.broker.url}),
-                    stdout=self.log or subprocess.DEVNULL,
-                    stderr=subprocess.STDOUT,
+                self.worker = worker.spawn(
+                    self.broker.url, concurrency=self.worker_concurrency, log=self.log
                 )
             self.fleet = Fleet(
                 self.checkpoint,
@@ -177,19 +166,16 @@ class LocalDeployment:
         return out
 
     def stop(self) -> None:
-        import subprocess
 
         remove()
         if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()  # warm shutdown: a running job is requeued, not lost
+            self.worker.terminate()  # first, so it drains while the servers stop
         if self.fleet is not None:
             self.fleet.stop()
         if self.worker is not None:
-            try:
-                self.worker.wait(30)
-            except subprocess.TimeoutExpired:
-                self.worker.kill()
-                self.worker.wait()
+            from pathways.coordinator import worker
+
+            worker.stop(self.worker)
         if self.broker is not None:
             self.broker.stop()
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -138,35 +136,18 @@ def plot(rows: list[dict], png: Path) -> Path:
 
 @contextlib.contextmanager
 def coordinator(workers: int, queues: list[str], workdir: Path):
+    from pathways.coordinator import worker
     from pathways.coordinator.app import DEFAULT_QUEUE, make_app
     from pathways.coordinator.broker import EmbeddedBroker
-    from pathways.serving.launcher import child_env
 
     with EmbeddedBroker(workdir=workdir) as broker:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pathways.coordinator.worker",
-                "--loglevel=WARNING",
-                "--concurrency",
-                str(workers),
-                "--queues",
-                ",".join([DEFAULT_QUEUE, *queues]),
-            ],
-            env=child_env({"PATHWAYS_BROKER_URL": broker.url}),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        proc = worker.spawn(
+            broker.url, concurrency=workers, queues=",".join([DEFAULT_QUEUE, *queues])
         )
         try:
             yield make_app(broker.url)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            worker.stop(proc)
 
 
 def e2e_time_to(spec, data, target: float, cfg: TrainConfig, ev: dict, every: int):

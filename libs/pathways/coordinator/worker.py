@@ -36,3 +36,41 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def spawn(broker_url: str, *, concurrency: int = 1, queues: str | None = None, log=None):
+    """Starts a worker as a child process (tests, benchmarks, local deployments)."""
+    import subprocess
+    import sys
+
+    from pathways.serving.launcher import child_env
+
+    argv = [
+        sys.executable,
+        "-m",
+        "pathways.coordinator.worker",
+        "--loglevel=WARNING",
+        f"--concurrency={concurrency}",
+    ]
+    if queues:
+        argv += ["--queues", queues]
+    out = log if log is not None else subprocess.DEVNULL
+    return subprocess.Popen(
+        argv,
+        env=child_env({"PATHWAYS_BROKER_URL": broker_url}),
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+def stop(proc, timeout: float = 30.0) -> None:
+    """Warm shutdown (a running job is requeued, not lost); killed if it lingers."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -145,7 +145,14 @@ class LocalDeployment:
         """
         from pathways.serving.launcher import start_module, wait_healthy
 
-        proc = start_module(str(checkpoint), name, log=self.log, extra_args=self.module_args)
+        servers = sum(len(ps) for ps in self.fleet.servers.values()) + 1
+        proc = start_module(
+            str(checkpoint),
+            name,
+            self.fleet.server_env(servers),
+            log=self.log,
+            extra_args=self.module_args,
+        )
         try:
             wait_healthy(proc.address, proc.proc, timeout)
         except BaseException:

@@ -15,17 +15,14 @@ import tempfile
 import threading
 import time
 
-from pathways.serving.launcher import XLA_FLAGS
+import numpy as np
 
-# Same XLA threading in this process as in the servers, so local and remote compare fairly.
-os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
-
-import numpy as np  # noqa: E402
-
-from pathways.executor.remote import RemoteExecutor  # noqa: E402
-from pathways.sampling import SamplingParams  # noqa: E402
-from pathways.serving import launcher, testing  # noqa: E402
-from tools.bench.common import write_json  # noqa: E402
+from pathways import cpu
+from pathways import spec as spec_lib
+from pathways.executor.remote import RemoteExecutor
+from pathways.sampling import SamplingParams
+from pathways.serving import launcher, testing
+from tools.bench.common import write_json
 
 
 def decode_run(ex, pathway: str, prompt: list[int], n: int) -> float:
@@ -112,9 +109,20 @@ def main(argv=None) -> int:
         "--batch-wait-ms", type=float, default=2.0, help="module servers' --batch-wait-ms"
     )
     p.add_argument("--kv-cache-mb", type=float, default=512.0, help="per attention server")
+    p.add_argument(
+        "--local-threads",
+        type=int,
+        default=0,
+        help="XLA threads of the local baseline (default: what each module server gets, "
+        "the CPUs split between the servers)",
+    )
     p.add_argument("--json", default=None, help="write results here")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
+    spec0 = spec_lib.load(args.spec)
+    spec_modules = len(spec0.pathway(args.pathway or spec0.default_pathway).modules)
+    # Before this process's first computation: XLA sizes its thread pool once.
+    local_threads = cpu.limit_threads(args.local_threads or launcher.cpu_share(spec_modules))
     with tempfile.TemporaryDirectory() as d:
         local = testing.make_checkpoint(d, args.spec)
         spec = local.spec
@@ -126,6 +134,8 @@ def main(argv=None) -> int:
             "pathway": pathway,
             "d_model": d_model,
             "tokens": args.tokens,
+            "local_threads": local_threads,
+            "server_threads": launcher.cpu_share(spec_modules),
             "local_tok_s": decode_run(local, pathway, prompt, args.tokens),
             "wire": {},
         }
@@ -182,7 +192,8 @@ def print_table(res) -> None:
         f"{res['tokens']} decode tokens per session"
     )
     print(
-        f"local executor: {res['local_tok_s']:.1f} tok/s before, "
+        f"local executor ({res['local_threads']} XLA thread(s); each server "
+        f"{res['server_threads']}): {res['local_tok_s']:.1f} tok/s before, "
         f"{res['local_tok_s_after']:.1f} tok/s after the remote runs"
     )
     for wire, r in res["wire"].items():

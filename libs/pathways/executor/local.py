@@ -207,9 +207,11 @@ class LocalExecutor:
         window = bucket(
             int(positions[positions < session.max_seq_len].max()) + 1, session.max_seq_len
         )
-        slots = jnp.arange(session.batch_size, dtype=jnp.int32)
-        x = jnp.asarray(tokens)
-        pos = jnp.asarray(positions)
+        # numpy arguments go straight into the jitted calls (jnp.asarray or jnp.arange would each
+        # dispatch an eager computation first).
+        slots = np.arange(session.batch_size, dtype=np.int32)
+        x = np.array(tokens, np.int32)  # a copy: the caller may reuse its array
+        pos = np.asarray(positions, np.int32)
         chain = self.chain(session.pathway)
         for rt in chain[:-1]:
             if rt.cfg.kind == "attention":
@@ -224,7 +226,7 @@ class LocalExecutor:
         out, logits = chain[-1].head_sample(
             chain[-1].state,
             x,
-            jnp.asarray(last),
+            np.asarray(last, np.int32),
             s.temperature,
             s.top_k,
             s.top_p,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 from pathways import modules as mod
@@ -85,13 +84,14 @@ class ModuleEngine:
             positions[i, : lengths[i]] = starts[i] + np.arange(lengths[i])
         if self.kind == "decoding":
             return self._head(x, lengths - 1, s.sampling, steps, want_logits)
-        pos = jnp.asarray(positions)
+        # numpy arguments go straight into the jitted call: jnp.asarray would dispatch an eager
+        # device_put per array first (~0.1 ms each, on every hop of every token).
         if self.kind == "embedding":
-            return self.rt.forward(self.rt.state, jnp.asarray(x), pos), None
+            return self.rt.forward(self.rt.state, x, positions), None
         real = positions[positions < pad]
         window = bucket(int(real.max()) + 1, s.max_seq_len)
         y, self.cache = self.rt.forward_cached(
-            self.rt.state, jnp.asarray(x), pos, self.cache, jnp.asarray(s.slots), window=window
+            self.rt.state, x, positions, self.cache, s.slots, window=window
         )
         return y, None
 
@@ -118,21 +118,16 @@ class ModuleEngine:
             if p > r:
                 x = np.concatenate([x, np.zeros((p - r, *x.shape[1:]), x.dtype)])
                 pos = np.concatenate([pos, np.full(p - r, self.max_seq_len or pad_pos, np.int32)])
-            positions = jnp.asarray(pos[:, None])
+            positions = pos[:, None]
             if self.kind == "embedding":
-                out = self.rt.forward(self.rt.state, jnp.asarray(x), positions)
+                out = self.rt.forward(self.rt.state, x, positions)
             else:
                 slots = np.concatenate(
                     [it.session.slots for it in items] + [np.zeros(p - r, np.int32)]
                 )
                 window = bucket(int(pos[:r].max()) + 1, limit)
                 out, self.cache = self.rt.forward_cached(
-                    self.rt.state,
-                    jnp.asarray(x),
-                    positions,
-                    self.cache,
-                    jnp.asarray(slots),
-                    window=window,
+                    self.rt.state, x, positions, self.cache, slots, window=window
                 )
             logits = None
         out = np.asarray(out)
@@ -144,20 +139,20 @@ class ModuleEngine:
         return results
 
     def forward(self, x):
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        return self.rt.forward(self.rt.state, jnp.asarray(x), positions)
+        positions = np.broadcast_to(np.arange(x.shape[1], dtype=np.int32), x.shape[:2])
+        return self.rt.forward(self.rt.state, x, positions)
 
     def _head(self, x, last, sampling: SamplingBatch, steps, want_logits):
         s = sampling
         out, logits = self.rt.head_sample(
             self.rt.state,
-            jnp.asarray(x),
-            jnp.asarray(last),
+            x,
+            np.asarray(last, np.int32),
             s.temperature,
             s.top_k,
             s.top_p,
             s.seed,
-            jnp.asarray(steps),
+            np.asarray(steps, np.int32),
         )
         return out, (logits if want_logits else None)
 

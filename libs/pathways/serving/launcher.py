@@ -13,8 +13,11 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-# Several JAX processes share few cores: one XLA thread each avoids oversubscription.
-XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+def cpu_share(servers: int) -> int:
+    """XLA threads per server when `servers` module servers share this machine's CPUs."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cpus or 1) // max(1, servers))
 
 
 def free_port() -> int:
@@ -27,7 +30,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment, with its import path made absolute for the children."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(str(Path(p).absolute()) for p in sys.path if p)
-    env.setdefault("XLA_FLAGS", XLA_FLAGS)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env.update(extra or {})
     return env
@@ -134,11 +136,20 @@ class Fleet:
     def endpoints(self) -> dict[str, list[str]]:
         return {m: [p.address for p in ps] for m, ps in self.servers.items()}
 
+    def server_env(self, servers: int) -> dict[str, str]:
+        """Environment of the module servers: the machine's CPUs split between `servers`
+        (unless PATHWAYS_CPU_THREADS is set here or in `env`)."""
+        env = dict(self.env or {})
+        if "PATHWAYS_CPU_THREADS" not in env and "PATHWAYS_CPU_THREADS" not in os.environ:
+            env["PATHWAYS_CPU_THREADS"] = str(cpu_share(servers))
+        return env
+
     def start(self, timeout: float = 300.0) -> Fleet:
         try:
+            env = self.server_env(sum(self.replicas.get(m, 1) for m in self.modules))
             for m in self.modules:
                 self.servers[m] = [
-                    start_module(self.checkpoint, m, self.env, self.log, self.module_args)
+                    start_module(self.checkpoint, m, env, self.log, self.module_args)
                     for _ in range(self.replicas.get(m, 1))
                 ]
             for ps in self.servers.values():

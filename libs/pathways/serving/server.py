@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pathways import checkpoint as ckpt
-from pathways import codec, telemetry
+from pathways import codec, cpu, telemetry
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
@@ -164,6 +164,8 @@ def warm_up(svc: ModuleServicer) -> None:
 
 def serve(settings: ModuleServerSettings) -> None:
     """Runs until SIGTERM/SIGINT, then shuts down gracefully (always, via finally)."""
+    threads = cpu.limit_threads(settings.cpu_threads)
+    log.info("XLA computes with %d CPU thread(s)", threads)
     server = ModuleServer(settings)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

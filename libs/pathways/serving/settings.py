@@ -24,6 +24,9 @@ class ModuleServerSettings:
     max_message_mb: float = 64.0  # bigger requests get RESOURCE_EXHAUSTED from gRPC itself
     grace_s: float = 5.0  # in-flight calls get this long to finish on SIGTERM
     workers: int = 128  # gRPC handler threads: each open decode stream (session) holds one
+    # XLA compute threads (see pathways.cpu); 0: one per CPU the process may use. Servers that
+    # share a machine's cores should split them (`launcher` does).
+    cpu_threads: int = 0
 
     def __post_init__(self):
         if not self.checkpoint or not self.module:
@@ -34,6 +37,8 @@ class ModuleServerSettings:
         for name in ("max_slots", "max_rows", "max_batch", "workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.cpu_threads < 0:
+            raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads!r}")
         for name in ("kv_cache_mb", "session_ttl_s", "max_message_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")

@@ -1,0 +1,64 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pathways import cpu
+
+PROBE = """
+import json, os, sys
+from pathways import cpu
+n = cpu.limit_threads(int(sys.argv[1]))
+import jax.numpy as jnp
+(jnp.ones((512, 512)) @ jnp.ones((512, 512))).block_until_ready()
+threads = cpu.thread_affinities()
+print(json.dumps({
+    "n": n,
+    "eigen": sorted(sorted(c) for t, c in threads.items() if "XLAEigen" in t),
+    "all": sorted(os.sched_getaffinity(0)),
+    "started": cpu.backend_started(),
+}))
+"""
+
+
+def probe(n: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE, str(n)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"},
+        timeout=120,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+needs_two = pytest.mark.skipif(
+    not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+    reason="needs Linux and at least two CPUs to tell one XLA thread from many",
+)
+
+
+@needs_two
+def test_one_thread_pool_and_the_full_mask_back():
+    r = probe(1)
+    assert r["n"] == 1 and r["started"]
+    assert len(r["eigen"]) == 1, r  # one compute thread ...
+    assert r["eigen"][0] == r["all"], r  # ... that may still run on every CPU
+
+
+@needs_two
+def test_default_pool_has_a_thread_per_cpu():
+    r = probe(0)
+    assert r["n"] == len(r["all"])
+    assert len(r["eigen"]) == len(r["all"]), r
+
+
+def test_too_late_is_an_error_not_a_silent_no_op(monkeypatch):
+    if not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs Linux and at least two CPUs")
+    monkeypatch.setattr(cpu, "backend_started", lambda: True)
+    with pytest.raises(RuntimeError, match="before JAX's first computation"):
+        cpu.limit_threads(1)

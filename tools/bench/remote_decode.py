@@ -9,7 +9,6 @@ wire bytes per decoded token per hop, and aggregate tokens/s with 1, 4 and 8 con
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading

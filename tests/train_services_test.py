@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+
+import grpc
 import jax
 import numpy as np
 import pytest
@@ -10,10 +13,11 @@ from pathways import checkpoint as ckpt
 from pathways.executor.local import LocalExecutor
 from pathways.pipeline.runner import PipelineError, run_step
 from pathways.pipeline.stage import LocalStage
-from pathways.serving.launcher import Fleet
+from pathways.serving.launcher import Fleet, free_port
 from pathways.serving.testing import make_checkpoint
-from pathways.serving.train_client import RemoteStageError, remote_stages
-from pathways.train import TrainConfig, make_optimizer
+from pathways.serving.train_client import RemoteStage, RemoteStageError, remote_stages
+from pathways.v1 import training_pb2
+from pathways.train import PipelineEngine, TrainConfig, make_optimizer
 
 pytestmark = pytest.mark.slow
 MODULES = ["embed", "attn-0", "attn-1", "head"]
@@ -49,8 +53,13 @@ def local_reference(directory, schedule: str, n_micro: int, steps: int):
     return ex, [run_step(stages, *batch(s), n_micro, schedule) for s in range(steps)]
 
 
-@pytest.mark.parametrize("schedule,n_micro", [("1f1b", 4), ("gpipe", 2), ("1f1b", 1)])
-def test_steps_through_services_match_the_local_executor(fleet, tmp_path, schedule, n_micro):
+@pytest.mark.parametrize(
+    "schedule,n_micro,transfer",
+    [("1f1b", 4, "direct"), ("gpipe", 2, "direct"), ("1f1b", 1, "direct"), ("1f1b", 4, "relay")],
+)
+def test_steps_through_services_match_the_local_executor(
+    fleet, tmp_path, schedule, n_micro, transfer
+):
     f, directory = fleet
     spec, _ = ckpt.load_spec(directory)
     addresses = {m: f.endpoints[m][0] for m in MODULES}
@@ -59,7 +68,12 @@ def test_steps_through_services_match_the_local_executor(fleet, tmp_path, schedu
     try:
         for st in stages:
             st.load(directory)  # parameters only: the checkpoint has no optimizer state
-        outs = [run_step(stages, *batch(s), n_micro, schedule) for s in range(3)]
+        engine = PipelineEngine(stages, n_micro, schedule, transfer=transfer)
+        outs = [engine.step(*batch(s)) for s in range(3)]
+        # Direct: only the inputs, targets and losses pass through this process.
+        k = len(MODULES)
+        assert all(o["wire_bytes"] > 0 for o in outs)
+        assert (engine._direct is not None) == (transfer == "direct") and k == 4
         out = tmp_path / "saved"
         for st in stages:
             st.save(out)
@@ -100,6 +114,50 @@ def test_training_calls_out_of_order_or_malformed_get_clear_statuses(fleet):
         with pytest.raises(PipelineError, match="stage 'head' failed in F0"):
             run_step(stages, inputs, targets[:, :3], 2)
         assert np.isfinite(run_step(stages, inputs, targets, 2)["loss"])
+    finally:
+        for st in stages:
+            st.close()
+
+
+def test_direct_steps_fail_cleanly_and_never_hang(fleet):
+    """Bad plans get INVALID_ARGUMENT; a stage that cannot reach its neighbour fails the step
+    (the others abort instead of waiting), and the next step works."""
+    f, directory = fleet
+    spec, _ = ckpt.load_spec(directory)
+    addresses = {m: f.endpoints[m][0] for m in MODULES}
+    stages = remote_stages(spec, "tiny", addresses, CFG)
+    inputs, targets = batch(0)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            stages[1]._stub.RunStep(
+                training_pb2.RunStepRequest(
+                    step=1, schedule="1f1b", micro_batches=2, stage=5, stages=4
+                )
+            )
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "stage 5 is outside [0, stages = 4)" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            stages[1]._stub.RunStep(
+                training_pb2.RunStepRequest(step=1, schedule="zigzag", micro_batches=2, stages=4)
+            )
+        assert "schedule must be one of gpipe, 1f1b; got 'zigzag'" in e.value.details()
+        # Targets that do not fit: the head fails, the other stages abort, nothing hangs.
+        t0 = time.monotonic()
+        with pytest.raises(PipelineError, match="stage 'head' at .* failed in RunStep"):
+            RemoteStage.direct_step(stages, inputs, targets[:, :3], 2)
+        # A neighbour that is not there: attn-0 cannot deliver to "attn-1".
+        real = stages[2].address
+        stages[2].address = f"127.0.0.1:{free_port()}"
+        try:
+            with pytest.raises(PipelineError, match="stage 'attn-0' .* neighbouring stage at"):
+                RemoteStage.direct_step(stages, inputs, targets, 2, timeout=60)
+        finally:
+            stages[2].address = real
+        assert time.monotonic() - t0 < 60
+        out = RemoteStage.direct_step(stages, inputs, targets, 2)
+        assert np.isfinite(out["loss"]) and set(out["stage_seconds"]) == set(MODULES)
+        for st in stages:
+            st.apply()
     finally:
         for st in stages:
             st.close()

@@ -142,6 +142,9 @@ class FusedEngine:
             st.load(out)
 
 
+TRANSFERS = ("direct", "relay")
+
+
 class PipelineEngine:
     """A training step through a chain of stages (local or remote), pipelined over micro-batches.
 
@@ -155,10 +158,19 @@ class PipelineEngine:
         n_micro: int = 4,
         schedule: str = "1f1b",
         trainable: set[str] | None = None,
+        transfer: str = "direct",
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {schedule!r}")
+        if transfer not in TRANSFERS:
+            raise ValueError(f"transfer must be one of {', '.join(TRANSFERS)}; got {transfer!r}")
         self.stages, self.n_micro, self.schedule = stages, n_micro, schedule
+        # "direct": stages that can send activations to each other (module services) do, and
+        # this process only hands out inputs and targets; "relay": every activation and
+        # gradient passes through this process (in-process stages always work this way).
+        direct = getattr(type(stages[0]), "direct_step", None) if stages else None
+        same = all(type(s) is type(stages[0]) for s in stages)
+        self._direct = direct if transfer == "direct" and same else None
         self.names = [s.name for s in stages]
         if trainable is not None:
             learns = _check_trainable(self.names, trainable)
@@ -170,7 +182,15 @@ class PipelineEngine:
 
     def step(self, inputs, targets) -> dict:
         before = self._wire_bytes()
-        out = run_step(self.stages, inputs, targets, self.n_micro, self.schedule)
+        if self._direct is None:
+            out = run_step(self.stages, inputs, targets, self.n_micro, self.schedule)
+        else:
+            t0 = time.perf_counter()
+            out = self._direct(self.stages, inputs, targets, self.n_micro, self.schedule)
+            with ThreadPoolExecutor(max_workers=len(self.stages)) as pool:
+                norms = list(pool.map(lambda s: s.apply()["grad_norm"], self.stages))
+            out["grad_norms"] = dict(zip(self.names, norms))
+            out["wall_seconds"] = time.perf_counter() - t0  # as run_step: apply included
         if before is not None:
             out["wire_bytes"] = self._wire_bytes() - before
         return out

@@ -93,7 +93,7 @@ class ModuleServer:
         module_pb2_grpc.add_ModuleServiceServicer_to_server(self.servicer, self.server)
         # The same module trains in place through TrainingService (same port, same weights).
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(engine, self.servicer), self.server
+            TrainingServicer(engine, self.servicer, grpc_options(s.max_message_mb)), self.server
         )
         self.server.start()
         warm_up(self.servicer)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import queue
+import secrets
+import threading
+import time
 
 import grpc
 import numpy as np
 
 from pathways import codec
+from pathways.pipeline.runner import PipelineError, split_micro
 from pathways.serving.server import grpc_options
 from pathways.spec import PathwaySpec
 from pathways.train import TrainConfig
@@ -105,6 +109,93 @@ class RemoteStage:
         codec.encode(np.asarray(grad, np.float32), out=req.grad)
         r = self._step_call("Backward", req)
         return codec.decode(r.grad_input) if r.HasField("grad_input") else None
+
+    @staticmethod
+    def direct_step(
+        stages: list[RemoteStage],
+        inputs: np.ndarray,
+        targets: np.ndarray,
+        n_micro: int,
+        schedule: str = "1f1b",
+        timeout: float | None = None,
+    ) -> dict:
+        """One training step with activations and gradients sent module to module.
+
+        Starts TrainingService.RunStep on every stage at once; the first stage gets the inputs,
+        the last the targets, and every activation and input gradient goes straight to the
+        neighbouring stage's server (Deliver). Does not apply the gradients (see `apply`).
+        On a failure every stage is reset (waiting stages abort) and PipelineError names the
+        stage that failed first.
+
+        Returns {"loss", "wall_seconds", "stage_seconds"} as `pipeline.runner.run_step` does.
+        """
+        xs, ts = split_micro(inputs, targets, n_micro)
+        k = len(stages)
+        step = secrets.randbits(63)
+        calls = []
+        t0 = time.perf_counter()
+        for i, st in enumerate(stages):
+            req = training_pb2.RunStepRequest(
+                step=step,
+                schedule=schedule,
+                micro_batches=n_micro,
+                stage=i,
+                stages=k,
+                next=stages[i + 1].address if i < k - 1 else "",
+                previous=stages[i - 1].address if i > 0 else "",
+            )
+            if i == 0:
+                for x in xs:
+                    codec.encode(np.asarray(x), out=req.inputs.add())
+            if i == k - 1:
+                for t in ts:
+                    codec.encode(np.asarray(t, np.int32), out=req.targets.add())
+            st.wire_bytes += req.ByteSize()
+            calls.append(st._stub.RunStep.future(req, timeout=timeout or st.timeout))
+        cv = threading.Condition()
+
+        def wake(_):
+            with cv:
+                cv.notify_all()
+
+        for call in calls:
+            call.add_done_callback(wake)
+        with cv:
+            while not all(c.done() for c in calls):
+                if any(c.done() and c.exception() is not None for c in calls):
+                    break
+                cv.wait(1.0)
+        if any(c.done() and c.exception() is not None for c in calls):
+            # Stages still waiting on the failed one abort when reset; then report the cause,
+            # not the stages that aborted because of it.
+            for st in stages:
+                try:
+                    st.reset()
+                except RemoteStageError:
+                    pass  # the dead one: its own error is reported below
+            failures = []
+            for st, call in zip(stages, calls):
+                try:
+                    call.result(timeout=30)
+                except grpc.FutureTimeoutError:
+                    call.cancel()
+                except grpc.RpcError as e:
+                    failures.append((st, e))
+            st, e = next(
+                ((s, e) for s, e in failures if e.code() != grpc.StatusCode.ABORTED), failures[0]
+            )
+            raise PipelineError(
+                f"stage {st.name!r} at {st.address} failed in RunStep: "
+                f"{e.code().name}: {e.details()}"
+            )
+        results = [c.result() for c in calls]
+        for st, r in zip(stages, results):
+            st.wire_bytes += r.ByteSize() + r.sent_bytes
+        return {
+            "loss": float(np.mean(results[-1].losses)),
+            "wall_seconds": time.perf_counter() - t0,
+            "stage_seconds": {st.name: r.busy_seconds for st, r in zip(stages, results)},
+        }
 
     def apply(self) -> dict:
         self._end_stream()

@@ -11,7 +11,8 @@ from pathways import codec
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
-from pathways.serving.servicer import rpc
+from pathways.serving import peer
+from pathways.serving.servicer import _deadline, rpc
 from pathways.train import TrainConfig, make_optimizer
 from pathways.v1 import training_pb2, training_pb2_grpc
 
@@ -34,8 +35,10 @@ def train_config(opt: training_pb2.OptimizerConfig) -> TrainConfig:
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Wraps the served module's runtime in a LocalStage: the same code as local training."""
 
-    def __init__(self, engine: ModuleEngine, serving):
+    def __init__(self, engine: ModuleEngine, serving, peer_options=()):
         self.engine = engine
+        self.inbox = peer.Inbox()  # RunStep deliveries from the neighbouring stages
+        self.peers = peer.Peers(list(peer_options))
         # Latency metrics and the request counter are the module server's, shared with serving.
         self.metrics, self.count_request = serving.metrics, serving.count_request
         self.stage: LocalStage | None = None
@@ -124,6 +127,32 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 yield training_pb2.StepResponse(backward=self.Backward(req.backward, context))
 
     @rpc
+    def RunStep(self, request, context):
+        def check_input(x, m):
+            self.engine.check_input(x, f"input of micro-batch {m}", None)
+            return x
+
+        def check_targets(t, m):
+            req = training_pb2.TrainForwardRequest(targets=t)
+            req.input.shape.extend(list(t.shape)[:2])
+            return self._targets(req)
+
+        with self._lock:
+            return peer.run_step(
+                request,
+                self._stage(),
+                self.inbox,
+                self.peers,
+                check_input,
+                check_targets,
+                _deadline(context),
+            )
+
+    @rpc
+    def Deliver(self, request_iterator, context):
+        return peer.deliver(request_iterator, self.inbox)
+
+    @rpc
     def Apply(self, request, context):
         with self._lock:
             st = self._stage()
@@ -162,6 +191,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Reset(self, request, context):
+        self.inbox.abort()  # first: a RunStep waiting on a neighbour holds the lock
         with self._lock:
             if self.stage is not None:
                 self.stage.reset()

@@ -1,0 +1,230 @@
+"""Direct stage-to-stage training steps: the server side of TrainingService.RunStep and Deliver.
+
+The caller starts RunStep on every stage of a pipeline at once. Each stage runs its schedule's ops
+(`pipeline.schedule.stage_ops`); a forward's output goes straight to the next stage's server and
+a backward's input gradient straight to the previous one, each over one client stream per step
+(Deliver). The caller only hands the inputs to the first stage and the targets to the last, and
+collects the losses: every activation crosses the wire once, module to module, instead of twice
+through the caller.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+import numpy as np
+
+from pathways import codec
+from pathways.pipeline.schedule import SCHEDULES, stage_ops
+from pathways.pipeline.stage import LocalStage
+from pathways.serving.errors import DeadlineExceeded, InvalidArgument, ServingError
+from pathways.v1 import training_pb2, training_pb2_grpc
+
+
+class Aborted(ServingError):
+    code = grpc.StatusCode.ABORTED
+
+
+class PeerUnavailable(ServingError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class Inbox:
+    """Tensors delivered for RunStep steps, keyed (step, gradient, micro-batch).
+
+    A delivery may come before the step starts here (the neighbour is ahead); a taker waits for
+    it. `abort()` wakes every taker with Aborted (Reset after a failed step elsewhere).
+    """
+
+    def __init__(self):
+        self._cv = threading.Condition()
+        self._items: dict[tuple[int, bool, int], np.ndarray | None] = {}
+        self._generation = 0
+        self._reason = ""
+
+    def put(self, step: int, gradient: bool, mb: int, value) -> None:
+        with self._cv:
+            self._items[(step, gradient, mb)] = value
+            self._cv.notify_all()
+
+    def take(self, step: int, gradient: bool, mb: int, deadline: float | None):
+        key = (step, gradient, mb)
+        what = "gradient" if gradient else "activation"
+        with self._cv:
+            generation = self._generation
+            while key not in self._items:
+                if self._generation != generation:
+                    raise Aborted(f"step aborted while waiting for the {what} of micro-batch {mb}")
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise DeadlineExceeded(
+                        f"deadline exceeded waiting for the {what} of micro-batch {mb}"
+                    )
+                self._cv.wait(left)
+            return self._items.pop(key)
+
+    def keep_only(self, step: int) -> None:
+        """Drops deliveries of other steps (left over from a step that failed elsewhere)."""
+        with self._cv:
+            for key in [k for k in self._items if k[0] != step]:
+                del self._items[key]
+
+    def abort(self) -> None:
+        with self._cv:
+            self._generation += 1
+            self._items.clear()
+            self._cv.notify_all()
+
+
+class _Sender:
+    """One Deliver stream to a neighbour for one step; `send` never blocks on the network."""
+
+    def __init__(self, stub, address: str, timeout: float | None):
+        self.address, self.bytes = address, 0
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._call = stub.Deliver.future(iter(self._q.get, None), timeout=timeout)
+
+    def send(self, req: training_pb2.DeliverRequest) -> None:
+        if self._call.done():  # the stream already failed: say so now, not at the end
+            self.finish()
+        self.bytes += req.ByteSize()
+        self._q.put(req)
+
+    def finish(self) -> None:
+        self._q.put(None)
+        try:
+            self._call.result()
+        except grpc.RpcError as e:
+            raise PeerUnavailable(
+                f"sending to the neighbouring stage at {self.address} failed: "
+                f"{e.code().name}: {e.details()}"
+            ) from None
+
+    def cancel(self) -> None:
+        self._q.put(None)
+        self._call.cancel()
+
+
+class Peers:
+    """Channels to neighbouring stages' servers, one per address, kept across steps."""
+
+    def __init__(self, options):
+        self._options, self._stubs, self._lock = options, {}, threading.Lock()
+
+    def sender(self, address: str, timeout: float | None) -> _Sender:
+        with self._lock:
+            if address not in self._stubs:
+                channel = grpc.insecure_channel(address, options=self._options)
+                self._stubs[address] = training_pb2_grpc.TrainingServiceStub(channel)
+            stub = self._stubs[address]
+        return _Sender(stub, address, timeout)
+
+
+def check_request(req: training_pb2.RunStepRequest) -> None:
+    """Bad plans get INVALID_ARGUMENT naming the field, before anything runs."""
+    if req.schedule not in SCHEDULES:
+        raise InvalidArgument(
+            f"schedule must be one of {', '.join(SCHEDULES)}; got {req.schedule!r}"
+        )
+    if req.micro_batches < 1:
+        raise InvalidArgument(f"micro_batches must be >= 1; got {req.micro_batches}")
+    if req.stages < 1 or not 0 <= req.stage < req.stages:
+        raise InvalidArgument(f"stage {req.stage} is outside [0, stages = {req.stages})")
+    first, last = req.stage == 0, req.stage == req.stages - 1
+    if first and len(req.inputs) != req.micro_batches:
+        raise InvalidArgument(
+            f"inputs has {len(req.inputs)} tensors for {req.micro_batches} micro-batches "
+            f"(the first stage needs one per micro-batch)"
+        )
+    if not first and len(req.inputs):
+        raise InvalidArgument("inputs are only for the first stage")
+    if last and len(req.targets) != req.micro_batches:
+        raise InvalidArgument(
+            f"targets has {len(req.targets)} tensors for {req.micro_batches} micro-batches "
+            f"(the last stage needs one per micro-batch)"
+        )
+    if not last and not req.next:
+        raise InvalidArgument(f"next (address of stage {req.stage + 1}) is required")
+    if not first and not req.previous:
+        raise InvalidArgument(f"previous (address of stage {req.stage - 1}) is required")
+
+
+def run_step(
+    req: training_pb2.RunStepRequest,
+    stage: LocalStage,
+    inbox: Inbox,
+    peers: Peers,
+    check_input,
+    check_targets,
+    deadline: float | None,
+) -> training_pb2.RunStepResponse:
+    """Runs this stage's ops of step `req.step`; sends outputs and input gradients onwards."""
+    check_request(req)
+    k, i, n = req.stages, req.stage, req.micro_batches
+    first, last = i == 0, i == k - 1
+    inputs = [check_input(codec.decode(t, f"inputs[{m}]"), m) for m, t in enumerate(req.inputs)]
+    targets = [check_targets(t, m) for m, t in enumerate(req.targets)]
+    inbox.keep_only(req.step)
+    timeout = None if deadline is None else max(0.001, deadline - time.monotonic())
+    to_next = None if last else peers.sender(req.next, timeout)
+    to_prev = None if first else peers.sender(req.previous, timeout)
+    losses, busy = [0.0] * n, 0.0
+    try:
+        for op, m in stage_ops(req.schedule, i, k, n):
+            if op == "F":
+                x = inputs[m] if first else check_input(inbox.take(req.step, False, m, deadline), m)
+                t0 = time.perf_counter()
+                y = stage.forward(m, x, targets[m] if last else None)
+                if last:
+                    losses[m] = float(y)
+                    busy += time.perf_counter() - t0
+                    continue
+                msg = training_pb2.DeliverRequest(step=req.step, micro_batch=m)
+                codec.encode(np.asarray(y), out=msg.tensor)
+                busy += time.perf_counter() - t0
+                to_next.send(msg)
+            else:
+                g = np.float32(1.0 / n) if last else inbox.take(req.step, True, m, deadline)
+                if g is not None and (g.dtype != np.float32 or (last and g.ndim)):
+                    raise InvalidArgument(
+                        f"gradient of micro-batch {m} must be float32; got {g.dtype} "
+                        f"{list(g.shape)}"
+                    )
+                t0 = time.perf_counter()
+                try:
+                    g_x = stage.backward(m, g)
+                except (TypeError, ValueError) as e:  # a gradient of the wrong shape
+                    raise InvalidArgument(f"gradient of micro-batch {m}: {e}") from None
+                msg = training_pb2.DeliverRequest(step=req.step, micro_batch=m, gradient=True)
+                if g_x is not None:
+                    codec.encode(np.asarray(g_x), out=msg.tensor)
+                busy += time.perf_counter() - t0
+                if to_prev is not None:
+                    to_prev.send(msg)
+        sent = 0
+        for s in (to_next, to_prev):
+            if s is not None:
+                s.finish()
+                sent += s.bytes
+    except BaseException:
+        for s in (to_next, to_prev):
+            if s is not None:
+                s.cancel()
+        stage.reset()
+        raise
+    return training_pb2.RunStepResponse(
+        losses=losses if last else [], busy_seconds=busy, sent_bytes=sent
+    )
+
+
+def deliver(request_iterator, inbox: Inbox) -> training_pb2.DeliverResponse:
+    for req in request_iterator:
+        value = None
+        if req.HasField("tensor"):
+            field = "gradient" if req.gradient else "activation"
+            value = codec.decode(req.tensor, f"{field} of micro-batch {req.micro_batch}")
+        inbox.put(req.step, req.gradient, req.micro_batch, value)
+    return training_pb2.DeliverResponse()

@@ -16,8 +16,8 @@ from pathways.pipeline.stage import LocalStage
 from pathways.serving.launcher import Fleet, free_port
 from pathways.serving.testing import make_checkpoint
 from pathways.serving.train_client import RemoteStage, RemoteStageError, remote_stages
-from pathways.v1 import training_pb2
 from pathways.train import PipelineEngine, TrainConfig, make_optimizer
+from pathways.v1 import training_pb2
 
 pytestmark = pytest.mark.slow
 MODULES = ["embed", "attn-0", "attn-1", "head"]

@@ -169,7 +169,7 @@ class PipelineEngine:
         # this process only hands out inputs and targets; "relay": every activation and
         # gradient passes through this process (in-process stages always work this way).
         direct = getattr(type(stages[0]), "direct_step", None) if stages else None
-        same = all(type(s) is type(stages[0]) for s in stages)
+        same = len({type(s) for s in stages}) == 1
         self._direct = direct if transfer == "direct" and same else None
         self.names = [s.name for s in stages]
         if trainable is not None:

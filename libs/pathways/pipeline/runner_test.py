@@ -10,16 +10,33 @@ from pathways.pipeline.runner import PipelineError, run_step
 from pathways.pipeline.stage import LocalStage
 from pathways.train import FusedEngine, TrainConfig, make_optimizer
 
-SPEC = spec_lib.from_dict({
-    "modules": {
-        "embed": {"kind": "embedding", "vocab_size": 37, "d_model": 24, "max_seq_len": 16},
-        "a0": {"kind": "attention", "d_model": 24, "n_layers": 2, "n_heads": 3, "max_seq_len": 16},
-        "a1": {"kind": "attention", "d_model": 24, "n_layers": 1, "n_heads": 2, "max_seq_len": 16,
-               "n_kv_heads": 1, "norm": "rmsnorm", "mlp": "swiglu", "positions": "rope"},
-        "head": {"kind": "decoding", "d_model": 24, "vocab_size": 37},
-    },
-    "pathways": {"p": ["embed", "a0", "a1", "head"]},
-})
+SPEC = spec_lib.from_dict(
+    {
+        "modules": {
+            "embed": {"kind": "embedding", "vocab_size": 37, "d_model": 24, "max_seq_len": 16},
+            "a0": {
+                "kind": "attention",
+                "d_model": 24,
+                "n_layers": 2,
+                "n_heads": 3,
+                "max_seq_len": 16,
+            },
+            "a1": {
+                "kind": "attention",
+                "d_model": 24,
+                "n_layers": 1,
+                "n_heads": 2,
+                "max_seq_len": 16,
+                "n_kv_heads": 1,
+                "norm": "rmsnorm",
+                "mlp": "swiglu",
+                "positions": "rope",
+            },
+            "head": {"kind": "decoding", "d_model": 24, "vocab_size": 37},
+        },
+        "pathways": {"p": ["embed", "a0", "a1", "head"]},
+    }
+)
 
 
 def batch(b=8, t=12):
@@ -59,7 +76,7 @@ def test_pipeline_step_updates_parameters_like_the_fused_step():
     fused_ex, pipe_ex = LocalExecutor(SPEC), LocalExecutor(SPEC)
     fused = FusedEngine(fused_ex, "p", make_optimizer(cfg))
     stages = [LocalStage(rt, make_optimizer(cfg)) for rt in pipe_ex.chain("p")]
-    for step in range(3):  # step 0 has lr 0 (warmup from zero); later steps move parameters
+    for _ in range(3):  # step 0 has lr 0 (warmup from zero); later steps move parameters
         inputs, targets = batch()
         fused.step(inputs, targets)
         run_step(stages, inputs, targets, 4, "1f1b")
@@ -70,14 +87,18 @@ def test_pipeline_step_updates_parameters_like_the_fused_step():
 
 def test_indivisible_batch_is_refused():
     inputs, targets = batch(b=6)
-    stages = [LocalStage(rt, make_optimizer(TrainConfig())) for rt in LocalExecutor(SPEC).chain("p")]
+    stages = [
+        LocalStage(rt, make_optimizer(TrainConfig())) for rt in LocalExecutor(SPEC).chain("p")
+    ]
     with pytest.raises(ValueError, match="batch size 6 is not divisible into 4 micro-batches"):
         run_step(stages, inputs, targets, 4)
 
 
 def test_a_failing_stage_fails_the_step_fast_and_leaves_no_state_behind():
     inputs, targets = batch()
-    stages = [LocalStage(rt, make_optimizer(TrainConfig())) for rt in LocalExecutor(SPEC).chain("p")]
+    stages = [
+        LocalStage(rt, make_optimizer(TrainConfig())) for rt in LocalExecutor(SPEC).chain("p")
+    ]
     with pytest.raises(PipelineError, match="stage 'head' failed in F0"):
         run_step(stages, inputs, targets[:, :5], 2)  # targets shorter than the inputs
     assert all(not st.pending for st in stages)

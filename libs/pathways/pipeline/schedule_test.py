@@ -21,8 +21,14 @@ def test_1f1b_bounds_in_flight_microbatches_by_distance_to_the_end():
             live += 1 if op == "F" else -1
             peak = max(peak, live)
         assert peak == k - stage  # GPipe would hold all m = 8
-    assert stage_ops("1f1b", 3, 4, 3) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2),
-                                          ("B", 2)]
+    assert stage_ops("1f1b", 3, 4, 3) == [
+        ("F", 0),
+        ("B", 0),
+        ("F", 1),
+        ("B", 1),
+        ("F", 2),
+        ("B", 2),
+    ]
 
 
 def test_gpipe_runs_all_forwards_first():

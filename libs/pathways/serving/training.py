@@ -9,9 +9,9 @@ import numpy as np
 
 from pathways import codec
 from pathways.pipeline.stage import LocalStage
+from pathways.serving import peer
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
-from pathways.serving import peer
 from pathways.serving.servicer import _deadline, rpc
 from pathways.train import TrainConfig, make_optimizer
 from pathways.v1 import training_pb2, training_pb2_grpc

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import random
 import select
 import signal
@@ -312,6 +313,13 @@ class ProcessKubelet:
                     "status.podIP": pod_ip,
                 }
                 env[e.name] = fields[e.value_from.field_ref.field_path]
+            elif e.value_from is not None and e.value_from.resource_field_ref is not None:
+                ref = (
+                    e.value_from.resource_field_ref
+                )  # limits.cpu with divisor 1: cores, rounded up
+                limit = str((c.resources.limits or {}).get(ref.resource.split(".")[1], "1"))
+                cores = int(limit[:-1]) / 1000 if limit.endswith("m") else float(limit)
+                env[e.name] = str(max(1, math.ceil(cores)))
             elif e.value is not None:
                 env[e.name] = local(e.value)
         argv = [sys.executable, "-m", module, *[local(a) for a in c.args or []]]

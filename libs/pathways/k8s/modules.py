@@ -57,6 +57,20 @@ def _deployment(meta, selector, module, kind, image, checkpoint_uri) -> dict[str
             str(pods.SHUTDOWN_GRACE_S),
         ],
         "ports": [{"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"}],
+        # XLA would size its thread pool by the node's CPUs, not the pod's limit: as many compute
+        # threads as the limit allows (rounded up), no more.
+        "env": [
+            {
+                "name": "PATHWAYS_CPU_THREADS",
+                "valueFrom": {
+                    "resourceFieldRef": {
+                        "containerName": "module-server",
+                        "resource": "limits.cpu",
+                        "divisor": "1",
+                    }
+                },
+            }
+        ],
         "resources": RESOURCES.get(kind, DEFAULT_RESOURCES),
         **pods.grpc_probes(),
         "securityContext": pods.container_security(),

@@ -51,6 +51,19 @@ def test_each_module_gets_deployment_service_hpa_pdb():
     pod = dep["spec"]["template"]["spec"]
     c = pod["containers"][0]
     assert c["image"] == "reg.test/pw/module-server:latest"
+    # XLA's pool follows the pod's CPU limit, not the node's CPU count.
+    assert c["env"] == [
+        {
+            "name": "PATHWAYS_CPU_THREADS",
+            "valueFrom": {
+                "resourceFieldRef": {
+                    "containerName": "module-server",
+                    "resource": "limits.cpu",
+                    "divisor": "1",
+                }
+            },
+        }
+    ]
     assert c["args"] == [
         "--checkpoint",
         "/checkpoint",

@@ -154,6 +154,33 @@ def test_direct_steps_fail_cleanly_and_never_hang(fleet):
         finally:
             stages[2].address = real
         assert time.monotonic() - t0 < 60
+        # A driver that dies after starting only some stages: their waits end (the call is
+        # gone; or a new run's Configure aborts them) instead of holding the module for the
+        # step's whole deadline.
+        calls = [
+            stages[i]._stub.RunStep.future(
+                training_pb2.RunStepRequest(
+                    step=99,
+                    schedule="1f1b",
+                    micro_batches=2,
+                    stage=i,
+                    stages=4,
+                    next=stages[i + 1].address,
+                    previous=stages[i - 1].address,
+                ),
+                timeout=600,
+            )
+            for i in (1, 2)
+        ]
+        time.sleep(0.5)
+        calls[0].cancel()
+        t0 = time.monotonic()
+        stages[1].configure(CFG)  # the cancelled step's wait ended
+        stages[2].configure(CFG)  # Configure aborted the step still waiting
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(grpc.RpcError) as e:
+            calls[1].result(timeout=10)
+        assert e.value.code() == grpc.StatusCode.ABORTED
         out = RemoteStage.direct_step(stages, inputs, targets, 2)
         assert np.isfinite(out["loss"]) and set(out["stage_seconds"]) == set(MODULES)
         for st in stages:

@@ -23,6 +23,8 @@ from pathways.pipeline.stage import LocalStage
 from pathways.serving.errors import DeadlineExceeded, InvalidArgument, ServingError
 from pathways.v1 import training_pb2, training_pb2_grpc
 
+_POLL_S = 0.5  # how often a waiting step checks that its caller is still there
+
 
 class Aborted(ServingError):
     code = grpc.StatusCode.ABORTED
@@ -50,7 +52,8 @@ class Inbox:
             self._items[(step, gradient, mb)] = value
             self._cv.notify_all()
 
-    def take(self, step: int, gradient: bool, mb: int, deadline: float | None):
+    def take(self, step: int, gradient: bool, mb: int, deadline: float | None, alive=None):
+        """Waits for a delivery; `alive()` false (the caller went away) aborts the wait."""
         key = (step, gradient, mb)
         what = "gradient" if gradient else "activation"
         with self._cv:
@@ -58,12 +61,14 @@ class Inbox:
             while key not in self._items:
                 if self._generation != generation:
                     raise Aborted(f"step aborted while waiting for the {what} of micro-batch {mb}")
+                if alive is not None and not alive():
+                    raise Aborted(f"the caller of the step went away (waiting for the {what})")
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     raise DeadlineExceeded(
                         f"deadline exceeded waiting for the {what} of micro-batch {mb}"
                     )
-                self._cv.wait(left)
+                self._cv.wait(_POLL_S if left is None else min(left, _POLL_S))
             return self._items.pop(key)
 
     def keep_only(self, step: int) -> None:
@@ -160,6 +165,7 @@ def run_step(
     check_input,
     check_targets,
     deadline: float | None,
+    alive=None,
 ) -> training_pb2.RunStepResponse:
     """Runs this stage's ops of step `req.step`; sends outputs and input gradients onwards."""
     check_request(req)
@@ -175,7 +181,11 @@ def run_step(
     try:
         for op, m in stage_ops(req.schedule, i, k, n):
             if op == "F":
-                x = inputs[m] if first else check_input(inbox.take(req.step, False, m, deadline), m)
+                x = (
+                    inputs[m]
+                    if first
+                    else check_input(inbox.take(req.step, False, m, deadline, alive), m)
+                )
                 t0 = time.perf_counter()
                 y = stage.forward(m, x, targets[m] if last else None)
                 if last:
@@ -187,7 +197,7 @@ def run_step(
                 busy += time.perf_counter() - t0
                 to_next.send(msg)
             else:
-                g = np.float32(1.0 / n) if last else inbox.take(req.step, True, m, deadline)
+                g = np.float32(1.0 / n) if last else inbox.take(req.step, True, m, deadline, alive)
                 if g is not None and (g.dtype != np.float32 or (last and g.ndim)):
                     raise InvalidArgument(
                         f"gradient of micro-batch {m} must be float32; got {g.dtype} "

@@ -86,6 +86,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 f"this server hosts module {self.engine.name!r}, not " f"{request.module!r}"
             )
         cfg = train_config(request.optimizer)
+        self.inbox.abort()  # a step left waiting by a driver that died must not block a new run
         with self._lock:
             self.stage = LocalStage(self.engine.rt, make_optimizer(cfg), frozen=request.frozen)
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.engine.rt.state))
@@ -146,6 +147,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 check_input,
                 check_targets,
                 _deadline(context),
+                context.is_active,
             )
 
     @rpc
@@ -181,6 +183,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Load(self, request, context):
+        self.inbox.abort()  # as Configure: resuming never waits on a dead driver's step
         with self._lock:
             st = self._stage()
             try:

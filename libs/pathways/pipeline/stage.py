@@ -135,7 +135,8 @@ class LocalStage:
         self.frozen, self.input_grad = frozen, input_grad
         self.name, self.kind = runtime.name, runtime.cfg.kind
         self._jits = _stage_jits(runtime.graphdef, self.kind)
-        self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1, 2))
+        # The accumulator is not donated: nothing returned has its place (it is zeroed afresh).
+        self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1))
         self.opt_state = tx.init(runtime.state)
         self._acc = jax.tree.map(jnp.zeros_like, runtime.state)
         # Micro-batches in flight: their inputs (and targets), None when no backward will run.

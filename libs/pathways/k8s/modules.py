@@ -76,35 +76,14 @@ def _deployment(meta, selector, module, kind, image, checkpoint_uri) -> dict[str
         "securityContext": pods.container_security(),
         "volumeMounts": mounts,
     }
-    # No spec.replicas: `kubectl scale` and the HPA own the count, and re-applying the base must not
-    # reset it (overlays may still pin one).
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta,
-        "spec": {
-            "selector": {"matchLabels": selector},
-            # Surge first: a new replica must be Ready before an old one drains.
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-            },
-            "template": {
-                "metadata": {
-                    "labels": meta["labels"],
-                    "annotations": {"pathways.dev/checkpoint": checkpoint_uri},
-                },
-                "spec": {
-                    "automountServiceAccountToken": False,  # modules never call the API
-                    "terminationGracePeriodSeconds": pods.SHUTDOWN_GRACE_S + pods.EXIT_MARGIN_S,
-                    "securityContext": pods.pod_security(),
-                    "topologySpreadConstraints": pods.spread(selector),
-                    "containers": [container],
-                    "volumes": volumes,
-                },
-            },
-        },
-    }
+    return pods.deployment(
+        meta,
+        selector,
+        container,
+        volumes,
+        grace_s=pods.SHUTDOWN_GRACE_S + pods.EXIT_MARGIN_S,
+        pod_annotations={"pathways.dev/checkpoint": checkpoint_uri},
+    )
 
 
 def _service(meta, selector) -> dict[str, Any]:

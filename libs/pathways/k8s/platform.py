@@ -52,12 +52,12 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
     }
     meta = _meta(names.GATEWAY, "gateway")
     selector = _selector("gateway")
-    deployment = _deployment(
+    deployment = pods.deployment(
         meta,
         selector,
         container,
         volumes,
-        names.DISCOVERY_ACCOUNT,
+        account=names.DISCOVERY_ACCOUNT,
         grace_s=pods.GATEWAY_GRACE_S + pods.EXIT_MARGIN_S,
     )
     service = {
@@ -102,41 +102,15 @@ def coordinator(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
     }
     # Celery's warm shutdown finishes the running task; give it the module servers' grace.
     return [
-        _deployment(
+        pods.deployment(
             _meta(names.COORDINATOR, "coordinator"),
             _selector("coordinator"),
             container,
             volumes,
-            names.DISCOVERY_ACCOUNT,
+            account=names.DISCOVERY_ACCOUNT,
             grace_s=pods.SHUTDOWN_GRACE_S + pods.EXIT_MARGIN_S,
         )
     ]
-
-
-def _deployment(meta, selector, container, volumes, account, grace_s) -> dict[str, Any]:
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta,
-        "spec": {
-            "selector": {"matchLabels": selector},
-            "strategy": {
-                "type": "RollingUpdate",
-                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
-            },
-            "template": {
-                "metadata": {"labels": meta["labels"]},
-                "spec": {
-                    "serviceAccountName": account,
-                    "terminationGracePeriodSeconds": grace_s,
-                    "securityContext": pods.pod_security(),
-                    "topologySpreadConstraints": pods.spread(selector),
-                    "containers": [container],
-                    "volumes": volumes,
-                },
-            },
-        },
-    }
 
 
 def broker() -> list[dict[str, Any]]:

@@ -111,3 +111,48 @@ def spread(selector: dict[str, str]) -> list[dict[str, Any]]:
             "labelSelector": {"matchLabels": selector},
         }
     ]
+
+
+def deployment(
+    meta: dict[str, Any],
+    selector: dict[str, str],
+    container: dict[str, Any],
+    volumes: list[dict[str, Any]],
+    *,
+    grace_s: int,
+    account: str | None = None,
+    pod_annotations: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """A Deployment of one container, rolled surge-first (a new pod is Ready before an old one
+    drains). No spec.replicas: `kubectl scale` and the HPA own the count, and re-applying must
+    not reset it. Pods without a service `account` get no API token (they never call the API)."""
+    pod: dict[str, Any] = (
+        {"automountServiceAccountToken": False}
+        if account is None
+        else {"serviceAccountName": account}
+    )
+    pod.update(
+        {
+            "terminationGracePeriodSeconds": grace_s,
+            "securityContext": pod_security(),
+            "topologySpreadConstraints": spread(selector),
+            "containers": [container],
+            "volumes": volumes,
+        }
+    )
+    template_meta: dict[str, Any] = {"labels": meta["labels"]}
+    if pod_annotations:
+        template_meta["annotations"] = pod_annotations
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {"metadata": template_meta, "spec": pod},
+        },
+    }

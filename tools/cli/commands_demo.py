@@ -26,7 +26,7 @@ def register(sub) -> None:
         "the coordinator, then generate from it via the gateway",
     )
     p.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, plot)")
-    p.add_argument("--steps", type=int, default=300, help="training steps (~2-3 min here)")
+    p.add_argument("--steps", type=int, default=500, help="training steps (~2-3 min on 2 cores)")
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     p.add_argument("--prompt", default="def ")

@@ -198,7 +198,7 @@ def run_step(
                 to_next.send(msg)
             else:
                 g = np.float32(1.0 / n) if last else inbox.take(req.step, True, m, deadline, alive)
-                if g is not None and (g.dtype != np.float32 or (last and g.ndim)):
+                if not last and g is not None and g.dtype != np.float32:
                     raise InvalidArgument(
                         f"gradient of micro-batch {m} must be float32; got {g.dtype} "
                         f"{list(g.shape)}"

@@ -109,11 +109,16 @@ def main(argv=None) -> int:
     )
     p.add_argument("--kv-cache-mb", type=float, default=512.0, help="per attention server")
     p.add_argument(
+        "--server-threads",
+        type=int,
+        default=0,
+        help="XLA threads of each module server (default: the CPUs split between the servers)",
+    )
+    p.add_argument(
         "--local-threads",
         type=int,
         default=0,
-        help="XLA threads of the local baseline (default: what each module server gets, "
-        "the CPUs split between the servers)",
+        help="XLA threads of the local baseline (default: the same as each server)",
     )
     p.add_argument("--json", default=None, help="write results here")
     args = p.parse_args(argv)
@@ -121,7 +126,8 @@ def main(argv=None) -> int:
     spec0 = spec_lib.load(args.spec)
     spec_modules = len(spec0.pathway(args.pathway or spec0.default_pathway).modules)
     # Before this process's first computation: XLA sizes its thread pool once.
-    local_threads = cpu.limit_threads(args.local_threads or launcher.cpu_share(spec_modules))
+    server_threads = args.server_threads or launcher.cpu_share(spec_modules)
+    local_threads = cpu.limit_threads(args.local_threads or server_threads)
     with tempfile.TemporaryDirectory() as d:
         local = testing.make_checkpoint(d, args.spec)
         spec = local.spec
@@ -134,7 +140,7 @@ def main(argv=None) -> int:
             "d_model": d_model,
             "tokens": args.tokens,
             "local_threads": local_threads,
-            "server_threads": launcher.cpu_share(spec_modules),
+            "server_threads": server_threads,
             "local_tok_s": decode_run(local, pathway, prompt, args.tokens),
             "wire": {},
         }
@@ -144,6 +150,7 @@ def main(argv=None) -> int:
             d,
             list(chain),
             gateway=False,
+            env={"PATHWAYS_CPU_THREADS": str(server_threads)},
             module_args=[
                 "--max-batch",
                 slots,

@@ -236,6 +236,7 @@ def test_scaling_a_module_moves_traffic_and_loses_no_request(deployed):
         assert long_out == [want] * 3
         before, done = _requests(survivor.address), traffic.ok
         wait_for(lambda: traffic.ok >= done + 4 or traffic.failures, 60, "generations after")
+        assert traffic.failures == []  # the cause, if the next check fails
         assert _requests(survivor.address) > before
     finally:
         traffic.stop()

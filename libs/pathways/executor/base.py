@@ -33,9 +33,46 @@ class Session:
     max_seq_len: int
     id: str = dataclasses.field(default_factory=lambda: f"s{next(_ids)}")
 
+    @classmethod
+    def new(cls, pathway: str, sampling: list[SamplingParams], max_seq_len: int) -> Session:
+        """A session of len(sampling) sequences, nothing generated yet."""
+        if not sampling:
+            raise ValueError("a session needs at least one sequence (sampling list is empty)")
+        b = len(sampling)
+        return cls(
+            pathway=pathway,
+            sampling=SamplingBatch.of(sampling),
+            lengths=np.zeros(b, np.int32),
+            steps=np.zeros(b, np.int32),
+            max_seq_len=max_seq_len,
+        )
+
     @property
     def batch_size(self) -> int:
         return len(self.lengths)
+
+    def check_prompts(self, prompts: list[list[int]]) -> np.ndarray:
+        """Validates a prefill's prompts (one non-empty prompt per row, room left); returns
+        their lengths."""
+        if len(prompts) != self.batch_size:
+            raise ValueError(
+                f"prefill got {len(prompts)} prompts for a session of "
+                f"{self.batch_size} sequences"
+            )
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        self.check_room(lengths)
+        return lengths
+
+    def check_room(self, extra: np.ndarray) -> None:
+        """Raises unless every row can take `extra` more tokens within max_seq_len."""
+        need = self.lengths + extra
+        if need.max() > self.max_seq_len:
+            raise ValueError(
+                f"max sequence length exceeded: {int(need.max())} tokens > pathway "
+                f"{self.pathway!r} max_seq_len {self.max_seq_len}"
+            )
 
 
 @dataclasses.dataclass

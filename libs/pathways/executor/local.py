@@ -14,7 +14,7 @@ from flax import nnx
 from pathways import modules as mod
 from pathways.executor.base import Session, StepResult, bucket, pad_prompts
 from pathways.modules.attention import empty_cache
-from pathways.sampling import SamplingBatch, SamplingParams, sample
+from pathways.sampling import SamplingParams, sample
 from pathways.spec import PathwaySpec
 
 
@@ -129,17 +129,8 @@ class LocalExecutor:
 
     # ---- sessions ---------------------------------------------------------------------------
     def open_session(self, pathway: str, sampling: list[SamplingParams]) -> Session:
-        p = self.spec.pathway(pathway)
-        if not sampling:
-            raise ValueError("a session needs at least one sequence (sampling list is empty)")
-        b = len(sampling)
-        session = Session(
-            pathway=pathway,
-            sampling=SamplingBatch.of(sampling),
-            lengths=np.zeros(b, np.int32),
-            steps=np.zeros(b, np.int32),
-            max_seq_len=p.max_seq_len,
-        )
+        session = Session.new(pathway, sampling, self.spec.pathway(pathway).max_seq_len)
+        b = session.batch_size
         self._caches[session.id] = {
             rt.name: self._spare_cache(rt, b)
             for rt in self.chain(pathway)
@@ -169,36 +160,21 @@ class LocalExecutor:
                 spare.append(cache)
 
     def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
-        if len(prompts) != session.batch_size:
-            raise ValueError(
-                f"prefill got {len(prompts)} prompts for a session of "
-                f"{session.batch_size} sequences"
-            )
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        self._check_room(session, np.array([len(p) for p in prompts]))
+        lengths = session.check_prompts(prompts)
         tokens, positions, last = pad_prompts(prompts, session.lengths, session.max_seq_len)
         result = self._run(session, tokens, positions, last, return_logits)
-        session.lengths += np.array([len(p) for p in prompts], np.int32)
+        session.lengths += lengths
         return result
 
     def decode(self, session: Session, tokens, *, return_logits=False):
         tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
-        self._check_room(session, np.ones(session.batch_size, np.int32))
+        session.check_room(np.ones(session.batch_size, np.int32))
         positions = session.lengths[:, None].astype(np.int32)
         result = self._run(
             session, tokens, positions, np.zeros(session.batch_size, np.int32), return_logits
         )
         session.lengths += 1
         return result
-
-    def _check_room(self, session: Session, extra: np.ndarray) -> None:
-        need = session.lengths + extra
-        if need.max() > session.max_seq_len:
-            raise ValueError(
-                f"max sequence length exceeded: {int(need.max())} tokens > pathway "
-                f"{session.pathway!r} max_seq_len {session.max_seq_len}"
-            )
 
     def _run(self, session, tokens, positions, last, return_logits) -> StepResult:
         caches = self._caches.get(session.id)

@@ -23,7 +23,7 @@ from pathways import codec, telemetry
 from pathways.executor.base import Session, StepResult, pad_prompts
 from pathways.executor.decode_stream import DecodeStream
 from pathways.executor.replicas import ReplicaSource, StaticReplicaSource
-from pathways.sampling import SamplingBatch, SamplingParams
+from pathways.sampling import SamplingParams
 from pathways.spec import PathwaySpec
 from pathways.v1 import module_pb2, module_pb2_grpc
 
@@ -282,16 +282,8 @@ class RemoteExecutor:
 
     def open_session(self, pathway: str, sampling: list[SamplingParams]) -> Session:
         p = self._pathway(pathway)
-        if not sampling:
-            raise ValueError("a session needs at least one sequence (sampling list is empty)")
-        b = len(sampling)
-        session = Session(
-            pathway=pathway,
-            sampling=SamplingBatch.of(sampling),
-            lengths=np.zeros(b, np.int32),
-            steps=np.zeros(b, np.int32),
-            max_seq_len=p.max_seq_len,
-        )
+        session = Session.new(pathway, sampling, p.max_seq_len)
+        b = session.batch_size
         rows = [
             module_pb2.RowSampling(
                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
@@ -413,15 +405,7 @@ class RemoteExecutor:
 
     # ---- steps -------------------------------------------------------------------------------
     def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
-        if len(prompts) != session.batch_size:
-            raise ValueError(
-                f"prefill got {len(prompts)} prompts for a session of "
-                f"{session.batch_size} sequences"
-            )
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every prompt needs at least one token")
-        lens = np.array([len(p) for p in prompts], np.int32)
-        _check_room(session, lens)
+        lens = session.check_prompts(prompts)
         tokens, _, _ = pad_prompts(prompts, session.lengths, session.max_seq_len)
         x = codec.encode(tokens)
         resp = None
@@ -442,7 +426,7 @@ class RemoteExecutor:
 
     def decode(self, session: Session, tokens, *, return_logits=False):
         tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
-        _check_room(session, np.ones(session.batch_size, np.int32))
+        session.check_room(np.ones(session.batch_size, np.int32))
         x, resp = codec.encode(tokens), None
         for m in self._chain(session):
             req = module_pb2.DecodeRequest(
@@ -496,15 +480,6 @@ class RemoteExecutor:
                 "or compute them in one process with LocalExecutor"
             )
         return self.loss(pathway, inputs, targets), None
-
-
-def _check_room(session: Session, extra: np.ndarray) -> None:
-    need = session.lengths + extra
-    if need.max() > session.max_seq_len:
-        raise ValueError(
-            f"max sequence length exceeded: {int(need.max())} tokens > pathway "
-            f"{session.pathway!r} max_seq_len {session.max_seq_len}"
-        )
 
 
 def _result(resp) -> StepResult:

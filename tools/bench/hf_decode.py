@@ -1,10 +1,15 @@
 """Imported GPT-2 (124M): Pathways LocalExecutor against transformers' `generate`, same weights.
 
-Both sides generate greedily from the same prompt, on the same pinned CPUs with the same thread
-count, in this run: the transformers side is a long-lived Python 3.11 worker from the torch venv
-(torch never enters the Pants build), and the two alternate rep by rep so that load from other
-processes hits both alike; each figure is the best of its reps. Prefill is the time to the first
+All sides generate greedily from the same prompt, on the same pinned CPUs with the same thread
+count, in this run: transformers sides are long-lived Python 3.11 workers from the torch venv
+(torch never enters the Pants build), and the sides alternate rep by rep so that load from other
+processes hits them alike; each figure is the best of its reps. Prefill is the time to the first
 token; decode is the time per further token.
+
+Sides (--sides): `pathways` (float32 weights, native matmul where it builds), `pathways-xla`
+(float32, XLA's dot: the executor before the native kernel), `pathways-bf16` (weights stored
+in bfloat16, float32 arithmetic), `transformers` (float32), `transformers-bf16` (torch in
+bfloat16). Ratios are against `transformers`.
 
     PYTHONPATH=libs:. python tools/bench/hf_decode.py [--threads 1] [--torch-python PY]
 """
@@ -35,9 +40,10 @@ def pin(threads: int) -> list[int]:
 
 
 class TorchWorker:
-    def __init__(self, python: str, hf_dir: Path, threads: int):
+    def __init__(self, python: str, hf_dir: Path, threads: int, dtype: str = "float32"):
+        cmd = [python, str(WORKER), "serve", "--hf-dir", str(hf_dir), "--threads", str(threads)]
         self.proc = subprocess.Popen(
-            [python, str(WORKER), "serve", "--hf-dir", str(hf_dir), "--threads", str(threads)],
+            [*cmd, "--dtype", dtype],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -62,12 +68,12 @@ class TorchWorker:
 
 
 class PathwaysSide:
-    def __init__(self, hf_dir: Path, split: str):
+    def __init__(self, hf_dir: Path, split: str, weights: str = "float32", native=None):
         from pathways.executor.local import LocalExecutor
         from pathways.hf import convert
 
         imported = convert.load_hf(hf_dir, split)
-        self.ex = LocalExecutor(imported.spec, imported.states())
+        self.ex = LocalExecutor(imported.spec, imported.states(), weights=weights, native=native)
         self.pathway = imported.pathway
         self.modules = len(imported.spec.pathway(self.pathway).modules)
 
@@ -85,6 +91,16 @@ class PathwaysSide:
         return time.perf_counter() - t0, out
 
 
+# side -> (implementation, weights dtype, native matmul: None = where it builds)
+SIDES = {
+    "pathways": ("pathways", "float32", None),
+    "pathways-xla": ("pathways", "float32", False),
+    "pathways-bf16": ("pathways", "bfloat16", None),
+    "transformers": ("torch", "float32", None),
+    "transformers-bf16": ("torch", "bfloat16", None),
+}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -99,8 +115,16 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--split", default="6,6", help="attention layers per module (Pathways side)")
+    ap.add_argument(
+        "--sides",
+        default="pathways,pathways-xla,pathways-bf16,transformers,transformers-bf16",
+        help=f"comma-separated, from {', '.join(SIDES)}; must include transformers",
+    )
     ap.add_argument("--out", default=str(ROOT / "tools/bench/results/hf_decode.json"))
     args = ap.parse_args()
+    wanted = args.sides.split(",")
+    if "transformers" not in wanted or not set(wanted) <= set(SIDES):
+        ap.error(f"--sides must include transformers and name only {', '.join(SIDES)}")
     cpus = pin(args.threads)
 
     if not (args.hf_dir / "config.json").exists():
@@ -115,12 +139,15 @@ def main() -> None:
     from tools.bench.common import print_table, write_json
 
     prompt = np.random.default_rng(0).integers(0, 50257, args.prompt_len).tolist()
-    sides = {
-        "pathways": PathwaysSide(args.hf_dir, args.split),
-        "transformers": TorchWorker(args.torch_python, args.hf_dir, args.threads),
-    }
+    sides = {}
     n = 1 + args.new_tokens
     try:
+        for name in wanted:
+            kind, weights, native = SIDES[name]
+            if kind == "pathways":
+                sides[name] = PathwaysSide(args.hf_dir, args.split, weights, native)
+            else:
+                sides[name] = TorchWorker(args.torch_python, args.hf_dir, args.threads, weights)
         tokens = {k: s.generate(prompt, n)[1] for k, s in sides.items()}  # warm-up / compile
         times = {k: {"prefill": [], "total": []} for k in sides}
         for _ in range(args.repeat):
@@ -128,7 +155,9 @@ def main() -> None:
                 times[k]["prefill"].append(s.generate(prompt, 1)[0])
                 times[k]["total"].append(s.generate(prompt, n)[0])
     finally:
-        sides["transformers"].close()
+        for side in sides.values():
+            if isinstance(side, TorchWorker):
+                side.close()
 
     rows = []
     for k, t in times.items():
@@ -142,11 +171,16 @@ def main() -> None:
                 "decode_tok_s": 1 / decode,
             }
         )
-    pw, hf = rows
+    hf = next(r for r in rows if r["impl"] == "transformers")
+    for r in rows:
+        r["decode_vs_hf"] = r["decode_tok_s"] / hf["decode_tok_s"]
+        r["prefill_vs_hf"] = hf["prefill_ms"] / r["prefill_ms"]
+        r["same_tokens_as_hf"] = tokens[r["impl"]] == tokens["transformers"]
+    pw = next((r for r in rows if r["impl"] == "pathways"), None)
     speed = {
-        "decode_speedup": pw["decode_tok_s"] / hf["decode_tok_s"],
-        "prefill_speedup": hf["prefill_ms"] / pw["prefill_ms"],
-        "same_tokens": tokens["pathways"] == tokens["transformers"],
+        "decode_speedup": pw and pw["decode_vs_hf"],
+        "prefill_speedup": pw and pw["prefill_vs_hf"],
+        "same_tokens": pw and pw["same_tokens_as_hf"],
     }
     info = sides["transformers"].info
     print(
@@ -161,11 +195,10 @@ def main() -> None:
             ("prefill_ms", "prefill ms", ".1f"),
             ("decode_ms", "decode ms/tok", ".2f"),
             ("decode_tok_s", "tok/s", ".1f"),
+            ("decode_vs_hf", "decode vs transformers", ".2f"),
+            ("prefill_vs_hf", "prefill vs transformers", ".2f"),
+            ("same_tokens_as_hf", "same greedy tokens", ""),
         ],
-    )
-    print(
-        f"Pathways vs transformers: decode {speed['decode_speedup']:.2f}x tok/s, prefill "
-        f"{speed['prefill_speedup']:.2f}x; identical greedy tokens: {speed['same_tokens']}"
     )
     path = write_json(
         args.out,

@@ -30,14 +30,16 @@ def make(out: str) -> None:
     print(json.dumps({"params": sum(p.numel() for p in model.parameters())}))
 
 
-def serve(hf_dir: str, threads: int) -> None:
+def serve(hf_dir: str, threads: int, dtype: str) -> None:
     torch.set_num_threads(threads)
-    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+    model = model.eval()
     print(
         json.dumps(
             {
                 "ready": True,
                 "threads": torch.get_num_threads(),
+                "dtype": str(next(model.parameters()).dtype),
                 "params": sum(p.numel() for p in model.parameters()),
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
             }
@@ -68,11 +70,12 @@ def main() -> None:
     ap.add_argument("--out")
     ap.add_argument("--hf-dir")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args()
     if args.command == "make":
         make(args.out)
     else:
-        serve(args.hf_dir, args.threads)
+        serve(args.hf_dir, args.threads, args.dtype)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pathways import kernels
 from pathways import modules as mod
 from pathways.executor.base import Session, StepResult, bucket, pad_prompts
 from pathways.modules.attention import empty_cache
@@ -19,19 +20,58 @@ from pathways.spec import PathwaySpec
 
 
 class ModuleRuntime:
-    """One module's parameters and its jitted, functional entry points (no nnx.jit graph mode)."""
+    """One module's parameters and its jitted, functional entry points (no nnx.jit graph mode).
 
-    def __init__(self, name: str, cfg: mod.ModuleConfig, module: nnx.Module):
-        self.name, self.cfg = name, cfg
+    `state` holds the parameters as trained and saved; `serving_state` is what sessions (prefill
+    and decode) compute with: the same parameters with linear kernels packed for the native
+    matmul in `weights`' dtype ("float32", or "bfloat16" to read half the bytes per token).
+    It is rebuilt on first use after `state` changes. `native=False` keeps XLA's dot (for
+    comparisons; None uses the native kernel wherever it builds, see `pathways.kernels`).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        cfg: mod.ModuleConfig,
+        module: nnx.Module,
+        weights: str = "float32",
+        native: bool | None = None,
+    ):
+        kernels.check_weights(weights)
+        self.name, self.cfg, self.weights, self.native = name, cfg, weights, native
         self.graphdef, self.state = nnx.split(module)
         # Modules of equal configs (and every executor in the process) share one set of jitted
         # entry points, so one compiled program per shape.
         jits = _entry_points(self.graphdef)
         self.forward = jits.forward
-        if cfg.kind == "attention":
-            self.forward_cached = jits.forward_cached
+        self._forward_cached = jits.forward_cached
         if cfg.kind == "decoding":
             self.head_sample = jits.head_sample
+
+    @property
+    def state(self):
+        return self._state
+
+    @state.setter
+    def state(self, state) -> None:
+        self._state, self._serving = state, None
+
+    @property
+    def serving_state(self):
+        if self._serving is None:
+            self._serving = kernels.pack_state(self._state, self.weights, self.native)
+        return self._serving
+
+    @property
+    def native_ops(self) -> bool:
+        """Whether sessions use the native kernels (built on first use)."""
+        return kernels.available() if self.native is None else (self.native and kernels.available())
+
+    def forward_cached(self, state, x, positions, cache, slots, *, window: int):
+        """Prefill or decode through an attention module (see Attention.forward_cached)."""
+        return self._forward_cached(
+            state, x, positions, cache, slots, window=window, native=self.native_ops
+        )
 
     def module(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state)
@@ -47,8 +87,8 @@ def _forward(graphdef, state, x, positions):
     return m(x, positions)
 
 
-def _forward_cached(graphdef, state, x, positions, cache, slots, *, window):
-    return nnx.merge(graphdef, state).forward_cached(x, positions, cache, slots, window)
+def _forward_cached(graphdef, state, x, positions, cache, slots, *, window, native):
+    return nnx.merge(graphdef, state).forward_cached(x, positions, cache, slots, window, native)
 
 
 def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed, step):
@@ -72,8 +112,10 @@ def _entry_points(graphdef) -> SimpleNamespace:
         def forward(state, x, positions):
             return _forward(graphdef, state, x, positions)
 
-        def forward_cached(state, x, positions, cache, slots, *, window):
-            return _forward_cached(graphdef, state, x, positions, cache, slots, window=window)
+        def forward_cached(state, x, positions, cache, slots, *, window, native):
+            return _forward_cached(
+                graphdef, state, x, positions, cache, slots, window=window, native=native
+            )
 
         def head_sample(state, h_btd, last_b, temperature, top_k, top_p, seed, step):
             return _head_sample(
@@ -83,7 +125,7 @@ def _entry_points(graphdef) -> SimpleNamespace:
         _ENTRY_POINTS[graphdef] = SimpleNamespace(
             forward=jax.jit(forward),
             forward_cached=jax.jit(
-                forward_cached, static_argnames="window", donate_argnames="cache"
+                forward_cached, static_argnames=("window", "native"), donate_argnames="cache"
             ),
             head_sample=jax.jit(head_sample),
         )
@@ -100,13 +142,26 @@ def composite_loss(runtimes: list[ModuleRuntime], states: list[Any], inputs, tar
 
 
 class LocalExecutor:
-    """Runs any pathway of a spec in-process. Modules are shared between pathways by name."""
+    """Runs any pathway of a spec in-process. Modules are shared between pathways by name.
 
-    def __init__(self, spec: PathwaySpec, states: dict[str, Any] | None = None, seed: int = 0):
+    `weights` is the dtype sessions decode with and `native` whether with the native matmul
+    (see `ModuleRuntime`); training, `forward` and `loss` use the float32 parameters and XLA.
+    """
+
+    def __init__(
+        self,
+        spec: PathwaySpec,
+        states: dict[str, Any] | None = None,
+        seed: int = 0,
+        weights: str = "float32",
+        native: bool | None = None,
+    ):
         self.spec = spec
         self.runtimes: dict[str, ModuleRuntime] = {}
         for i, (name, cfg) in enumerate(spec.modules.items()):
-            self.runtimes[name] = ModuleRuntime(name, cfg, mod.build(cfg, seed=seed + i))
+            self.runtimes[name] = ModuleRuntime(
+                name, cfg, mod.build(cfg, seed=seed + i), weights=weights, native=native
+            )
             if states and name in states:
                 self.set_state(name, states[name])
         self._caches: dict[str, dict[str, dict[str, jax.Array]]] = {}  # session -> module -> KV
@@ -192,15 +247,15 @@ class LocalExecutor:
         for rt in chain[:-1]:
             if rt.cfg.kind == "attention":
                 x, caches[rt.name] = rt.forward_cached(
-                    rt.state, x, pos, caches[rt.name], slots, window=window
+                    rt.serving_state, x, pos, caches[rt.name], slots, window=window
                 )
             else:
-                x = rt.forward(rt.state, x, pos)
+                x = rt.forward(rt.serving_state, x, pos)
         s = session.sampling
         # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
         # call runs asynchronously, so the in-place += below could race with its read.
         out, logits = chain[-1].head_sample(
-            chain[-1].state,
+            chain[-1].serving_state,
             x,
             np.asarray(last, np.int32),
             s.temperature,

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pathways import kernels
 from pathways.modules.config import one_of, positive_int, positive_number, require
 from pathways.modules.layers import MLPS, NORMS, Mlp, attend, dense, make_norm, rope
 
@@ -133,17 +134,28 @@ class Attention(nnx.Module):
             x_btd = block.finish(x_btd, attend(q, k, v, mask))
         return x_btd
 
-    def forward_cached(self, x_btd, positions_bt, cache, slots_b, window: int):
+    def forward_cached(self, x_btd, positions_bt, cache, slots_b, window: int, native=False):
         """Prefill (T > 1) or decode (T == 1) for the sessions in `slots_b`.
 
         Writes this chunk's keys/values at (slot, position) and attends to the first `window`
         cache positions with a causal mask. Padding rows carry position == max_seq_len: their
-        writes are dropped and their outputs are garbage the caller ignores.
+        writes are dropped and their outputs are garbage the caller ignores. `native` does a
+        decode step's (T == 1) cache update and attention in one native op
+        (`kernels.attend_cached`), in place; prefill chunks keep XLA's batched dots, which are
+        faster when many queries share the keys.
 
         Returns:
             (y_btd, new_cache).
         """
         ks, vs = cache["k"], cache["v"]
+        if native and x_btd.shape[1] == 1:
+            for i, block in enumerate(self.blocks):
+                q, k, v = block.qkv(x_btd, positions_bt)
+                attn, ks, vs = kernels.attend_cached(
+                    q, k, v, positions_bt, slots_b, ks, vs, layer=i, window=window
+                )
+                x_btd = block.finish(x_btd, attn)
+            return x_btd, {"k": ks, "v": vs}
         rows = slots_b[:, None]  # (B, 1) broadcasts against positions (B, T)
         key_pos = jnp.arange(window)
         mask = key_pos[None, None, :] <= positions_bt[:, :, None]  # (B, T, W)

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pathways import kernels
+
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 
@@ -20,9 +22,24 @@ def make_norm(kind: str, dim: int, eps: float, rngs: nnx.Rngs) -> nnx.Module:
     return nnx.RMSNorm(dim, epsilon=eps, rngs=rngs)
 
 
-def dense(d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs) -> nnx.Linear:
+class Dense(nnx.Linear):
+    """nnx.Linear whose kernel may also be packed for the native matmul (serving weights).
+
+    Parameters and their names are nnx.Linear's; `kernels.pack_state` swaps the (K, N) kernel
+    for its (N / 32, K, 32) panels, which this layer recognises by their rank.
+    """
+
+    def __call__(self, x):
+        kernel = self.kernel[...]
+        if kernel.ndim != 3:
+            return super().__call__(x)
+        y = kernels.matmul(x, kernel, self.out_features)
+        return y if self.bias is None else y + self.bias[...]
+
+
+def dense(d_in: int, d_out: int, *, bias: bool, std: float, rngs: nnx.Rngs) -> Dense:
     init = nnx.initializers.normal(std) if std > 0 else nnx.initializers.zeros_init()
-    return nnx.Linear(d_in, d_out, use_bias=bias, kernel_init=init, rngs=rngs)
+    return Dense(d_in, d_out, use_bias=bias, kernel_init=init, rngs=rngs)
 
 
 class Mlp(nnx.Module):

@@ -27,9 +27,11 @@ class Step:
 
 
 class ModuleEngine:
-    def __init__(self, name: str, cfg: mod.ModuleConfig, state, slots: int):
+    def __init__(
+        self, name: str, cfg: mod.ModuleConfig, state, slots: int, weights: str = "float32"
+    ):
         self.name, self.cfg, self.kind = name, cfg, cfg.kind
-        self.rt = ModuleRuntime(name, cfg, mod.build(cfg))
+        self.rt = ModuleRuntime(name, cfg, mod.build(cfg), weights=weights)
         if state is not None:
             self.rt.state = state
         self.cache = empty_cache(cfg, slots) if self.kind == "attention" else None
@@ -87,11 +89,11 @@ class ModuleEngine:
         # numpy arguments go straight into the jitted call: jnp.asarray would dispatch an eager
         # device_put per array first (~0.1 ms each, on every hop of every token).
         if self.kind == "embedding":
-            return self.rt.forward(self.rt.state, x, positions), None
+            return self.rt.forward(self.rt.serving_state, x, positions), None
         real = positions[positions < pad]
         window = bucket(int(real.max()) + 1, s.max_seq_len)
         y, self.cache = self.rt.forward_cached(
-            self.rt.state, x, positions, self.cache, s.slots, window=window
+            self.rt.serving_state, x, positions, self.cache, s.slots, window=window
         )
         return y, None
 
@@ -120,14 +122,14 @@ class ModuleEngine:
                 pos = np.concatenate([pos, np.full(p - r, self.max_seq_len or pad_pos, np.int32)])
             positions = pos[:, None]
             if self.kind == "embedding":
-                out = self.rt.forward(self.rt.state, x, positions)
+                out = self.rt.forward(self.rt.serving_state, x, positions)
             else:
                 slots = np.concatenate(
                     [it.session.slots for it in items] + [np.zeros(p - r, np.int32)]
                 )
                 window = bucket(int(pos[:r].max()) + 1, limit)
                 out, self.cache = self.rt.forward_cached(
-                    self.rt.state, x, positions, self.cache, slots, window=window
+                    self.rt.serving_state, x, positions, self.cache, slots, window=window
                 )
             logits = None
         out = np.asarray(out)
@@ -145,7 +147,7 @@ class ModuleEngine:
     def _head(self, x, last, sampling: SamplingBatch, steps, want_logits):
         s = sampling
         out, logits = self.rt.head_sample(
-            self.rt.state,
+            self.rt.serving_state,
             x,
             np.asarray(last, np.int32),
             s.temperature,

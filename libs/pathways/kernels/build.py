@@ -1,0 +1,149 @@
+"""Building and registering the native CPU kernels (`*.cc` beside this file).
+
+The sources are compiled on first use with the machine's C++ compiler (`-O3 -march=native`)
+into one shared library, cached by a hash of the sources, compiler, JAX version and CPU, and
+registered with XLA as FFI targets, so jitted programs call them like any other op.
+
+`PATHWAYS_KERNELS` picks the implementation:
+  auto   (default) the native kernels when they build here, else XLA's ops (logged once);
+  native the native kernels or an error saying why they cannot be built;
+  xla    never build or use them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+import jax
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "native", "xla")
+# FFI target name -> the handler symbol in the library
+TARGETS = {
+    "pathways_matmul_f32": "PathwaysMatmulF32",
+    "pathways_matmul_bf16": "PathwaysMatmulBf16",
+    "pathways_attend_cached": "PathwaysAttendCached",
+}
+_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+class KernelError(RuntimeError):
+    """The native kernels were required (PATHWAYS_KERNELS=native) but cannot be built or loaded."""
+
+
+def mode() -> str:
+    value = os.environ.get("PATHWAYS_KERNELS", "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise KernelError(f"PATHWAYS_KERNELS must be one of {', '.join(MODES)}; got {value!r}")
+    return value
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $PATHWAYS_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache."""
+    if os.environ.get("PATHWAYS_CACHE_DIR"):
+        return Path(os.environ["PATHWAYS_CACHE_DIR"]) / "kernels"
+    base = os.environ.get("XDG_CACHE_HOME") or (
+        os.path.join(os.environ["HOME"], ".cache") if os.environ.get("HOME") else None
+    )
+    return Path(base or tempfile.gettempdir()) / "pathways" / "kernels"
+
+
+def _compiler() -> str:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and (path := shutil.which(name)):
+            return path
+    raise KernelError("no C++ compiler found (set CXX, or install g++ or clang++)")
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the architecture and the CPU's feature flags."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        flags = next((ln for ln in text.splitlines() if ln.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {flags}"
+
+
+def _sources() -> dict[str, bytes]:
+    package = resources.files("pathways.kernels")
+    return {
+        f.name: f.read_bytes() for f in sorted(package.iterdir(), key=lambda f: f.name)
+        if f.name.endswith(".cc")
+    }
+
+
+def _build() -> Path:
+    sources = _sources()
+    cxx = _compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            x if isinstance(x, bytes) else x.encode()
+            for x in (*sources.keys(), *sources.values(), cxx, version, jax.__version__, _cpu_id(), " ".join(_FLAGS))
+        )
+    ).hexdigest()[:16]
+    out_dir = cache_dir() / key
+    lib = out_dir / "libpathways_kernels.so"
+    if lib.exists():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # One process compiles; concurrent ones (module servers starting together) wait for it.
+    with open(out_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if lib.exists():
+            return lib
+        paths = []
+        for name, text in sources.items():
+            (out_dir / name).write_bytes(text)
+            paths.append(str(out_dir / name))
+        tmp = out_dir / f".build-{os.getpid()}.so"
+        cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), *paths, "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            raise KernelError(f"compiling {' '.join(paths)} failed: {' / '.join(tail)}")
+        os.replace(tmp, lib)
+    return lib
+
+
+_lock = threading.Lock()
+_loaded: bool | None = None
+
+
+def available() -> bool:
+    """Builds and registers the native kernels once per process; whether they can be used."""
+    global _loaded
+    with _lock:
+        if _loaded is None:
+            _loaded = _load()
+        return _loaded
+
+
+def _load() -> bool:
+    if mode() == "xla":
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        for target, symbol in TARGETS.items():
+            capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+            jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+    except (KernelError, OSError, AttributeError) as e:
+        if mode() == "native":
+            raise KernelError(f"PATHWAYS_KERNELS=native: {e}") from e
+        log.warning("native kernels unavailable (%s); using XLA's ops", e)
+        return False
+    return True

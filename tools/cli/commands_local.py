@@ -62,6 +62,12 @@ def register(sub) -> None:
     p.add_argument("--checkpoint", help="run locally from this checkpoint")
     p.add_argument("--gateway", metavar="HOST:PORT", help="stream from a gateway (`pathways up`)")
     p.add_argument("--timeout", type=float, default=300.0, help="gateway deadline in seconds")
+    p.add_argument(
+        "--weights",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="local: weights to decode with (bfloat16 reads half the bytes per token)",
+    )
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -217,7 +223,7 @@ def cmd_generate(args) -> int:
     if not args.checkpoint:
         raise ValueError("give --checkpoint DIR (local) or --gateway HOST:PORT")
     spec, tok = ckpt.load_spec(args.checkpoint)
-    ex = LocalExecutor(spec)
+    ex = LocalExecutor(spec, weights=args.weights)
     for name, rt in ex.runtimes.items():
         if ckpt.has_module(args.checkpoint, name):
             ex.set_state(name, ckpt.load_module(args.checkpoint, name, rt.state))

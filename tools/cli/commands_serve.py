@@ -22,6 +22,12 @@ def register(sub) -> None:
         help="replicas of a module (repeatable; default 1 each)",
     )
     p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache pool per server")
+    p.add_argument(
+        "--weights",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="weights module servers decode with (default float32; bfloat16 reads half the bytes)",
+    )
     p.add_argument("--log", default=None, help="append server output to this file")
     p.add_argument(
         "--no-coordinator",
@@ -49,6 +55,7 @@ def cmd_up(args) -> int:
     spec, _ = ckpt.load_spec(args.checkpoint)
     replicas = parse_replicas(args.replicas, spec.modules)
     extra = ["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []
+    extra += ["--weights", args.weights] if args.weights else []
     log = open(args.log, "ab") if args.log else None  # noqa: SIM115 (lives as long as the fleet)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -215,3 +215,44 @@ def test_states_given_at_construction_are_used(ex):
         ex.state("embed"),
     )
     assert not all(jax.tree.leaves(differ))
+
+
+def _session_logits(ex, prompts, steps=3):
+    s = ex.open_session("full", [SamplingParams()] * len(prompts))
+    r = ex.prefill(s, prompts, return_logits=True)
+    out = [r.logits]
+    for _ in range(steps):
+        r = ex.decode(s, r.tokens, return_logits=True)
+        out.append(r.logits)
+    ex.close_session(s)
+    return np.stack(out)
+
+
+def test_bfloat16_weights_are_the_rounded_float32_weights(ex):
+    """Sessions with weights="bfloat16" compute with bf16-rounded weights in float32 arithmetic:
+    the native kernel (bf16 panels) and XLA (rounded float32 kernels) agree, and both differ from
+    float32 weights by the rounding only."""
+    states = {name: ex.state(name) for name in ex.runtimes}
+    spec = spec_lib.from_dict(SPEC)
+    half = LocalExecutor(spec, states, weights="bfloat16")
+    half_xla = LocalExecutor(spec, states, weights="bfloat16", native=False)
+    prompts = _prompts()
+    got, ref = _session_logits(half, prompts), _session_logits(half_xla, prompts)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    full = _session_logits(ex, prompts)
+    assert 1e-4 < np.abs(full - ref).max() < 0.5
+    with pytest.raises(ValueError, match="float16"):
+        LocalExecutor(spec, weights="float16")
+
+
+def test_sessions_use_parameters_set_after_they_were_packed():
+    a = LocalExecutor(spec_lib.from_dict(SPEC), seed=1)
+    b = LocalExecutor(spec_lib.from_dict(SPEC), seed=2)
+    prompts = _prompts()
+    before = _session_logits(a, prompts, steps=1)  # packs a's serving weights
+    for name in a.runtimes:
+        a.set_state(name, b.state(name))
+    np.testing.assert_allclose(
+        _session_logits(a, prompts, steps=1), _session_logits(b, prompts, steps=1), atol=1e-5
+    )
+    assert np.abs(before - _session_logits(b, prompts, steps=1)).max() > 1e-2

@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pathways.kernels.build import KernelError, available
+
 
 def attend_cached(q, k, v, positions, slots, cache_k, cache_v, *, layer: int, window: int):
     """Writes this chunk's k/v into the caches' `layer` and attends q to each row's window.
@@ -14,6 +16,8 @@ def attend_cached(q, k, v, positions, slots, cache_k, cache_v, *, layer: int, wi
     Returns (out (B, T, N * H), cache_k, cache_v): `attend` of `pathways.modules.layers` over
     the keys at positions < window and <= the query's position.
     """
+    if not available():
+        raise KernelError("attend_cached needs the native kernels (PATHWAYS_KERNELS)")
     b, t, n, h = q.shape
     call = jax.ffi.ffi_call(
         "pathways_attend_cached",

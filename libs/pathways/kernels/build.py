@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
-import functools
 import hashlib
 import logging
 import os
@@ -81,7 +80,8 @@ def _cpu_id() -> str:
 def _sources() -> dict[str, bytes]:
     package = resources.files("pathways.kernels")
     return {
-        f.name: f.read_bytes() for f in sorted(package.iterdir(), key=lambda f: f.name)
+        f.name: f.read_bytes()
+        for f in sorted(package.iterdir(), key=lambda f: f.name)
         if f.name.endswith(".cc")
     }
 
@@ -93,7 +93,15 @@ def _build() -> Path:
     key = hashlib.sha256(
         b"\0".join(
             x if isinstance(x, bytes) else x.encode()
-            for x in (*sources.keys(), *sources.values(), cxx, version, jax.__version__, _cpu_id(), " ".join(_FLAGS))
+            for x in (
+                *sources.keys(),
+                *sources.values(),
+                cxx,
+                version,
+                jax.__version__,
+                _cpu_id(),
+                " ".join(_FLAGS),
+            )
         )
     ).hexdigest()[:16]
     out_dir = cache_dir() / key

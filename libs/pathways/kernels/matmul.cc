@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -135,23 +136,30 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
   float* yp = y->typed_data();
 
-  // Split the panels over XLA's intra-op pool when it has more than one thread; each task
-  // writes its own columns of y.
-  const int64_t tasks = std::min<int64_t>(std::max<int64_t>(pool.num_threads(), 1), panels);
-  if (tasks <= 1) {
+  // Split the panels over XLA's intra-op pool when it has more than one thread. Every
+  // participant (this thread and the scheduled tasks) takes chunks of panels from a shared
+  // counter, and this thread waits only for chunks someone has taken: a task that starts late
+  // (its pool threads busy, e.g. with another such call) finds nothing left and returns, so
+  // waiting can never deadlock. The state lives on the heap for such late tasks.
+  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  const int64_t chunks = std::min<int64_t>(threads * 4, panels);
+  if (threads <= 1 || chunks <= 1) {
     Panels(0, panels, xp, m_dim, k_dim, wp, yp, n_dim);
     return ffi::Error::Success();
   }
-  std::atomic<int64_t> pending{tasks - 1};
-  auto bounds = [&](int64_t t) { return panels * t / tasks; };
-  for (int64_t t = 1; t < tasks; ++t) {
-    pool.Schedule([&, t] {
-      Panels(bounds(t), bounds(t + 1), xp, m_dim, k_dim, wp, yp, n_dim);
-      pending.fetch_sub(1, std::memory_order_release);
-    });
-  }
-  Panels(bounds(0), bounds(1), xp, m_dim, k_dim, wp, yp, n_dim);
-  while (pending.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  struct Work {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto work = std::make_shared<Work>();
+  auto run = [work, chunks, panels, xp, m_dim, k_dim, wp, yp, n_dim] {
+    for (int64_t c; (c = work->next.fetch_add(1)) < chunks;) {
+      Panels(panels * c / chunks, panels * (c + 1) / chunks, xp, m_dim, k_dim, wp, yp, n_dim);
+      work->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run] { run(); });
+  run();
+  while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
   return ffi::Error::Success();
 }
 

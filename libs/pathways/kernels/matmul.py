@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathways.kernels.build import available
+from pathways.kernels.build import KernelError, available
 
 PANEL = 32  # columns per packed panel (matmul.cc's kPanel)
 WEIGHTS = ("float32", "bfloat16")
@@ -75,6 +75,8 @@ def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
             f"matmul: x {tuple(x.shape)} does not fit packed weights {tuple(packed.shape)} "
             f"for {n} outputs"
         )
+    if not available():
+        raise KernelError("matmul on packed weights needs the native kernels (PATHWAYS_KERNELS)")
     weights = "bfloat16" if packed.dtype == jnp.bfloat16 else "float32"
     lead = x.shape[:-1]
     rows = int(np.prod(lead))

@@ -6,6 +6,8 @@ import argparse
 import dataclasses
 import os
 
+from pathways.kernels import WEIGHTS
+
 
 @dataclasses.dataclass(frozen=True)
 class ModuleServerSettings:
@@ -27,6 +29,9 @@ class ModuleServerSettings:
     # XLA compute threads (see pathways.cpu); 0: one per CPU the process may use. Servers that
     # share a machine's cores should split them (`launcher` does).
     cpu_threads: int = 0
+    # What decode steps compute with: "float32" weights, or "bfloat16" (half the bytes read per
+    # token, float32 arithmetic; logits move by ~1e-2). Training always uses float32.
+    weights: str = "float32"
 
     def __post_init__(self):
         if not self.checkpoint or not self.module:
@@ -37,6 +42,8 @@ class ModuleServerSettings:
         for name in ("max_slots", "max_rows", "max_batch", "workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {self.weights!r}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads!r}")
         for name in ("kv_cache_mb", "session_ttl_s", "max_message_mb"):

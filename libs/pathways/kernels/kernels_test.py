@@ -1,0 +1,304 @@
+"""Tests for the native CPU kernels: the matmul over packed weights, attention against the KV
+cache, packing a module's state for serving, and how PATHWAYS_KERNELS picks and builds them."""
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pathways import kernels, modules
+from pathways.modules.layers import attend
+
+CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _normal(seed, shape):
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def _bf16(x):  # x rounded to bfloat16, as float32
+    return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+@pytest.fixture(scope="module")
+def native():
+    """Skips where the kernels cannot be built; fails where they should build and do not (a
+    compile error must not pass as a skip)."""
+    if kernels.mode() == "xla":
+        pytest.skip("PATHWAYS_KERNELS=xla: native kernels turned off")
+    try:
+        kernels.build._compiler()
+    except kernels.KernelError as e:
+        pytest.skip(f"native kernels cannot be built here: {e}")
+    assert kernels.available(), "a C++ compiler is present but the native kernels did not build"
+
+
+# ---- matmul ----------------------------------------------------------------------------------
+def _packed_reference(w, weights):
+    """Packs w; returns (packed, the float64 weights the kernel should multiply by)."""
+    packed = kernels.pack(w, weights)
+    used = w if weights == "float32" else kernels.unpack(packed, w.shape[1])
+    return packed, np.asarray(used, np.float64)
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("weights", kernels.WEIGHTS)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 20])  # > 8: several row groups (bf16: widened panels)
+@pytest.mark.parametrize("k, n", [(7, 1), (72, 33), (7, 100)])
+def test_matmul_matches_float64_reference(weights, m, k, n):
+    x = _normal(0, (m, k))
+    packed, w = _packed_reference(_normal(1, (k, n)), weights)
+    y = kernels.matmul(x, packed, n)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("weights", kernels.WEIGHTS)
+def test_matmul_leading_dims_empty_inputs_and_jit(weights):
+    packed, w = _packed_reference(_normal(1, (72, 33)), weights)
+    x = _normal(0, (2, 5, 72))  # (B, T, K): 10 rows
+    jitted = jax.jit(kernels.matmul, static_argnums=2)
+    for fn in (kernels.matmul, jitted):
+        y = fn(x, packed, 33)
+        assert y.shape == (2, 5, 33)
+        np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+        for shape in [(0, 72), (2, 0, 72)]:
+            empty = fn(np.zeros(shape, np.float32), packed, 33)
+            assert empty.shape == (*shape[:-1], 33) and empty.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("n", [1, 32, 33, 100])
+def test_pack_unpack_round_trip(n):
+    w = _normal(0, (7, n))
+    packed = kernels.pack(w)
+    panels = -(-n // 32)
+    assert packed.shape == (panels, 7, 32) and packed.dtype == jnp.float32
+    np.testing.assert_array_equal(kernels.unpack(packed, n), w)
+    np.testing.assert_array_equal(np.asarray(kernels.unpack(packed, panels * 32))[:, n:], 0)
+    bf16 = kernels.pack(w, "bfloat16")
+    assert bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(kernels.unpack(bf16, n), _bf16(w))
+
+
+def test_matmul_rejects_mismatched_shapes():
+    packed = kernels.pack(np.zeros((7, 33), np.float32))
+    with pytest.raises(ValueError, match=r"x \(3, 5\) .* \(2, 7, 32\) for 33 outputs"):
+        kernels.matmul(np.zeros((3, 5), np.float32), packed, 33)
+    with pytest.raises(ValueError, match=r"\(2, 7, 32\) for 65 outputs"):
+        kernels.matmul(np.zeros((3, 7), np.float32), packed, 65)
+
+
+# ---- attention against the cache -------------------------------------------------------------
+L, S, T_MAX, LAYER, WINDOW = 2, 3, 8, 1, 6
+SLOTS = np.array([2, 0], np.int32)  # not contiguous; slot 1 is never written
+POSITIONS = {  # T_MAX marks padding (not written); position 6 >= WINDOW is written, not attended
+    1: [[5], [T_MAX]],
+    4: [[2, 3, 4, 6], [0, 1, 2, T_MAX]],
+}
+
+
+def _reference(q, k, v, positions, slots, cache_k, cache_v):
+    """Attention.forward_cached's XLA branch for one layer."""
+    rows = slots[:, None]
+    cache_k, cache_v = jnp.asarray(cache_k), jnp.asarray(cache_v)
+    cache_k = cache_k.at[LAYER, rows, positions].set(k, mode="drop")
+    cache_v = cache_v.at[LAYER, rows, positions].set(v, mode="drop")
+    mask = jnp.arange(WINDOW)[None, None, :] <= positions[:, :, None]
+    out = attend(q, cache_k[LAYER, slots, :WINDOW], cache_v[LAYER, slots, :WINDOW], mask)
+    return out, cache_k, cache_v
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit-donated"])
+@pytest.mark.parametrize("h", [12, 16, 20])  # Dot's scalar, vector, and vector + tail paths
+@pytest.mark.parametrize("t", [1, 4])
+def test_attend_cached_matches_xla_reference(t, h, jit):
+    b, n, kv = 2, 6, 2  # grouped-query: 3 query heads per kv head
+    q, k, v = _normal(0, (b, t, n, h)), _normal(1, (b, t, kv, h)), _normal(2, (b, t, kv, h))
+    positions = np.array(POSITIONS[t], np.int32)
+    # Earlier tokens everywhere, so that reads of unwritten positions and stray writes show.
+    cache_k, cache_v = _normal(3, (L, S, T_MAX, kv, h)), _normal(4, (L, S, T_MAX, kv, h))
+    out_ref, k_ref, v_ref = _reference(q, k, v, positions, SLOTS, cache_k, cache_v)
+
+    fn = functools.partial(kernels.attend_cached, layer=LAYER, window=WINDOW)
+    if jit:
+        fn = jax.jit(fn, donate_argnums=(5, 6))
+    out, k_out, v_out = fn(q, k, v, positions, SLOTS, jnp.array(cache_k), jnp.array(cache_v))
+
+    assert out.shape == (b, t, n * h)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(k_out, k_ref)
+    np.testing.assert_array_equal(v_out, v_ref)
+    # Exactly the chunk's non-padding (layer, slot, position)s changed, to this chunk's k and v.
+    written = np.zeros((L, S, T_MAX), bool)
+    for row, slot in enumerate(SLOTS):
+        for step, p in enumerate(positions[row]):
+            if p < T_MAX:
+                written[LAYER, slot, p] = True
+                np.testing.assert_array_equal(k_out[LAYER, slot, p], k[row, step])
+                np.testing.assert_array_equal(v_out[LAYER, slot, p], v[row, step])
+    np.testing.assert_array_equal((np.asarray(k_out) != cache_k).any(axis=(3, 4)), written)
+    np.testing.assert_array_equal((np.asarray(v_out) != cache_v).any(axis=(3, 4)), written)
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize(
+    "slot, position, window, message",
+    [
+        (S, 0, T_MAX, "slot out of range"),
+        (-1, 0, T_MAX, "slot out of range"),
+        (0, -1, T_MAX, "position out of range"),
+        (0, 0, T_MAX + 1, "layer or window out of range"),
+    ],
+)
+def test_attend_cached_rejects_out_of_range_arguments(slot, position, window, message):
+    q, k, cache = np.zeros((1, 1, 2, 4)), np.zeros((1, 1, 2, 4)), jnp.zeros((1, S, T_MAX, 2, 4))
+    positions, slots = np.array([[position]], np.int32), np.array([slot], np.int32)
+    with pytest.raises(jax.errors.JaxRuntimeError, match=message):
+        out = kernels.attend_cached(q, k, k, positions, slots, cache, cache, layer=0, window=window)
+        jax.block_until_ready(out)
+
+
+# ---- serving state ---------------------------------------------------------------------------
+def _decoding():
+    """(graphdef, state) of a small decoding module: norm scale/bias and a (12, 37) head."""
+    return nnx.split(modules.build(modules.DecodingConfig(d_model=12, vocab_size=37)))
+
+
+def _leaves(state):
+    return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(state)}
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("weights", kernels.WEIGHTS)
+def test_pack_state_packs_kernels_for_dense(weights):
+    graphdef, state = _decoding()
+    packed = kernels.pack_state(state, weights)
+    before, after = _leaves(state), _leaves(packed)
+    assert before.keys() == after.keys() and sum("kernel" in key for key in before) == 1
+    for key, x in before.items():
+        if "kernel" not in key:
+            assert after[key] is x
+            continue
+        assert after[key].shape == (2, 12, 32) and after[key].dtype == jnp.dtype(weights)
+        expected = _bf16(x) if weights == "bfloat16" else x
+        np.testing.assert_array_equal(kernels.unpack(after[key], 37), expected)
+    # Dense runs the native matmul on the panels; XLA's dot with the same weights agrees.
+    h = _normal(5, (2, 3, 12))
+    expected = nnx.merge(graphdef, kernels.pack_state(state, weights, native=False))(h)
+    np.testing.assert_allclose(nnx.merge(graphdef, packed)(h), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_pack_state_without_native_kernels_and_bad_weights():
+    _, state = _decoding()
+    before = _leaves(state)
+    plain = _leaves(kernels.pack_state(state, native=False))
+    assert all(plain[key] is x for key, x in before.items())
+    rounded = _leaves(kernels.pack_state(state, "bfloat16", native=False))
+    for key, x in before.items():
+        if "kernel" in key:
+            assert rounded[key].shape == x.shape and rounded[key].dtype == jnp.float32
+            np.testing.assert_array_equal(rounded[key], _bf16(x))
+            assert not np.array_equal(rounded[key], x)  # rounding did happen
+        else:
+            assert rounded[key] is x
+    with pytest.raises(ValueError, match="'float16'"):
+        kernels.check_weights("float16")
+    with pytest.raises(ValueError, match="'float16'"):
+        kernels.pack_state(state, "float16")
+
+
+# ---- build modes (fresh interpreters: `available()` decides once per process) ----------------
+def _python(code: str, cache_dir: Path | None = None, **env: str) -> subprocess.CompletedProcess:
+    """Runs `code` in a new interpreter that imports what this one does, with `env` added."""
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu", **env}
+    if cache_dir is not None:
+        full["PATHWAYS_CACHE_DIR"] = str(cache_dir)
+    cmd = [sys.executable, "-c", textwrap.dedent(code)]
+    done = subprocess.run(cmd, env=full, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done
+
+
+_PROBE = """
+    from pathways import kernels
+    try:
+        print("available", kernels.available())
+    except kernels.KernelError as e:
+        print("KernelError:", e)
+"""
+
+
+def test_xla_mode_builds_nothing(tmp_path):
+    done = _python(_PROBE, tmp_path / "cache", PATHWAYS_KERNELS="xla")
+    assert done.stdout.strip() == "available False"
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("mode", ["native", "auto"])
+def test_without_a_compiler(tmp_path, mode):
+    (tmp_path / "bin").mkdir()  # PATH holds no compiler
+    env = dict(PATHWAYS_KERNELS=mode, CXX="/nonexistent/c++", PATH=str(tmp_path / "bin"))
+    done = _python(_PROBE, tmp_path / "cache", **env)
+    if mode == "native":
+        assert done.stdout.startswith("KernelError: PATHWAYS_KERNELS=native: no C++ compiler")
+    else:
+        assert done.stdout.strip() == "available False"
+        assert "native kernels unavailable (no C++ compiler found" in done.stderr
+
+
+def test_unknown_mode_is_an_error(monkeypatch):
+    monkeypatch.setenv("PATHWAYS_KERNELS", "bogus")
+    with pytest.raises(kernels.KernelError, match="'bogus'"):
+        kernels.mode()
+    monkeypatch.setenv("PATHWAYS_KERNELS", " XLA ")  # case and spaces do not matter
+    assert kernels.mode() == "xla"
+
+
+@pytest.mark.slow  # compiles the kernels: ~8 s
+@pytest.mark.usefixtures("native")
+def test_builds_into_an_empty_cache(tmp_path):
+    code = """
+        import json
+        import numpy as np
+        from pathways import kernels
+        assert kernels.available()
+        w = np.arange(12, dtype=np.float32).reshape(3, 4)
+        y = kernels.matmul(np.ones((1, 3), np.float32), kernels.pack(w), 4)
+        print(json.dumps(np.asarray(y).tolist()))
+    """
+    done = _python(code, tmp_path, PATHWAYS_KERNELS="native")
+    assert json.loads(done.stdout) == [[12.0, 15.0, 18.0, 21.0]]
+    assert len(list((tmp_path / "kernels").glob("*/libpathways_kernels.so"))) == 1
+
+
+@pytest.mark.usefixtures("native")
+@pytest.mark.skipif(CPUS < 2, reason="splitting panels over threads needs at least 2 CPUs")
+def test_matmul_split_over_a_two_thread_pool():
+    code = """
+        from pathways import cpu
+        assert cpu.limit_threads(2) == 2  # before JAX's first computation
+        import numpy as np
+        from pathways import kernels
+        assert kernels.available()
+        rng = np.random.default_rng(0)
+        for weights in kernels.WEIGHTS:
+            for m in (1, 9):
+                x = rng.standard_normal((m, 72), dtype=np.float32)
+                packed = kernels.pack(rng.standard_normal((72, 1000), dtype=np.float32), weights)
+                w = np.asarray(kernels.unpack(packed, 1000), np.float64)
+                y = kernels.matmul(x, packed, 1000)  # 32 panels over 2 tasks
+                np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+        print("ok")
+    """
+    assert _python(code, PATHWAYS_KERNELS="native").stdout.strip() == "ok"

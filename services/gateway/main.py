@@ -59,7 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("PATHWAYS_WIRE_DTYPE", "float32"),
         choices=["float32", "bfloat16", "int8"],
     )
+    p.add_argument(
+        "--lockstep-ms",
+        type=float,
+        default=float(os.environ.get("PATHWAYS_LOCKSTEP_MS", "20")),
+        help="longest wait of a decode step at a module for the other sessions decoding through "
+        "this gateway, so module servers batch them (0: never wait; env PATHWAYS_LOCKSTEP_MS)",
+    )
     args = p.parse_args(argv)
+    if args.lockstep_ms < 0:
+        p.error(f"--lockstep-ms must be >= 0; got {args.lockstep_ms}")
     if not args.checkpoint:
         p.error("--checkpoint (or PATHWAYS_CHECKPOINT) is required")
     if args.discover not in ("static", "k8s"):
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             port=args.port,
             host=args.host,
             wire_dtype=args.wire_dtype,
+            lockstep_wait_s=args.lockstep_ms / 1e3,
         ).serve_forever()
     finally:
         if watcher is not None:

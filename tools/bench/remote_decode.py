@@ -120,6 +120,12 @@ def main(argv=None) -> int:
         default=0,
         help="XLA threads of the local baseline (default: the same as each server)",
     )
+    p.add_argument(
+        "--lockstep-ms",
+        type=float,
+        default=20.0,
+        help="RemoteExecutor's lockstep wait (what the gateway uses; 0: off)",
+    )
     p.add_argument("--json", default=None, help="write results here")
     args = p.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -141,6 +147,7 @@ def main(argv=None) -> int:
             "tokens": args.tokens,
             "local_threads": local_threads,
             "server_threads": server_threads,
+            "lockstep_ms": args.lockstep_ms,
             "local_tok_s": decode_run(local, pathway, prompt, args.tokens),
             "wire": {},
         }
@@ -163,7 +170,11 @@ def main(argv=None) -> int:
             for mode in args.modes.split(","):
                 wire, _, transport = mode.partition(":")
                 ex = RemoteExecutor(
-                    spec, fleet.endpoints, wire_dtype=wire, decode_streams=transport != "unary"
+                    spec,
+                    fleet.endpoints,
+                    wire_dtype=wire,
+                    decode_streams=transport != "unary",
+                    lockstep_wait_s=args.lockstep_ms / 1e3,
                 )
                 r = {"remote_tok_s": decode_run(ex, pathway, prompt, args.tokens)}
                 r["bytes_per_token"] = {

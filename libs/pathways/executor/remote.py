@@ -22,6 +22,7 @@ import numpy as np
 from pathways import codec, telemetry
 from pathways.executor.base import Session, StepResult, pad_prompts
 from pathways.executor.decode_stream import DecodeStream
+from pathways.executor.lockstep import Lockstep
 from pathways.executor.replicas import ReplicaSource, StaticReplicaSource
 from pathways.sampling import SamplingParams
 from pathways.spec import PathwaySpec
@@ -158,6 +159,9 @@ class RemoteExecutor:
         decode_streams: send a session's decode steps over one bidi stream per module (less
             per-step overhead than unary calls); the stream's deadline is the caller's, or
             `stream_horizon_s` ahead (then renewed).
+        lockstep_wait_s: how long a session's decode step may wait at a module for the other
+            sessions decoding through this executor to catch up, so the server batches them
+            (see `lockstep`); 0 sends every step at once.
     """
 
     def __init__(
@@ -171,8 +175,10 @@ class RemoteExecutor:
         max_message_mb: float = 64.0,
         decode_streams: bool = True,
         stream_horizon_s: float = 600.0,
+        lockstep_wait_s: float = 0.02,
     ):
         self.spec = spec
+        self.lockstep = Lockstep(lockstep_wait_s)
         if isinstance(endpoints, dict):
             unknown = sorted(set(endpoints) - set(spec.modules))
             if unknown:
@@ -329,6 +335,7 @@ class RemoteExecutor:
         raise _error(module, None, last)
 
     def close_session(self, session: Session) -> None:
+        self.lockstep.leave(session.id)
         for module, ms in self._sessions.pop(session.id, {}).items():
             ms.drop_stream()
             try:
@@ -406,6 +413,7 @@ class RemoteExecutor:
     # ---- steps -------------------------------------------------------------------------------
     def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
         lens = session.check_prompts(prompts)
+        self.lockstep.leave(session.id)  # a prefill runs alone; decoding sessions go on
         tokens, _, _ = pad_prompts(prompts, session.lengths, session.max_seq_len)
         x = codec.encode(tokens)
         resp = None
@@ -428,16 +436,23 @@ class RemoteExecutor:
         tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
         session.check_room(np.ones(session.batch_size, np.int32))
         x, resp = codec.encode(tokens), None
-        for m in self._chain(session):
-            req = module_pb2.DecodeRequest(
-                input=x,
-                positions=session.lengths.tolist(),
-                steps=session.steps.tolist(),
-                output_dtype=self.wire,
-                return_logits=return_logits,
-            )
-            resp = self._call(session, m, "Decode", req)
-            x = resp.output
+        chain = tuple(self._chain(session))
+        try:
+            for i, m in enumerate(chain):
+                req = module_pb2.DecodeRequest(
+                    input=x,
+                    positions=session.lengths.tolist(),
+                    steps=session.steps.tolist(),
+                    output_dtype=self.wire,
+                    return_logits=return_logits,
+                )
+                self.lockstep.arrive(session.id, chain, i)
+                resp = self._call(session, m, "Decode", req)
+                x = resp.output
+        except BaseException:
+            self.lockstep.leave(session.id)
+            raise
+        self.lockstep.done(session.id, chain)
         session.lengths += 1
         session.steps += 1
         return _result(resp)

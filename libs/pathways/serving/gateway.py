@@ -148,10 +148,15 @@ class GatewayServer:
         wire_dtype: str = "float32",
         workers: int = 32,
         max_message_mb: float = 64.0,
+        lockstep_wait_s: float = 0.02,
     ):
         telemetry.init("pathways-gateway")
         self.executor = RemoteExecutor(
-            spec, endpoints, wire_dtype=wire_dtype, max_message_mb=max_message_mb
+            spec,
+            endpoints,
+            wire_dtype=wire_dtype,
+            max_message_mb=max_message_mb,
+            lockstep_wait_s=lockstep_wait_s,
         )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(workers),

@@ -86,9 +86,7 @@ class ModuleServer:
     def start(self) -> None:
         """Starts answering (health NOT_SERVING), loads weights, warms up, then SERVING."""
         s = self.settings
-        engine = ModuleEngine(
-            s.module, self.cfg, None, slot_count(self.cfg, s), weights=s.weights
-        )
+        engine = ModuleEngine(s.module, self.cfg, None, slot_count(self.cfg, s), weights=s.weights)
         engine.rt.state = ckpt.load_module(s.checkpoint, s.module, engine.rt.state)
         table = SessionTable(slot_count(self.cfg, s), s.session_ttl_s)
         self.servicer = ModuleServicer(engine, table, s.max_batch, s.batch_wait_ms / 1e3)

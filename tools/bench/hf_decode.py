@@ -116,6 +116,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--split", default="6,6", help="attention layers per module (Pathways side)")
     ap.add_argument(
+        "--settle-s",
+        type=float,
+        default=0.5,
+        help="pause before each timed generation, so the previous side's idle threads park",
+    )
+    ap.add_argument(
         "--sides",
         default="pathways,pathways-xla,pathways-bf16,transformers,transformers-bf16",
         help=f"comma-separated, from {', '.join(SIDES)}; must include transformers",
@@ -152,7 +158,13 @@ def main() -> None:
         times = {k: {"prefill": [], "total": []} for k in sides}
         for _ in range(args.repeat):
             for k, s in sides.items():
+                # Both runtimes' thread pools spin for a while after their last task (OpenMP's
+                # wait policy, Eigen's work stealing); with more than one thread, a side timed
+                # right after another ran on cores the other's idle workers were still spinning
+                # on (2 threads: 25.4 ms/token here against 19.5-21 ms alone). Let them park.
+                time.sleep(args.settle_s)
                 times[k]["prefill"].append(s.generate(prompt, 1)[0])
+                time.sleep(args.settle_s)
                 times[k]["total"].append(s.generate(prompt, n)[0])
     finally:
         for side in sides.values():

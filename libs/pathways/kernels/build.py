@@ -144,6 +144,10 @@ def available() -> bool:
 def _load() -> bool:
     if mode() == "xla":
         return False
+    if jax.default_backend() != "cpu":
+        # CPU kernels: on an accelerator, programs stay XLA's (they run on the device).
+        log.info("native CPU kernels not used: JAX computes on %s", jax.default_backend())
+        return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         for target, symbol in TARGETS.items():

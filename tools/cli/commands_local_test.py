@@ -124,6 +124,23 @@ def test_generate_from_a_checkpoint(capsys, checkpoint):
     assert out == "ab" + expected.text + "\n"
 
 
+def test_generate_with_bfloat16_weights_and_a_bad_weights_value(capsys, checkpoint):
+    out_dir, ex = checkpoint
+    args = ["generate", "--checkpoint", str(out_dir), "--pathway", "direct", "--prompt", "ab"]
+    args += ["--max-tokens", "6", "--temperature", "0"]
+    code, out, err = _run(capsys, [*args, "--weights", "bfloat16"])
+    assert code == 0, err
+    half = LocalExecutor(ex.spec, {n: ex.state(n) for n in ("embed", "head")}, weights="bfloat16")
+    [expected] = gen.generate(
+        half, "direct", ["ab"], ByteTokenizer(), SamplingParams(max_new_tokens=6)
+    )
+    assert out == "ab" + expected.text + "\n"
+    with pytest.raises(SystemExit) as exit_:
+        _run(capsys, [*args, "--weights", "float16"])
+    assert exit_.value.code == 2
+    assert "invalid choice: 'float16'" in capsys.readouterr().err
+
+
 def test_generate_without_the_pathways_weights_exits_2(capsys, checkpoint):
     out_dir, _ = checkpoint
     code, out, err = _run(

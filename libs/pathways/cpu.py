@@ -15,6 +15,7 @@ back (threads started while narrowed inherited the narrow mask; a mask is per th
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 
@@ -72,3 +73,15 @@ def thread_affinities() -> dict[str, set[int]]:
         except OSError:
             pass
     return out
+
+
+def release_free_memory() -> None:
+    """Gives freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Freed buffers below glibc's mmap threshold (up to 32 MB, e.g. a layer's weights) stay in the
+    heap: a module server that drops a copy of its weights would keep its resident size.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -50,11 +50,28 @@ class ModuleRuntime:
 
     @property
     def state(self):
+        if self._state is None:  # dropped by compact(): rebuild from the packed copy, exactly
+            self._state = kernels.unpack_state(self._serving, self._template)
         return self._state
 
     @state.setter
     def state(self, state) -> None:
         self._state, self._serving = state, None
+
+    def compact(self) -> bool:
+        """Keeps one copy of the weights: drops the float32 parameters when the serving copy
+        holds them exactly (float32 weights, packed), halving a serving process's weight memory.
+        `state` rebuilds them on first use (training, checkpoints, stateless forward)."""
+        serving = self.serving_state
+        packed = any(
+            getattr(a, "ndim", 0) != getattr(b, "ndim", 0)
+            for a, b in zip(jax.tree.leaves(serving), jax.tree.leaves(self._state))
+        )
+        if self.weights != "float32" or not packed:
+            return False
+        self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._state)
+        self._state = None
+        return True
 
     @property
     def serving_state(self):

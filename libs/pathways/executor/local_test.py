@@ -256,3 +256,21 @@ def test_sessions_use_parameters_set_after_they_were_packed():
         _session_logits(a, prompts, steps=1), _session_logits(b, prompts, steps=1), atol=1e-5
     )
     assert np.abs(before - _session_logits(b, prompts, steps=1)).max() > 1e-2
+
+
+def test_compact_keeps_one_exact_copy_of_the_weights(ex):
+    spec = spec_lib.from_dict(SPEC)
+    states = {name: ex.state(name) for name in ex.runtimes}
+    other = LocalExecutor(spec, states)
+    prompts = _prompts()
+    before = _session_logits(other, prompts, steps=1)
+    rt = other.runtimes["attn-a"]
+    if not rt.compact():
+        pytest.skip("no native kernels here: nothing is packed, so nothing to drop")
+    assert rt._state is None
+    np.testing.assert_array_equal(_session_logits(other, prompts, steps=1), before)
+    for a, b in zip(jax.tree.leaves(rt.state), jax.tree.leaves(states["attn-a"])):  # rebuilt
+        np.testing.assert_array_equal(a, b)
+    assert not other.runtimes["embed"].compact()  # no linear kernels: nothing to drop
+    half = LocalExecutor(spec, states, weights="bfloat16")
+    assert not half.runtimes["attn-a"].compact()  # bfloat16 panels are not the weights

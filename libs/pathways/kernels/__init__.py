@@ -3,7 +3,15 @@ against the KV cache. Built on first use; `PATHWAYS_KERNELS=xla` turns them off 
 
 from pathways.kernels.attention import attend_cached
 from pathways.kernels.build import MODES, KernelError, available, mode
-from pathways.kernels.matmul import WEIGHTS, check_weights, matmul, pack, pack_state, unpack
+from pathways.kernels.matmul import (
+    WEIGHTS,
+    check_weights,
+    matmul,
+    pack,
+    pack_state,
+    unpack,
+    unpack_state,
+)
 
 __all__ = [
     "MODES",
@@ -17,4 +25,5 @@ __all__ = [
     "pack",
     "pack_state",
     "unpack",
+    "unpack_state",
 ]

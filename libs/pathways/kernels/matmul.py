@@ -66,6 +66,18 @@ def pack_state(state, weights: str = "float32", native: bool | None = None):
     return jax.tree_util.tree_map_with_path(convert, state)
 
 
+def unpack_state(serving, template):
+    """The inverse of `pack_state` for float32 weights: `template` is the original state's tree
+    of shapes (e.g. `jax.ShapeDtypeStruct`s); packed kernels come back bit-identical."""
+
+    def restore(x, t):
+        if getattr(x, "ndim", 0) == 3 and len(t.shape) == 2:
+            return unpack(x, t.shape[1]).astype(t.dtype)
+        return x
+
+    return jax.tree.map(restore, serving, template)
+
+
 # ---- the op ----------------------------------------------------------------------------------
 def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     """x (..., K) float32 @ a packed (K, n) kernel -> (..., n) float32, inside or outside jit."""

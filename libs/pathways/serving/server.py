@@ -97,6 +97,10 @@ class ModuleServer:
         )
         self.server.start()
         warm_up(self.servicer)
+        # One copy of the weights while only serving (training through this server or its
+        # stateless Forward rebuild the float32 parameters, exactly, on first use).
+        if engine.rt.compact():
+            cpu.release_free_memory()
         self.servicer.count_request(reset=True)  # warm-up calls are not traffic
         self.servicer.ready = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -76,7 +76,7 @@ class ModuleRuntime:
     @property
     def serving_state(self):
         if self._serving is None:
-            self._serving = kernels.pack_state(self._state, self.weights, self.native)
+            self._serving = kernels.pack_state(self._state, self.weights, self.native_ops)
         return self._serving
 
     @property

@@ -147,25 +147,30 @@ class Attention(nnx.Module):
         Returns:
             (y_btd, new_cache).
         """
-        ks, vs = cache["k"], cache["v"]
         if native and x_btd.shape[1] == 1:
-            for i, block in enumerate(self.blocks):
-                q, k, v = block.qkv(x_btd, positions_bt)
-                attn, ks, vs = kernels.attend_cached(
+
+            def attend_layer(i, q, k, v, ks, vs):
+                return kernels.attend_cached(
                     q, k, v, positions_bt, slots_b, ks, vs, layer=i, window=window
                 )
-                x_btd = block.finish(x_btd, attn)
-            return x_btd, {"k": ks, "v": vs}
-        rows = slots_b[:, None]  # (B, 1) broadcasts against positions (B, T)
-        key_pos = jnp.arange(window)
-        mask = key_pos[None, None, :] <= positions_bt[:, :, None]  # (B, T, W)
+
+        else:
+            rows = slots_b[:, None]  # (B, 1) broadcasts against positions (B, T)
+            key_pos = jnp.arange(window)
+            mask = key_pos[None, None, :] <= positions_bt[:, :, None]  # (B, T, W)
+
+            def attend_layer(i, q, k, v, ks, vs):
+                ks = ks.at[i, rows, positions_bt].set(k, mode="drop")
+                vs = vs.at[i, rows, positions_bt].set(v, mode="drop")
+                k_ctx = ks[i, slots_b, :window]  # (B, W, K, H)
+                v_ctx = vs[i, slots_b, :window]
+                return attend(q, k_ctx, v_ctx, mask), ks, vs
+
+        ks, vs = cache["k"], cache["v"]
         for i, block in enumerate(self.blocks):
             q, k, v = block.qkv(x_btd, positions_bt)
-            ks = ks.at[i, rows, positions_bt].set(k, mode="drop")
-            vs = vs.at[i, rows, positions_bt].set(v, mode="drop")
-            k_ctx = ks[i, slots_b, :window]  # (B, W, K, H)
-            v_ctx = vs[i, slots_b, :window]
-            x_btd = block.finish(x_btd, attend(q, k_ctx, v_ctx, mask))
+            attn, ks, vs = attend_layer(i, q, k, v, ks, vs)
+            x_btd = block.finish(x_btd, attn)
         return x_btd, {"k": ks, "v": vs}
 
 

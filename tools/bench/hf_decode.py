@@ -195,10 +195,11 @@ def main() -> None:
         "same_tokens": pw and pw["same_tokens_as_hf"],
     }
     info = sides["transformers"].info
+    modules = next((s.modules for s in sides.values() if isinstance(s, PathwaysSide)), 0)
     print(
         f"GPT-2 {info['params'] / 1e6:.0f}M params, prompt {args.prompt_len}, "
         f"{args.new_tokens} decode steps, best of {args.repeat}, {args.threads} thread(s) on "
-        f"CPU(s) {cpus}; Pathways in {sides['pathways'].modules} modules (split {args.split})"
+        f"CPU(s) {cpus}; Pathways in {modules} modules (split {args.split})"
     )
     print_table(
         rows,

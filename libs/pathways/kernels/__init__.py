@@ -2,7 +2,7 @@
 against the KV cache. Built on first use; `PATHWAYS_KERNELS=xla` turns them off (see `build`)."""
 
 from pathways.kernels.attention import attend_cached
-from pathways.kernels.build import MODES, KernelError, available, mode
+from pathways.kernels.build import MODES, KernelError, available, mode, tiles_available
 from pathways.kernels.matmul import (
     WEIGHTS,
     check_weights,
@@ -24,6 +24,7 @@ __all__ = [
     "mode",
     "pack",
     "pack_state",
+    "tiles_available",
     "unpack",
     "unpack_state",
 ]

@@ -34,6 +34,7 @@ MODES = ("auto", "native", "xla")
 TARGETS = {
     "pathways_matmul_f32": "PathwaysMatmulF32",
     "pathways_matmul_bf16": "PathwaysMatmulBf16",
+    "pathways_matmul_bf16_tiles": "PathwaysMatmulBf16Tiles",
     "pathways_attend_cached": "PathwaysAttendCached",
 }
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
@@ -130,6 +131,7 @@ def _build() -> Path:
 
 _lock = threading.Lock()
 _loaded: bool | None = None
+_lib: ctypes.CDLL | None = None
 
 
 def available() -> bool:
@@ -148,14 +150,22 @@ def _load() -> bool:
         # CPU kernels: on an accelerator, programs stay XLA's (they run on the device).
         log.info("native CPU kernels not used: JAX computes on %s", jax.default_backend())
         return False
+    global _lib
     try:
         lib = ctypes.cdll.LoadLibrary(str(_build()))
         for target, symbol in TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
             jax.ffi.register_ffi_target(target, capsule, platform="cpu")
+        _lib = lib
     except (KernelError, OSError, AttributeError) as e:
         if mode() == "native":
             raise KernelError(f"PATHWAYS_KERNELS=native: {e}") from e
         log.warning("native kernels unavailable (%s); using XLA's ops", e)
         return False
     return True
+
+
+def tiles_available() -> bool:
+    """Whether bfloat16 prefill matmuls run on AMX tiles here (x86-64 with AMX-BF16, and an OS
+    that grants the tile state); elsewhere they take the float32-arithmetic path."""
+    return available() and bool(_lib.pathways_tiles_ready())

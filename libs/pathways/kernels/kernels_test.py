@@ -100,6 +100,49 @@ def test_matmul_rejects_mismatched_shapes():
         kernels.matmul(np.zeros((3, 7), np.float32), packed, 65)
 
 
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("m, k, n", [(9, 7, 1), (20, 72, 33), (40, 100, 70), (96, 64, 130)])
+def test_tiles_matmul_is_a_bfloat16_gemm(m, k, n):
+    """tiles=True with bfloat16 weights (prefill): x rounded to bfloat16, float32 sums, on AMX
+    where the CPU has it; elsewhere exactly the float32-activation path."""
+    x = _normal(0, (m, k))
+    packed, w = _packed_reference(_normal(1, (k, n)), "bfloat16")
+    y = np.asarray(kernels.matmul(x, packed, n, tiles=True))
+    assert y.shape == (m, n)
+    if not kernels.tiles_available():
+        np.testing.assert_array_equal(y, kernels.matmul(x, packed, n))
+        pytest.skip("no AMX tiles here: checked only the fallback")
+    np.testing.assert_allclose(y, _bf16(x).astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
+    assert np.abs(y - x.astype(np.float64) @ w).max() > 1e-3  # x really was rounded
+
+
+@pytest.mark.usefixtures("native")
+def test_tiles_only_for_bfloat16_weights_and_more_than_eight_rows():
+    x = _normal(0, (20, 72))
+    f32 = kernels.pack(_normal(1, (72, 33)))
+    np.testing.assert_array_equal(
+        kernels.matmul(x, f32, 33, tiles=True), kernels.matmul(x, f32, 33)
+    )
+    bf16 = kernels.pack(_normal(1, (72, 33)), "bfloat16")
+    np.testing.assert_array_equal(  # a decode batch of 8 rows keeps float32 activations
+        kernels.matmul(x[:8], bf16, 33, tiles=True), kernels.matmul(x[:8], bf16, 33)
+    )
+
+
+@pytest.mark.usefixtures("native")
+def test_dense_multiplies_on_tiles_over_sequences_only():
+    """layers.Dense: a prefill chunk (T > 1) may use the tiles; decode steps (T = 1) never do,
+    whatever the batch."""
+    layer = modules.layers.dense(72, 33, bias=False, std=0.5, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    packed_layer = nnx.merge(graphdef, kernels.pack_state(state, "bfloat16"))
+    kernel = packed_layer.kernel[...]
+    seq = _normal(2, (1, 20, 72))
+    np.testing.assert_array_equal(packed_layer(seq), kernels.matmul(seq, kernel, 33, tiles=True))
+    steps = _normal(3, (20, 1, 72))  # 20 sessions' decode steps batched
+    np.testing.assert_array_equal(packed_layer(steps), kernels.matmul(steps, kernel, 33))
+
+
 # ---- attention against the cache -------------------------------------------------------------
 L, S, T_MAX, LAYER, WINDOW = 2, 3, 8, 1, 6
 SLOTS = np.array([2, 0], np.int32)  # not contiguous; slot 1 is never written
@@ -290,6 +333,7 @@ def test_matmul_split_over_a_two_thread_pool():
     code = """
         from pathways import cpu
         assert cpu.limit_threads(2) == 2  # before JAX's first computation
+        import jax.numpy as jnp
         import numpy as np
         from pathways import kernels
         assert kernels.available()
@@ -301,6 +345,10 @@ def test_matmul_split_over_a_two_thread_pool():
                 w = np.asarray(kernels.unpack(packed, 1000), np.float64)
                 y = kernels.matmul(x, packed, 1000)  # 32 panels over 2 tasks
                 np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-4, atol=1e-4)
+                if weights == "bfloat16" and m > 8 and kernels.tiles_available():
+                    xb = np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float64)
+                    y = kernels.matmul(x, packed, 1000, tiles=True)  # AMX on both threads
+                    np.testing.assert_allclose(y, xb @ w, rtol=1e-5, atol=1e-5)
         print("ok")
     """
     assert _python(code, PATHWAYS_KERNELS="native").stdout.strip() == "ok"

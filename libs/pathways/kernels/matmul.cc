@@ -10,6 +10,10 @@
 //
 // Written with GCC/Clang vector extensions rather than intrinsics: the compiler lowers them to
 // AVX-512, AVX2 or SSE for the machine it builds on (-march=native).
+//
+// Prefill with bfloat16 weights (the `_tiles` target: many rows, compute-bound) runs on AMX
+// tiles where the CPU and the OS provide them: activations are rounded to bfloat16, products
+// accumulate in float32 (as any bfloat16 GEMM does). Elsewhere it takes the float32 path above.
 
 #include <algorithm>
 #include <atomic>
@@ -19,6 +23,13 @@
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -119,7 +130,125 @@ void Panels(int64_t p0, int64_t p1, const float* x, int64_t m_dim, int64_t k_dim
   }
 }
 
-template <ffi::DataType T>
+
+// ---- AMX tiles (x86-64 with AMX-BF16, Linux >= 5.16) -----------------------------------------
+#if defined(__x86_64__)
+#define PATHWAYS_TILES __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
+
+bool TilesReady() {
+  static const bool ready = [] {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool amx = (d >> 22 & 1) && (d >> 24 & 1) && (b >> 16 & 1) && (b >> 30 & 1);
+    if (!amx) return false;
+    // The kernel hands out the tile data state only to processes that ask for it.
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ready;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Rows of x (float32, [m_dim, k_dim]) -> bfloat16 rounded to nearest even, [mp, kp]: rows and
+// columns past x's are zero.
+PATHWAYS_TILES void ToBf16(const float* x, int64_t m_dim, int64_t k_dim, uint16_t* out,
+                           int64_t mp, int64_t kp) {
+  const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  for (int64_t m = 0; m < mp; ++m) {
+    uint16_t* row = out + m * kp;
+    int64_t k = 0;
+    if (m < m_dim) {
+      const float* src = x + m * k_dim;
+      for (; k < k_dim; k += 16) {
+        const __mmask16 valid = k + 16 <= k_dim ? 0xffff : (1u << (k_dim - k)) - 1;
+        __m512i u = _mm512_maskz_loadu_epi32(valid, src + k);
+        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one),
+                                                 half));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),
+                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+      }
+    }
+    for (; k < kp; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),
+                                                _mm256_setzero_si256());
+  }
+}
+
+// One packed bfloat16 panel [K, 32] -> the pair-interleaved layout AMX reads B from:
+// [kp / 2][32 columns][2], rows past K zero. kp is K rounded up to 32.
+PATHWAYS_TILES void Interleave(const uint16_t* panel, int64_t k_dim, int64_t kp, uint16_t* out) {
+  const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40,
+                                      8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t k = 0; k < kp; k += 2) {
+    const __m512i a = k < k_dim ? _mm512_loadu_si512(panel + k * kPanel) : _mm512_setzero_si512();
+    const __m512i b =
+        k + 1 < k_dim ? _mm512_loadu_si512(panel + (k + 1) * kPanel) : _mm512_setzero_si512();
+    _mm512_storeu_si512(out + k * kPanel, _mm512_permutex2var_epi16(a, lo, b));
+    _mm512_storeu_si512(out + k * kPanel + 32, _mm512_permutex2var_epi16(a, hi, b));
+  }
+}
+
+// Panels [p0, p1) of y = x @ w on tiles. `a` is x in bfloat16, [mp, kp] (zero-padded to
+// multiples of 32). Per 32x32 block of y: 4 accumulator tiles, 2 of x, 2 of the panel. Panels
+// go in groups of kGroup, interleaved together (in L2); each 32-row slice of x is then used
+// against the whole group while it is in L1, so only the panels stream from L2.
+constexpr int64_t kGroup = 4;
+
+PATHWAYS_TILES void PanelsTiles(int64_t p0, int64_t p1, const uint16_t* a, int64_t mp, int64_t kp,
+                                int64_t m_dim, int64_t k_dim, const uint16_t* w, float* y,
+                                int64_t n_dim) {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  _tile_loadconfig(&cfg);
+  thread_local std::vector<uint16_t> group;  // kept: a fresh one per call costs page faults
+  group.resize(std::max<size_t>(group.size(), kGroup * kp * kPanel));
+  alignas(64) float c[32 * kPanel];
+  for (int64_t g = p0; g < p1; g += kGroup) {
+    const int64_t g1 = std::min(p1, g + kGroup);
+    for (int64_t p = g; p < g1; ++p) {
+      Interleave(w + p * k_dim * kPanel, k_dim, kp, group.data() + (p - g) * kp * kPanel);
+    }
+    for (int64_t m = 0; m < mp; m += 32) {
+      const uint16_t* a0 = a + m * kp;
+      for (int64_t p = g; p < g1; ++p) {
+        const uint16_t* b = group.data() + (p - g) * kp * kPanel;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t k = 0; k < kp; k += 32) {
+          _tile_loadd(4, a0 + k, kp * 2);
+          _tile_loadd(5, a0 + 16 * kp + k, kp * 2);
+          _tile_loadd(6, b + k * kPanel, 2 * kPanel * 2);
+          _tile_loadd(7, b + k * kPanel + 32, 2 * kPanel * 2);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c, kPanel * 4);
+        _tile_stored(1, c + 16, kPanel * 4);
+        _tile_stored(2, c + 16 * kPanel, kPanel * 4);
+        _tile_stored(3, c + 16 * kPanel + 16, kPanel * 4);
+        const int64_t cols = std::min(kPanel, n_dim - p * kPanel);
+        for (int64_t r = 0; r < 32 && m + r < m_dim; ++r) {
+          std::memcpy(y + (m + r) * n_dim + p * kPanel, c + r * kPanel, cols * sizeof(float));
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#else
+bool TilesReady() { return false; }
+#endif
+
+template <ffi::DataType T, bool kTiles = false>
 ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> w,
                   ffi::ResultBuffer<ffi::F32> y) {
   using W = std::conditional_t<T == ffi::F32, float, uint16_t>;
@@ -135,6 +264,28 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const float* xp = x.typed_data();
   const W* wp = reinterpret_cast<const W*>(w.untyped_data());
   float* yp = y->typed_data();
+  thread_local std::vector<uint16_t> a;  // x in bfloat16 for the tiles, [mp, kp]
+  const int64_t mp = (m_dim + 31) / 32 * 32, kp = (k_dim + 31) / 32 * 32;
+#if defined(__x86_64__)
+  const bool tiles = kTiles && T == ffi::BF16 && m_dim > kMaxRows && TilesReady();
+  if (tiles) {
+    a.resize(std::max<size_t>(a.size(), mp * kp));
+    ToBf16(xp, m_dim, k_dim, a.data(), mp, kp);
+  }
+  const uint16_t* ap = a.data();  // the pool's threads see their own `a`: pass the pointer
+#else
+  const bool tiles = false;
+#endif
+  auto panels_of = [&](int64_t p0, int64_t p1) {
+#if defined(__x86_64__)
+    if (tiles) {
+      PanelsTiles(p0, p1, ap, mp, kp, m_dim, k_dim,
+                  reinterpret_cast<const uint16_t*>(wp), yp, n_dim);
+      return;
+    }
+#endif
+    Panels(p0, p1, xp, m_dim, k_dim, wp, yp, n_dim);
+  };
 
   // Split the panels over XLA's intra-op pool when it has more than one thread. Every
   // participant (this thread and the scheduled tasks) takes chunks of panels from a shared
@@ -144,16 +295,16 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
   const int64_t chunks = std::min<int64_t>(threads * 4, panels);
   if (threads <= 1 || chunks <= 1) {
-    Panels(0, panels, xp, m_dim, k_dim, wp, yp, n_dim);
+    panels_of(0, panels);
     return ffi::Error::Success();
   }
   struct Work {
     std::atomic<int64_t> next{0}, done{0};
   };
   auto work = std::make_shared<Work>();
-  auto run = [work, chunks, panels, xp, m_dim, k_dim, wp, yp, n_dim] {
+  auto run = [work, chunks, panels, panels_of] {
     for (int64_t c; (c = work->next.fetch_add(1)) < chunks;) {
-      Panels(panels * c / chunks, panels * (c + 1) / chunks, xp, m_dim, k_dim, wp, yp, n_dim);
+      panels_of(panels * c / chunks, panels * (c + 1) / chunks);
       work->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -178,3 +329,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PathwaysMatmulBf16, Matmul<ffi::BF16>,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PathwaysMatmulBf16Tiles, (Matmul<ffi::BF16, true>),
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// Whether `_tiles` targets run on AMX here (for tests and benchmarks).
+extern "C" int pathways_tiles_ready() { return TilesReady() ? 1 : 0; }

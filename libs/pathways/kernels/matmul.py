@@ -79,8 +79,13 @@ def unpack_state(serving, template):
 
 
 # ---- the op ----------------------------------------------------------------------------------
-def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
-    """x (..., K) float32 @ a packed (K, n) kernel -> (..., n) float32, inside or outside jit."""
+def matmul(x: jax.Array, packed: jax.Array, n: int, *, tiles: bool = False) -> jax.Array:
+    """x (..., K) float32 @ a packed (K, n) kernel -> (..., n) float32, inside or outside jit.
+
+    `tiles=True` (prefill: many rows, compute-bound) lets bfloat16 weights multiply on AMX
+    tiles where `tiles_available()`: x is rounded to bfloat16 first, products accumulate in
+    float32. Otherwise, and always for float32 weights or <= 8 rows, x stays float32.
+    """
     panels, k, width = packed.shape
     if width != PANEL or x.shape[-1] != k or panels != -(-n // PANEL):
         raise ValueError(
@@ -94,6 +99,7 @@ def matmul(x: jax.Array, packed: jax.Array, n: int) -> jax.Array:
     rows = int(np.prod(lead))
     if rows == 0:
         return jnp.zeros((*lead, n), jnp.float32)
-    call = jax.ffi.ffi_call(_TARGETS[weights], jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    target = _TARGETS[weights] + ("_tiles" if tiles and weights == "bfloat16" else "")
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
     y = call(x.reshape(rows, k).astype(jnp.float32), packed)
     return y.reshape(*lead, n)

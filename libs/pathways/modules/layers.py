@@ -26,14 +26,17 @@ class Dense(nnx.Linear):
     """nnx.Linear whose kernel may also be packed for the native matmul (serving weights).
 
     Parameters and their names are nnx.Linear's; `kernels.pack_state` swaps the (K, N) kernel
-    for its (N / 32, K, 32) panels, which this layer recognises by their rank.
+    for its (N / 32, K, 32) panels, which this layer recognises by their rank. Over a sequence
+    (x of shape (..., T > 1, K): prefill) bfloat16 weights may multiply on AMX tiles (see
+    `kernels.matmul`); decode steps (T = 1) always compute in float32.
     """
 
     def __call__(self, x):
         kernel = self.kernel[...]
         if kernel.ndim != 3:
             return super().__call__(x)
-        y = kernels.matmul(x, kernel, self.out_features)
+        prefill = x.ndim >= 3 and x.shape[-2] > 1
+        y = kernels.matmul(x, kernel, self.out_features, tiles=prefill)
         return y if self.bias is None else y + self.bias[...]
 
 

@@ -24,7 +24,15 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__)
+// AMX needs x86-64 and a compiler that knows it (GCC >= 11, Clang >= 12); without, the `_tiles`
+// target takes the float32 path.
+#if defined(__x86_64__) && defined(__has_include)
+#if __has_include(<amxtileintrin.h>) || __has_include(<amxintrin.h>)
+#define PATHWAYS_HAVE_TILES 1
+#endif
+#endif
+
+#if PATHWAYS_HAVE_TILES
 #include <cpuid.h>
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -132,7 +140,7 @@ void Panels(int64_t p0, int64_t p1, const float* x, int64_t m_dim, int64_t k_dim
 
 
 // ---- AMX tiles (x86-64 with AMX-BF16, Linux >= 5.16) -----------------------------------------
-#if defined(__x86_64__)
+#if PATHWAYS_HAVE_TILES
 #define PATHWAYS_TILES __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw")))
 
 bool TilesReady() {
@@ -266,7 +274,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   float* yp = y->typed_data();
   thread_local std::vector<uint16_t> a;  // x in bfloat16 for the tiles, [mp, kp]
   const int64_t mp = (m_dim + 31) / 32 * 32, kp = (k_dim + 31) / 32 * 32;
-#if defined(__x86_64__)
+#if PATHWAYS_HAVE_TILES
   const bool tiles = kTiles && T == ffi::BF16 && m_dim > kMaxRows && TilesReady();
   if (tiles) {
     a.resize(std::max<size_t>(a.size(), mp * kp));
@@ -277,7 +285,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
   const bool tiles = false;
 #endif
   auto panels_of = [&](int64_t p0, int64_t p1) {
-#if defined(__x86_64__)
+#if PATHWAYS_HAVE_TILES
     if (tiles) {
       PanelsTiles(p0, p1, ap, mp, kp, m_dim, k_dim,
                   reinterpret_cast<const uint16_t*>(wp), yp, n_dim);

@@ -87,13 +87,17 @@ def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
 def attend(q_btnh, k_bskh, v_bskh, mask_bts):
     """Grouped-query attention: N query heads share K key/value heads (N % K == 0).
 
-    mask_bts[b, t, s] is True where query t may attend key s.
+    mask_bts[b, t, s] is True where query t may attend key s. Laid out as one batched matmul
+    per K/V head over its G query heads' T rows (XLA's CPU einsum with these labels was ~25 %
+    slower for a prefill chunk).
     """
     b, t, n, h = q_btnh.shape
-    kv = k_bskh.shape[2]
-    q = q_btnh.reshape(b, t, kv, n // kv, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k_bskh) / jnp.sqrt(jnp.float32(h))
-    scores = jnp.where(mask_bts[:, None, None], scores, _MASK_VALUE)
+    s, kv = k_bskh.shape[1], k_bskh.shape[2]
+    g = n // kv
+    q = q_btnh.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+    scores = jnp.matmul(q, k_bskh.transpose(0, 2, 3, 1)) / jnp.sqrt(jnp.float32(h))
+    mask = jnp.broadcast_to(mask_bts[:, None, None], (b, kv, g, t, s)).reshape(b, kv, g * t, s)
+    scores = jnp.where(mask, scores, _MASK_VALUE)
     probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v_bskh.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v_bskh)
-    return out.reshape(b, t, n * h)
+    out = jnp.matmul(probs, v_bskh.transpose(0, 2, 1, 3))  # (B, K, G*T, H)
+    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n * h)

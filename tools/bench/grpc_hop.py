@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import socket
 import subprocess
 import sys
@@ -103,7 +104,10 @@ def main(argv=None) -> int:
             grpc.channel_ready_future(channel).result(timeout=30)
             stub = module_pb2_grpc.ModuleServiceStub(channel)
             stream = DecodeStream(stub, time.monotonic() + 3600)
-            calls = {"unary": lambda: stub.Decode(req, timeout=10), "stream": lambda: stream.step(req)}
+            calls = {
+                "unary": functools.partial(stub.Decode, req, timeout=10),
+                "stream": functools.partial(stream.step, req),
+            }
             for transport, call in calls.items():
                 for _ in range(20):
                     call()

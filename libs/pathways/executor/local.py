@@ -27,6 +27,11 @@ class ModuleRuntime:
     matmul in `weights`' dtype ("float32", or "bfloat16" to read half the bytes per token).
     It is rebuilt on first use after `state` changes. `native=False` keeps XLA's dot (for
     comparisons; None uses the native kernel wherever it builds, see `pathways.kernels`).
+
+    Sessions call `serve`, `serve_cached` and `serve_head`: they pass the serving parameters
+    as a flat list of arrays, because flattening an `nnx.State` (a Python callback per
+    Variable) took ~0.25 ms of every call's dispatch for a 6-layer module — time a module
+    server spends on every decode hop before its step starts.
     """
 
     def __init__(
@@ -56,7 +61,7 @@ class ModuleRuntime:
 
     @state.setter
     def state(self, state) -> None:
-        self._state, self._serving = state, None
+        self._state, self._serving, self._flat = state, None, None
 
     def compact(self) -> bool:
         """Keeps one copy of the weights: drops the float32 parameters when the serving copy
@@ -77,7 +82,33 @@ class ModuleRuntime:
     def serving_state(self):
         if self._serving is None:
             self._serving = kernels.pack_state(self._state, self.weights, self.native_ops)
+            self._flat = None
         return self._serving
+
+    def _serving_flat(self):
+        """(leaves of serving_state, the jitted entry points that take them)."""
+        serving = self.serving_state
+        if self._flat is None:
+            leaves, treedef = jax.tree.flatten(serving)
+            self._flat = leaves, _flat_entry_points(self.graphdef, treedef)
+        return self._flat
+
+    def serve(self, x, positions):
+        """forward() with the serving parameters (embedding; attention without a cache)."""
+        leaves, jits = self._serving_flat()
+        return jits.forward(leaves, x, positions)
+
+    def serve_cached(self, x, positions, cache, slots, *, window: int):
+        """forward_cached() with the serving parameters."""
+        leaves, jits = self._serving_flat()
+        return jits.forward_cached(
+            leaves, x, positions, cache, slots, window=window, native=self.native_ops
+        )
+
+    def serve_head(self, h_btd, last_b, temperature, top_k, top_p, seed, step):
+        """head_sample() with the serving parameters: (sampled tokens, logits)."""
+        leaves, jits = self._serving_flat()
+        return jits.head_sample(leaves, h_btd, last_b, temperature, top_k, top_p, seed, step)
 
     @property
     def native_ops(self) -> bool:
@@ -147,6 +178,40 @@ def _entry_points(graphdef) -> SimpleNamespace:
             head_sample=jax.jit(head_sample),
         )
     return _ENTRY_POINTS[graphdef]
+
+
+_FLAT_ENTRY_POINTS: dict[Any, SimpleNamespace] = {}
+
+
+def _flat_entry_points(graphdef, treedef) -> SimpleNamespace:
+    """`_entry_points` taking the parameters as a flat list of leaves of `treedef`."""
+    key = (graphdef, treedef)
+    if key not in _FLAT_ENTRY_POINTS:
+
+        def tree(leaves):
+            return jax.tree.unflatten(treedef, leaves)
+
+        def forward(leaves, x, positions):
+            return _forward(graphdef, tree(leaves), x, positions)
+
+        def forward_cached(leaves, x, positions, cache, slots, *, window, native):
+            return _forward_cached(
+                graphdef, tree(leaves), x, positions, cache, slots, window=window, native=native
+            )
+
+        def head_sample(leaves, h_btd, last_b, temperature, top_k, top_p, seed, step):
+            return _head_sample(
+                graphdef, tree(leaves), h_btd, last_b, temperature, top_k, top_p, seed, step
+            )
+
+        _FLAT_ENTRY_POINTS[key] = SimpleNamespace(
+            forward=jax.jit(forward),
+            forward_cached=jax.jit(
+                forward_cached, static_argnames=("window", "native"), donate_argnames="cache"
+            ),
+            head_sample=jax.jit(head_sample),
+        )
+    return _FLAT_ENTRY_POINTS[key]
 
 
 def composite_loss(runtimes: list[ModuleRuntime], states: list[Any], inputs, targets, mask=None):
@@ -263,16 +328,13 @@ class LocalExecutor:
         chain = self.chain(session.pathway)
         for rt in chain[:-1]:
             if rt.cfg.kind == "attention":
-                x, caches[rt.name] = rt.forward_cached(
-                    rt.serving_state, x, pos, caches[rt.name], slots, window=window
-                )
+                x, caches[rt.name] = rt.serve_cached(x, pos, caches[rt.name], slots, window=window)
             else:
-                x = rt.forward(rt.serving_state, x, pos)
+                x = rt.serve(x, pos)
         s = session.sampling
         # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
         # call runs asynchronously, so the in-place += below could race with its read.
-        out, logits = chain[-1].head_sample(
-            chain[-1].serving_state,
+        out, logits = chain[-1].serve_head(
             x,
             np.asarray(last, np.int32),
             s.temperature,

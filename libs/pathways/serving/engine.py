@@ -89,12 +89,10 @@ class ModuleEngine:
         # numpy arguments go straight into the jitted call: jnp.asarray would dispatch an eager
         # device_put per array first (~0.1 ms each, on every hop of every token).
         if self.kind == "embedding":
-            return self.rt.forward(self.rt.serving_state, x, positions), None
+            return self.rt.serve(x, positions), None
         real = positions[positions < pad]
         window = bucket(int(real.max()) + 1, s.max_seq_len)
-        y, self.cache = self.rt.forward_cached(
-            self.rt.serving_state, x, positions, self.cache, s.slots, window=window
-        )
+        y, self.cache = self.rt.serve_cached(x, positions, self.cache, s.slots, window=window)
         return y, None
 
     def decode(self, items: list[Step], want_logits: bool):
@@ -122,14 +120,14 @@ class ModuleEngine:
                 pos = np.concatenate([pos, np.full(p - r, self.max_seq_len or pad_pos, np.int32)])
             positions = pos[:, None]
             if self.kind == "embedding":
-                out = self.rt.forward(self.rt.serving_state, x, positions)
+                out = self.rt.serve(x, positions)
             else:
                 slots = np.concatenate(
                     [it.session.slots for it in items] + [np.zeros(p - r, np.int32)]
                 )
                 window = bucket(int(pos[:r].max()) + 1, limit)
-                out, self.cache = self.rt.forward_cached(
-                    self.rt.serving_state, x, positions, self.cache, slots, window=window
+                out, self.cache = self.rt.serve_cached(
+                    x, positions, self.cache, slots, window=window
                 )
             logits = None
         out = np.asarray(out)
@@ -146,8 +144,7 @@ class ModuleEngine:
 
     def _head(self, x, last, sampling: SamplingBatch, steps, want_logits):
         s = sampling
-        out, logits = self.rt.head_sample(
-            self.rt.serving_state,
+        out, logits = self.rt.serve_head(
             x,
             np.asarray(last, np.int32),
             s.temperature,

@@ -7,6 +7,7 @@ import pytest
 from pathways import kernels
 from pathways import spec as spec_lib
 from pathways.executor.local import LocalExecutor
+from pathways.modules.attention import empty_cache
 from pathways.sampling import SamplingParams, sample
 
 MAX_LEN = 24
@@ -263,6 +264,31 @@ def test_sessions_use_parameters_set_after_they_were_packed():
         _session_logits(a, prompts, steps=1), _session_logits(b, prompts, steps=1), atol=1e-5
     )
     assert np.abs(before - _session_logits(b, prompts, steps=1)).max() > 1e-2
+
+
+def test_serve_paths_take_the_serving_parameters_flat():
+    """serve / serve_cached / serve_head equal the tree-taking entry points on serving_state,
+    and the flat leaves are built once per serving_state (rebuilt after set_state)."""
+    ex = LocalExecutor(spec_lib.from_dict(SPEC), seed=3)
+    embed, attn, head = ex.runtimes["embed"], ex.runtimes["attn-a"], ex.runtimes["head"]
+    tokens = np.array([[3, 1, 4, 1, 5]], np.int32)
+    pos = np.arange(5, dtype=np.int32)[None]
+    x = embed.serve(tokens, pos)
+    np.testing.assert_array_equal(x, embed.forward(embed.serving_state, tokens, pos))
+    slots = np.zeros(1, np.int32)
+    y, _ = attn.serve_cached(x, pos, empty_cache(attn.cfg, 1), slots, window=8)
+    y_tree, _ = attn.forward_cached(
+        attn.serving_state, x, pos, empty_cache(attn.cfg, 1), slots, window=8
+    )
+    np.testing.assert_array_equal(y, y_tree)
+    greedy = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32))
+    args = (y, np.array([4], np.int32), *greedy, np.zeros(1, np.uint32), np.zeros(1, np.int32))
+    for a, b in zip(head.serve_head(*args), head.head_sample(head.serving_state, *args)):
+        np.testing.assert_array_equal(a, b)
+    leaves = attn._serving_flat()[0]
+    assert attn._serving_flat()[0] is leaves  # not flattened again per call
+    ex.set_state("attn-a", LocalExecutor(spec_lib.from_dict(SPEC), seed=4).state("attn-a"))
+    assert attn._serving_flat()[0] is not leaves
 
 
 def test_compact_keeps_one_exact_copy_of_the_weights(ex):

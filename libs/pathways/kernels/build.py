@@ -8,6 +8,8 @@ registered with XLA as FFI targets, so jitted programs call them like any other 
   auto   (default) the native kernels when they build here, else XLA's ops (logged once);
   native the native kernels or an error saying why they cannot be built;
   xla    never build or use them.
+`PATHWAYS_AMX=off` keeps bfloat16-weight prefill in float32 arithmetic even where AMX tiles
+exist (e.g. to get the same numbers on machines with and without AMX); default `auto`.
 """
 
 from __future__ import annotations
@@ -165,7 +167,18 @@ def _load() -> bool:
     return True
 
 
+AMX_MODES = ("auto", "off")
+
+
+def amx_mode() -> str:
+    value = os.environ.get("PATHWAYS_AMX", "auto").strip().lower() or "auto"
+    if value not in AMX_MODES:
+        raise KernelError(f"PATHWAYS_AMX must be one of {', '.join(AMX_MODES)}; got {value!r}")
+    return value
+
+
 def tiles_available() -> bool:
     """Whether bfloat16 prefill matmuls run on AMX tiles here (x86-64 with AMX-BF16, and an OS
-    that grants the tile state); elsewhere they take the float32-arithmetic path."""
-    return available() and bool(_lib.pathways_tiles_ready())
+    that grants the tile state, and not PATHWAYS_AMX=off); elsewhere they take the
+    float32-arithmetic path."""
+    return amx_mode() == "auto" and available() and bool(_lib.pathways_tiles_ready())

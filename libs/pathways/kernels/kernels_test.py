@@ -130,6 +130,33 @@ def test_tiles_only_for_bfloat16_weights_and_more_than_eight_rows():
 
 
 @pytest.mark.usefixtures("native")
+def test_amx_off_keeps_float32_activations():
+    code = """
+        import numpy as np
+        from pathways import kernels
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((20, 72), dtype=np.float32)
+        packed = kernels.pack(rng.standard_normal((72, 33), dtype=np.float32), "bfloat16")
+        assert not kernels.tiles_available()
+        same = np.array_equal(
+            kernels.matmul(x, packed, 33, tiles=True), kernels.matmul(x, packed, 33)
+        )
+        print("same" if same else "differ")
+    """
+    done = _python(code, PATHWAYS_KERNELS="native", PATHWAYS_AMX="off")
+    assert done.stdout.strip() == "same"
+    bad = """
+        from pathways import kernels
+        try:
+            kernels.tiles_available()
+        except kernels.KernelError as e:
+            print(e)
+    """
+    done = _python(bad, PATHWAYS_KERNELS="native", PATHWAYS_AMX="maybe")
+    assert done.stdout.strip() == "PATHWAYS_AMX must be one of auto, off; got 'maybe'"
+
+
+@pytest.mark.usefixtures("native")
 def test_dense_multiplies_on_tiles_over_sequences_only():
     """layers.Dense: a prefill chunk (T > 1) may use the tiles; decode steps (T = 1) never do,
     whatever the batch."""

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathways.kernels.build import KernelError, available
+from pathways.kernels.build import KernelError, amx_mode, available
 
 PANEL = 32  # columns per packed panel (matmul.cc's kPanel)
 WEIGHTS = ("float32", "bfloat16")
@@ -83,8 +83,9 @@ def matmul(x: jax.Array, packed: jax.Array, n: int, *, tiles: bool = False) -> j
     """x (..., K) float32 @ a packed (K, n) kernel -> (..., n) float32, inside or outside jit.
 
     `tiles=True` (prefill: many rows, compute-bound) lets bfloat16 weights multiply on AMX
-    tiles where `tiles_available()`: x is rounded to bfloat16 first, products accumulate in
-    float32. Otherwise, and always for float32 weights or <= 8 rows, x stays float32.
+    tiles where `tiles_available()` (not with PATHWAYS_AMX=off): x is rounded to bfloat16
+    first, products accumulate in float32. Otherwise, and always for float32 weights or <= 8
+    rows, x stays float32.
     """
     panels, k, width = packed.shape
     if width != PANEL or x.shape[-1] != k or panels != -(-n // PANEL):
@@ -99,7 +100,8 @@ def matmul(x: jax.Array, packed: jax.Array, n: int, *, tiles: bool = False) -> j
     rows = int(np.prod(lead))
     if rows == 0:
         return jnp.zeros((*lead, n), jnp.float32)
-    target = _TARGETS[weights] + ("_tiles" if tiles and weights == "bfloat16" else "")
+    tiles = tiles and weights == "bfloat16" and amx_mode() == "auto"
+    target = _TARGETS[weights] + ("_tiles" if tiles else "")
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, n), jnp.float32))
     y = call(x.reshape(rows, k).astype(jnp.float32), packed)
     return y.reshape(*lead, n)

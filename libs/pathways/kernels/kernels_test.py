@@ -117,6 +117,18 @@ def test_tiles_matmul_is_a_bfloat16_gemm(m, k, n):
 
 
 @pytest.mark.usefixtures("native")
+def test_tiles_matmul_keeps_nan_and_inf():
+    x = _normal(0, (20, 40))
+    x[3, 5], x[7, 0], x[11, 39] = np.nan, np.inf, -np.inf
+    x[15, 9] = np.array([0x7FFFFFFF], np.uint32).view(np.float32)[0]  # a NaN rounding would wrap
+    packed = kernels.pack(np.abs(_normal(1, (40, 33))) + 0.1, "bfloat16")  # all weights > 0
+    y = np.asarray(kernels.matmul(x, packed, 33, tiles=True))
+    assert np.isnan(y[3]).all() and np.isnan(y[15]).all()
+    assert (y[7] == np.inf).all() and (y[11] == -np.inf).all()
+    assert np.isfinite(np.delete(y, [3, 7, 11, 15], axis=0)).all()
+
+
+@pytest.mark.usefixtures("native")
 def test_tiles_only_for_bfloat16_weights_and_more_than_eight_rows():
     x = _normal(0, (20, 72))
     f32 = kernels.pack(_normal(1, (72, 33)))

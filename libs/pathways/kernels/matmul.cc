@@ -167,6 +167,8 @@ struct alignas(64) TileConfig {
 PATHWAYS_TILES void ToBf16(const float* x, int64_t m_dim, int64_t k_dim, uint16_t* out,
                            int64_t mp, int64_t kp) {
   const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff);
+  const __m512i abs = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+  const __m512i quiet = _mm512_set1_epi32(0x40);
   for (int64_t m = 0; m < mp; ++m) {
     uint16_t* row = out + m * kp;
     int64_t k = 0;
@@ -174,11 +176,14 @@ PATHWAYS_TILES void ToBf16(const float* x, int64_t m_dim, int64_t k_dim, uint16_
       const float* src = x + m * k_dim;
       for (; k < k_dim; k += 16) {
         const __mmask16 valid = k + 16 <= k_dim ? 0xffff : (1u << (k_dim - k)) - 1;
-        __m512i u = _mm512_maskz_loadu_epi32(valid, src + k);
-        u = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one),
-                                                 half));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),
-                            _mm512_cvtepi32_epi16(_mm512_srli_epi32(u, 16)));
+        const __m512i u = _mm512_maskz_loadu_epi32(valid, src + k);
+        const __m512i up = _mm512_add_epi32(
+            u, _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), one), half));
+        // NaN stays NaN (rounding would carry it into the sign bit): truncate and quiet it.
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs), inf);
+        const __m512i h = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(up, 16),
+                                                  _mm512_or_si512(_mm512_srli_epi32(u, 16), quiet));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k), _mm512_cvtepi32_epi16(h));
       }
     }
     for (; k < kp; k += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + k),

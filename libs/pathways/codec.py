@@ -58,7 +58,7 @@ def encode(
     """
     a = np.asarray(array)
     if dtype is None:
-        dt = DType.DTYPE_INT32 if np.issubdtype(a.dtype, np.integer) else DType.DTYPE_FLOAT32
+        dt = DType.DTYPE_INT32 if a.dtype.kind in "iu" else DType.DTYPE_FLOAT32
     else:
         dt = dtype_of(dtype)
     t = out if out is not None else tensor_pb2.Tensor()
@@ -78,25 +78,27 @@ def decode(t: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
     Raises:
         CodecError: naming `field`, its dtype, shape and byte length when they disagree.
     """
-    if t.dtype not in NAMES:
+    dt = t.dtype
+    np_dtype = _NUMPY.get(dt)
+    if np_dtype is None:
         raise CodecError(
             f"{field}.dtype must be one of {', '.join(BY_NAME)}; "
-            f"got {DType.Name(t.dtype) if t.dtype in DType.values() else t.dtype}"
+            f"got {DType.Name(dt) if dt in DType.values() else dt}"
         )
     shape = tuple(t.shape)
-    if any(d < 0 for d in shape):
+    if shape and min(shape) < 0:
         raise CodecError(f"{field}.shape must not have negative sizes; got {list(shape)}")
-    n = math.prod(shape)
-    want = n * _NUMPY[t.dtype].itemsize
-    if len(t.data) != want:
+    data = t.data  # each read of a bytes field makes a new copy: read it once
+    want = math.prod(shape) * np_dtype.itemsize
+    if len(data) != want:
         raise CodecError(
-            f"{field}.data has {len(t.data)} bytes but dtype {NAMES[t.dtype]} and "
+            f"{field}.data has {len(data)} bytes but dtype {NAMES[dt]} and "
             f"shape {list(shape)} need {want}"
         )
-    a = np.frombuffer(t.data, _NUMPY[t.dtype]).reshape(shape)
-    if t.dtype == DType.DTYPE_INT8_BLOCK:
+    a = np.frombuffer(data, np_dtype).reshape(shape)
+    if dt == DType.DTYPE_INT8_BLOCK:
         return _dequantize(a, t, field)
-    if t.dtype == DType.DTYPE_BFLOAT16:
+    if dt == DType.DTYPE_BFLOAT16:
         return a.astype(np.float32)
     return a
 

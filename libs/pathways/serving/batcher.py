@@ -65,11 +65,20 @@ class Batcher:
         key = object() if key is None else key
         with self._active_lock:
             self._active[key] = (time.monotonic(), rows)
-        job = _Job(None, step, rows, want_logits, deadline)
-        alone = self.expected_rows() <= rows
-        if alone and self._try_inline(lambda: self._run_batch([job], rows)):
-            return job.future.result()
-        return self._wait(self._put(job), deadline)
+        if self.expected_rows() <= rows and self._q.empty() and self._pending is None:
+            # Alone and the module idle: run here, without a job or a future (a lone session's
+            # steps are latency; every hand-off costs on a server that just woke up).
+            if self._busy.acquire(blocking=False):
+                try:
+                    if self._q.empty() and self._pending is None:
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise DeadlineExceeded("deadline passed before the step ran")
+                        if self._on_batch is not None:
+                            self._on_batch(rows)
+                        return self._run_decode([step], want_logits)[0]
+                finally:
+                    self._busy.release()
+        return self._wait(self._put(_Job(None, step, rows, want_logits, deadline)), deadline)
 
     def forget(self, key) -> None:
         """The session `key` will send no more steps (closed)."""

@@ -62,14 +62,15 @@ def test_expired_deadline_is_not_run():
 
 
 def test_a_lone_session_runs_on_the_callers_thread_and_never_waits():
-    seen = []
+    seen, sizes = [], []
     run = lambda steps, logits: seen.append(threading.current_thread()) or steps
-    b = Batcher(run, max_rows=8, max_wait_s=5.0)
+    b = Batcher(run, max_rows=8, max_wait_s=5.0, on_batch=sizes.append)
     try:
         t0 = time.monotonic()
         assert b.decode("x", 1, False, key="a") == "x"
-        assert b.decode("y", 1, False, key="a") == "y"
+        assert b.decode("y", 2, False, key="a") == "y"
         assert seen[-1] is threading.current_thread() and time.monotonic() - t0 < 1
+        assert sizes == [1, 2]  # batch-size metrics see inline steps too
     finally:
         b.stop()
 

@@ -51,10 +51,10 @@ class ModuleEngine:
                     f"{self.kind} module {self.name!r}; got {x.dtype} "
                     f"{list(x.shape)}"
                 )
-            bad = (x < 0) | (x >= dim)
-            if bad.any():
+            if x.size and (int(x.min()) < 0 or int(x.max()) >= dim):
+                bad = x[(x < 0) | (x >= dim)]
                 raise InvalidArgument(
-                    f"{field} has token id {int(x[bad][0])} outside "
+                    f"{field} has token id {int(bad[0])} outside "
                     f"[0, {dim}) (vocab_size of {self.name!r})"
                 )
         else:
@@ -97,17 +97,21 @@ class ModuleEngine:
 
     def decode(self, items: list[Step], want_logits: bool):
         """One decode step for several sessions at once; returns per-item (output, logits)."""
+        one = len(items) == 1  # a lone session: nothing to concatenate
         sizes = [it.session.batch_size for it in items]
-        x = np.concatenate([it.x for it in items])
-        pos = np.concatenate([it.positions for it in items])
+        x = items[0].x if one else np.concatenate([it.x for it in items])
+        pos = items[0].positions if one else np.concatenate([it.positions for it in items])
         r = len(pos)
         # A lone session runs at its own batch size (identical to the local executor); a mixed
         # batch pads to a power of two so few programs get compiled.
-        p = r if len(items) == 1 else bucket(r, limit=1 << 30, minimum=1)
+        p = r if one else bucket(r, limit=1 << 30, minimum=1)
         limit = max(it.session.max_seq_len for it in items)
         if self.kind == "decoding":
-            sampling = _concat_sampling([it.session.sampling for it in items])
-            steps = np.concatenate([it.steps for it in items])
+            if one:
+                sampling, steps = items[0].session.sampling, items[0].steps
+            else:
+                sampling = _concat_sampling([it.session.sampling for it in items])
+                steps = np.concatenate([it.steps for it in items])
             if p > r:
                 x = np.concatenate([x, np.zeros((p - r, *x.shape[1:]), x.dtype)])
                 steps = np.concatenate([steps, np.zeros(p - r, np.int32)])
@@ -122,8 +126,12 @@ class ModuleEngine:
             if self.kind == "embedding":
                 out = self.rt.serve(x, positions)
             else:
-                slots = np.concatenate(
-                    [it.session.slots for it in items] + [np.zeros(p - r, np.int32)]
+                slots = (
+                    items[0].session.slots
+                    if one
+                    else np.concatenate(
+                        [it.session.slots for it in items] + [np.zeros(p - r, np.int32)]
+                    )
                 )
                 window = bucket(int(pos[:r].max()) + 1, limit)
                 out, self.cache = self.rt.serve_cached(
@@ -132,6 +140,8 @@ class ModuleEngine:
             logits = None
         out = np.asarray(out)
         logits = np.asarray(logits) if logits is not None else None
+        if one:
+            return [(out, logits)]
         results, at = [], 0
         for n in sizes:
             results.append((out[at : at + n], None if logits is None else logits[at : at + n]))

@@ -51,6 +51,29 @@ def test_greedy_through_services_matches_local(fleet, pathway):
         ex.close()
 
 
+def test_step_timing_accounts_for_each_hop_and_changes_no_token(fleet):
+    f, local = fleet
+    ex = RemoteExecutor(local.spec, f.endpoints, step_timing=True)
+    try:
+        ids = list(PROMPT.encode())
+        np.testing.assert_array_equal(
+            gen.greedy_ids(ex, "tiny", ids, N), gen.greedy_ids(local, "tiny", ids, N)
+        )
+        for m in local.spec.pathway("tiny").modules:
+            timings = ex.step_timings[m]
+            assert len(timings) >= N - 1, m  # one per decode step
+            for call_us, handler_us, step_us in timings:
+                assert 0 < step_us <= handler_us <= call_us, (m, call_us, handler_us, step_us)
+    finally:
+        ex.close()
+    plain = RemoteExecutor(local.spec, f.endpoints)  # the default: servers report nothing
+    try:
+        gen.greedy_ids(plain, "tiny", list(PROMPT.encode()), 2)
+        assert not any(plain.step_timings.values())
+    finally:
+        plain.close()
+
+
 class _Source:
     """A ReplicaSource the test edits, as discovery does when `kubectl scale` adds/removes pods."""
 

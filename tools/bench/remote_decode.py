@@ -2,7 +2,8 @@
 
 Prints a table and writes JSON: local and remote tokens/s on the same checkpoint in the same run
 (alternating, best of --rounds each),
-wire bytes per decoded token per hop, and aggregate tokens/s with 1, 4 and 8 concurrent sessions.
+wire bytes per decoded token per hop, where each hop's time goes (the servers' StepTiming), and
+aggregate tokens/s with 1, 4 and 8 concurrent sessions.
 
     PYTHONPATH=libs:.:build/gen python -m tools.bench.remote_decode --spec examples/tiny.yaml
 """
@@ -91,6 +92,27 @@ def decode_bytes(ex, spec, pathway, prompt, module, n: int = 8) -> dict[str, flo
         return {"request": (now[0] - base[0]) / n, "response": (now[1] - base[1]) / n}
     finally:
         ex.close_session(s)
+
+
+def breakdown(ex, pathway: str, prompt: list[int], n: int) -> dict[str, dict[str, float]]:
+    """Where one session's decode hops spend their time (medians over n steps, ms): the call as
+    the client sees it, the server's handler and its step (dispatch + compute); call - handler
+    is the transport both ways plus the client's side of the call."""
+    for ts in ex.step_timings.values():
+        ts.clear()
+    decode_run(ex, pathway, prompt, n)
+    out = {}
+    for m, ts in ex.step_timings.items():
+        a = np.asarray(ts[-n:], np.float64) / 1e3  # the timed run's steps
+        call, handler, step = (float(np.median(a[:, i])) for i in range(3))
+        out[m] = {
+            "call_ms": call,
+            "handler_ms": handler,
+            "step_ms": step,
+            "transport_ms": float(np.median(a[:, 0] - a[:, 1])),
+            "server_python_ms": float(np.median(a[:, 1] - a[:, 2])),
+        }
+    return out
 
 
 def main(argv=None) -> int:
@@ -202,6 +224,9 @@ def main(argv=None) -> int:
                     "round_ratios": [re / lo for lo, re in rounds],
                 }
                 r["remote_vs_local"] = r["remote_tok_s"] / r["local_tok_s"]
+                # Each round's two runs are seconds apart; the best-of figures may come from
+                # minutes apart, when this machine's speed has drifted by more than the effect.
+                r["median_round_ratio"] = float(np.median(r["round_ratios"]))
                 r["bytes_per_token"] = {
                     m: decode_bytes(ex, spec, pathway, prompt, m) for m in chain
                 }
@@ -214,8 +239,18 @@ def main(argv=None) -> int:
                 r["concurrent_tok_s"] = {
                     k: concurrent_run(ex, pathway, prompt, args.tokens, k) for k in levels
                 }
-                res["wire"][mode] = r
                 ex.close()
+                timed = RemoteExecutor(
+                    spec,
+                    fleet.endpoints,
+                    wire_dtype=wire,
+                    decode_streams=transport != "unary",
+                    lockstep_wait_s=args.lockstep_ms / 1e3,
+                    step_timing=True,
+                )
+                r["per_hop_ms"] = breakdown(timed, pathway, prompt, args.tokens)
+                timed.close()
+                res["wire"][mode] = r
         # Local again after the servers are gone: brackets the load drift of a shared machine.
         res["local_tok_s_after"] = decode_run(local, pathway, prompt, args.tokens)
     print_table(res)
@@ -239,13 +274,17 @@ def print_table(res) -> None:
         rounds = " ".join(f"{x:.2f}" for x in r["round_ratios"])
         print(
             f"{wire:<16} remote {r['remote_tok_s']:.1f} tok/s vs local {r['local_tok_s']:.1f} "
-            f"({r['remote_vs_local']:.2f}x; per round {rounds}); "
+            f"({r['remote_vs_local']:.2f}x; per round {rounds}, median "
+            f"{r['median_round_ratio']:.2f}); "
             f"concurrent sessions -> tok/s {conc}"
         )
         for m, b in r["bytes_per_token"].items():
+            h = r["per_hop_ms"][m]
             print(
                 f"    hop {m:<12} request {b['request']:8.0f} B/token  "
-                f"response {b['response']:8.0f} B/token"
+                f"response {b['response']:8.0f} B/token  |  call {h['call_ms']:6.2f} ms = "
+                f"step {h['step_ms']:6.2f} + server Python {h['server_python_ms']:5.2f} + "
+                f"transport and client {h['transport_ms']:5.2f}"
             )
 
 

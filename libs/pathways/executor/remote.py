@@ -162,6 +162,8 @@ class RemoteExecutor:
         lockstep_wait_s: how long a session's decode step may wait at a module for the other
             sessions decoding through this executor to catch up, so the server batches them
             (see `lockstep`); 0 sends every step at once.
+        step_timing: ask every module where each decode step's time went; `step_timings[m]`
+            collects (call µs as this client saw it, the server handler's µs, the step's µs).
     """
 
     def __init__(
@@ -176,6 +178,7 @@ class RemoteExecutor:
         decode_streams: bool = True,
         stream_horizon_s: float = 600.0,
         lockstep_wait_s: float = 0.02,
+        step_timing: bool = False,
     ):
         self.spec = spec
         self.lockstep = Lockstep(lockstep_wait_s)
@@ -207,6 +210,8 @@ class RemoteExecutor:
         self._local = threading.local()
         # Serialized bytes sent to / received from each module by session calls (benchmarks).
         self.wire_bytes: dict[str, list[int]] = {m: [0, 0] for m in modules}
+        self.step_timing = step_timing
+        self.step_timings: dict[str, list[tuple[int, int, int]]] = {m: [] for m in modules}
 
     def close(self) -> None:
         for rs in self.replicas.values():
@@ -445,9 +450,16 @@ class RemoteExecutor:
                     steps=session.steps.tolist(),
                     output_dtype=self.wire,
                     return_logits=return_logits,
+                    return_timing=self.step_timing,
                 )
                 self.lockstep.arrive(session.id, chain, i)
+                t0 = time.perf_counter_ns()
                 resp = self._call(session, m, "Decode", req)
+                if self.step_timing:
+                    t = resp.timing
+                    self.step_timings[m].append(
+                        ((time.perf_counter_ns() - t0) // 1000, t.handler_us, t.step_us)
+                    )
                 x = resp.output
         except BaseException:
             self.lockstep.leave(session.id)

@@ -184,6 +184,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             yield module_pb2.DecodeStreamResponse(step=resp)
 
     def _decode(self, request, deadline):
+        t0 = time.perf_counter_ns()
         self._check_ready()
         s = self.table.acquire(request.session_id)
         try:
@@ -192,10 +193,17 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             b = x.shape[0]
             positions = _rows(request.positions, "positions", b, 0, s.max_seq_len - 1)
             steps = self._steps(request.steps, b)
+            t1 = time.perf_counter_ns()
             out, logits = self.batcher.decode(
                 Step(s, x, positions, steps), b, request.return_logits, deadline, key=s.id
             )
-            return self._encode(module_pb2.DecodeResponse(), out, logits, request.output_dtype)
+            t2 = time.perf_counter_ns()
+            resp = self._encode(module_pb2.DecodeResponse(), out, logits, request.output_dtype)
+            if request.return_timing:
+                timing = resp.timing
+                timing.step_us = (t2 - t1) // 1000
+                timing.handler_us = (time.perf_counter_ns() - t0) // 1000
+            return resp
         finally:
             self.table.release(s)
 

@@ -103,7 +103,7 @@ def breakdown(ex, pathway: str, prompt: list[int], n: int) -> dict[str, dict[str
     decode_run(ex, pathway, prompt, n)
     out = {}
     for m, ts in ex.step_timings.items():
-        a = np.asarray(ts[-n:], np.float64) / 1e3  # the timed run's steps
+        a = np.asarray(list(ts)[-n:], np.float64) / 1e3  # the timed run's steps
         call, handler, step = (float(np.median(a[:, i])) for i in range(3))
         out[m] = {
             "call_ms": call,

@@ -10,6 +10,7 @@ so the cache and the generated text come out identical.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import itertools
@@ -163,7 +164,8 @@ class RemoteExecutor:
             sessions decoding through this executor to catch up, so the server batches them
             (see `lockstep`); 0 sends every step at once.
         step_timing: ask every module where each decode step's time went; `step_timings[m]`
-            collects (call µs as this client saw it, the server handler's µs, the step's µs).
+            keeps the last 4096 steps' (call µs as this client saw it, the server handler's
+            µs, the step's µs).
     """
 
     def __init__(
@@ -211,7 +213,9 @@ class RemoteExecutor:
         # Serialized bytes sent to / received from each module by session calls (benchmarks).
         self.wire_bytes: dict[str, list[int]] = {m: [0, 0] for m in modules}
         self.step_timing = step_timing
-        self.step_timings: dict[str, list[tuple[int, int, int]]] = {m: [] for m in modules}
+        self.step_timings: dict[str, collections.deque[tuple[int, int, int]]] = {
+            m: collections.deque(maxlen=4096) for m in modules
+        }
 
     def close(self) -> None:
         for rs in self.replicas.values():

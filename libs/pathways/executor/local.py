@@ -87,7 +87,8 @@ class ModuleRuntime:
         serving = self.serving_state
         if self._flat is None:
             leaves, treedef = jax.tree.flatten(serving)
-            self._flat = leaves, _flat_entry_points(self.graphdef, treedef)
+            leaves, layout = _pack_small(leaves)
+            self._flat = leaves, _flat_entry_points(self.graphdef, treedef, layout)
         return self._flat
 
     def serve(self, x, positions):
@@ -182,12 +183,47 @@ def _entry_points(graphdef) -> SimpleNamespace:
 _FLAT_ENTRY_POINTS: dict[Any, SimpleNamespace] = {}
 
 
-def _flat_entry_points(graphdef, treedef) -> SimpleNamespace:
-    """Jitted entry points taking the state as a flat list of the leaves of `treedef`."""
-    key = (graphdef, treedef)
+def _flat_entry_points(graphdef, treedef, layout=None) -> SimpleNamespace:
+    """Jitted entry points taking the state as a flat list of the leaves of `treedef`, with the
+    small ones packed into one array as `_pack_small` describes in `layout` (None: unpacked)."""
+    key = (graphdef, treedef, layout)
     if key not in _FLAT_ENTRY_POINTS:
-        _FLAT_ENTRY_POINTS[key] = _jitted(graphdef, functools.partial(jax.tree.unflatten, treedef))
+        _FLAT_ENTRY_POINTS[key] = _jitted(
+            graphdef, lambda params: jax.tree.unflatten(treedef, _unpack_small(params, layout))
+        )
     return _FLAT_ENTRY_POINTS[key]
+
+
+def _pack_small(leaves: list) -> tuple[list, tuple | None]:
+    """Concatenates the float32 vectors among `leaves` (biases, norm scales) into one array,
+    appended after the others: (new leaves, layout for `_unpack_small`; None if nothing packs).
+
+    Dispatch costs per argument (~2 µs on a module server that just woke up): a 6-layer
+    attention module passes 37 arrays instead of 96. Slicing them apart inside the jitted
+    program is free (static slices fused into their consumers) and exact.
+    """
+    small = tuple(
+        i for i, a in enumerate(leaves) if getattr(a, "ndim", 0) == 1 and a.dtype == jnp.float32
+    )
+    if len(small) < 2:
+        return leaves, None
+    packed = jnp.concatenate([leaves[i] for i in small])
+    chosen = set(small)
+    rest = [a for i, a in enumerate(leaves) if i not in chosen]
+    return [*rest, packed], (len(leaves), small, tuple(leaves[i].shape[0] for i in small))
+
+
+def _unpack_small(params: list, layout: tuple | None) -> list:
+    """The leaves `_pack_small` was given, from its output (inside the jitted program)."""
+    if layout is None:
+        return params
+    n, small, sizes = layout
+    *rest, packed = params
+    out, it, at = [None] * n, iter(rest), 0
+    for i, size in zip(small, sizes):
+        out[i] = packed[at : at + size]
+        at += size
+    return [next(it) if a is None else a for a in out]
 
 
 def composite_loss(runtimes: list[ModuleRuntime], states: list[Any], inputs, targets, mask=None):

@@ -7,6 +7,7 @@ from flax import nnx
 
 from pathways import kernels
 from pathways import spec as spec_lib
+from pathways.executor import local
 from pathways.executor.local import LocalExecutor
 from pathways.modules.attention import empty_cache
 from pathways.sampling import SamplingParams, sample
@@ -297,6 +298,43 @@ def test_serve_paths_take_the_serving_parameters_flat():
     assert attn._serving_flat()[0] is leaves  # not flattened again per call
     ex.set_state("attn-a", LocalExecutor(spec_lib.from_dict(SPEC), seed=4).state("attn-a"))
     assert attn._serving_flat()[0] is not leaves
+
+
+def test_small_parameters_travel_packed_and_come_back_exact():
+    """The float32 vectors among a module's serving leaves go into the jitted programs as one
+    array; unpacked inside, every leaf is the same array in the same place."""
+    ex = LocalExecutor(spec_lib.from_dict(SPEC), seed=3)
+    attn = ex.runtimes["attn-a"]
+    full, _ = jax.tree.flatten(attn.serving_state)
+    packed, layout = local._pack_small(full)
+    vectors = [a for a in full if a.ndim == 1]
+    assert len(packed) == len(full) - len(vectors) + 1 and packed[-1].ndim == 1
+    assert [a.shape for a in packed[:-1]] == [a.shape for a in full if a.ndim != 1]
+    back = jax.jit(lambda ps: local._unpack_small(ps, layout))(packed)
+    assert len(back) == len(full)
+    for a, b in zip(full, back):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    assert len(attn._serving_flat()[0]) == len(packed)  # what the serve paths pass
+    # Distinct values (the module's biases start as zeros): order and sizes must come back.
+    rng = np.random.default_rng(0)
+    mixed = [
+        rng.standard_normal((3, 2)).astype(np.float32),
+        rng.standard_normal(5).astype(np.float32),
+        np.arange(5, dtype=np.int32),  # not float32: stays a leaf of its own
+        rng.standard_normal(7).astype(np.float32),
+        rng.standard_normal((4, 4)).astype(jax.numpy.bfloat16),
+        rng.standard_normal(1).astype(np.float32),
+    ]
+    packed, layout = local._pack_small([jax.numpy.asarray(a) for a in mixed])
+    assert len(packed) == 4 and packed[-1].shape == (13,)
+    for a, b in zip(mixed, jax.jit(lambda ps: local._unpack_small(ps, layout))(packed)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    # Nothing to pack (at most one vector, or none): the leaves go as they are.
+    two = [np.ones((2, 3), np.float32), np.ones(4, np.float32)]
+    assert local._pack_small(two) == (two, None)
+    assert local._unpack_small(two, None) is two
 
 
 def test_compact_keeps_one_exact_copy_of_the_weights(ex):

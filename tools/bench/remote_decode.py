@@ -11,6 +11,7 @@ aggregate tokens/s with 1, 4 and 8 concurrent sessions.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import tempfile
 import threading
@@ -200,13 +201,15 @@ def main(argv=None) -> int:
         ) as fleet:
             for mode in args.modes.split(","):
                 wire, _, transport = mode.partition(":")
-                ex = RemoteExecutor(
+                executor = functools.partial(
+                    RemoteExecutor,
                     spec,
                     fleet.endpoints,
                     wire_dtype=wire,
                     decode_streams=transport != "unary",
                     lockstep_wait_s=args.lockstep_ms / 1e3,
                 )
+                ex = executor()
                 # Local and remote alternate, so drift in the machine's load hits both alike;
                 # each side's figure is its best round.
                 rounds = [
@@ -240,14 +243,7 @@ def main(argv=None) -> int:
                     k: concurrent_run(ex, pathway, prompt, args.tokens, k) for k in levels
                 }
                 ex.close()
-                timed = RemoteExecutor(
-                    spec,
-                    fleet.endpoints,
-                    wire_dtype=wire,
-                    decode_streams=transport != "unary",
-                    lockstep_wait_s=args.lockstep_ms / 1e3,
-                    step_timing=True,
-                )
+                timed = executor(step_timing=True)  # a separate run: timing adds bytes
                 r["per_hop_ms"] = breakdown(timed, pathway, prompt, args.tokens)
                 timed.close()
                 res["wire"][mode] = r

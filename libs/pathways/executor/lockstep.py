@@ -27,7 +27,11 @@ class Lockstep:
         if wait_s < 0 or idle_s < 0:
             raise ValueError(f"wait_s and idle_s must be >= 0; got {wait_s!r}, {idle_s!r}")
         self.wait_s, self.idle_s = wait_s, idle_s
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        # One condition per module, all on _lock: a session reaching a module can release only
+        # the sessions waiting at that module (it moves one module at a time), so only they are
+        # woken; with 8 sessions one shared condition woke every waiter on every move.
+        self._at: dict[str, threading.Condition] = {}
         # session id -> (its chain, index of the module it is at or calling, when it got there)
         self._where: dict[str, tuple[tuple[str, ...], int, float]] = {}
 
@@ -36,30 +40,39 @@ class Lockstep:
         if self.wait_s <= 0:
             return
         module = chain[i]
-        with self._cv:
+        with self._lock:
             now = time.monotonic()
+            before = self._where.get(session)
             self._where[session] = (chain, i, now)
-            self._cv.notify_all()
+            at = self._at.get(module)
+            if at is None:
+                at = self._at[module] = threading.Condition(self._lock)
+            if before is not None and before[0] != chain:  # its pathway changed: anyone may go
+                for other in self._at.values():
+                    other.notify_all()
+            else:
+                at.notify_all()
             until = now + self.wait_s
             while self._anyone_behind(session, module):
                 left = until - time.monotonic()
                 if left <= 0:
                     return
-                self._cv.wait(left)
+                at.wait(left)
 
     def done(self, session: str, chain: tuple[str, ...]) -> None:
         """`session`'s decode call returned (its next step starts at chain[0])."""
         if self.wait_s <= 0:
             return
-        with self._cv:
+        with self._lock:
+            # Between steps it is behind every module of its chain: it releases nobody.
             self._where[session] = (chain, _BETWEEN_STEPS, time.monotonic())
-            self._cv.notify_all()
 
     def leave(self, session: str) -> None:
         """`session` is closed or prefilling: nobody waits for it."""
-        with self._cv:
+        with self._lock:
             if self._where.pop(session, None) is not None:
-                self._cv.notify_all()
+                for at in self._at.values():
+                    at.notify_all()
 
     def _anyone_behind(self, session: str, module: str) -> bool:
         now = time.monotonic()

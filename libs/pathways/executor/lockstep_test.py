@@ -77,3 +77,36 @@ def test_zero_wait_never_blocks_and_negative_is_rejected():
     assert time.monotonic() - t0 < 0.05
     with pytest.raises(ValueError, match="wait_s"):
         Lockstep(wait_s=-1.0)
+
+
+def test_a_session_changing_chains_releases_waiters_at_modules_it_left():
+    ls = Lockstep(wait_s=5.0, idle_s=5.0)
+    ls.arrive("b", CHAIN, 0)  # behind "head" in CHAIN
+    mover = threading.Thread(
+        target=lambda: (time.sleep(0.1), ls.arrive("b", ("embed", "attn-b", "head-b"), 1))
+    )
+    mover.start()
+    t0 = time.monotonic()
+    ls.arrive("a", CHAIN, 2)  # waits at "head" for b, which now never visits it
+    assert time.monotonic() - t0 < 2.0
+    mover.join()
+
+
+def test_many_sessions_in_step_each_wait_only_for_those_behind():
+    ls = Lockstep(wait_s=2.0, idle_s=5.0)
+    n, order = 6, []
+    for k in range(n):
+        ls.arrive(f"s{k}", CHAIN, 0)
+
+    def walk(k):
+        time.sleep(0.02 * k)  # they reach attn one after another
+        ls.arrive(f"s{k}", CHAIN, 1)
+        order.append((k, time.monotonic()))
+
+    threads = [threading.Thread(target=walk, args=(k,)) for k in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    times = [t for _, t in order]
+    assert len(order) == n and max(times) - min(times) < 0.05  # all left attn together

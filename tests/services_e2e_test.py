@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import grpc
 import numpy as np
 import pytest
@@ -165,6 +167,76 @@ def test_gateway_streams_the_local_text(fleet):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_sessions_in_step_travel_in_one_message_and_match_local(fleet):
+    f, local = fleet
+    prompts = [list(p.encode()) for p in (PROMPT, "import os", "class A:")]
+    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in prompts]
+    # A long lockstep wait: the three sessions always line up (a tiny step takes ~1 ms).
+    ex = RemoteExecutor(local.spec, f.endpoints, lockstep_wait_s=1.0)
+    sessions = [ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in prompts]
+    outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip(sessions, prompts)]
+    start, errors = threading.Barrier(len(prompts)), []
+
+    def run(i):
+        try:
+            start.wait(30)
+            while len(outs[i]) < N:
+                outs[i].append(int(ex.decode(sessions[i], np.array(outs[i][-1:])).tokens[0]))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        for s in sessions:
+            ex.close_session(s)
+        ex.close()
+    assert not errors, errors
+    for out, w in zip(outs, want):
+        np.testing.assert_array_equal(np.array(out), w)
+    counts = ex.step_counts
+    assert counts["grouped"] > counts["alone"] and counts["regrouped_alone"] == 0, counts
+
+
+def test_a_bad_step_in_a_group_fails_alone_and_the_stream_goes_on(fleet):
+    f, _ = fleet
+    s = stub(f.endpoints["embed"][0])
+    sids = [
+        s.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), timeout=10).session_id
+        for _ in range(3)
+    ]
+    tok = codec.encode(np.array([[5]], np.int32))
+    ok = module_pb2.DecodeRequest(session_id=sids[0], input=tok, positions=[3])
+    group = [
+        ok,
+        module_pb2.DecodeRequest(session_id="nope", input=tok, positions=[3]),
+        module_pb2.DecodeRequest(
+            session_id=sids[1], input=codec.encode(np.zeros((1, 1), np.float32)), positions=[3]
+        ),
+        module_pb2.DecodeRequest(session_id=sids[2], input=tok, positions=[-1]),
+        ok,  # the same session twice in one group
+    ]
+    requests = iter(
+        [module_pb2.DecodeStreamRequest(group=group), module_pb2.DecodeStreamRequest(step=ok)]
+    )
+    try:
+        first, second = list(s.DecodeStream(requests, timeout=30))
+    finally:
+        for sid in sids:
+            s.CloseSession(module_pb2.CloseSessionRequest(session_id=sid), timeout=10)
+    codes = [grpc.StatusCode.OK, grpc.StatusCode.NOT_FOUND] + [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert [r.code for r in first.group] == [c.value[0] for c in codes]
+    assert "'nope'" in first.group[1].message
+    assert "int32 tokens" in first.group[2].message and "float32" in first.group[2].message
+    assert "positions[0] = -1" in first.group[3].message
+    assert "another step in the group" in first.group[4].message
+    assert first.group[0].step.output == second.step.output  # and the stream went on
+
+
 def _status(call, *args, **kw):
     with pytest.raises(grpc.RpcError) as e:
         call(*args, timeout=10, **kw)
@@ -233,6 +305,53 @@ def test_full_kv_cache_refuses_new_sessions_only(fleet):
         s.Decode(module_pb2.DecodeRequest(session_id=sid, input=x, positions=[0]), timeout=10)
         s.CloseSession(module_pb2.CloseSessionRequest(session_id=sid), timeout=10)
     s.CloseSession(module_pb2.CloseSessionRequest(session_id=sids[0]), timeout=10)  # idempotent
+
+
+def test_killing_the_replica_a_group_is_sent_to_gives_every_session_its_text(fleet):
+    f, local = fleet
+    # A replica of our own, so that both sessions sit on it and the fixture's stay alive.
+    extra = launcher.start_module(f.checkpoint, "attn-0", f.server_env(9), None, f.module_args)
+    prompts = [list(p.encode()) for p in (PROMPT, "import os")]
+    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in prompts]
+    ex = None
+    try:
+        launcher.wait_healthy(extra.address, extra.proc, 300)
+        src = _Source({**f.endpoints, "attn-0": [extra.address]})
+        ex = RemoteExecutor(local.spec, src, lockstep_wait_s=1.0)
+        sessions = [ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in prompts]
+        assert {ex._sessions[s.id]["attn-0"].replica.address for s in sessions} == {extra.address}
+        src.addresses["attn-0"] = f.endpoints["attn-0"]  # where they can move to
+        outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip(sessions, prompts)]
+        errors = []
+
+        def steps(i, until):
+            try:
+                while len(outs[i]) < until:
+                    tok = ex.decode(sessions[i], np.array(outs[i][-1:])).tokens
+                    outs[i].append(int(tok[0]))
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        for until in (N // 2, N):
+            threads = [threading.Thread(target=steps, args=(i, until)) for i in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            if until < N:
+                assert ex.step_counts["grouped"] > 0
+                extra.kill()  # mid-generation, with both sessions' caches on it
+        assert not errors, errors
+        assert ex.step_counts["regrouped_alone"] > 0  # the group failed; each step went alone
+        for s in sessions:
+            assert ex._sessions[s.id]["attn-0"].replica.address != extra.address
+            ex.close_session(s)
+    finally:
+        if ex is not None:
+            ex.close()
+        extra.kill()
+    for out, w in zip(outs, want):
+        np.testing.assert_array_equal(np.array(out), w)
 
 
 def test_killing_a_replica_under_a_gateway_stream_gives_the_same_text(fleet):

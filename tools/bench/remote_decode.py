@@ -3,7 +3,8 @@
 Prints a table and writes JSON: local and remote tokens/s on the same checkpoint in the same run
 (alternating, best of --rounds each),
 wire bytes per decoded token per hop, where each hop's time goes (the servers' StepTiming), and
-aggregate tokens/s with 1, 4 and 8 concurrent sessions.
+aggregate tokens/s with 1, 4 and 8 concurrent sessions (and, as the same-run baseline of group
+messages, the most sessions with every step its own message).
 
     PYTHONPATH=libs:.:build/gen python -m tools.bench.remote_decode --spec examples/tiny.yaml
 """
@@ -243,6 +244,14 @@ def main(argv=None) -> int:
                     k: concurrent_run(ex, pathway, prompt, args.tokens, k) for k in levels
                 }
                 ex.close()
+                # The same-run baseline of group messages: the most sessions, each step its
+                # own message (lockstep still lines them up for the servers' batching).
+                separate = executor(group_steps=False)
+                top = max(levels)
+                r["concurrent_separate_tok_s"] = {
+                    top: concurrent_run(separate, pathway, prompt, args.tokens, top)
+                }
+                separate.close()
                 timed = executor(step_timing=True)  # a separate run: timing adds bytes
                 r["per_hop_ms"] = breakdown(timed, pathway, prompt, args.tokens)
                 timed.close()
@@ -267,6 +276,9 @@ def print_table(res) -> None:
     )
     for wire, r in res["wire"].items():
         conc = ", ".join(f"{k}: {v:.1f}" for k, v in r["concurrent_tok_s"].items())
+        conc += "; each step its own message: " + ", ".join(
+            f"{k}: {v:.1f}" for k, v in r["concurrent_separate_tok_s"].items()
+        )
         rounds = " ".join(f"{x:.2f}" for x in r["round_ratios"])
         print(
             f"{wire:<16} remote {r['remote_tok_s']:.1f} tok/s vs local {r['local_tok_s']:.1f} "

@@ -25,6 +25,11 @@ class DecodeStream:
         self._q.put(module_pb2.DecodeStreamRequest(step=req))
         return next(self._responses).step
 
+    def group(self, reqs: list[module_pb2.DecodeRequest]) -> list[module_pb2.GroupStepResult]:
+        """Several sessions' steps as one message (see DecodeStreamRequest.group)."""
+        self._q.put(module_pb2.DecodeStreamRequest(group=reqs))
+        return list(next(self._responses).group)
+
     def close(self) -> None:
         self._q.put(None)
         self._responses.cancel()

@@ -110,3 +110,75 @@ def test_many_sessions_in_step_each_wait_only_for_those_behind():
         t.join(5)
     times = [t for _, t in order]
     assert len(order) == n and max(times) - min(times) < 0.05  # all left attn together
+
+
+def _post(ls, session, i, key, out, delay=0.0):
+    """A thread that arrives at CHAIN[i] with an entry; out[session] = what arrive returned."""
+    from pathways.executor.lockstep import Entry
+
+    def run():
+        time.sleep(delay)
+        e = Entry(key, session)
+        out[session] = (ls.arrive(session, CHAIN, i, e), e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_the_last_to_arrive_sends_the_whole_group_and_the_others_get_their_results():
+    ls = Lockstep(wait_s=5.0, idle_s=5.0)
+    for s in "abc":
+        ls.arrive(s, CHAIN, 0)
+    out = {}
+    early = [_post(ls, s, 1, "replica-1", out) for s in "ab"]
+    time.sleep(0.1)
+    t0 = time.monotonic()
+    last = _post(ls, "c", 1, "replica-1", out)
+    last.join(5)
+    assert time.monotonic() - t0 < 1.0  # c completed the group: no wait
+    group, _ = out["c"]
+    assert [e.item for e in group] == ["c", "a", "b"]  # the sender's own entry first
+    t0 = time.monotonic()
+    ls.hand_over(CHAIN[1], [(e, f"result of {e.item}") for e in group])
+    for t in early:
+        t.join(5)
+    assert time.monotonic() - t0 < 1.0  # woken by the hand-over, not by the 5 s bound
+    for s in "ab":
+        taken, entry = out[s]
+        assert taken == [] and entry.wait(0) and entry.result == f"result of {s}"
+
+
+def test_entries_for_different_replicas_form_separate_groups():
+    ls = Lockstep(wait_s=5.0, idle_s=5.0)
+    for s in "abc":
+        ls.arrive(s, CHAIN, 0)
+    out = {}
+    first = _post(ls, "a", 1, "replica-2", out)  # a's replica differs from b's and c's
+    b = _post(ls, "b", 1, "replica-1", out, delay=0.05)
+    c = _post(ls, "c", 1, "replica-1", out, delay=0.1)
+    for t in (first, b, c):
+        t.join(5)
+    senders = {s: [e.item for e in g] for s, (g, _) in out.items() if g}
+    assert senders == {"a": ["a"], "c": ["c", "b"]}
+
+
+def test_a_sender_that_stops_waiting_takes_what_is_posted():
+    ls = Lockstep(wait_s=0.2, idle_s=5.0)
+    for s in ("a", "b", "stuck"):
+        ls.arrive(s, CHAIN, 0)
+    out = {}
+    threads = [_post(ls, s, 1, "r", out, delay=d) for s, d in (("a", 0.0), ("b", 0.05))]
+    for t in threads:
+        t.join(5)
+    groups = [sorted(e.item for e in g) for g, _ in out.values() if g]
+    assert groups == [["a", "b"]]  # "stuck" never came; one of them sent both
+
+
+def test_without_waiting_an_entry_is_its_own_group():
+    from pathways.executor.lockstep import Entry
+
+    ls = Lockstep(wait_s=0.0)
+    e = Entry("r", "a")
+    assert ls.arrive("a", CHAIN, 0, e) == [e]
+    assert ls.arrive("a", CHAIN, 0) is None

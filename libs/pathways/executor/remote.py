@@ -23,7 +23,7 @@ import numpy as np
 from pathways import codec, telemetry
 from pathways.executor.base import Session, StepResult, pad_prompts
 from pathways.executor.decode_stream import DecodeStream
-from pathways.executor.lockstep import Lockstep
+from pathways.executor.lockstep import Entry, Lockstep
 from pathways.executor.replicas import ReplicaSource, StaticReplicaSource
 from pathways.sampling import SamplingParams
 from pathways.spec import PathwaySpec
@@ -163,9 +163,12 @@ class RemoteExecutor:
         lockstep_wait_s: how long a session's decode step may wait at a module for the other
             sessions decoding through this executor to catch up, so the server batches them
             (see `lockstep`); 0 sends every step at once.
+        group_steps: the decode steps that lockstep lines up at a replica go as one message,
+            sent by one of the sessions (its stream, its deadline); a step that fails in the group
+            is re-sent alone by its own session (which then moves it if its replica failed).
         step_timing: ask every module where each decode step's time went; `step_timings[m]`
-            keeps the last 4096 steps' (call µs as this client saw it, the server handler's
-            µs, the step's µs).
+            keeps the last 4096 steps' (call µs as this client saw it, lockstep wait included,
+            the server handler's µs, the step's µs).
     """
 
     def __init__(
@@ -180,6 +183,7 @@ class RemoteExecutor:
         decode_streams: bool = True,
         stream_horizon_s: float = 600.0,
         lockstep_wait_s: float = 0.02,
+        group_steps: bool = True,
         step_timing: bool = False,
     ):
         self.spec = spec
@@ -213,6 +217,10 @@ class RemoteExecutor:
         # Serialized bytes sent to / received from each module by session calls (benchmarks).
         self.wire_bytes: dict[str, list[int]] = {m: [0, 0] for m in modules}
         self.step_timing = step_timing
+        self.group_steps = group_steps and decode_streams
+        # Decode steps by how they went (diagnostics, counted without a lock): alone, in a
+        # group message (as its sender or a member), or re-sent alone after failing in a group.
+        self.step_counts = {"alone": 0, "grouped": 0, "regrouped_alone": 0}
         self.step_timings: dict[str, collections.deque[tuple[int, int, int]]] = {
             m: collections.deque(maxlen=4096) for m in modules
         }
@@ -373,13 +381,71 @@ class RemoteExecutor:
                     raise _error(module, ms.replica, e) from None
                 self._move(module, ms, failed=e.code() == grpc.StatusCode.UNAVAILABLE)
                 continue
-            counts = self.wire_bytes[module]
-            counts[0] += req.ByteSize()
-            counts[1] += resp.ByteSize()
-            if ms.replay is not None:
-                ms.replay.append((method, req))
+            self._record(module, ms, method, req, resp)
             return resp
         raise AssertionError("unreachable")
+
+    def _record(self, module: str, ms: _ModuleSession, method: str, req, resp) -> None:
+        counts = self.wire_bytes[module]
+        counts[0] += req.ByteSize()
+        counts[1] += resp.ByteSize()
+        if ms.replay is not None:
+            ms.replay.append((method, req))
+
+    def _decode_call(self, session: Session, chain: tuple[str, ...], i: int, req):
+        """chain[i]'s decode step for `session`, in lockstep with the other sessions (and in one
+        message with those bound for the same replica, with `group_steps`)."""
+        module = chain[i]
+        if not self.group_steps:
+            self.lockstep.arrive(session.id, chain, i)
+            self.step_counts["alone"] += 1
+            return self._call(session, module, "Decode", req)
+        ms = self._sessions.get(session.id, {}).get(module)
+        if ms is None:
+            raise KeyError(f"unknown session {session.id!r}")
+        req.session_id = ms.session_id
+        entry = Entry(ms.replica, (session.id, ms, req))
+        group = self.lockstep.arrive(session.id, chain, i, entry)
+        if group and len(group) == 1:
+            self.step_counts["alone"] += 1
+            return self._call(session, module, "Decode", req)
+        if group:
+            self._send_group(module, group, chain if i == len(chain) - 1 else None)
+        elif not entry.wait(self._timeout(module)):
+            raise RemoteError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline exceeded waiting for module {module!r} (a step sent with others)",
+            )
+        if entry.result is None:  # failed in the group: alone now, with the usual recovery
+            self.step_counts["regrouped_alone"] += 1
+            return self._call(session, module, "Decode", req)
+        self.step_counts["grouped"] += 1
+        self._record(module, ms, "Decode", req, entry.result)
+        return entry.result
+
+    def _send_group(self, module: str, group: list[Entry], last_of=None) -> None:
+        """Sends the group's steps on the first entry's stream; hands every entry its response,
+        or None (it failed here: its session re-sends it alone). `last_of`: the chain whose last
+        module this is (the group's sessions are between steps once their results are in)."""
+        results: list = [None] * len(group)
+        sender: _ModuleSession = group[0].item[1]
+        try:
+            reqs = []
+            for e in group:
+                _, ms, req = e.item
+                req.session_id = ms.session_id
+                reqs.append(req)
+            out = self._stream(module, sender).group(reqs)
+            if len(out) == len(group):
+                results = [r.step if r.code == 0 else None for r in out]
+        except grpc.RpcError:
+            sender.drop_stream()  # a failed stream is over; every step goes again alone
+        finally:
+            if last_of is not None:
+                for e, r in zip(group, results):
+                    if r is not None:  # as each will say when it wakes: nobody is left behind
+                        self.lockstep.done(e.item[0], last_of)
+            self.lockstep.hand_over(module, list(zip(group, results)))
 
     def _stream(self, module: str, ms: _ModuleSession) -> DecodeStream:
         dl = getattr(self._local, "deadline", None)
@@ -456,9 +522,8 @@ class RemoteExecutor:
                     return_logits=return_logits,
                     return_timing=self.step_timing,
                 )
-                self.lockstep.arrive(session.id, chain, i)
                 t0 = time.perf_counter_ns()
-                resp = self._call(session, m, "Decode", req)
+                resp = self._decode_call(session, chain, i, req)
                 if self.step_timing:
                     t = resp.timing
                     self.step_timings[m].append(

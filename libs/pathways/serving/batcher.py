@@ -80,6 +80,36 @@ class Batcher:
                     self._busy.release()
         return self._wait(self._put(_Job(None, step, rows, want_logits, deadline)), deadline)
 
+    def decode_group(self, items: list[tuple[Any, int, Any]], want_logits: bool, deadline=None):
+        """Decode steps of several sessions at once, (step, rows, key) each: one batch when they
+        fit and the module is idle, else queued together (the worker batches them). Returns the
+        results in order; a queued step that failed (its deadline passed, say) has its exception
+        as its result instead."""
+        now = time.monotonic()
+        with self._active_lock:
+            for _, rows, key in items:
+                self._active[key] = (now, rows)
+        total = sum(rows for _, rows, _ in items)
+        if total <= self.max_rows and self._q.empty() and self._pending is None:
+            if self._busy.acquire(blocking=False):
+                try:
+                    if self._q.empty() and self._pending is None:
+                        if deadline is not None and time.monotonic() > deadline:
+                            raise DeadlineExceeded("deadline passed before the step ran")
+                        if self._on_batch is not None:
+                            self._on_batch(total)
+                        return self._run_decode([step for step, _, _ in items], want_logits)
+                finally:
+                    self._busy.release()
+        jobs = [self._put(_Job(None, step, rows, want_logits, deadline)) for step, rows, _ in items]
+        results = []
+        for job in jobs:
+            try:
+                results.append(self._wait(job, deadline))
+            except Exception as e:  # noqa: BLE001 - the step's own failure, as its result
+                results.append(e)
+        return results
+
     def forget(self, key) -> None:
         """The session `key` will send no more steps (closed)."""
         with self._active_lock:

@@ -95,3 +95,44 @@ def test_active_sessions_wait_for_each_other_and_share_a_batch():
         assert b.expected_rows() == 1
     finally:
         b.stop()
+
+
+def test_a_group_runs_as_one_batch_when_idle_and_queued_together_when_busy():
+    batches, gate = [], threading.Event()
+    b = Batcher(
+        lambda steps, logits: (batches.append(list(steps)), steps)[1], max_rows=4, max_wait_s=0.0
+    )
+    try:
+        assert b.decode_group([(i, 1, f"s{i}") for i in range(3)], False) == [0, 1, 2]
+        assert batches == [[0, 1, 2]]
+        blocker = threading.Thread(target=b.call, args=(gate.wait,))
+        blocker.start()
+        time.sleep(0.05)  # busy: the group's six steps queue and run in batches of <= 4 rows
+        out = []
+        t = threading.Thread(
+            target=lambda: out.append(b.decode_group([(i, 1, i) for i in range(6)], False))
+        )
+        t.start()
+        time.sleep(0.1)
+        gate.set()
+        t.join(5)
+        blocker.join(5)
+        assert out == [list(range(6))]
+        assert [len(x) for x in batches[1:]] == [4, 2]
+    finally:
+        b.stop()
+
+
+def test_a_queued_group_step_past_its_deadline_fails_alone():
+    gate = threading.Event()
+    b = Batcher(lambda steps, logits: steps, max_rows=4, max_wait_s=0.0)
+    try:
+        blocker = threading.Thread(target=b.call, args=(gate.wait,))
+        blocker.start()
+        time.sleep(0.05)
+        threading.Timer(0.2, gate.set).start()
+        out = b.decode_group([(0, 1, "a"), (1, 1, "b")], False, deadline=time.monotonic() + 0.05)
+        blocker.join(5)
+        assert all(isinstance(o, DeadlineExceeded) for o in out)
+    finally:
+        b.stop()

@@ -74,6 +74,16 @@ def _rows(values, field: str, b: int, lo: int, hi: int | None = None) -> np.ndar
     return np.array(v, np.int32)
 
 
+def _failed(e: BaseException) -> module_pb2.GroupStepResult:
+    if isinstance(e, ServingError):
+        code = e.code
+    elif isinstance(e, codec.CodecError):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    else:
+        code, e = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+    return module_pb2.GroupStepResult(code=code.value[0], message=str(e))
+
+
 class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
     def __init__(
         self, engine: ModuleEngine, table: SessionTable, max_batch: int, batch_wait_s: float
@@ -180,6 +190,9 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
 
     def DecodeStream(self, request_iterator, context):
         for req in request_iterator:
+            if req.group:
+                yield module_pb2.DecodeStreamResponse(group=self._decode_group(req.group, context))
+                continue
             resp = self.Decode(req.step, context)  # aborts the stream on a bad step
             yield module_pb2.DecodeStreamResponse(step=resp)
 
@@ -188,24 +201,82 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         self._check_ready()
         s = self.table.acquire(request.session_id)
         try:
-            x = codec.decode(request.input, "input")
-            self.engine.check_input(x, "input", s.batch_size, t=1)
-            b = x.shape[0]
-            positions = _rows(request.positions, "positions", b, 0, s.max_seq_len - 1)
-            steps = self._steps(request.steps, b)
+            step, b = self._step(request, s)
             t1 = time.perf_counter_ns()
-            out, logits = self.batcher.decode(
-                Step(s, x, positions, steps), b, request.return_logits, deadline, key=s.id
-            )
-            t2 = time.perf_counter_ns()
-            resp = self._encode(module_pb2.DecodeResponse(), out, logits, request.output_dtype)
-            if request.return_timing:
-                timing = resp.timing
-                timing.step_us = (t2 - t1) // 1000
-                timing.handler_us = (time.perf_counter_ns() - t0) // 1000
-            return resp
+            out, logits = self.batcher.decode(step, b, request.return_logits, deadline, key=s.id)
+            return self._respond(request, out, logits, t0, t1)
         finally:
             self.table.release(s)
+
+    def _step(self, request, s) -> tuple[Step, int]:
+        """A decode request's checked inputs (bad ones raise with the field and value)."""
+        x = codec.decode(request.input, "input")
+        self.engine.check_input(x, "input", s.batch_size, t=1)
+        b = x.shape[0]
+        positions = _rows(request.positions, "positions", b, 0, s.max_seq_len - 1)
+        return Step(s, x, positions, self._steps(request.steps, b)), b
+
+    def _respond(self, request, out, logits, t0: int, t1: int):
+        """The DecodeResponse; t0: the request taken, t1: its checks done (for StepTiming)."""
+        t2 = time.perf_counter_ns()
+        resp = self._encode(module_pb2.DecodeResponse(), out, logits, request.output_dtype)
+        if request.return_timing:
+            timing = resp.timing
+            timing.step_us = (t2 - t1) // 1000
+            timing.handler_us = (time.perf_counter_ns() - t0) // 1000
+        return resp
+
+    def _decode_group(self, requests, context) -> list[module_pb2.GroupStepResult]:
+        """Several sessions' decode steps as one batch; each step fails or succeeds on its own."""
+        t0 = time.perf_counter_ns()
+        deadline = _deadline(context)
+        results: list = [None] * len(requests)
+        ready: list[tuple[int, module_pb2.DecodeRequest, object, Step, int]] = []
+        seen: set[str] = set()
+        try:
+            for i, req in enumerate(requests):
+                self.count_request()
+                try:
+                    self._check_ready()
+                    if req.session_id in seen:
+                        raise InvalidArgument(
+                            f"group[{i}]: session {req.session_id!r} has another step in the group"
+                        )
+                    seen.add(req.session_id)
+                    s = self.table.acquire(req.session_id)
+                    try:
+                        step, b = self._step(req, s)
+                    except BaseException:
+                        self.table.release(s)
+                        raise
+                    ready.append((i, req, s, step, b))
+                except (ServingError, codec.CodecError) as e:
+                    results[i] = _failed(e)
+            for want in (False, True):
+                part = [r for r in ready if r[1].return_logits == want]
+                if not part:
+                    continue
+                t1 = time.perf_counter_ns()
+                try:
+                    outs = self.batcher.decode_group(
+                        [(step, b, s.id) for _, _, s, step, b in part], want, deadline
+                    )
+                except ServingError as e:
+                    outs = [e] * len(part)
+                except Exception as e:  # noqa: BLE001 - every step of the batch gets the error
+                    log.exception("group decode step failed")
+                    outs = [e] * len(part)
+                for (i, req, _, _, _), o in zip(part, outs):
+                    if isinstance(o, BaseException):
+                        results[i] = _failed(o)
+                    else:
+                        step = self._respond(req, o[0], o[1], t0, t1)
+                        results[i] = module_pb2.GroupStepResult(step=step)
+        finally:
+            for _, _, s, _, _ in ready:
+                self.table.release(s)
+            self.metrics.latency("DecodeGroup", (time.perf_counter_ns() - t0) / 1e6)
+        return results
 
     @rpc
     def Forward(self, request, context):

@@ -17,7 +17,7 @@ from pathways import telemetry
 from pathways.executor.remote import RemoteError, RemoteExecutor
 from pathways.executor.replicas import ReplicaSource
 from pathways.sampling import SamplingParams
-from pathways.serving.server import grpc_options
+from pathways.serving.server import server_options
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ class GatewayServer:
         )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(workers),
-            options=grpc_options(max_message_mb),
+            options=server_options(max_message_mb),
             interceptors=telemetry.server_interceptors(),
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(

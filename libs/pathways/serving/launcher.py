@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,10 +21,22 @@ def cpu_share(servers: int) -> int:
     return max(1, (cpus or 1) // max(1, servers))
 
 
+_given: set[int] = set()  # ports free_port() handed out (their servers may not listen yet)
+_given_lock = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now and never handed out before by this process: the kernel may
+    offer a port again until its server binds it, and the servers of a fleet start at once."""
+    with _given_lock:
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _given:
+                _given.add(port)
+                return port
+    raise RuntimeError("no free loopback port found")
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -32,6 +32,13 @@ def grpc_options(max_message_mb: float) -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
 
 
+def server_options(max_message_mb: float) -> list[tuple[str, int]]:
+    """Options of our gRPC servers: gRPC's default SO_REUSEPORT off, so that a server given a
+    port another one already listens on fails to bind instead of silently sharing its
+    connections (two local servers racing for one port then answered for each other)."""
+    return [*grpc_options(max_message_mb), ("grpc.so_reuseport", 0)]
+
+
 def slot_count(engine_cfg, s: ModuleServerSettings) -> int:
     """Slots the KV-cache cap allows: each holds one sequence of max_seq_len positions."""
     if engine_cfg.kind != "attention":
@@ -60,7 +67,7 @@ class ModuleServer:
         self.cfg = spec.modules[settings.module]
         self.server = grpc.server(
             futures.ThreadPoolExecutor(settings.workers),
-            options=grpc_options(settings.max_message_mb),
+            options=server_options(settings.max_message_mb),
             interceptors=telemetry.server_interceptors(),
         )
         self.health = health.HealthServicer()

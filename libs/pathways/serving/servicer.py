@@ -252,6 +252,9 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                     ready.append((i, req, s, step, b))
                 except (ServingError, codec.CodecError) as e:
                     results[i] = _failed(e)
+                except Exception as e:  # noqa: BLE001 - this step fails, the stream goes on
+                    log.exception("checking group step %d failed", i)
+                    results[i] = _failed(e)
             for want in (False, True):
                 part = [r for r in ready if r[1].return_logits == want]
                 if not part:

@@ -65,19 +65,10 @@ class Batcher:
         key = object() if key is None else key
         with self._active_lock:
             self._active[key] = (time.monotonic(), rows)
-        if self.expected_rows() <= rows and self._q.empty() and self._pending is None:
-            # Alone and the module idle: run here, without a job or a future (a lone session's
-            # steps are latency; every hand-off costs on a server that just woke up).
-            if self._busy.acquire(blocking=False):
-                try:
-                    if self._q.empty() and self._pending is None:
-                        if deadline is not None and time.monotonic() > deadline:
-                            raise DeadlineExceeded("deadline passed before the step ran")
-                        if self._on_batch is not None:
-                            self._on_batch(rows)
-                        return self._run_decode([step], want_logits)[0]
-                finally:
-                    self._busy.release()
+        if self.expected_rows() <= rows:  # alone: latency matters, not batching
+            out = self._decode_here([step], rows, want_logits, deadline)
+            if out is not None:
+                return out[0]
         return self._wait(self._put(_Job(None, step, rows, want_logits, deadline)), deadline)
 
     def decode_group(self, items: list[tuple[Any, int, Any]], want_logits: bool, deadline=None):
@@ -90,17 +81,10 @@ class Batcher:
             for _, rows, key in items:
                 self._active[key] = (now, rows)
         total = sum(rows for _, rows, _ in items)
-        if total <= self.max_rows and self._q.empty() and self._pending is None:
-            if self._busy.acquire(blocking=False):
-                try:
-                    if self._q.empty() and self._pending is None:
-                        if deadline is not None and time.monotonic() > deadline:
-                            raise DeadlineExceeded("deadline passed before the step ran")
-                        if self._on_batch is not None:
-                            self._on_batch(total)
-                        return self._run_decode([step for step, _, _ in items], want_logits)
-                finally:
-                    self._busy.release()
+        if total <= self.max_rows:
+            out = self._decode_here([step for step, _, _ in items], total, want_logits, deadline)
+            if out is not None:
+                return out
         jobs = [self._put(_Job(None, step, rows, want_logits, deadline)) for step, rows, _ in items]
         results = []
         for job in jobs:
@@ -109,6 +93,22 @@ class Batcher:
             except Exception as e:  # noqa: BLE001 - the step's own failure, as its result
                 results.append(e)
         return results
+
+    def _decode_here(self, steps: list, rows: int, want_logits: bool, deadline):
+        """Runs `steps` as one batch on this thread if the module is idle, else returns None.
+        No job, future or queue: every hand-off costs on a server that just woke up."""
+        if not (self._q.empty() and self._pending is None) or not self._busy.acquire(False):
+            return None
+        try:
+            if not (self._q.empty() and self._pending is None):
+                return None
+            if deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded("deadline passed before the step ran")
+            if self._on_batch is not None:
+                self._on_batch(rows)
+            return self._run_decode(steps, want_logits)
+        finally:
+            self._busy.release()
 
     def forget(self, key) -> None:
         """The session `key` will send no more steps (closed)."""

@@ -170,10 +170,12 @@ def test_gateway_streams_the_local_text(fleet):
 def test_sessions_in_step_travel_in_one_message_and_match_local(fleet):
     f, local = fleet
     prompts = [list(p.encode()) for p in (PROMPT, "import os", "class A:")]
-    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in prompts]
+    # Two pathways sharing modules: their sessions go in the same messages where they meet.
+    pathways = ["tiny", "tiny-shallow", "tiny"]
+    want = [gen.greedy_ids(local, p, ids, N) for p, ids in zip(pathways, prompts)]
     # A long lockstep wait: the three sessions always line up (a tiny step takes ~1 ms).
     ex = RemoteExecutor(local.spec, f.endpoints, lockstep_wait_s=1.0)
-    sessions = [ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in prompts]
+    sessions = [ex.open_session(p, [SamplingParams(max_new_tokens=N)]) for p in pathways]
     outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip(sessions, prompts)]
     start, errors = threading.Barrier(len(prompts)), []
 

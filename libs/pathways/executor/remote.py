@@ -404,13 +404,13 @@ class RemoteExecutor:
         if ms is None:
             raise KeyError(f"unknown session {session.id!r}")
         req.session_id = ms.session_id
-        entry = Entry(ms.replica, (session.id, ms, req))
+        entry = Entry(ms.replica, (session.id, ms, req, chain))
         group = self.lockstep.arrive(session.id, chain, i, entry)
         if group and len(group) == 1:
             self.step_counts["alone"] += 1
             return self._call(session, module, "Decode", req)
         if group:
-            self._send_group(module, group, chain if i == len(chain) - 1 else None)
+            self._send_group(module, group)
         elif not entry.wait(self._timeout(module)):
             raise RemoteError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -423,16 +423,15 @@ class RemoteExecutor:
         self._record(module, ms, "Decode", req, entry.result)
         return entry.result
 
-    def _send_group(self, module: str, group: list[Entry], last_of=None) -> None:
+    def _send_group(self, module: str, group: list[Entry]) -> None:
         """Sends the group's steps on the first entry's stream; hands every entry its response,
-        or None (it failed here: its session re-sends it alone). `last_of`: the chain whose last
-        module this is (the group's sessions are between steps once their results are in)."""
+        or None (it failed here: its session re-sends it alone)."""
         results: list = [None] * len(group)
         sender: _ModuleSession = group[0].item[1]
         try:
             reqs = []
             for e in group:
-                _, ms, req = e.item
+                _, ms, req, _ = e.item
                 req.session_id = ms.session_id
                 reqs.append(req)
             out = self._stream(module, sender).group(reqs)
@@ -441,10 +440,12 @@ class RemoteExecutor:
         except grpc.RpcError:
             sender.drop_stream()  # a failed stream is over; every step goes again alone
         finally:
-            if last_of is not None:
-                for e, r in zip(group, results):
-                    if r is not None:  # as each will say when it wakes: nobody is left behind
-                        self.lockstep.done(e.item[0], last_of)
+            for e, r in zip(group, results):
+                session_id, _, _, chain = e.item
+                if r is not None and chain[-1] == module:
+                    # Its step is over (as it will say when it wakes): the sender, first to the
+                    # next step, must not find it "ahead" of the first module and go alone.
+                    self.lockstep.done(session_id, chain)
             self.lockstep.hand_over(module, list(zip(group, results)))
 
     def _stream(self, module: str, ms: _ModuleSession) -> DecodeStream:

@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=float(os.environ.get("PATHWAYS_LOCKSTEP_MS", "20")),
         help="longest wait of a decode step at a module for the other sessions decoding through "
-        "this gateway, so module servers batch them (0: never wait; env PATHWAYS_LOCKSTEP_MS)",
+        "this gateway, so module servers batch them; the steps that meet at a replica go in one "
+        "message (0: never wait, every step its own message; env PATHWAYS_LOCKSTEP_MS)",
     )
     args = p.parse_args(argv)
     if args.lockstep_ms < 0:

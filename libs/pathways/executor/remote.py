@@ -513,12 +513,13 @@ class RemoteExecutor:
         session.check_room(np.ones(session.batch_size, np.int32))
         x, resp = codec.encode(tokens), None
         chain = tuple(self._chain(session))
+        positions, steps = session.lengths.tolist(), session.steps.tolist()  # once per token
         try:
             for i, m in enumerate(chain):
                 req = module_pb2.DecodeRequest(
                     input=x,
-                    positions=session.lengths.tolist(),
-                    steps=session.steps.tolist(),
+                    positions=positions,
+                    steps=steps,
                     output_dtype=self.wire,
                     return_logits=return_logits,
                     return_timing=self.step_timing,

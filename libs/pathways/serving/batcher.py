@@ -97,18 +97,16 @@ class Batcher:
     def _decode_here(self, steps: list, rows: int, want_logits: bool, deadline):
         """Runs `steps` as one batch on this thread if the module is idle, else returns None.
         No job, future or queue: every hand-off costs on a server that just woke up."""
-        if not (self._q.empty() and self._pending is None) or not self._busy.acquire(False):
-            return None
-        try:
-            if not (self._q.empty() and self._pending is None):
-                return None
+        out = []
+
+        def run():
             if deadline is not None and time.monotonic() > deadline:
                 raise DeadlineExceeded("deadline passed before the step ran")
             if self._on_batch is not None:
                 self._on_batch(rows)
-            return self._run_decode(steps, want_logits)
-        finally:
-            self._busy.release()
+            out.append(self._run_decode(steps, want_logits))
+
+        return out[0] if self._try_inline(run) else None
 
     def forget(self, key) -> None:
         """The session `key` will send no more steps (closed)."""

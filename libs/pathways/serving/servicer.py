@@ -36,23 +36,31 @@ def rpc(method):
             self.count_request()
         try:
             return method(self, request, context)
-        except ServingError as e:
+        except (ServingError, codec.CodecError) as e:
             if isinstance(e, Exhausted):
                 context.set_trailing_metadata(
                     (("retry-after-ms", str(int(e.retry_after_s * 1000))),)
                 )
-            context.abort(e.code, str(e))
-        except codec.CodecError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            context.abort(*_status(e))
         except Exception as e:
             if isinstance(e, grpc.RpcError) or type(e).__name__ == "_AbortionError":
                 raise
             log.exception("%s failed", method.__name__)
-            context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            context.abort(*_status(e))
         finally:
             self.metrics.latency(method.__name__, (time.perf_counter() - t0) * 1e3)
 
     return wrapper
+
+
+def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status a failed request (or group step) gets: typed errors their own code, a tensor
+    that does not decode INVALID_ARGUMENT, anything else INTERNAL."""
+    if isinstance(e, ServingError):
+        return e.code, str(e)
+    if isinstance(e, codec.CodecError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
 
 
 def _deadline(context) -> float | None:
@@ -75,13 +83,8 @@ def _rows(values, field: str, b: int, lo: int, hi: int | None = None) -> np.ndar
 
 
 def _failed(e: BaseException) -> module_pb2.GroupStepResult:
-    if isinstance(e, ServingError):
-        code = e.code
-    elif isinstance(e, codec.CodecError):
-        code = grpc.StatusCode.INVALID_ARGUMENT
-    else:
-        code, e = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-    return module_pb2.GroupStepResult(code=code.value[0], message=str(e))
+    code, message = _status(e)
+    return module_pb2.GroupStepResult(code=code.value[0], message=message)
 
 
 class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):

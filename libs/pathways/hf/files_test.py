@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import safetensors.numpy
 
 from pathways.hf import files
@@ -43,10 +44,25 @@ def test_we_read_what_the_reference_library_writes(tmp_path):
 
 
 def test_unconsumed_tensors_are_reported(tmp_path):
+    path = tmp_path / files.WEIGHTS
     files.write_safetensors(
-        tmp_path / files.WEIGHTS,
-        {"used": np.zeros(2, np.float32), "buffer.bias": np.zeros(2, np.float32)},
+        path,
+        {
+            "used": np.zeros(2, np.float32),
+            "buffer.bias": np.zeros(2, np.float32),
+            "extra.weight": np.zeros(2, np.float32),
+        },
     )
     t = files.Tensors(tmp_path)
     t.get("used", (2,))
-    t.check_all_taken(ignore=(".bias",))  # an ignored buffer is fine
+    assert t.taken == {"used"}
+    with pytest.raises(files.HfFormatError) as e:
+        t.check_all_taken()
+    # The first one left, in name order, with the file it is in and how many more there are.
+    assert str(e.value) == (
+        f"{path}: unexpected tensor 'buffer.bias' (and 1 more) for this architecture"
+    )
+    with pytest.raises(files.HfFormatError, match=r"unexpected tensor 'extra\.weight' for"):
+        t.check_all_taken(ignore=(".bias",))  # an ignored buffer is fine, the weight is not
+    t.get("extra.weight", (2,))
+    t.check_all_taken(ignore=(".bias",))  # everything else taken: no error

@@ -5,9 +5,11 @@ into one shared library, cached by a hash of the sources, compiler, JAX version 
 registered with XLA as FFI targets, so jitted programs call them like any other op.
 
 `PATHWAYS_KERNELS` picks the implementation:
-  auto   (default) the native kernels when they build here, else XLA's ops (logged once);
-  native the native kernels or an error saying why they cannot be built;
-  xla    never build or use them.
+  xla    (default) XLA's own ops; the kernels are never built. Measured on an AMD EPYC (AVX2, no
+         AMX) machine the kernels were several times slower than XLA on GPT-2 small, so they are
+         only used when asked for;
+  auto   the native kernels when they build here, else XLA's ops (logged once);
+  native the native kernels or an error saying why they cannot be built.
 `PATHWAYS_AMX=off` keeps bfloat16-weight prefill in float32 arithmetic even where AMX tiles
 exist (e.g. to get the same numbers on machines with and without AMX); default `auto`.
 """
@@ -31,7 +33,8 @@ import jax
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "native", "xla")
+MODES = ("xla", "auto", "native")
+DEFAULT_MODE = "xla"
 # FFI target name -> the handler symbol in the library
 TARGETS = {
     "pathways_matmul_f32": "PathwaysMatmulF32",
@@ -47,7 +50,7 @@ class KernelError(RuntimeError):
 
 
 def mode() -> str:
-    value = os.environ.get("PATHWAYS_KERNELS", "auto").strip().lower() or "auto"
+    value = os.environ.get("PATHWAYS_KERNELS", DEFAULT_MODE).strip().lower() or DEFAULT_MODE
     if value not in MODES:
         raise KernelError(f"PATHWAYS_KERNELS must be one of {', '.join(MODES)}; got {value!r}")
     return value

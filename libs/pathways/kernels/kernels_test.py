@@ -34,7 +34,7 @@ def native():
     """Skips where the kernels cannot be built; fails where they should build and do not (a
     compile error must not pass as a skip)."""
     if kernels.mode() == "xla":
-        pytest.skip("PATHWAYS_KERNELS=xla: native kernels turned off")
+        pytest.skip("PATHWAYS_KERNELS=xla (the default): set it to auto or native to test them")
     if jax.default_backend() != "cpu":
         pytest.skip(f"CPU kernels; JAX computes on {jax.default_backend()} here")
     try:

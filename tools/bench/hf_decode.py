@@ -11,7 +11,8 @@ Sides (--sides): `pathways` (float32 weights, native matmul where it builds), `p
 in bfloat16, float32 arithmetic), `transformers` (float32), `transformers-bf16` (torch in
 bfloat16). Ratios are against `transformers`.
 
-    PYTHONPATH=libs:. python tools/bench/hf_decode.py [--threads 1] [--torch-python PY]
+    tools/dev_env.sh --torch   # once: .venv/py312, and .venv/py311-torch for the torch workers
+    PYTHONPATH=libs:. .venv/py312/bin/python tools/bench/hf_decode.py [--threads 1]
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().with_name("hf_decode_torch.py")
+TORCH_PYTHON = ".venv/py311-torch/bin/python"  # relative to ROOT; made by tools/dev_env.sh --torch
+
+
+def _shown(path) -> str:
+    """A path as recorded: relative to the repository when inside it (no machine's own path)."""
+    path = Path(os.path.abspath(path))  # not resolve(): a venv's python is a link out of it
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def pin(threads: int) -> list[int]:
@@ -109,7 +117,12 @@ def main() -> None:
         default=Path(tempfile.gettempdir()) / "pathways-bench" / "gpt2-124m",
         help="made with random weights if missing",
     )
-    ap.add_argument("--torch-python", default="/work/venv311-torch/bin/python")
+    ap.add_argument(
+        "--torch-python",
+        type=Path,
+        default=ROOT / TORCH_PYTHON,
+        help=f"a Python 3.11 with torch and transformers (default: {TORCH_PYTHON} in the repo)",
+    )
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=32)
@@ -131,12 +144,17 @@ def main() -> None:
     wanted = args.sides.split(",")
     if "transformers" not in wanted or not set(wanted) <= set(SIDES):
         ap.error(f"--sides must include transformers and name only {', '.join(SIDES)}")
+    if not args.torch_python.is_file():
+        ap.error(
+            f"--torch-python {args.torch_python} does not exist: make it with "
+            f"`tools/dev_env.sh --torch`, or name a Python 3.11 with torch and transformers"
+        )
     cpus = pin(args.threads)
 
     if not (args.hf_dir / "config.json").exists():
         print(f"making a random GPT-2 checkpoint in {args.hf_dir} ...", file=sys.stderr)
         subprocess.run(
-            [args.torch_python, str(WORKER), "make", "--out", str(args.hf_dir)],
+            [str(args.torch_python), str(WORKER), "make", "--out", str(args.hf_dir)],
             check=True,
             stdout=subprocess.DEVNULL,
         )
@@ -153,7 +171,8 @@ def main() -> None:
             if kind == "pathways":
                 sides[name] = PathwaysSide(args.hf_dir, args.split, weights, native)
             else:
-                sides[name] = TorchWorker(args.torch_python, args.hf_dir, args.threads, weights)
+                python = str(args.torch_python)
+                sides[name] = TorchWorker(python, args.hf_dir, args.threads, weights)
         tokens = {k: s.generate(prompt, n)[1] for k, s in sides.items()}  # warm-up / compile
         times = {k: {"prefill": [], "total": []} for k in sides}
         for _ in range(args.repeat):
@@ -221,7 +240,12 @@ def main() -> None:
         cpus=cpus,
         versions=info["versions"],
         raw_s=times,
-        args={**vars(args), "hf_dir": str(args.hf_dir)},
+        args={
+            **vars(args),
+            "hf_dir": str(args.hf_dir),
+            "torch_python": _shown(args.torch_python),
+            "out": _shown(args.out),
+        },
     )
     print(f"wrote {path}")
 

@@ -68,14 +68,17 @@ def broker_url(explicit: str | None = None) -> str:
 class LocalDeployment:
     """Module servers, a gateway, an embedded broker and a coordinator worker, as local processes.
 
-    What `pathways up` and `pathways demo` run. `stop()` ends every process it started.
+    What `pathways up` and `pathways demo` run. `stop()` ends every process it started. Each
+    process writes its output to `<log_dir>/<name>.log` (a temporary file removed at the end when
+    `log_dir` is None); one that dies while starting stops the others, and the StartupError names
+    it with its exit code and the end of its log.
     """
 
     def __init__(
         self,
         checkpoint: str | Path,
         replicas: dict[str, int] | None = None,
-        log=None,
+        log_dir: str | Path | None = None,
         module_args: list[str] = (),
         coordinator: bool = True,
         worker_concurrency: int = 1,
@@ -87,7 +90,8 @@ class LocalDeployment:
         self.modules = [m for m in spec.modules if ckpt.has_module(self.checkpoint, m)]
         if not self.modules:
             raise ValueError(f"checkpoint {self.checkpoint} has no module weights")
-        self.replicas, self.log, self.module_args = dict(replicas or {}), log, list(module_args)
+        self.replicas, self.module_args = dict(replicas or {}), list(module_args)
+        self.log = Path(log_dir) if log_dir is not None else None
         self.coordinator, self.worker_concurrency = coordinator, worker_concurrency
         self.fleet = None
         self.broker = None
@@ -103,15 +107,15 @@ class LocalDeployment:
         return {m: addrs[0] for m, addrs in self.fleet.endpoints.items()}
 
     def start(self, timeout: float = 300.0) -> LocalDeployment:
-        from pathways.coordinator import worker
         from pathways.coordinator.broker import EmbeddedBroker
-        from pathways.serving.launcher import Fleet
+        from pathways.serving.launcher import Fleet, start_worker
 
         try:
             if self.coordinator:
-                self.broker = EmbeddedBroker().start()
+                workdir = self.log / "broker" if self.log is not None else None
+                self.broker = EmbeddedBroker(workdir=workdir).start()
                 # The worker first: it imports while the module servers compile.
-                self.worker = worker.spawn(
+                self.worker = start_worker(
                     self.broker.url, concurrency=self.worker_concurrency, log=self.log
                 )
             self.fleet = Fleet(
@@ -120,9 +124,10 @@ class LocalDeployment:
                 self.replicas,
                 log=self.log,
                 module_args=self.module_args,
-            ).start(timeout)
-            if self.worker is not None and self.worker.poll() is not None:
-                raise RuntimeError(f"coordinator worker exited with code {self.worker.returncode}")
+            )
+            self.fleet.start(timeout, also=[self.worker] if self.worker else [])
+            if self.worker is not None:
+                self.worker.check()
             write(
                 {
                     "gateway": self.gateway,
@@ -152,9 +157,10 @@ class LocalDeployment:
             self.fleet.server_env(servers),
             log=self.log,
             extra_args=self.module_args,
+            replica=len(self.fleet.servers.get(name, [])),
         )
         try:
-            wait_healthy(proc.address, proc.proc, timeout)
+            wait_healthy(proc.address, proc, timeout)
         except BaseException:
             proc.stop()
             raise
@@ -168,21 +174,18 @@ class LocalDeployment:
         ]
         if self.fleet.gateway is not None and self.fleet.gateway.proc.poll() is not None:
             out.append("gateway")
-        if self.worker is not None and self.worker.poll() is not None:
+        if self.worker is not None and self.worker.proc.poll() is not None:
             out.append("coordinator-worker")
         return out
 
     def stop(self) -> None:
-
         remove()
-        if self.worker is not None and self.worker.poll() is None:
-            self.worker.terminate()  # first, so it drains while the servers stop
+        if self.worker is not None and self.worker.proc.poll() is None:
+            self.worker.proc.terminate()  # first, so it drains while the servers stop
         if self.fleet is not None:
             self.fleet.stop()
         if self.worker is not None:
-            from pathways.coordinator import worker
-
-            worker.stop(self.worker)
+            self.worker.stop(timeout=30.0)  # warm shutdown: a running job is requeued, not lost
         if self.broker is not None:
             self.broker.stop()
 

@@ -107,7 +107,7 @@ def run_distributed(args) -> int:
     # After an interrupted demo the servers start from its last checkpoint and the job resumes.
     serve_from = trained if (trained / "train" / "meta.json").exists() else out / "init"
     initial_checkpoint(out / "init")
-    log_path = out / "processes.log"
+    log_dir = out / "logs"
     stop = {"flag": False}
 
     def on_signal(*_):
@@ -116,81 +116,80 @@ def run_distributed(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     t_start = time.time()
-    with log_path.open("ab") as log:
-        dep = LocalDeployment(serve_from, log=log)
+    dep = LocalDeployment(serve_from, log_dir=log_dir)
+    print(
+        f"starting a local deployment: {len(dep.modules)} module servers "
+        f"({', '.join(dep.modules)}), a gateway, a broker and a coordinator worker "
+        f"(logs: {log_dir})",
+        file=sys.stderr,
+    )
+    job = None
+    client = None
+    try:
+        dep.start()
         print(
-            f"starting a local deployment: {len(dep.modules)} module servers "
-            f"({', '.join(dep.modules)}), a gateway, a broker and a coordinator worker "
-            f"(logs: {log_path})",
+            f"gateway {dep.gateway}; broker {dep.broker.url} "
+            f"({time.time() - t_start:.0f} s)",
             file=sys.stderr,
         )
-        job = None
-        client = None
-        try:
-            dep.start()
-            print(
-                f"gateway {dep.gateway}; broker {dep.broker.url} "
-                f"({time.time() - t_start:.0f} s)",
-                file=sys.stderr,
+        client = JobClient(make_app(dep.broker.url))
+        req = JobRequest(
+            spec=str(EXAMPLES / "tiny.yaml"),
+            out=str(trained),
+            steps=args.steps,
+            batch_size=BATCH,
+            seq_len=128,
+            max_data_mb=2.0,
+            eval_every=50,
+            save_every=50,
+            engine="services",
+            schedule=args.schedule,
+            micro_batches=args.micro_batches,
+            modules=dep.train_modules,
+        )
+        job = client.submit(req)
+        print(
+            f"training job {job}: pathway 'tiny' through the module services, "
+            f"{args.schedule} over {args.micro_batches} micro-batches",
+            file=sys.stderr,
+        )
+        final = follow(client, job, req.steps, tqdm)
+        if final["state"] != "SUCCESS":
+            raise ValueError(
+                f"training job {final['state'].lower()}: " f"{final.get('error', '')}"
             )
-            client = JobClient(make_app(dep.broker.url))
-            req = JobRequest(
-                spec=str(EXAMPLES / "tiny.yaml"),
-                out=str(trained),
-                steps=args.steps,
-                batch_size=BATCH,
-                seq_len=128,
-                max_data_mb=2.0,
-                eval_every=50,
-                save_every=50,
-                engine="services",
-                schedule=args.schedule,
-                micro_batches=args.micro_batches,
-                modules=dep.train_modules,
+        print("\ngenerating through the gateway from the trained modules:\n", file=sys.stderr)
+        generate_via_gateway(
+            build_args(
+                "generate",
+                [
+                    "--gateway",
+                    dep.gateway,
+                    "--prompt",
+                    args.prompt,
+                    "--max-tokens",
+                    str(args.max_tokens),
+                    "--temperature",
+                    "0.7",
+                    "--seed",
+                    "1",
+                ],
             )
-            job = client.submit(req)
-            print(
-                f"training job {job}: pathway 'tiny' through the module services, "
-                f"{args.schedule} over {args.micro_batches} micro-batches",
-                file=sys.stderr,
-            )
-            final = follow(client, job, req.steps, tqdm)
-            if final["state"] != "SUCCESS":
-                raise ValueError(
-                    f"training job {final['state'].lower()}: " f"{final.get('error', '')}"
-                )
-            print("\ngenerating through the gateway from the trained modules:\n", file=sys.stderr)
-            generate_via_gateway(
-                build_args(
-                    "generate",
-                    [
-                        "--gateway",
-                        dep.gateway,
-                        "--prompt",
-                        args.prompt,
-                        "--max-tokens",
-                        str(args.max_tokens),
-                        "--temperature",
-                        "0.7",
-                        "--seed",
-                        "1",
-                    ],
-                )
-            )
-            summarize(trained, final, time.time() - t_start)
-            return 0
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping the job and every process...", file=sys.stderr)
-            if job is not None and client is not None:
-                try:
-                    client.cancel(job)
-                    client.follow(job, timeout=60)
-                except Exception as e:  # noqa: BLE001 - shutting down regardless
-                    print(f"(job did not stop cleanly: {e})", file=sys.stderr)
-                print(f"last checkpoint: {trained}", file=sys.stderr)
-            return 130
-        finally:
-            dep.stop()
+        )
+        summarize(trained, final, time.time() - t_start)
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the job and every process...", file=sys.stderr)
+        if job is not None and client is not None:
+            try:
+                client.cancel(job)
+                client.follow(job, timeout=60)
+            except Exception as e:  # noqa: BLE001 - shutting down regardless
+                print(f"(job did not stop cleanly: {e})", file=sys.stderr)
+            print(f"last checkpoint: {trained}", file=sys.stderr)
+        return 130
+    finally:
+        dep.stop()
 
 
 def follow(client, job: str, steps: int, tqdm) -> dict:

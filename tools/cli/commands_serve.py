@@ -28,7 +28,12 @@ def register(sub) -> None:
         default=None,
         help="weights module servers decode with (default float32; bfloat16 reads half the bytes)",
     )
-    p.add_argument("--log", default=None, help="append server output to this file")
+    p.add_argument(
+        "--log-dir",
+        default=None,
+        help="where each process writes its log, <name>.log (default: $PATHWAYS_HOME/logs, "
+        "i.e. ~/.pathways/logs)",
+    )
     p.add_argument(
         "--no-coordinator",
         action="store_true",
@@ -50,23 +55,29 @@ def parse_replicas(values: list[str], modules) -> dict[str, int]:
 
 
 def cmd_up(args) -> int:
+    from pathways import deployment
     from pathways.deployment import LocalDeployment
 
     spec, _ = ckpt.load_spec(args.checkpoint)
     replicas = parse_replicas(args.replicas, spec.modules)
     extra = ["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []
     extra += ["--weights", args.weights] if args.weights else []
-    log = open(args.log, "ab") if args.log else None  # noqa: SIM115 (lives as long as the fleet)
+    log_dir = args.log_dir or deployment.state_file().parent / "logs"
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())
     dep = LocalDeployment(
-        args.checkpoint, replicas, log=log, module_args=extra, coordinator=not args.no_coordinator
+        args.checkpoint,
+        replicas,
+        log_dir=log_dir,
+        module_args=extra,
+        coordinator=not args.no_coordinator,
     )
     n = sum(replicas.get(m, 1) for m in dep.modules)
     print(
         f"starting {n} module server(s), a gateway"
-        f"{'' if args.no_coordinator else ', a broker and a coordinator worker'}...",
+        f"{'' if args.no_coordinator else ', a broker and a coordinator worker'} "
+        f"(logs: {log_dir})...",
         file=sys.stderr,
     )
     try:
@@ -85,8 +96,6 @@ def cmd_up(args) -> int:
     finally:
         print("stopping...", file=sys.stderr)
         dep.stop()
-        if log is not None:
-            log.close()
     return 0
 
 

@@ -39,28 +39,16 @@ if __name__ == "__main__":
 
 
 def spawn(broker_url: str, *, concurrency: int = 1, queues: str | None = None, log=None):
-    """Starts a worker as a child process (tests, benchmarks, local deployments)."""
-    import subprocess
-    import sys
+    """Starts a worker as a child process (tests, benchmarks); its output goes to `log` (an open
+    file) or nowhere. Local deployments use `launcher.start_worker`, which keeps a log."""
+    from pathways.serving.launcher import start_worker
 
-    from pathways.serving.launcher import child_env
-
-    argv = [
-        sys.executable,
-        "-m",
-        "pathways.coordinator.worker",
-        "--loglevel=WARNING",
-        f"--concurrency={concurrency}",
-    ]
-    if queues:
-        argv += ["--queues", queues]
-    out = log if log is not None else subprocess.DEVNULL
-    return subprocess.Popen(
-        argv,
-        env=child_env({"PATHWAYS_BROKER_URL": broker_url}),
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+    out = log if log is not None else open(os.devnull, "wb")  # noqa: SIM115 (the child's copy)
+    try:
+        return start_worker(broker_url, concurrency=concurrency, queues=queues, log=out).proc
+    finally:
+        if log is None:
+            out.close()
 
 
 def stop(proc, timeout: float = 30.0) -> None:

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -48,36 +49,140 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+class StartupError(ChildProcessError):
+    """A launched process died or never became healthy while starting (an OSError, so the CLI
+    reports it as one error, not a traceback)."""
+
+
 def wait_healthy(
-    address: str, proc: subprocess.Popen | None = None, timeout: float = 180.0, service: str = ""
+    address: str,
+    proc: subprocess.Popen | Process | None = None,
+    timeout: float = 180.0,
+    service: str = "",
 ) -> None:
-    """Blocks until `address` reports SERVING; raises if `proc` exits or time runs out."""
+    """Blocks until `address` reports SERVING; raises StartupError if `proc` exits (naming it,
+    with its exit code and the end of its log when it is a `Process`) or time runs out."""
+    if isinstance(proc, Process):
+        return wait_all_healthy([proc], timeout, service)
     end = time.monotonic() + timeout
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
-        while True:
+        while not _serving(stub, service):
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"server for {address} exited with code {proc.returncode}")
-            try:
-                r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
+                raise StartupError(f"server for {address} exited with code {proc.returncode}")
             if time.monotonic() > end:
-                raise TimeoutError(f"{address} not SERVING after {timeout:.0f} s")
+                raise StartupError(f"{address} not SERVING after {timeout:.0f} s")
             time.sleep(0.2)
 
 
-class Process:
-    """One server process; `stop()` sends SIGTERM (graceful) and kills it if it lingers."""
+def wait_all_healthy(
+    procs: list[Process], timeout: float = 180.0, service: str = "", also: list[Process] = ()
+) -> None:
+    """Blocks until every process in `procs` reports SERVING. Raises StartupError as soon as
+    one of them, or of `also` (processes without a health service, e.g. a worker), exits."""
+    end = time.monotonic() + timeout
+    channels = {p: grpc.insecure_channel(p.address) for p in procs}
+    try:
+        pending = dict(channels)
+        while pending:
+            for p in [*procs, *also]:
+                p.check()
+            for p, ch in list(pending.items()):
+                if _serving(health_pb2_grpc.HealthStub(ch), service):
+                    del pending[p]
+            if pending and time.monotonic() > end:
+                late = ", ".join(f"{p.label} at {p.address}" for p in pending)
+                raise StartupError(f"not SERVING after {timeout:.0f} s: {late}")
+            if pending:
+                time.sleep(0.2)
+    finally:
+        for ch in channels.values():
+            ch.close()
 
-    def __init__(self, name: str, argv: list[str], port: int, env=None, log=None):
-        self.name, self.port, self.address = name, port, f"127.0.0.1:{port}"
-        out = log if log is not None else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", *argv], env=child_env(env), stdout=out, stderr=subprocess.STDOUT
-        )
+
+def _serving(stub, service: str) -> bool:
+    try:
+        r = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+    except grpc.RpcError:
+        return False
+    return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# What every launched process runs: `python -m MODULE` with this process's import path. The
+# names are string literals on purpose: Pants infers a dependency from each (python-infer
+# string_imports), so any artifact that holds the launcher holds every process it launches.
+MODULE_SERVER = "services.module_server.main"
+GATEWAY = "services.gateway.main"
+COORDINATOR_WORKER = "services.coordinator.main"
+
+
+class Process:
+    """One launched process (`python -m argv[0] argv[1:]`); `stop()` sends SIGTERM (graceful)
+    and kills it if it lingers.
+
+    Its output goes to `log`: a directory (the process writes `<log>/<name>.log`), an open binary
+    file (shared with others), or None (a private temporary file, removed by `stop()`). Either
+    way a process that dies while starting is reported with the end of what it wrote.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int | None = None,
+        env=None,
+        log=None,
+        label: str | None = None,
+    ):
+        self.name, self.port = name, port
+        self.address = f"127.0.0.1:{port}" if port is not None else ""
+        self.label = label or name
+        self._temp_log = log is None
+        if log is None or isinstance(log, (str, Path)):
+            if log is None:
+                fd, path = tempfile.mkstemp(prefix=f"pathways-{name}-", suffix=".log")
+                out = os.fdopen(fd, "wb")
+            else:
+                Path(log).mkdir(parents=True, exist_ok=True)
+                out = (Path(log) / f"{name}.log").open("wb")
+            self.log_path: Path | None = Path(out.name)
+        else:
+            out, self.log_path = log, Path(log.name) if isinstance(log.name, str) else None
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", *argv],
+                env=child_env(env),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            if out is not log:
+                out.close()  # the child holds its own descriptor
+
+    def tail(self, lines: int = 15) -> str:
+        """The last `lines` lines of the process's log ('' when it has none)."""
+        if self.log_path is None:
+            return ""
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check(self) -> None:
+        """Raises StartupError if the process has exited, with its exit code and log's end."""
+        if self.proc.poll() is None:
+            return
+        msg = f"{self.label} exited with code {self.proc.returncode} while starting"
+        if not self._temp_log and self.log_path is not None:
+            msg += f" (log: {self.log_path})"
+        if tail := self.tail():
+            msg += "; the end of its log:\n" + "\n".join(f"  | {ln}" for ln in tail.splitlines())
+        raise StartupError(msg)
 
     def stop(self, timeout: float = 15.0) -> None:
         if self.proc.poll() is None:
@@ -87,6 +192,8 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self._temp_log and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """Abrupt death (failover tests)."""
@@ -95,13 +202,18 @@ class Process:
 
 
 def start_module(
-    checkpoint: str, module: str, env=None, log=None, extra_args: list[str] = ()
+    checkpoint: str,
+    module: str,
+    env=None,
+    log=None,
+    extra_args: list[str] = (),
+    replica: int = 0,
 ) -> Process:
     port = free_port()
     return Process(
-        module,
+        module if replica == 0 else f"{module}.{replica}",
         [
-            "services.module_server.main",
+            MODULE_SERVER,
             "--checkpoint",
             str(checkpoint),
             "--module",
@@ -113,6 +225,7 @@ def start_module(
         port,
         env,
         log,
+        label=f"module server {module!r}" + (f" (replica {replica + 1})" if replica else ""),
     )
 
 
@@ -120,10 +233,28 @@ def start_gateway(
     checkpoint: str, endpoints: dict[str, list[str]], env=None, log=None, extra_args: list[str] = ()
 ) -> Process:
     port = free_port()
-    argv = ["services.gateway.main", "--checkpoint", str(checkpoint), "--port", str(port)]
+    argv = [GATEWAY, "--checkpoint", str(checkpoint), "--port", str(port)]
     for m, addrs in endpoints.items():
         argv += ["--module", f"{m}={','.join(addrs)}"]
-    return Process("gateway", [*argv, *extra_args], port, env, log)
+    return Process("gateway", [*argv, *extra_args], port, env, log, label="gateway")
+
+
+def start_worker(broker_url: str, *, concurrency: int = 1, queues: str | None = None, log=None):
+    """A coordinator (Celery) worker on `broker_url`."""
+    argv = [COORDINATOR_WORKER, "--loglevel=WARNING", f"--concurrency={concurrency}"]
+    if queues:
+        argv += ["--queues", queues]
+    env = {"PATHWAYS_BROKER_URL": broker_url}
+    return Process("coordinator", argv, None, env, log, label="coordinator worker")
+
+
+def stop_all(procs: list[Process]) -> None:
+    """SIGTERM to all first, so they drain in parallel; then wait for (or kill) each."""
+    for p in procs:
+        if p.proc.poll() is None:
+            p.proc.send_signal(signal.SIGTERM)
+    for p in procs:
+        p.stop()
 
 
 class Fleet:
@@ -157,20 +288,21 @@ class Fleet:
             env["PATHWAYS_CPU_THREADS"] = str(cpu_share(servers))
         return env
 
-    def start(self, timeout: float = 300.0) -> Fleet:
+    def start(self, timeout: float = 300.0, also: list[Process] = ()) -> Fleet:
+        """Starts every server and waits until all are SERVING. If one dies while starting (or
+        one of `also`, processes started beside the fleet), every server is stopped and
+        StartupError names the one that died."""
         try:
             env = self.server_env(sum(self.replicas.get(m, 1) for m in self.modules))
             for m in self.modules:
                 self.servers[m] = [
-                    start_module(self.checkpoint, m, env, self.log, self.module_args)
-                    for _ in range(self.replicas.get(m, 1))
+                    start_module(self.checkpoint, m, env, self.log, self.module_args, replica=i)
+                    for i in range(self.replicas.get(m, 1))
                 ]
-            for ps in self.servers.values():
-                for p in ps:
-                    wait_healthy(p.address, p.proc, timeout)
+            wait_all_healthy([p for ps in self.servers.values() for p in ps], timeout, also=also)
             if self.with_gateway:
                 self.gateway = start_gateway(self.checkpoint, self.endpoints, self.env, self.log)
-                wait_healthy(self.gateway.address, self.gateway.proc, timeout)
+                wait_all_healthy([self.gateway], timeout, also=also)
         except BaseException:
             self.stop()
             raise
@@ -180,11 +312,7 @@ class Fleet:
         procs = [p for ps in self.servers.values() for p in ps]
         if self.gateway is not None:
             procs.insert(0, self.gateway)
-        for p in procs:  # signal all first so they drain in parallel
-            if p.proc.poll() is None:
-                p.proc.send_signal(signal.SIGTERM)
-        for p in procs:
-            p.stop()
+        stop_all(procs)
 
     def __enter__(self) -> Fleet:
         return self.start()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import jax
@@ -15,6 +16,8 @@ from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFoun
 from pathways.serving.servicer import _deadline, rpc
 from pathways.train import TrainConfig, make_optimizer
 from pathways.v1 import training_pb2, training_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 
 def train_config(opt: training_pb2.OptimizerConfig) -> TrainConfig:
@@ -42,6 +45,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         # Latency metrics and the request counter are the module server's, shared with serving.
         self.metrics, self.count_request = serving.metrics, serving.count_request
         self.stage: LocalStage | None = None
+        self.applied = 0  # optimizer steps applied since the server started (logged)
         # Calls for one module arrive in schedule order from one client thread; the lock keeps
         # a stray concurrent caller from interleaving with them.
         self._lock = threading.Lock()
@@ -163,7 +167,17 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                     f"micro-batches {st.pending} still await "
                     f"their backward on module {self.engine.name!r}"
                 )
-            return training_pb2.ApplyResponse(grad_norm=st.apply()["grad_norm"])
+            grad_norm = st.apply()["grad_norm"]
+            self.applied += 1
+        # One line per training step in the server's log: how an operator (and the demo test)
+        # sees that training went through this server.
+        log.info(
+            "module %s: optimizer step applied (%d since start; grad norm %.4g)",
+            self.engine.name,
+            self.applied,
+            grad_norm,
+        )
+        return training_pb2.ApplyResponse(grad_norm=grad_norm)
 
     @rpc
     def Evaluate(self, request, context):

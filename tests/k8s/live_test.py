@@ -1,5 +1,6 @@
-"""Against a real Kubernetes v1.20 API server: apply the rendered manifests, scale modules with
-`kubectl scale` and `pathways scale`, and watch discovery follow."""
+"""Against a real Kubernetes v1.20 API server: apply every rendered workload (modules, gateway,
+coordinator, broker, with the volumes they claim), check that each runs with the environment its
+code reads, scale modules with `kubectl scale` and `pathways scale`, and watch discovery follow."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import yaml
 from kubernetes import client, config
 
 from pathways import spec as spec_lib
-from pathways.k8s import cluster, discovery, render
+from pathways.k8s import cluster, discovery, names, pods, render
+from tests.k8s import entrypoints
 from tests.k8s.kube import REPO, for_v1_20, kustomize, wait_for
 from tools.cli import main as cli
 
@@ -21,6 +23,45 @@ pytestmark = [
 ]
 NAMESPACE = "pathways-live"
 MODULES = ["embed", "attn-0", "attn-1", "head"]
+TRAINING_CLAIM = "pathways-training"  # render's default training volume
+BROKER_CLAIM = f"data-{names.BROKER}-0"  # the broker StatefulSet's volumeClaimTemplate, pod 0
+
+
+def _volumes() -> list[dict]:
+    """What a cluster provides beside the base: the training claim (as the dev overlay does) and
+    node-directory volumes pre-bound to it and to the broker's claim (the kit has no storage
+    provisioner), so the pods that mount them get scheduled."""
+
+    def volume(name: str, claim: str, mode: str) -> dict:
+        return {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": f"{NAMESPACE}-{name}"},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": [mode],
+                "storageClassName": "",
+                "hostPath": {"path": f"/var/lib/pathways/{name}"},
+                "claimRef": {"namespace": NAMESPACE, "name": claim},
+            },
+        }
+
+    claim = {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": TRAINING_CLAIM, "namespace": NAMESPACE},
+        "spec": {
+            "accessModes": ["ReadWriteMany"],
+            "storageClassName": "",
+            "volumeName": f"{NAMESPACE}-training",
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }
+    return [
+        volume("training", TRAINING_CLAIM, "ReadWriteMany"),
+        volume("broker", BROKER_CLAIM, "ReadWriteOnce"),
+        claim,
+    ]
 
 
 def _kubectl(kubeconfig: str, *args: str) -> str:
@@ -30,27 +71,47 @@ def _kubectl(kubeconfig: str, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(kubeconfig, tmp_path_factory):
-    """The tiny example pathway applied to the cluster, every module Ready; an API client."""
+def applied(kubeconfig, tmp_path_factory) -> list[dict]:
+    """The tiny example pathway's base, every workload applied to the cluster (modules, gateway,
+    coordinator, broker) and running; returns what was applied."""
     base = tmp_path_factory.mktemp("base")
     spec = spec_lib.load(REPO / "examples" / "tiny.yaml")
     render.write(
         render.render(spec, checkpoint_uri="file:///var/lib/pathways/tiny", namespace=NAMESPACE),
         base,
     )
+    docs = for_v1_20(kustomize(base))
+    # The namespace and volumes first, bound before any pod claims them: the scheduler would retry
+    # such a pod only after a backoff.
+    volumes = base.parent / "volumes.yaml"
+    volumes.write_text(
+        yaml.safe_dump_all([d for d in docs if d["kind"] == "Namespace"] + _volumes())
+    )
+    _kubectl(kubeconfig, "apply", "-f", str(volumes))
+    _kubectl(
+        kubeconfig,
+        *("-n", NAMESPACE, "wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=30s"),
+        f"pvc/{TRAINING_CLAIM}",
+    )
     manifest = base.parent / "applied.yaml"
-    manifest.write_text(yaml.safe_dump_all(for_v1_20(kustomize(base))))
+    manifest.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] != "Namespace"]))
     _kubectl(kubeconfig, "apply", "-f", str(manifest))
     _kubectl(
         kubeconfig,
-        "-n",
-        NAMESPACE,
-        "wait",
-        "--for=condition=Available",
-        "--timeout=60s",
-        "deployment",
-        "--all",
+        *("-n", NAMESPACE, "wait", "--for=condition=Available", "--timeout=60s"),
+        *("deployment", "--all"),
     )
+    _kubectl(
+        kubeconfig,
+        *("-n", NAMESPACE, "rollout", "status", "--timeout=60s"),
+        f"statefulset/{names.BROKER}",
+    )
+    return docs
+
+
+@pytest.fixture(scope="module")
+def api(applied, kubeconfig):
+    """An API client of the cluster where the example pathway runs."""
     return client.ApiClient(config.new_client_from_config(kubeconfig).configuration)
 
 
@@ -124,3 +185,49 @@ def test_discovery_follows_scaling(api, kubeconfig):
         assert [len(r) for _, r in changes][-1] == 1 and max(len(r) for _, r in changes) == 3
     finally:
         watcher.stop()
+
+
+def _stored(api, kind: str, items) -> list[dict]:
+    """API objects as manifests (camelCase dicts), as the server stored them after defaulting."""
+    out = []
+    for item in items:
+        doc = api.sanitize_for_serialization(item)
+        doc["kind"] = kind
+        out.append(doc)
+    return out
+
+
+def test_every_workload_runs_with_the_environment_its_code_reads(api, applied):
+    apps, core = client.AppsV1Api(api), client.CoreV1Api(api)
+    stored = [
+        *_stored(api, "Deployment", apps.list_namespaced_deployment(NAMESPACE).items),
+        *_stored(api, "StatefulSet", apps.list_namespaced_stateful_set(NAMESPACE).items),
+        *_stored(api, "Service", core.list_namespaced_service(NAMESPACE).items),
+    ]
+    # Everything rendered was accepted (v1.20 lacks HPA v2 and PDB v1: checked offline).
+    kinds = {"Deployment", "StatefulSet", "Service"}
+    assert {(d["kind"], d["metadata"]["name"]) for d in applied if d["kind"] in kinds} == {
+        (d["kind"], d["metadata"]["name"]) for d in stored
+    }
+    workloads = {d["metadata"]["name"]: d for d in stored if d["kind"] != "Service"}
+    assert set(workloads) == {*MODULES, names.GATEWAY, names.COORDINATOR, names.BROKER}
+    for name, d in workloads.items():
+        assert (d["status"].get("readyReplicas") or 0) >= 1, f"{name} has no ready replica"
+
+    # The training volume is bound and mounted writable where training output is written; the
+    # checkpoint stays read-only everywhere.
+    claim = core.read_namespaced_persistent_volume_claim(TRAINING_CLAIM, NAMESPACE)
+    assert claim.status.phase == "Bound"
+    for name, d in workloads.items():
+        mounts = {
+            m["name"]: m
+            for m in d["spec"]["template"]["spec"]["containers"][0].get("volumeMounts", [])
+        }
+        if name in (*MODULES, names.COORDINATOR):
+            assert mounts["training"]["mountPath"] == pods.TRAINING_DIR
+            assert not mounts["training"].get("readOnly"), name
+        if "checkpoint" in mounts:
+            assert mounts["checkpoint"]["readOnly"] is True, name
+
+    started = entrypoints.check_workloads(stored)
+    assert set(started) == {*MODULES, names.GATEWAY, names.COORDINATOR}

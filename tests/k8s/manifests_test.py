@@ -118,3 +118,17 @@ def test_a_spec_with_unusual_module_names_renders_valid_manifests(tmp_path):
         "pathways-coordinator",
     }
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"team-a"}
+
+
+def test_dev_overlay_creates_the_claims_its_pods_mount():
+    docs = kustomize(K8S / "overlays" / "dev")
+    claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
+    mounted = {
+        v["persistentVolumeClaim"]["claimName"]
+        for d in docs
+        if d["kind"] == "Deployment"
+        for v in d["spec"]["template"]["spec"]["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert mounted == {"pathways-checkpoints", "pathways-training"}
+    assert mounted <= claims

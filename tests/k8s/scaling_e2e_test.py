@@ -61,7 +61,15 @@ def deployed(tmp_path_factory):
     local = testing.make_checkpoint(ckpt)
     base = tmp / "base"
     spec = spec_lib.load(REPO / "examples" / "tiny.yaml")
-    render.write(render.render(spec, checkpoint_uri=f"file://{ckpt}", namespace=NAMESPACE), base)
+    training = tmp / "training"  # the test kubelet mounts a hostPath as the folder itself
+    training.mkdir()
+    files = render.render(
+        spec,
+        checkpoint_uri=f"file://{ckpt}",
+        namespace=NAMESPACE,
+        training_uri=f"file://{training}",
+    )
+    render.write(files, base)
     docs = [
         d
         for d in for_v1_20(kustomize(base))

@@ -25,22 +25,31 @@ DEFAULT_RESOURCES = RESOURCES["attention"]
 HPA_MIN, HPA_MAX, HPA_CPU_PERCENT = 1, 4, 70
 
 
-def module_objects(module: str, kind: str, image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
-    """The objects that run and expose `module` (the spec's name) of `kind`."""
+def module_objects(
+    module: str,
+    kind: str,
+    image: str,
+    checkpoint_uri: str,
+    training_uri: str = pods.DEFAULT_TRAINING_URI,
+) -> list[dict[str, Any]]:
+    """The objects that run and expose `module` (the spec's name) of `kind`; the server mounts
+    the training volume, where it saves its part of a checkpoint when a job trains through it."""
     name = names.dns_name(module)
     labels = names.labels("module", module)
     selector = {names.APP_LABEL: names.APP, names.MODULE_LABEL: name}
     meta = {"name": name, "labels": labels, "annotations": {names.MODULE_NAME_ANNOTATION: module}}
     return [
-        _deployment(meta, selector, module, kind, image, checkpoint_uri),
+        _deployment(meta, selector, module, kind, image, checkpoint_uri, training_uri),
         _service(meta, selector),
         _hpa(meta),
         _pdb(meta, selector),
     ]
 
 
-def _deployment(meta, selector, module, kind, image, checkpoint_uri) -> dict[str, Any]:
-    volumes, mounts = pods.common_volumes(checkpoint_uri)
+def _deployment(
+    meta, selector, module, kind, image, checkpoint_uri, training_uri
+) -> dict[str, Any]:
+    volumes, mounts = pods.common_volumes(checkpoint_uri, training_uri)
     container = {
         "name": "module-server",
         "image": image,

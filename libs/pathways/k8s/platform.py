@@ -11,6 +11,22 @@ BROKER_IMAGE = "docker.io/valkey/valkey:8.1"
 BROKER_PORT = 6379
 BROKER_USER = 999  # the image's `valkey` user
 BROKER_URL = f"redis://{names.BROKER}:{BROKER_PORT}/0"
+BROKER_ENV = "PATHWAYS_BROKER_URL"  # what pathways.coordinator.app reads (not Celery's own names)
+
+# Every connection the code opens between Pathways pods, as destination -> (sources, port); the
+# network policies admit exactly these (tests/k8s/network_policies_test.py checks the rendered
+# policies against its own list of the connections the code makes):
+#   gateway -> module      ModuleService calls of generation (executor.remote)
+#   coordinator -> module  TrainingService calls of a job trained through the services
+#                          (serving.train_client)
+#   module -> module       TrainingService.Deliver: activations and gradients sent straight to the
+#                          neighbouring stage's server (serving.peer)
+#   coordinator -> broker  Celery's broker and result backend (coordinator.app)
+INGRESS = {
+    "module": (("gateway", "coordinator", "module"), pods.GRPC_PORT),
+    "broker": (("coordinator",), BROKER_PORT),
+}
+POLICY_NAMES = {"module": "pathways-modules", "broker": names.BROKER}
 
 
 def _meta(name: str, component: str) -> dict[str, Any]:
@@ -80,19 +96,19 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
     return [deployment, service]
 
 
-def coordinator(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
-    """Celery worker Deployment; it reaches modules directly, so it shares the discovery account."""
-    volumes, mounts = pods.common_volumes(checkpoint_uri)
+def coordinator(
+    image: str, checkpoint_uri: str, training_uri: str = pods.DEFAULT_TRAINING_URI
+) -> list[dict[str, Any]]:
+    """Celery worker Deployment, under the discovery account. Its jobs write their output under
+    the training volume (`--out /training/RUN`) and, trained through the module services, call
+    the module servers directly."""
+    volumes, mounts = pods.common_volumes(checkpoint_uri, training_uri)
     container = {
         "name": "coordinator",
         "image": image,
-        "env": [
-            {"name": "CELERY_BROKER_URL", "value": BROKER_URL},
-            {"name": "CELERY_RESULT_BACKEND", "value": BROKER_URL},
-            {"name": "PATHWAYS_SPEC", "value": f"{pods.SPEC_DIR}/spec.yaml"},
-            {"name": "PATHWAYS_CHECKPOINT", "value": pods.CHECKPOINT_DIR},
-            pods.namespace_env(),
-        ],
+        # The worker's one required setting (pathways.coordinator.app), broker and result backend
+        # at once; jobs carry their own spec and output paths.
+        "env": [{"name": BROKER_ENV, "value": BROKER_URL}],
         "resources": {
             "requests": {"cpu": "250m", "memory": "512Mi"},
             "limits": {"cpu": "1", "memory": "1Gi"},
@@ -223,27 +239,25 @@ def rbac() -> list[dict[str, Any]]:
 
 
 def network_policies() -> list[dict[str, Any]]:
-    """Modules accept gRPC only from the gateway and coordinator; the broker only from those two."""
-    clients = [
-        {
-            "podSelector": {
-                "matchExpressions": [
-                    {"key": names.APP_LABEL, "operator": "In", "values": [names.APP]},
-                    {
-                        "key": names.COMPONENT_LABEL,
-                        "operator": "In",
-                        "values": ["gateway", "coordinator"],
-                    },
-                ]
-            }
-        }
-    ]
+    """One ingress policy per destination in INGRESS: its pods accept connections only from the
+    Pathways components listed there, only on its port."""
 
-    def policy(name: str, component: str, port: int) -> dict[str, Any]:
+    def policy(component: str) -> dict[str, Any]:
+        sources, port = INGRESS[component]
+        clients = [
+            {
+                "podSelector": {
+                    "matchExpressions": [
+                        {"key": names.APP_LABEL, "operator": "In", "values": [names.APP]},
+                        {"key": names.COMPONENT_LABEL, "operator": "In", "values": list(sources)},
+                    ]
+                }
+            }
+        ]
         return {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
-            "metadata": _meta(name, component),
+            "metadata": _meta(POLICY_NAMES[component], component),
             "spec": {
                 "podSelector": {"matchLabels": _selector(component)},
                 "policyTypes": ["Ingress"],
@@ -251,7 +265,4 @@ def network_policies() -> list[dict[str, Any]]:
             },
         }
 
-    return [
-        policy("pathways-modules", "module", pods.GRPC_PORT),
-        policy(names.BROKER, "broker", BROKER_PORT),
-    ]
+    return [policy(component) for component in INGRESS]

@@ -1,5 +1,5 @@
 """Pod building blocks shared by the rendered workloads: hardened security contexts, gRPC health
-probes, volumes for the checkpoint, the spec and a writable /tmp."""
+probes, volumes for the checkpoint, the spec, training output and a writable /tmp."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ CHECKPOINT_DIR = "/checkpoint"
 SPEC_DIR = "/etc/pathways"
 SPEC_CONFIGMAP = "pathways-spec"  # a configMapGenerator: kustomize appends a content hash
 DEFAULT_CHECKPOINT_URI = "pvc://pathways-checkpoints"
+# Training output (checkpoints, metrics) is written by the coordinator and, when a job trains
+# through the module services, by every module server (TrainingService.Save) into the same
+# directory: one volume they all mount read-write. Its own volume, so the served checkpoint stays
+# read-only.
+TRAINING_DIR = "/training"
+DEFAULT_TRAINING_URI = "pvc://pathways-training"
 
 
 def pod_security(user: int = RUN_AS, group: int = RUN_AS) -> dict[str, Any]:
@@ -55,31 +61,51 @@ def grpc_probes() -> dict[str, Any]:
     }
 
 
+def _uri_volume(
+    name: str, uri: str, path: str, read_only: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, volumeMount) for `pvc://CLAIM[/SUBPATH]` or `file:///PATH` mounted at `path`."""
+    parsed = urlparse(uri)
+    mount: dict[str, Any] = {"name": name, "mountPath": path}
+    if read_only:
+        mount["readOnly"] = True
+    if parsed.scheme == "pvc" and parsed.netloc:
+        sub = parsed.path.strip("/")
+        if sub:
+            mount["subPath"] = sub
+        claim: dict[str, Any] = {"claimName": parsed.netloc}
+        if read_only:
+            claim["readOnly"] = True
+        return {"name": name, "persistentVolumeClaim": claim}, mount
+    if parsed.scheme == "file" and not parsed.netloc and parsed.path.startswith("/"):
+        return {"name": name, "hostPath": {"path": parsed.path, "type": "Directory"}}, mount
+    raise ValueError(f"{name} URI must be pvc://CLAIM[/SUBPATH] or file:///PATH, got {uri!r}")
+
+
 def checkpoint_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(volume, volumeMount) that put the checkpoint named by `uri` read-only at CHECKPOINT_DIR.
 
     `pvc://CLAIM[/SUBPATH]` mounts a PersistentVolumeClaim (ReadOnlyMany storage shared by all
     replicas); `file:///PATH` mounts a directory of the node (single-node dev clusters).
     """
-    parsed = urlparse(uri)
-    mount: dict[str, Any] = {"name": "checkpoint", "mountPath": CHECKPOINT_DIR, "readOnly": True}
-    if parsed.scheme == "pvc" and parsed.netloc:
-        sub = parsed.path.strip("/")
-        if sub:
-            mount["subPath"] = sub
-        volume = {
-            "name": "checkpoint",
-            "persistentVolumeClaim": {"claimName": parsed.netloc, "readOnly": True},
-        }
-        return volume, mount
-    if parsed.scheme == "file" and not parsed.netloc and parsed.path.startswith("/"):
-        return {"name": "checkpoint", "hostPath": {"path": parsed.path, "type": "Directory"}}, mount
-    raise ValueError(f"checkpoint URI must be pvc://CLAIM[/SUBPATH] or file:///PATH, got {uri!r}")
+    return _uri_volume("checkpoint", uri, CHECKPOINT_DIR, read_only=True)
 
 
-def common_volumes(checkpoint_uri: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def training_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, volumeMount) that put the training output volume read-write at TRAINING_DIR.
+
+    `pvc://CLAIM[/SUBPATH]`: a claim every writer mounts at once (ReadWriteMany, or ReadWriteOnce
+    on a single node); `file:///PATH`: a node directory writable by uid RUN_AS.
+    """
+    return _uri_volume("training", uri, TRAINING_DIR, read_only=False)
+
+
+def common_volumes(
+    checkpoint_uri: str, training_uri: str | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Volumes and mounts every Pathways container gets: checkpoint, spec, and /tmp (the root
-    filesystem is read-only; JAX and gRPC still want a scratch directory)."""
+    filesystem is read-only; JAX and gRPC still want a scratch directory); with `training_uri`,
+    also the writable training volume (for the workloads that write training output)."""
     ckpt_volume, ckpt_mount = checkpoint_volume(checkpoint_uri)
     volumes = [
         ckpt_volume,
@@ -91,6 +117,10 @@ def common_volumes(checkpoint_uri: str) -> tuple[list[dict[str, Any]], list[dict
         {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
         {"name": "tmp", "mountPath": "/tmp"},
     ]
+    if training_uri is not None:
+        train_volume, train_mount = training_volume(training_uri)
+        volumes.append(train_volume)
+        mounts.append(train_mount)
     return volumes, mounts
 
 

@@ -33,6 +33,7 @@ def render(
     checkpoint_uri: str = pods.DEFAULT_CHECKPOINT_URI,
     image_registry: str = DEFAULT_REGISTRY,
     namespace: str = DEFAULT_NAMESPACE,
+    training_uri: str = pods.DEFAULT_TRAINING_URI,
 ) -> dict[str, str]:
     """The kustomize base for `spec`, as {relative filename: YAML text}.
 
@@ -42,21 +43,28 @@ def render(
       image_registry: prefix of the `module-server`, `gateway` and `coordinator` images (tag
         `latest`; overlays set real tags with kustomize `images:`).
       namespace: set on every object by the kustomization.
+      training_uri: `pvc://CLAIM[/SUBPATH]` or `file:///PATH`, mounted read-write at /training
+        in the coordinator and module pods, which write training jobs' output there.
 
     Raises:
-      ValueError: a bad checkpoint URI, or module names that clash once sanitised.
+      ValueError: a bad checkpoint or training URI, or module names that clash once sanitised.
     """
     pods.checkpoint_volume(checkpoint_uri)  # fail early, with the URI in the message
+    pods.training_volume(training_uri)
     dns = names.module_names(list(spec.modules))
     registry = image_registry.rstrip("/")
     image = {role: f"{registry}/{name}:latest" for role, name in IMAGES.items()}
 
     files: dict[str, str] = {}
     for module, cfg in spec.modules.items():
-        objs = module_objs.module_objects(module, cfg.kind, image["module"], checkpoint_uri)
+        objs = module_objs.module_objects(
+            module, cfg.kind, image["module"], checkpoint_uri, training_uri
+        )
         files[f"modules/{dns[module]}.yaml"] = to_yaml(objs)
     files["gateway.yaml"] = to_yaml(platform.gateway(image["gateway"], checkpoint_uri))
-    files["coordinator.yaml"] = to_yaml(platform.coordinator(image["coordinator"], checkpoint_uri))
+    files["coordinator.yaml"] = to_yaml(
+        platform.coordinator(image["coordinator"], checkpoint_uri, training_uri)
+    )
     files["broker.yaml"] = to_yaml(platform.broker())
     files["rbac.yaml"] = to_yaml(platform.rbac())
     files["network-policies.yaml"] = to_yaml(platform.network_policies())

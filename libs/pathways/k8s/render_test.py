@@ -142,3 +142,59 @@ def test_write_removes_modules_dropped_from_the_spec(tmp_path):
 def test_no_yaml_anchors():
     files = render.render(spec_lib.from_dict(SPEC))
     assert not any("&id" in text or "*id" in text for text in files.values())
+
+
+def _pod_spec(files, name, kind="Deployment"):
+    return _by_kind(_docs(files, name))[kind]["spec"]["template"]["spec"]
+
+
+def test_training_output_has_its_own_writable_volume():
+    files = render.render(spec_lib.from_dict(SPEC), training_uri="pvc://train/runs")
+    for name in ("modules/attn-0.yaml", "coordinator.yaml"):
+        pod = _pod_spec(files, name)
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+        # Module servers save their part of a checkpoint there too (TrainingService.Save).
+        assert volumes["training"]["persistentVolumeClaim"] == {"claimName": "train"}
+        assert mounts["training"] == {
+            "name": "training",
+            "mountPath": "/training",
+            "subPath": "runs",
+        }
+        assert mounts["checkpoint"]["readOnly"] is True
+        assert volumes["checkpoint"]["persistentVolumeClaim"]["readOnly"] is True
+    gateway = _pod_spec(files, "gateway.yaml")
+    assert "training" not in {v["name"] for v in gateway["volumes"]}
+    default = render.render(spec_lib.from_dict(SPEC))
+    claim = {v["name"]: v for v in _pod_spec(default, "coordinator.yaml")["volumes"]}["training"]
+    assert claim["persistentVolumeClaim"] == {"claimName": "pathways-training"}
+    with pytest.raises(ValueError, match="training URI must be.*'emptydir://'"):
+        render.render(spec_lib.from_dict(SPEC), training_uri="emptydir://")
+
+
+def test_coordinator_gets_the_broker_url_the_worker_reads():
+    c = _pod_spec(render.render(spec_lib.from_dict(SPEC)), "coordinator.yaml")["containers"][0]
+    # pathways.coordinator.app reads PATHWAYS_BROKER_URL (tests/k8s/workload_env_test.py runs it).
+    assert c["env"] == [{"name": "PATHWAYS_BROKER_URL", "value": "redis://pathways-broker:6379/0"}]
+
+
+def test_network_policies_admit_the_traffic_of_training_and_serving():
+    policies = {
+        d["metadata"]["name"]: d["spec"]
+        for d in _docs(render.render(spec_lib.from_dict(SPEC)), "network-policies.yaml")
+    }
+
+    def sources(name):
+        (rule,) = policies[name]["ingress"]
+        (peer,) = rule["from"]
+        (port,) = rule["ports"]
+        (component,) = (
+            e["values"]
+            for e in peer["podSelector"]["matchExpressions"]
+            if e["key"] == "app.kubernetes.io/component"
+        )
+        return set(component), port["port"]
+
+    # Modules send activations and gradients to each other when a job trains through them.
+    assert sources("pathways-modules") == ({"gateway", "coordinator", "module"}, 50051)
+    assert sources("pathways-broker") == ({"coordinator"}, 6379)

@@ -32,15 +32,58 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
         print("  ".join(format(r[k], f).rjust(w) for (k, _, f), w in zip(columns, widths)))
 
 
+def dated_path(directory: str | Path, name: str) -> Path:
+    """directory/name_YYYY-MM-DDTHHMM.json: a new record per run (tables cite their file)."""
+    return Path(directory) / f"{name}_{time.strftime('%Y-%m-%dT%H%M', time.gmtime())}.json"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine() -> dict:
+    """What a result depends on: CPU model and count, JAX backend and devices, kernel choice."""
+    import jax
+
+    from pathways import kernels
+
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "platform": platform.platform(),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "kernels": kernels.mode(),  # PATHWAYS_KERNELS: xla (default), auto or native
+    }
+
+
+def relative(value):
+    """Paths under the repository recorded relative to it (records never hold machine paths)."""
+    root = Path(__file__).resolve().parents[2]
+    if isinstance(value, str) and value.startswith(str(root) + os.sep):
+        return os.path.relpath(value, root)
+    if isinstance(value, list):
+        return [relative(v) for v in value]
+    if isinstance(value, dict):
+        return {k: relative(v) for k, v in value.items()}
+    return value
+
+
 def write_json(path: str | Path, name: str, rows: list[dict], **extra) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "benchmark": name,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": machine(),
         "rows": rows,
-        **extra,
+        **relative(extra),
     }
     path.write_text(json.dumps(record, indent=1))
     return path

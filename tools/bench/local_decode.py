@@ -1,10 +1,13 @@
-"""Local prefill and per-token decode: the modular executor against a fused single program.
+"""Local prefill and per-token decode: what users run against one hand-written program.
 
-The baseline (measured in the same run) jits the whole pathway's step as one XLA program; the
-modular executor runs one jitted program per module, as the services will. The ratio is the price
-of modularity on one machine.
+Three sides on the same parameters, measured alternately in one run (medians of the per-repetition
+ratios): the `LocalExecutor` session API as users call it (prefill + decode; its step through a
+pathway is one fused program by default), the same executor with `fuse=False` (one program per
+module, as the module servers run them), and the baseline: the whole pathway's cached step written
+by hand as one jitted function. Greedy tokens of all three are compared.
 
-    ./pants run tools/bench/local_decode.py -- [--specs examples/tiny.yaml ...] [--out FILE]
+    ./pants run tools/bench/local_decode.py -- [--specs examples/tiny.yaml ...] [--repeat 5]
+    (or: PYTHONPATH=libs:.:build/gen .venv/py312/bin/python -m tools.bench.local_decode)
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ from pathways import spec as spec_lib
 from pathways.executor.local import LocalExecutor
 from pathways.modules.attention import empty_cache
 from pathways.sampling import SamplingParams
-from tools.bench.common import median, print_table, timed, write_json
+from tools.bench.common import dated_path, median, print_table, timed, write_json
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def fused_step_fn(ex: LocalExecutor, pathway: str):
-    """The whole pathway's cached step (embed -> attention* -> head, greedy) as one jit."""
+    """The whole pathway's cached step (embed -> attention* -> head, greedy) as one jit, written
+    by hand: step(params, caches, tokens, positions, last, window=) with `params` the flat list
+    of every module's parameter arrays (what a careful hand-written program passes; an
+    nnx.State would cost a Python callback per Variable on every call)."""
     chain = ex.chain(pathway)
+    treedef = jax.tree.structure([rt.state for rt in chain])
 
-    def step(states, caches, tokens, positions, last, window):
+    def step(params, caches, tokens, positions, last, window):
+        states = jax.tree.unflatten(treedef, params)
         x = tokens
         new_caches = []
         slots = jnp.arange(tokens.shape[0], dtype=jnp.int32)
@@ -54,36 +62,38 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
     spec = spec_lib.load(path)
     pathway = spec.default_pathway
     ex = LocalExecutor(spec)
+    unfused = LocalExecutor(spec, {m: ex.state(m) for m in ex.runtimes}, fuse=False)
     p = spec.pathway(pathway)
     vocab = spec.modules[p.modules[0]].vocab_size
     prompt = list(np.random.default_rng(0).integers(0, vocab, prompt_len))
     window = 1 << (prompt_len + new_tokens - 1).bit_length()
 
-    # ---- modular: the LocalExecutor, one program per module --------------------------------
-    def modular_prefill():
-        s = ex.open_session(pathway, [SamplingParams()])
-        r = ex.prefill(s, [prompt])
-        return s, r
+    # ---- what users run: the LocalExecutor session API ---------------------------------------
+    def session_sides(executor):
+        def prefill():
+            s = executor.open_session(pathway, [SamplingParams()])
+            r = executor.prefill(s, [prompt])
+            return s, r
 
-    def modular_generate():
-        s, r = modular_prefill()
-        for _ in range(new_tokens):
-            r = ex.decode(s, r.tokens)
-        ex.close_session(s)
+        def generate():
+            s, r = prefill()
+            out = [int(r.tokens[0])]
+            for _ in range(new_tokens):
+                r = executor.decode(s, r.tokens)
+                out.append(int(r.tokens[0]))
+            executor.close_session(s)
+            return out
 
-    modular_generate()  # compile every bucket the run touches
-    mod_prefill = median(timed(lambda: ex.close_session(modular_prefill()[0]), repeat))
-    mod_total = median(timed(modular_generate, repeat))
-    mod_decode = (mod_total - mod_prefill) / new_tokens
+        return (lambda: executor.close_session(prefill()[0])), generate
 
-    # ---- fused baseline: one program for the whole pathway --------------------------------------
+    # ---- baseline: one hand-written program for the whole pathway -------------------------------
     step = fused_step_fn(ex, pathway)
-    states = [rt.state for rt in ex.chain(pathway)]
+    states = jax.tree.leaves([rt.state for rt in ex.chain(pathway)])
     attn = [rt.cfg for rt in ex.chain(pathway) if rt.cfg.kind == "attention"]
     max_len = p.max_seq_len
     pos_prompt = np.arange(prompt_len, dtype=np.int32)[None]
 
-    def fused_prefill():
+    def base_prefill():
         caches = [empty_cache(c, 1) for c in attn]
         tok, caches = step(
             states,
@@ -93,43 +103,62 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
             np.array([prompt_len - 1], np.int32),
             window=min(window, max_len),
         )
-        return tok, caches
+        return np.asarray(tok), caches
 
-    def fused_generate():
-        tok, caches = fused_prefill()
+    def base_generate():
+        tok, caches = base_prefill()
+        out = [int(tok[0])]
         for i in range(new_tokens):
             pos = np.array([[prompt_len + i]], np.int32)
             tok, caches = step(
-                states,
-                caches,
-                tok[:, None],
-                pos,
-                np.zeros(1, np.int32),
-                window=min(window, max_len),
+                states, caches, tok[:, None], pos, np.zeros(1, np.int32), window=min(window, max_len)
             )
-        tok.block_until_ready()
+            tok = np.asarray(tok)
+            out.append(int(tok[0]))
+        return out
 
-    fused_generate()
-    fused_prefill_s = median(timed(lambda: fused_prefill()[0].block_until_ready(), repeat))
-    fused_total = median(timed(fused_generate, repeat))
-    fused_decode = (fused_total - fused_prefill_s) / new_tokens
+    sides = {
+        "executor": session_sides(ex),
+        "unfused": session_sides(unfused),
+        "baseline": (lambda: base_prefill(), base_generate),
+    }
+    tokens = {name: gen() for name, (_, gen) in sides.items()}  # compiles every bucket
+    times = {name: {"prefill": [], "total": []} for name in sides}
+    for _ in range(repeat):  # alternate the sides: drift hits them alike
+        for name, (prefill, generate) in sides.items():
+            times[name]["prefill"] += timed(prefill, 1)
+            times[name]["total"] += timed(generate, 1)
 
-    params = sum(rt.param_count() for rt in ex.chain(pathway))
-    return {
+    def decode_s(name, i):
+        t = times[name]
+        return (t["total"][i] - t["prefill"][i]) / new_tokens
+
+    def ratio(name, phase):  # median over repetitions of baseline time / this side's time
+        if phase == "decode":
+            return median([decode_s("baseline", i) / decode_s(name, i) for i in range(repeat)])
+        return median([times["baseline"][phase][i] / times[name][phase][i] for i in range(repeat)])
+
+    row = {
         "spec": path.name,
         "pathway": pathway,
-        "params_m": params / 1e6,
+        "params_m": sum(rt.param_count() for rt in ex.chain(pathway)) / 1e6,
         "modules": len(p.modules),
         "prompt": prompt_len,
         "new_tokens": new_tokens,
-        "prefill_ms": mod_prefill * 1e3,
-        "fused_prefill_ms": fused_prefill_s * 1e3,
-        "decode_ms": mod_decode * 1e3,
-        "fused_decode_ms": fused_decode * 1e3,
-        "decode_tok_s": 1 / mod_decode,
-        "decode_vs_fused": fused_decode / mod_decode,
-        "prefill_vs_fused": fused_prefill_s / mod_prefill,
+        "repeat": repeat,
+        "tokens_equal": tokens["executor"] == tokens["baseline"] == tokens["unfused"],
+        "tokens_differ_at": next(
+            (i for i, (a, b) in enumerate(zip(tokens["executor"], tokens["baseline"])) if a != b),
+            None,
+        ),
     }
+    for name in sides:
+        row[f"{name}_prefill_ms"] = median(times[name]["prefill"]) * 1e3
+        row[f"{name}_decode_ms"] = median([decode_s(name, i) for i in range(repeat)]) * 1e3
+    for name in ("executor", "unfused"):
+        row[f"{name}_decode_vs_baseline"] = ratio(name, "decode")
+        row[f"{name}_prefill_vs_baseline"] = ratio(name, "prefill")
+    return row
 
 
 def main() -> None:
@@ -141,9 +170,10 @@ def main() -> None:
     )
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "tools/bench/results/local_decode.json"))
+    ap.add_argument("--repeat", type=int, default=5, help="alternating repetitions (>= 5)")
+    ap.add_argument("--out", default=None, help="JSON record (default: a dated file in results/)")
     args = ap.parse_args()
+    out = args.out or dated_path(ROOT / "tools/bench/results", "local_decode")
     rows = [bench_spec(Path(s), args.prompt_len, args.new_tokens, args.repeat) for s in args.specs]
     print_table(
         rows,
@@ -151,15 +181,20 @@ def main() -> None:
             ("spec", "spec", ""),
             ("params_m", "params (M)", ".1f"),
             ("modules", "modules", "d"),
-            ("prefill_ms", "prefill ms", ".1f"),
-            ("fused_prefill_ms", "fused prefill ms", ".1f"),
-            ("decode_ms", "decode ms/tok", ".2f"),
-            ("fused_decode_ms", "fused ms/tok", ".2f"),
-            ("decode_tok_s", "tok/s", ".0f"),
-            ("decode_vs_fused", "speed vs fused", ".2f"),
+            ("executor_prefill_ms", "prefill ms", ".1f"),
+            ("unfused_prefill_ms", "unfused", ".1f"),
+            ("baseline_prefill_ms", "baseline", ".1f"),
+            ("executor_decode_ms", "decode ms/tok", ".2f"),
+            ("unfused_decode_ms", "unfused", ".2f"),
+            ("baseline_decode_ms", "baseline", ".2f"),
+            ("executor_decode_vs_baseline", "decode x", ".3f"),
+            ("unfused_decode_vs_baseline", "unfused x", ".3f"),
+            ("executor_prefill_vs_baseline", "prefill x", ".3f"),
+            ("tokens_equal", "tokens equal", ""),
         ],
     )
-    print(f"wrote {write_json(args.out, 'local_decode', rows, args=vars(args))}")
+    print("x: the baseline's time / this side's (median of per-repetition ratios; 1 = as fast)")
+    print(f"wrote {write_json(out, 'local_decode', rows, args=vars(args))}")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed
 
 def _jitted(graphdef, to_state) -> SimpleNamespace:
     """The jitted entry points of a module; their first argument becomes its state through
-    `to_state`."""
+    `to_state`. `raw` holds the same functions unjitted, for programs that fuse several modules
+    (`_fused_step`)."""
 
     def forward(params, x, positions):
         return _forward(graphdef, to_state(params), x, positions)
@@ -162,7 +163,50 @@ def _jitted(graphdef, to_state) -> SimpleNamespace:
             forward_cached, static_argnames=("window", "native"), donate_argnames="cache"
         ),
         head_sample=jax.jit(head_sample),
+        raw=SimpleNamespace(
+            forward=forward, forward_cached=forward_cached, head_sample=head_sample
+        ),
     )
+
+
+_FUSED: dict[tuple, Any] = {}
+
+
+def _fused_step(chain: list[ModuleRuntime]):
+    """One jitted program for a whole chain's session step (prefill or decode): every module's
+    step, then the head's sampling. The modules stay separate (each its own parameters, passed
+    as its own flat leaves, and its own KV cache); only their programs are compiled as one, so
+    XLA schedules across module boundaries and the step costs one dispatch instead of one per
+    module.
+
+    Programs are shared by chains of the same modules' entry points (identity of the cached
+    entry-point sets: no hashing of graphdefs per call).
+    """
+    jits = tuple(rt._serving_flat()[1] for rt in chain)
+    natives = tuple(rt.native_ops for rt in chain)
+    kinds = tuple(rt.cfg.kind for rt in chain)
+    key = (tuple(map(id, jits)), natives)  # the sets live as long as the process (cached)
+    if key not in _FUSED:
+        raws = [j.raw for j in jits]
+
+        def step(leaves, caches, x, positions, slots, last, temperature, top_k, top_p, seed,
+                 steps, *, window):
+            out_caches, it = [], iter(caches)
+            for kind, raw, params, native in zip(kinds[:-1], raws[:-1], leaves[:-1], natives):
+                if kind == "attention":
+                    x, cache = raw.forward_cached(
+                        params, x, positions, next(it), slots, window=window, native=native
+                    )
+                    out_caches.append(cache)
+                else:
+                    x = raw.forward(params, x, positions)
+            out, logits = raws[-1].head_sample(
+                leaves[-1], x, last, temperature, top_k, top_p, seed, steps
+            )
+            return out, logits, out_caches
+
+        _FUSED[key] = jax.jit(step, static_argnames="window", donate_argnames="caches")
+    return _FUSED[key]
 
 
 _ENTRY_POINTS: dict[Any, SimpleNamespace] = {}
@@ -240,6 +284,8 @@ class LocalExecutor:
 
     `weights` is the dtype sessions decode with and `native` whether with the native matmul
     (see `ModuleRuntime`); training, `forward` and `loss` use the float32 parameters and XLA.
+    With `fuse` (the default) a session's step through a pathway runs as one compiled program
+    (`_fused_step`); `fuse=False` runs one program per module, as module servers do.
     """
 
     def __init__(
@@ -249,8 +295,9 @@ class LocalExecutor:
         seed: int = 0,
         weights: str = "float32",
         native: bool | None = None,
+        fuse: bool = True,
     ):
-        self.spec = spec
+        self.spec, self.fuse = spec, fuse
         self.runtimes: dict[str, ModuleRuntime] = {}
         for i, (name, cfg) in enumerate(spec.modules.items()):
             self.runtimes[name] = ModuleRuntime(
@@ -338,23 +385,27 @@ class LocalExecutor:
         x = np.array(tokens, np.int32)  # a copy: the caller may reuse its array
         pos = np.asarray(positions, np.int32)
         chain = self.chain(session.pathway)
-        for rt in chain[:-1]:
-            if rt.cfg.kind == "attention":
-                x, caches[rt.name] = rt.serve_cached(x, pos, caches[rt.name], slots, window=window)
-            else:
-                x = rt.serve(x, pos)
         s = session.sampling
         # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
         # call runs asynchronously, so the in-place += below could race with its read.
-        out, logits = chain[-1].serve_head(
-            x,
-            np.asarray(last, np.int32),
-            s.temperature,
-            s.top_k,
-            s.top_p,
-            s.seed,
-            session.steps.copy(),
-        )
+        args = (np.asarray(last, np.int32), s.temperature, s.top_k, s.top_p, s.seed)
+        args += (session.steps.copy(),)
+        if self.fuse:
+            attn = [rt.name for rt in chain if rt.cfg.kind == "attention"]
+            leaves = [rt._serving_flat()[0] for rt in chain]
+            out, logits, new = _fused_step(chain)(
+                leaves, [caches[n] for n in attn], x, pos, slots, *args, window=window
+            )
+            caches.update(zip(attn, new))
+        else:
+            for rt in chain[:-1]:
+                if rt.cfg.kind == "attention":
+                    x, caches[rt.name] = rt.serve_cached(
+                        x, pos, caches[rt.name], slots, window=window
+                    )
+                else:
+                    x = rt.serve(x, pos)
+            out, logits = chain[-1].serve_head(x, *args)
         session.steps += 1
         return StepResult(
             tokens=np.asarray(out), logits=np.asarray(logits) if return_logits else None

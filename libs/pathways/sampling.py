@@ -62,12 +62,17 @@ class SamplingBatch:
         return dataclasses.astuple(self)
 
 
-def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b):
-    """Samples one token per row; jittable. step_b makes each step's draw distinct and replayable."""
+def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b, draw: bool | None = None):
+    """Samples one token per row; jittable. step_b makes each step's draw distinct and replayable.
+
+    `draw` (static) says whether any row samples (temperature > 0): False compiles only the
+    argmax, True only the draw (greedy rows still take the argmax), None decides on the device.
+    Callers that know it (a session's settings are fixed) spare the conditional: on a GPU an
+    XLA conditional reads its predicate back to the host on every step."""
     logits = logits_bv.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    def draw():
+    def draw_fn():
         needs_filter = jnp.any((top_k_b > 0) | (top_p_b < 1.0))
         scaled = logits / jnp.maximum(temperature_b, 1e-6)[:, None]
         scaled = jax.lax.cond(needs_filter, _filter, lambda x, k, p: x, scaled, top_k_b, top_p_b)
@@ -75,9 +80,11 @@ def sample(logits_bv, temperature_b, top_k_b, top_p_b, seed_b, step_b):
         drawn = jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
         return jnp.where(temperature_b > 0, drawn, greedy)
 
+    if draw is not None:
+        return draw_fn() if draw else greedy
     # An all-greedy batch skips the draw: Gumbel noise over a 50k vocabulary costs more per step
     # than the argmax (about a quarter of the LM head's time for GPT-2 on one CPU core).
-    return jax.lax.cond(jnp.any(temperature_b > 0), draw, lambda: greedy)
+    return jax.lax.cond(jnp.any(temperature_b > 0), draw_fn, lambda: greedy)
 
 
 def _filter(scaled_bv, top_k_b, top_p_b):

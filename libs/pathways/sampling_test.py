@@ -133,3 +133,23 @@ def test_sampling_params_validation(kwargs, words):
 
 def test_sampling_params_stop_becomes_a_tuple():
     assert SamplingParams(stop=["\n\n", "def "]).stop == ("\n\n", "def ")
+
+
+def test_a_static_draw_flag_gives_what_the_device_side_choice_gives():
+    """draw=True/False (a session's fixed settings) compile one branch; the tokens are the ones
+    the on-device conditional (draw=None) picks."""
+    logits = _logits(3, seed=5)
+    mixed = SamplingBatch.of([SamplingParams(), SamplingParams(temperature=2.0, seed=4)] * 2)
+    greedy = SamplingBatch.of([SamplingParams()] * 3)
+    flagged = jax.jit(sample, static_argnames="draw")
+    for step in range(5):
+        steps = np.full(4, step, np.int32)
+        ref = np.asarray(_sample(np.tile(logits[:1], (4, 1)), *mixed.as_tuple(), steps))
+        got = flagged(np.tile(logits[:1], (4, 1)), *mixed.as_tuple(), steps, draw=True)
+        np.testing.assert_array_equal(np.asarray(got), ref)
+    steps = np.zeros(3, np.int32)
+    ref = np.asarray(_sample(logits, *greedy.as_tuple(), steps))
+    np.testing.assert_array_equal(
+        np.asarray(flagged(logits, *greedy.as_tuple(), steps, draw=False)), ref
+    )
+    np.testing.assert_array_equal(ref, logits.argmax(-1))

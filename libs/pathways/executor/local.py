@@ -133,10 +133,10 @@ def _forward_cached(graphdef, state, x, positions, cache, slots, *, window, nati
     return nnx.merge(graphdef, state).forward_cached(x, positions, cache, slots, window, native)
 
 
-def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed, step):
+def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed, step, draw=None):
     h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
     logits = nnx.merge(graphdef, state)(h_bd)
-    return sample(logits, temperature, top_k, top_p, seed, step), logits
+    return sample(logits, temperature, top_k, top_p, seed, step, draw), logits
 
 
 def _jitted(graphdef, to_state) -> SimpleNamespace:
@@ -152,9 +152,9 @@ def _jitted(graphdef, to_state) -> SimpleNamespace:
             graphdef, to_state(params), x, positions, cache, slots, window=window, native=native
         )
 
-    def head_sample(params, h_btd, last_b, temperature, top_k, top_p, seed, step):
+    def head_sample(params, h_btd, last_b, temperature, top_k, top_p, seed, step, draw=None):
         return _head_sample(
-            graphdef, to_state(params), h_btd, last_b, temperature, top_k, top_p, seed, step
+            graphdef, to_state(params), h_btd, last_b, temperature, top_k, top_p, seed, step, draw
         )
 
     return SimpleNamespace(
@@ -190,7 +190,7 @@ def _fused_step(chain: list[ModuleRuntime]):
         raws = [j.raw for j in jits]
 
         def step(leaves, caches, x, positions, slots, last, temperature, top_k, top_p, seed,
-                 steps, *, window):
+                 steps, *, window, draw):
             out_caches, it = [], iter(caches)
             for kind, raw, params, native in zip(kinds[:-1], raws[:-1], leaves[:-1], natives):
                 if kind == "attention":
@@ -201,11 +201,13 @@ def _fused_step(chain: list[ModuleRuntime]):
                 else:
                     x = raw.forward(params, x, positions)
             out, logits = raws[-1].head_sample(
-                leaves[-1], x, last, temperature, top_k, top_p, seed, steps
+                leaves[-1], x, last, temperature, top_k, top_p, seed, steps, draw
             )
             return out, logits, out_caches
 
-        _FUSED[key] = jax.jit(step, static_argnames="window", donate_argnames="caches")
+        _FUSED[key] = jax.jit(
+            step, static_argnames=("window", "draw"), donate_argnames="caches"
+        )
     return _FUSED[key]
 
 
@@ -306,6 +308,9 @@ class LocalExecutor:
             if states and name in states:
                 self.set_state(name, states[name])
         self._caches: dict[str, dict[str, dict[str, jax.Array]]] = {}  # session -> module -> KV
+        # session -> (slots, temperature, top_k, top_p, seed) on the device, and whether any row
+        # samples: fixed for a session, so its fused steps do not copy them in every time
+        self._fixed: dict[str, tuple] = {}
         self._spare: dict[tuple[str, int], list] = {}  # (module, rows) -> caches of closed sessions
         self.max_spare_caches = 2
         self._grad_fns: dict[str, Any] = {}
@@ -332,6 +337,9 @@ class LocalExecutor:
             for rt in self.chain(pathway)
             if rt.cfg.kind == "attention"
         }
+        sb = session.sampling
+        fixed = (np.arange(b, dtype=np.int32), sb.temperature, sb.top_k, sb.top_p, sb.seed)
+        self._fixed[session.id] = (jax.device_put(fixed), bool((sb.temperature > 0).any()))
         return session
 
     def _spare_cache(self, rt: ModuleRuntime, rows: int):
@@ -350,6 +358,7 @@ class LocalExecutor:
 
     def close_session(self, session: Session) -> None:
         caches = self._caches.pop(session.id, None) or {}
+        self._fixed.pop(session.id, None)
         for name, cache in caches.items():
             spare = self._spare.setdefault((name, session.batch_size), [])
             if len(spare) < self.max_spare_caches:
@@ -381,23 +390,32 @@ class LocalExecutor:
         )
         # numpy arguments go straight into the jitted calls (jnp.asarray or jnp.arange would each
         # dispatch an eager computation first).
-        slots = np.arange(session.batch_size, dtype=np.int32)
         x = np.array(tokens, np.int32)  # a copy: the caller may reuse its array
         pos = np.asarray(positions, np.int32)
         chain = self.chain(session.pathway)
-        s = session.sampling
+        last = np.asarray(last, np.int32)
         # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
         # call runs asynchronously, so the in-place += below could race with its read.
-        args = (np.asarray(last, np.int32), s.temperature, s.top_k, s.top_p, s.seed)
-        args += (session.steps.copy(),)
+        steps = session.steps.copy()
         if self.fuse:
+            (slots, *settings), draw = self._fixed[session.id]
             attn = [rt.name for rt in chain if rt.cfg.kind == "attention"]
             leaves = [rt._serving_flat()[0] for rt in chain]
             out, logits, new = _fused_step(chain)(
-                leaves, [caches[n] for n in attn], x, pos, slots, *args, window=window
+                leaves,
+                [caches[n] for n in attn],
+                x,
+                pos,
+                slots,
+                last,
+                *settings,
+                steps,
+                window=window,
+                draw=draw,
             )
             caches.update(zip(attn, new))
         else:
+            slots = np.arange(session.batch_size, dtype=np.int32)
             for rt in chain[:-1]:
                 if rt.cfg.kind == "attention":
                     x, caches[rt.name] = rt.serve_cached(
@@ -405,7 +423,10 @@ class LocalExecutor:
                     )
                 else:
                     x = rt.serve(x, pos)
-            out, logits = chain[-1].serve_head(x, *args)
+            s = session.sampling
+            out, logits = chain[-1].serve_head(
+                x, last, s.temperature, s.top_k, s.top_p, s.seed, steps
+            )
         session.steps += 1
         return StepResult(
             tokens=np.asarray(out), logits=np.asarray(logits) if return_logits else None

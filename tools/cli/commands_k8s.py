@@ -23,6 +23,13 @@ def register(sub) -> None:
         help="pvc://CLAIM[/SUBPATH] or file:///PATH (default: %(default)s)",
     )
     r.add_argument(
+        "--training-uri",
+        default=pods.DEFAULT_TRAINING_URI,
+        help="writable volume for training output, shared by the coordinator and the module "
+        "servers: pvc://CLAIM[/SUBPATH] (ReadWriteMany in production) or file:///PATH "
+        "(default: %(default)s)",
+    )
+    r.add_argument(
         "--image-registry",
         default=render.DEFAULT_REGISTRY,
         help="prefix of the module-server/gateway/coordinator images (default: %(default)s)",
@@ -55,6 +62,7 @@ def cmd_render(args) -> int:
     files = render.render(
         spec,
         checkpoint_uri=args.checkpoint_uri,
+        training_uri=args.training_uri,
         image_registry=args.image_registry,
         namespace=args.namespace,
     )

@@ -190,7 +190,7 @@ def _fused_step(chain: list[ModuleRuntime]):
         raws = [j.raw for j in jits]
 
         def step(leaves, caches, x, positions, slots, last, temperature, top_k, top_p, seed,
-                 steps, *, window, draw):
+                 steps, *, window, draw, with_logits):
             out_caches, it = [], iter(caches)
             for kind, raw, params, native in zip(kinds[:-1], raws[:-1], leaves[:-1], natives):
                 if kind == "attention":
@@ -203,10 +203,11 @@ def _fused_step(chain: list[ModuleRuntime]):
             out, logits = raws[-1].head_sample(
                 leaves[-1], x, last, temperature, top_k, top_p, seed, steps, draw
             )
-            return out, logits, out_caches
+            # Logits only when asked for: (B, vocab) floats written out every step otherwise.
+            return out, (logits if with_logits else None), out_caches
 
         _FUSED[key] = jax.jit(
-            step, static_argnames=("window", "draw"), donate_argnames="caches"
+            step, static_argnames=("window", "draw", "with_logits"), donate_argnames="caches"
         )
     return _FUSED[key]
 
@@ -412,6 +413,7 @@ class LocalExecutor:
                 steps,
                 window=window,
                 draw=draw,
+                with_logits=return_logits,
             )
             caches.update(zip(attn, new))
         else:

@@ -20,8 +20,13 @@ def register(sub) -> None:
     p = sub.add_parser("inspect", help="show a spec's modules, parameter counts and pathways")
     p.add_argument("spec")
     p.set_defaults(func=cmd_inspect)
+    train_args(sub.add_parser("train", help="train a pathway locally (one process)"))
+    generate_args(
+        sub.add_parser("generate", help="generate text from a checkpoint (or a running gateway)")
+    )
 
-    p = sub.add_parser("train", help="train a pathway locally (one process)")
+
+def train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True)
     p.add_argument("--pathway", help="pathway to train (default: the spec's first)")
     p.add_argument(
@@ -57,8 +62,10 @@ def register(sub) -> None:
     )
     p.add_argument("--broker", help="coordinator broker URL for --remote")
     p.set_defaults(func=cmd_train)
+    return p
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint (or a running gateway)")
+
+def generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="run locally from this checkpoint")
     p.add_argument("--gateway", metavar="HOST:PORT", help="stream from a gateway (`pathways up`)")
     p.add_argument("--timeout", type=float, default=300.0, help="gateway deadline in seconds")
@@ -70,6 +77,7 @@ def register(sub) -> None:
     )
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
+    return p
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -244,6 +252,7 @@ def cmd_generate(args) -> int:
 
 
 def build_args(command: str, argv: list[str]):
-    from tools.cli.main import build_parser
-
-    return build_parser().parse_args([command, *argv])
+    """The arguments of `pathways COMMAND ARGV...` for another command that runs this one
+    (`demo` trains and generates); command is "train" or "generate"."""
+    adders = {"train": train_args, "generate": generate_args}
+    return adders[command](argparse.ArgumentParser(prog=f"pathways {command}")).parse_args(argv)

@@ -144,8 +144,9 @@ class Process:
                 out = os.fdopen(fd, "wb")
             else:
                 Path(log).mkdir(parents=True, exist_ok=True)
-                out = (Path(log) / f"{name}.log").open("wb")
-            self.log_path: Path | None = Path(out.name)
+                path = Path(log) / f"{name}.log"
+                out = path.open("wb")
+            self.log_path: Path | None = Path(path)
         else:
             out, self.log_path = log, Path(log.name) if isinstance(log.name, str) else None
         try:

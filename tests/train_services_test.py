@@ -37,10 +37,15 @@ def batch(seed: int):
     return toks[:, :-1], toks[:, 1:]
 
 
-def rel_err(a, b) -> float:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(la, lb))
-    return diff / max(float(np.abs(np.asarray(y)).max()) for y in lb)
+def update_error(before, after, ref_after) -> float:
+    """How far a module's update (after - before) is from the reference's, relative to the
+    reference update's size (L2 over all the module's parameters, in float64)."""
+    b, a, r = (
+        [np.asarray(x, np.float64) for x in jax.tree.leaves(t)] for t in (before, after, ref_after)
+    )
+    diff = sum(float(((x - y) ** 2).sum()) for x, y in zip(a, r))
+    size = sum(float(((y - z) ** 2).sum()) for y, z in zip(r, b))
+    return (diff / size) ** 0.5
 
 
 def local_reference(directory, schedule: str, n_micro: int, steps: int):
@@ -81,13 +86,34 @@ def test_steps_through_services_match_the_local_executor(
         for st in stages:
             st.close()
     ex, ref = local_reference(directory, schedule, n_micro, 3)
+    # Both paths run the same jitted programs, but nothing makes XLA sum in the same order in
+    # every process and on every CPU, and the paths may legitimately differ by float32 rounding.
+    # Measured with summation orders changed on purpose (micro-batch splits 1/2/4 of the same
+    # batch; XLA fast-math): losses agree to 3.4e-7, per-module gradient norms to 4.7e-7, every
+    # gradient element to 1.6e-6 of the module's largest.
     assert [o["loss"] for o in outs] == pytest.approx([o["loss"] for o in ref], rel=1e-5)
-    for o, r in zip(outs, ref):  # per-module gradients, through their norms
+    for o, r in zip(outs, ref):  # per-module gradients (before clipping), through their norms
         for m in MODULES:
             assert o["grad_norms"][m] == pytest.approx(r["grad_norms"][m], rel=1e-5), m
+    # The parameters cannot be held to that. AdamW divides each element's step by sqrt(v) + 1e-8,
+    # so an element whose gradient is below ~1e-8 takes a step set by rounding noise: the k
+    # projections' biases have an exactly zero gradient (softmax ignores a shift shared by all
+    # keys), float32 leaves ~1e-11 of noise, and AdamW turns it into steps of lr * g / 1e-8 ~
+    # 3e-5 whose sign follows the summation order. Rare tokens' embedding rows (gradients
+    # ~3e-7, rounding ~6e-9) are amplified the same way, less. So with gradients agreeing to
+    # 5e-7, the parameters after 3 steps differed by up to 3.5e-5 (attention) and 6.5e-6
+    # (embedding: 7e-5 of its largest weight; the issue's failures, against 1e-5 of it, were
+    # 2.1e-5 and 3.4e-5). Hence each module's update (after - before) is compared, relative to
+    # the update's norm: measured <= 1.8e-5 across those summation orders. The k biases' noise alone stays under 2.5e-4 (all 256 of
+    # an attention module's taking opposite 3e-5 steps in both steps: 1.9e-3, against an update
+    # of norm 7.6). Real errors, measured locally on the same batches: no weight decay 2.8e-3,
+    # b2 0.999 for 0.95 1.1e-2, no clipping 4e-2, one micro-batch of four missing 0.6, the lr
+    # schedule a step off 1.2. A gradient scale error, which clipping and AdamW's normalization
+    # hide from the parameters, is what the gradient norms above catch.
     for m in MODULES:
+        before = ckpt.load_module(directory, m, ex.state(m))
         remote_params = ckpt.load_module(out, m, ex.state(m))
-        assert rel_err(remote_params, ex.state(m)) <= 1e-5, m
+        assert update_error(before, remote_params, ex.state(m)) <= 1e-3, m
 
 
 def test_training_calls_out_of_order_or_malformed_get_clear_statuses(fleet):

@@ -6,10 +6,12 @@ count, in this run: transformers sides are long-lived Python 3.11 workers from t
 processes hits them alike; each figure is the best of its reps. Prefill is the time to the first
 token; decode is the time per further token.
 
-Sides (--sides): `pathways` (float32 weights, native matmul where it builds), `pathways-xla`
-(float32, XLA's dot: the executor before the native kernel), `pathways-bf16` (weights stored
-in bfloat16, float32 arithmetic), `transformers` (float32), `transformers-bf16` (torch in
-bfloat16). Ratios are against `transformers`.
+Sides (--sides): `pathways` (float32 weights, the default backend: plain XLA unless
+PATHWAYS_KERNELS asks for the native kernels), `pathways-bf16` (weights stored in bfloat16,
+float32 arithmetic), `pathways-native` / `pathways-native-bf16` (the opt-in native CPU kernels;
+need PATHWAYS_KERNELS=auto or native), `pathways-xla` (XLA's dot even where the kernels are on),
+`transformers` (float32), `transformers-bf16` (torch in bfloat16). Ratios are against
+`transformers`.
 
     tools/dev_env.sh --torch   # once: .venv/py312, and .venv/py311-torch for the torch workers
     PYTHONPATH=libs:. .venv/py312/bin/python tools/bench/hf_decode.py [--threads 1]
@@ -99,11 +101,13 @@ class PathwaysSide:
         return time.perf_counter() - t0, out
 
 
-# side -> (implementation, weights dtype, native matmul: None = where it builds)
+# side -> (implementation, weights dtype, native matmul: None = as PATHWAYS_KERNELS says)
 SIDES = {
     "pathways": ("pathways", "float32", None),
-    "pathways-xla": ("pathways", "float32", False),
     "pathways-bf16": ("pathways", "bfloat16", None),
+    "pathways-native": ("pathways", "float32", True),
+    "pathways-native-bf16": ("pathways", "bfloat16", True),
+    "pathways-xla": ("pathways", "float32", False),
     "transformers": ("torch", "float32", None),
     "transformers-bf16": ("torch", "bfloat16", None),
 }
@@ -136,10 +140,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--sides",
-        default="pathways,pathways-xla,pathways-bf16,transformers,transformers-bf16",
+        default="pathways,pathways-bf16,transformers,transformers-bf16",
         help=f"comma-separated, from {', '.join(SIDES)}; must include transformers",
     )
-    ap.add_argument("--out", default=str(ROOT / "tools/bench/results/hf_decode.json"))
+    ap.add_argument("--out", default=None, help="JSON record (default: a dated file in results/)")
     args = ap.parse_args()
     wanted = args.sides.split(",")
     if "transformers" not in wanted or not set(wanted) <= set(SIDES):
@@ -158,9 +162,17 @@ def main() -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
+    if any(SIDES[w][2] for w in wanted):
+        from pathways import kernels
+
+        if not kernels.available():
+            ap.error(
+                "the pathways-native sides need the native kernels: set PATHWAYS_KERNELS=auto "
+                f"or native (now {kernels.mode()!r}), with a C++ compiler on PATH"
+            )
     import numpy as np
 
-    from tools.bench.common import print_table, write_json
+    from tools.bench.common import dated_path, print_table, write_json
 
     prompt = np.random.default_rng(0).integers(0, 50257, args.prompt_len).tolist()
     sides = {}
@@ -232,8 +244,9 @@ def main() -> None:
             ("same_tokens_as_hf", "same greedy tokens", ""),
         ],
     )
+    out = args.out or dated_path(ROOT / "tools/bench/results", "hf_decode")
     path = write_json(
-        args.out,
+        out,
         "hf_decode",
         rows,
         **speed,
@@ -244,7 +257,7 @@ def main() -> None:
             **vars(args),
             "hf_dir": str(args.hf_dir),
             "torch_python": _shown(args.torch_python),
-            "out": _shown(args.out),
+            "out": _shown(out),
         },
     )
     print(f"wrote {path}")

@@ -46,8 +46,9 @@ def cli(tmp_path_factory):
 
     def run(*argv, background=False, timeout=300, **kw):
         cmd = [str(work / "pathways.pex"), *argv]
-        if background:
-            return subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True, **kw)
+        if background:  # its own process group (killed whole if the test fails); output piped
+            pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            return subprocess.Popen(cmd, cwd=work, env=env, start_new_session=True, **pipes)
         return subprocess.run(
             cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout, **kw
         )
@@ -78,9 +79,6 @@ def test_demo_trains_through_the_module_services_then_generates_and_stops(cli):
         "--max-tokens",
         "16",
         background=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=900)
@@ -119,9 +117,6 @@ def test_up_serves_generates_trains_and_stops_cleanly(cli, tmp_path):
         "--replicas",
         "attn-0=2",
         background=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
     )
     try:
         line = up.stdout.readline()

@@ -22,10 +22,11 @@ import optax
 
 from pathways import checkpoint as ckpt
 from pathways.data import TokenData
-from pathways.executor.local import LocalExecutor, composite_loss
+from pathways.executor.local import LocalExecutor
 from pathways.pipeline.runner import run_step
 from pathways.pipeline.schedule import SCHEDULES
 from pathways.pipeline.stage import LocalStage, Stage
+from pathways.runtime import composite_loss
 
 
 @dataclasses.dataclass(frozen=True)

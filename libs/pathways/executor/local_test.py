@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathways import kernels
+from pathways import kernels, runtime
 from pathways import spec as spec_lib
-from pathways.executor import local
 from pathways.executor.local import LocalExecutor
 from pathways.modules.attention import empty_cache
 from pathways.sampling import SamplingParams, sample
@@ -306,11 +305,11 @@ def test_small_parameters_travel_packed_and_come_back_exact():
     ex = LocalExecutor(spec_lib.from_dict(SPEC), seed=3)
     attn = ex.runtimes["attn-a"]
     full, _ = jax.tree.flatten(attn.serving_state)
-    packed, layout = local._pack_small(full)
+    packed, layout = runtime._pack_small(full)
     vectors = [a for a in full if a.ndim == 1]
     assert len(packed) == len(full) - len(vectors) + 1 and packed[-1].ndim == 1
     assert [a.shape for a in packed[:-1]] == [a.shape for a in full if a.ndim != 1]
-    back = jax.jit(lambda ps: local._unpack_small(ps, layout))(packed)
+    back = jax.jit(lambda ps: runtime._unpack_small(ps, layout))(packed)
     assert len(back) == len(full)
     for a, b in zip(full, back):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -326,15 +325,15 @@ def test_small_parameters_travel_packed_and_come_back_exact():
         rng.standard_normal((4, 4)).astype(jax.numpy.bfloat16),
         rng.standard_normal(1).astype(np.float32),
     ]
-    packed, layout = local._pack_small([jax.numpy.asarray(a) for a in mixed])
+    packed, layout = runtime._pack_small([jax.numpy.asarray(a) for a in mixed])
     assert len(packed) == 4 and packed[-1].shape == (13,)
-    for a, b in zip(mixed, jax.jit(lambda ps: local._unpack_small(ps, layout))(packed)):
+    for a, b in zip(mixed, jax.jit(lambda ps: runtime._unpack_small(ps, layout))(packed)):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     # Nothing to pack (at most one vector, or none): the leaves go as they are.
     two = [np.ones((2, 3), np.float32), np.ones(4, np.float32)]
-    assert local._pack_small(two) == (two, None)
-    assert local._unpack_small(two, None) is two
+    assert runtime._pack_small(two) == (two, None)
+    assert runtime._unpack_small(two, None) is two
 
 
 def test_compact_keeps_one_exact_copy_of_the_weights(ex):

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pathways.executor.local import ModuleRuntime
+from pathways.runtime import ModuleRuntime
 
 
 class Stage(Protocol):

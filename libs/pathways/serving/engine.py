@@ -1,4 +1,4 @@
-"""One module's compute for serving: the KV-cache slot pool and batched steps over LocalExecutor's
+"""One module's compute for serving: the KV-cache slot pool and batched steps over the
 jitted entry points (`ModuleRuntime`); no model math of its own."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 
 from pathways import modules as mod
 from pathways.executor.base import bucket
-from pathways.executor.local import ModuleRuntime
 from pathways.modules.attention import empty_cache
+from pathways.runtime import ModuleRuntime
 from pathways.sampling import SamplingBatch
 from pathways.serving.errors import InvalidArgument
 from pathways.serving.sessions import ServerSession

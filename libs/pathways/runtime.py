@@ -12,6 +12,7 @@ from flax import nnx
 
 from pathways import kernels
 from pathways import modules as mod
+from pathways.modules import registry
 from pathways.sampling import sample
 
 
@@ -24,7 +25,8 @@ class ModuleRuntime:
     It is rebuilt on first use after `state` changes. `native=False` keeps XLA's dot (for
     comparisons; None uses the native kernel wherever it builds, see `pathways.kernels`).
 
-    Sessions call `serve`, `serve_cached` and `serve_head`: they pass the serving parameters
+    Sessions call `step` (the kind's one step, see `modules.kind`) and, on a head, `serve_head`
+    (the step on each row's last position, then sampling): they pass the serving parameters
     as a flat list of arrays, because flattening an `nnx.State` (a Python callback per
     Variable) took ~0.25 ms of every call's dispatch for a 6-layer module — time a module
     server spends on every decode hop before its step starts.
@@ -40,10 +42,11 @@ class ModuleRuntime:
     ):
         kernels.check_weights(weights)
         self.name, self.cfg, self.weights, self.native = name, cfg, weights, native
+        self.kind = registry.of(cfg)  # resolved once: callers ask it, never compare names
         self.graphdef, self.state = nnx.split(module)
         # Modules of equal configs (and every executor in the process) share one set of jitted
         # entry points, so one compiled program per shape. `forward` takes a state (training,
-        # stateless calls); sessions go through `serve*`.
+        # stateless calls); sessions go through `step` and `serve_head`.
         self.forward = _entry_points(self.graphdef).forward
 
     @property
@@ -87,18 +90,15 @@ class ModuleRuntime:
             self._flat = leaves, _flat_entry_points(self.graphdef, treedef, layout)
         return self._flat
 
-    def serve(self, x, positions):
-        """forward() with the serving parameters (embedding; attention without a cache)."""
+    def step(self, x, positions, cache=None, slots=None, *, window: int | None = None):
+        """The module's step with the serving parameters: (output, cache). With a cache (kinds
+        that keep one: prefill or decode of the sessions in `slots`, attending to the first
+        `window` positions) the cache is updated in place (donated); without one it is the
+        stateless forward and the cache returned is None."""
         leaves, jits = self._serving_flat()
-        return jits.forward(leaves, x, positions)
-
-    def serve_cached(self, x, positions, cache, slots, *, window: int):
-        """Prefill or decode through an attention module with the serving parameters (see
-        Attention.forward_cached): (output, the cache, updated in place)."""
-        leaves, jits = self._serving_flat()
-        return jits.forward_cached(
-            leaves, x, positions, cache, slots, window=window, native=self.native_ops
-        )
+        if cache is None:
+            return jits.forward(leaves, x, positions), None
+        return jits.step(leaves, x, positions, cache, slots, window=window, native=self.native_ops)
 
     def serve_head(self, h_btd, last_b, temperature, top_k, top_p, seed, step):
         """The decoding module on each row's position `last_b` of h_btd, then sampling:
@@ -119,19 +119,16 @@ class ModuleRuntime:
 
 
 def _forward(graphdef, state, x, positions):
-    m = nnx.merge(graphdef, state)
-    if isinstance(m, mod.Decoding):
-        return m(x)
-    return m(x, positions)
+    return nnx.merge(graphdef, state).step(x, positions)[0]
 
 
-def _forward_cached(graphdef, state, x, positions, cache, slots, *, window, native):
-    return nnx.merge(graphdef, state).forward_cached(x, positions, cache, slots, window, native)
+def _step(graphdef, state, x, positions, cache, slots, *, window, native):
+    return nnx.merge(graphdef, state).step(x, positions, cache, slots, window, native)
 
 
 def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed, step, draw=None):
     h_bd = jnp.take_along_axis(h_btd, last_b[:, None, None], axis=1)[:, 0]
-    logits = nnx.merge(graphdef, state)(h_bd)
+    logits, _ = nnx.merge(graphdef, state).step(h_bd, None)
     return sample(logits, temperature, top_k, top_p, seed, step, draw), logits
 
 
@@ -143,8 +140,8 @@ def _jitted(graphdef, to_state) -> SimpleNamespace:
     def forward(params, x, positions):
         return _forward(graphdef, to_state(params), x, positions)
 
-    def forward_cached(params, x, positions, cache, slots, *, window, native):
-        return _forward_cached(
+    def step(params, x, positions, cache, slots, *, window, native):
+        return _step(
             graphdef, to_state(params), x, positions, cache, slots, window=window, native=native
         )
 
@@ -155,13 +152,9 @@ def _jitted(graphdef, to_state) -> SimpleNamespace:
 
     return SimpleNamespace(
         forward=jax.jit(forward),
-        forward_cached=jax.jit(
-            forward_cached, static_argnames=("window", "native"), donate_argnames="cache"
-        ),
+        step=jax.jit(step, static_argnames=("window", "native"), donate_argnames="cache"),
         head_sample=jax.jit(head_sample),
-        raw=SimpleNamespace(
-            forward=forward, forward_cached=forward_cached, head_sample=head_sample
-        ),
+        raw=SimpleNamespace(forward=forward, step=step, head_sample=head_sample),
     )
 
 
@@ -180,7 +173,7 @@ def _fused_step(chain: list[ModuleRuntime]):
     """
     jits = tuple(rt._serving_flat()[1] for rt in chain)
     natives = tuple(rt.native_ops for rt in chain)
-    kinds = tuple(rt.cfg.kind for rt in chain)
+    cached = tuple(rt.kind.has_cache for rt in chain)
     key = (tuple(map(id, jits)), natives)  # the sets live as long as the process (cached)
     if key not in _FUSED:
         raws = [j.raw for j in jits]
@@ -203,9 +196,9 @@ def _fused_step(chain: list[ModuleRuntime]):
             with_logits,
         ):
             out_caches, it = [], iter(caches)
-            for kind, raw, params, native in zip(kinds[:-1], raws[:-1], leaves[:-1], natives):
-                if kind == "attention":
-                    x, cache = raw.forward_cached(
+            for has_cache, raw, params, native in zip(cached, raws[:-1], leaves[:-1], natives):
+                if has_cache:
+                    x, cache = raw.step(
                         params, x, positions, next(it), slots, window=window, native=native
                     )
                     out_caches.append(cache)
@@ -289,5 +282,5 @@ def composite_loss(runtimes: list[ModuleRuntime], states: list[Any], inputs, tar
     positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
     x = inputs
     for rt, st in zip(runtimes[:-1], states[:-1]):
-        x = nnx.merge(rt.graphdef, st)(x, positions)
+        x, _ = nnx.merge(rt.graphdef, st).step(x, positions)
     return nnx.merge(runtimes[-1].graphdef, states[-1]).loss(x, targets, mask)

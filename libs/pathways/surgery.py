@@ -14,6 +14,7 @@ from typing import Any
 from flax import nnx
 
 from pathways import modules as mod
+from pathways.modules import registry
 from pathways.modules.attention import AttentionConfig
 from pathways.modules.config import to_dict
 from pathways.spec import PathwaySpec, SpecError, from_dict
@@ -40,7 +41,7 @@ def default_attention(spec: PathwaySpec, pathway: str, *, n_layers: int = 1) -> 
     Falls back to one head per 64 channels when the pathway has no attention module yet.
     """
     chain = _chain(spec, pathway)
-    like = next((spec.modules[m] for m in chain if spec.modules[m].kind == "attention"), None)
+    like = next((c for m in chain if isinstance(c := spec.modules[m], AttentionConfig)), None)
     if like is not None:
         return dataclasses.replace(like, n_layers=n_layers, zero_init_output=True)
     d = spec.modules[chain[0]].output_contract[1]
@@ -88,9 +89,12 @@ def insert_attention(
             f"{chain[0]!r}) and {len(chain) - 1} (before {chain[-1]!r}), got {position}"
         )
     cfg = cfg or default_attention(spec, pathway)
-    if cfg.kind != "attention":
-        raise SpecError(f"only attention modules can be inserted, got a {cfg.kind} config")
-    cfg = dataclasses.replace(cfg, zero_init_output=True)
+    identity = registry.of(cfg).identity
+    if identity is None:
+        raise SpecError(
+            f"only modules that can start as the identity can be inserted, got a {cfg.kind} config"
+        )
+    cfg = identity(cfg)
     modules = {n: to_dict(c) for n, c in spec.modules.items()}
     modules[name] = to_dict(cfg)
     new_spec = _with(spec, pathway, chain[:position] + [name] + chain[position:], modules)
@@ -110,10 +114,11 @@ def remove_module(
     chain = _chain(spec, pathway)
     if name not in chain:
         raise SpecError(f"pathway {pathway!r} has no module {name!r}; it has {', '.join(chain)}")
-    if spec.modules[name].kind != "attention":
+    cfg = spec.modules[name]
+    if (cfg.input_contract[0], cfg.output_contract[0]) != ("hidden", "hidden"):
         raise SpecError(
-            f"only attention modules can be removed; {name!r} is "
-            f"{spec.modules[name].kind} (a pathway must start with an embedding "
+            f"only hidden -> hidden modules can be removed; {name!r} is "
+            f"{cfg.kind} (a pathway must start with an embedding "
             f"and end with a decoding module)"
         )
     new_chain = [m for m in chain if m != name]

@@ -85,7 +85,7 @@ def test_insert_and_remove_refuse_bad_requests_by_name():
             SPEC, "p", "new", 1, AttentionConfig(d_model=16, n_layers=1, n_heads=2, max_seq_len=16)
         )
     with pytest.raises(
-        SpecError, match="only attention modules can be removed; 'head' is decoding"
+        SpecError, match="only hidden -> hidden modules can be removed; 'head' is decoding"
     ):
         surgery.remove_module(SPEC, "p", "head")
     with pytest.raises(SpecError, match="pathway 'short' has no module 'a1'"):

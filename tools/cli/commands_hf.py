@@ -33,9 +33,8 @@ def cmd_import(args) -> int:
     spec = imported.spec
     for name in spec.pathway(imported.pathway).modules:
         cfg = spec.modules[name]
-        layers = (
-            f", {cfg.n_layers} layer{'s' * (cfg.n_layers != 1)}" if cfg.kind == "attention" else ""
-        )
+        n = getattr(cfg, "n_layers", None)  # the block stacks an import splits the model into
+        layers = "" if n is None else f", {n} layer{'s' * (n != 1)}"
         print(f"  {name:<10} {cfg.kind}{layers}")
     if imported.tokenizer is None:
         print(

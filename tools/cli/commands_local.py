@@ -114,13 +114,8 @@ def cmd_inspect(args) -> int:
     for name, cfg in spec.modules.items():
         shapes = nnx.eval_shape(lambda c=cfg: mod.build(c))
         n = sum(x.size for x in jax.tree.leaves(nnx.state(shapes)))
-        d = cfg.d_model
-        extra = {
-            "embedding": lambda c: f"vocab {c.vocab_size}, max_seq_len {c.max_seq_len}",
-            "attention": lambda c: f"{c.n_layers} layers, {c.n_heads} heads, "
-            f"{c.kv_heads} kv heads, {c.mlp}, {c.norm}",
-            "decoding": lambda c: f"vocab {c.vocab_size}, {c.norm}",
-        }[cfg.kind](cfg)
+        d = getattr(cfg, "d_model", "-")
+        extra = mod.registry.of(cfg).details(cfg)
         print(f"{name:<16} {cfg.kind:<10} {d:>7} {n:>12,}  {extra}")
     for p in spec.pathways.values():
         print(f"pathway {p.name}: {' -> '.join(p.modules)} (max_seq_len {p.max_seq_len})")
@@ -133,7 +128,9 @@ def load_tokenizer_for(spec, texts_fn):
         path = spec.tokenizer.get("path")
         if path and Path(path).exists():
             return tokenizers.BpeTokenizer.load(path)
-        vocab = next(c.vocab_size for c in spec.modules.values() if c.kind == "embedding")
+        vocab = next(
+            c.input_contract[1] for c in spec.modules.values() if c.input_contract[0] == "tokens"
+        )
         print(f"training a BPE tokenizer with {vocab} entries on the corpus...", file=sys.stderr)
         return tokenizers.BpeTokenizer.train(texts_fn(), vocab)
     return tokenizers.ByteTokenizer()
@@ -163,11 +160,8 @@ def cmd_train(args) -> int:
         _, tok = ckpt.load_spec(out)
     else:
         tok = load_tokenizer_for(spec, lambda: texts)
-    emb_vocab = next(
-        spec.modules[m].vocab_size
-        for m in spec.pathway(pathway).modules
-        if spec.modules[m].kind == "embedding"
-    )
+    # A pathway starts with the module that reads tokens (the spec checks it).
+    emb_vocab = spec.modules[spec.pathway(pathway).modules[0]].input_contract[1]
     if tok.vocab_size > emb_vocab:
         raise ValueError(
             f"tokenizer has {tok.vocab_size} entries but the embedding's vocab_size "

@@ -19,6 +19,7 @@ from pathways.distill import store as store_lib
 from pathways.distill.request import DistillRequest
 from pathways.distill.students import train_module
 from pathways.executor.local import LocalExecutor
+from pathways.modules import registry
 
 
 def load_checkpoint(directory: str | Path):
@@ -102,7 +103,7 @@ def train_position(req: DistillRequest, position: int) -> dict[str, Any]:
     s_spec = student_spec(req)
     store = store_lib.ActivationStore(req.store)
     head = None
-    if entry["kind"] == "decoding" and not store.has_logits:
+    if registry.get(entry["kind"]).is_head and not store.has_logits:
         t_spec, _, ex = load_checkpoint(req.teacher)
         rt = ex.runtimes[entry["teacher"]]
         head = (rt.graphdef, rt.state)

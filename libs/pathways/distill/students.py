@@ -8,7 +8,6 @@ Module i of the student maps the teacher's boundary i to boundary i + 1:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from collections.abc import Callable
@@ -22,28 +21,29 @@ from flax import nnx
 from pathways import modules as mod
 from pathways.distill.request import DistillConfig
 from pathways.distill.store import ActivationStore
+from pathways.modules import registry
 from pathways.train import make_optimizer
 
 
-def _loss(graphdef, kind, ce_weight, state, x, y, targets):
+def _loss(graphdef, is_head, ce_weight, state, x, y, targets):
     """(loss, (distillation term, a second metric)): MSE + relative MSE, or KL + CE."""
     m = nnx.merge(graphdef, state)
-    if kind == "decoding":
-        logits = m(x)  # (B, T, V)
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    if is_head:
+        logits, _ = m.step(x, positions)  # (B, T, V)
         logp_s = jax.nn.log_softmax(logits)
         logp_t = jax.nn.log_softmax(y)
         kl = (jnp.exp(logp_t) * (logp_t - logp_s)).sum(-1).mean()
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return kl + ce_weight * ce, (kl, ce)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    pred = m(x, positions)  # (B, T, D)
+    pred, _ = m.step(x, positions)  # (B, T, D)
     mse = jnp.mean((pred - y) ** 2)
     return mse, (mse, mse / jnp.maximum(jnp.mean(y**2), 1e-12))
 
 
-def _step(graphdef, kind, ce_weight, tx, state, opt_state, x, y, targets):
+def _step(graphdef, is_head, ce_weight, tx, state, opt_state, x, y, targets):
     (loss, aux), g = jax.value_and_grad(
-        functools.partial(_loss, graphdef, kind, ce_weight), has_aux=True
+        functools.partial(_loss, graphdef, is_head, ce_weight), has_aux=True
     )(state, x, y, targets)
     updates, opt_state = tx.update(g, opt_state, state)
     return optax.apply_updates(state, updates), opt_state, loss, aux
@@ -57,11 +57,11 @@ _head_logits_jit = jax.jit(_head_logits, static_argnums=0)
 
 
 def initial_module(cfg: mod.ModuleConfig, seed: int) -> nnx.Module:
-    """A fresh student; attention students start as the identity (zero residual outputs), which
-    is exactly the map b_i -> b_i that the residual stream's update is learned on top of."""
-    if cfg.kind == "attention":
-        cfg = dataclasses.replace(cfg, zero_init_output=True)
-    return mod.build(cfg, seed=seed)
+    """A fresh student; students of kinds that can start as the identity (attention: zero
+    residual outputs) do, which is exactly the map b_i -> b_i that the residual stream's update
+    is learned on top of."""
+    identity = registry.of(cfg).identity
+    return mod.build(cfg if identity is None else identity(cfg), seed=seed)
 
 
 def train_module(
@@ -91,15 +91,18 @@ def train_module(
     names = store.index["boundaries"]
     if not 0 <= position < len(names) - 1:
         raise ValueError(f"position must be in [0, {len(names) - 2}], got {position}")
-    teacher_kind = (
-        "embedding" if position == 0 else "decoding" if position == len(names) - 2 else "attention"
+    # The boundaries fix the contract at each position: tokens in first, logits out last.
+    wants = (
+        "tokens" if position == 0 else "hidden",
+        "logits" if position == len(names) - 2 else "hidden",
     )
-    if cfg.kind != teacher_kind:
+    has = (cfg.input_contract[0], cfg.output_contract[0])
+    if has != wants:
         raise ValueError(
-            f"position {position} of the teacher is {teacher_kind}; the student "
-            f"module there is {cfg.kind}"
+            f"position {position} of the teacher maps {wants[0]} to {wants[1]}; the student "
+            f"module there ({cfg.kind}) maps {has[0]} to {has[1]}"
         )
-    if cfg.kind != "embedding" and cfg.input_contract[1] != store.index["d_model"]:
+    if has[0] != "tokens" and cfg.input_contract[1] != store.index["d_model"]:
         raise ValueError(
             f"student d_model {cfg.input_contract[1]} != teacher boundary d_model "
             f"{store.index['d_model']}"
@@ -117,7 +120,7 @@ def train_module(
     tx = make_optimizer(dcfg.train_config())
     opt_state = tx.init(state)
     step = jax.jit(
-        functools.partial(_step, graphdef, cfg.kind, float(dcfg.ce_weight), tx),
+        functools.partial(_step, graphdef, registry.of(cfg).is_head, float(dcfg.ce_weight), tx),
         donate_argnums=(0, 1),
     )
     tail = max(1, dcfg.steps // 10)
@@ -142,7 +145,7 @@ def train_module(
     summary = {
         "loss": float(np.mean(losses)),
         "metric": float(np.mean(metrics)),
-        "metric_name": "ce" if cfg.kind == "decoding" else "relative_mse",
+        "metric_name": "ce" if registry.of(cfg).is_head else "relative_mse",
         "steps": dcfg.steps,
         "seconds": time.perf_counter() - t0,
         "params": int(sum(x.size for x in jax.tree.leaves(state))),

@@ -94,7 +94,8 @@ def test_mismatched_positions_and_settings_are_named(store):
     cfg = DistillConfig(steps=3, batch_size=4, warmup=0)
     with pytest.raises(
         ValueError,
-        match="position 1 of the teacher is attention; the student " "module there is decoding",
+        match="position 1 of the teacher maps hidden to hidden; the student module there "
+        r"\(decoding\) maps hidden to logits",
     ):
         train_module(st, 1, SMALL_ATTN["h"], cfg)
     with pytest.raises(ValueError, match=r"position must be in \[0, 2\], got 3"):

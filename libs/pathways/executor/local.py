@@ -11,7 +11,6 @@ import numpy as np
 
 from pathways import modules as mod
 from pathways.executor.base import Session, StepResult, bucket, pad_prompts
-from pathways.modules.attention import empty_cache
 from pathways.runtime import ModuleRuntime, _fused_step, composite_loss
 from pathways.sampling import SamplingParams
 from pathways.spec import PathwaySpec
@@ -69,9 +68,7 @@ class LocalExecutor:
         session = Session.new(pathway, sampling, self.spec.pathway(pathway).max_seq_len)
         b = session.batch_size
         self._caches[session.id] = {
-            rt.name: self._spare_cache(rt, b)
-            for rt in self.chain(pathway)
-            if rt.cfg.kind == "attention"
+            rt.name: self._spare_cache(rt, b) for rt in self.chain(pathway) if rt.kind.has_cache
         }
         sb = session.sampling
         fixed = (np.arange(b, dtype=np.int32), sb.temperature, sb.top_k, sb.top_p, sb.seed)
@@ -90,7 +87,7 @@ class LocalExecutor:
             cache = spare.pop()
             if not any(a.is_deleted() for a in cache.values()):  # donated to a failed call
                 return cache
-        return empty_cache(rt.cfg, rows)
+        return rt.kind.empty_cache(rt.cfg, rows)
 
     def close_session(self, session: Session) -> None:
         caches = self._caches.pop(session.id, None) or {}
@@ -135,11 +132,11 @@ class LocalExecutor:
         steps = session.steps.copy()
         if self.fuse:
             (slots, *settings), draw = self._fixed[session.id]
-            attn = [rt.name for rt in chain if rt.cfg.kind == "attention"]
+            cached = [rt.name for rt in chain if rt.kind.has_cache]
             leaves = [rt._serving_flat()[0] for rt in chain]
             out, logits, new = _fused_step(chain)(
                 leaves,
-                [caches[n] for n in attn],
+                [caches[n] for n in cached],
                 x,
                 pos,
                 slots,
@@ -150,16 +147,13 @@ class LocalExecutor:
                 draw=draw,
                 with_logits=return_logits,
             )
-            caches.update(zip(attn, new))
+            caches.update(zip(cached, new))
         else:
             slots = np.arange(session.batch_size, dtype=np.int32)
             for rt in chain[:-1]:
-                if rt.cfg.kind == "attention":
-                    x, caches[rt.name] = rt.serve_cached(
-                        x, pos, caches[rt.name], slots, window=window
-                    )
-                else:
-                    x = rt.serve(x, pos)
+                x, cache = rt.step(x, pos, caches.get(rt.name), slots, window=window)
+                if cache is not None:
+                    caches[rt.name] = cache
             s = session.sampling
             out, logits = chain[-1].serve_head(
                 x, last, s.temperature, s.top_k, s.top_p, s.seed, steps

@@ -268,7 +268,7 @@ def test_sessions_use_parameters_set_after_they_were_packed():
 
 
 def test_serve_paths_take_the_serving_parameters_flat():
-    """serve / serve_cached / serve_head compute what the modules do eagerly with
+    """step (without and with a cache) and serve_head compute what the modules do eagerly with
     serving_state, and the flat leaves are built once per serving_state (again after
     set_state)."""
     ex = LocalExecutor(spec_lib.from_dict(SPEC), seed=3)
@@ -279,10 +279,11 @@ def test_serve_paths_take_the_serving_parameters_flat():
 
     tokens = np.array([[3, 1, 4, 1, 5]], np.int32)
     pos = np.arange(5, dtype=np.int32)[None]
-    x = embed.serve(tokens, pos)
+    x, none = embed.step(tokens, pos)
+    assert none is None
     np.testing.assert_allclose(x, eager(embed)(tokens, pos), atol=1e-5)
     slots = np.zeros(1, np.int32)
-    y, _ = attn.serve_cached(x, pos, empty_cache(attn.cfg, 1), slots, window=8)
+    y, _ = attn.step(x, pos, empty_cache(attn.cfg, 1), slots, window=8)
     y_ref, _ = eager(attn).forward_cached(
         x, pos, empty_cache(attn.cfg, 1), slots, 8, attn.native_ops
     )

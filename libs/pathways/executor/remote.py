@@ -25,6 +25,7 @@ from pathways.executor.base import Session, StepResult, pad_prompts
 from pathways.executor.decode_stream import DecodeStream
 from pathways.executor.lockstep import Entry, Lockstep
 from pathways.executor.replicas import ReplicaSource, StaticReplicaSource
+from pathways.modules import registry
 from pathways.sampling import SamplingParams
 from pathways.spec import PathwaySpec
 from pathways.v1 import module_pb2, module_pb2_grpc
@@ -317,13 +318,13 @@ class RemoteExecutor:
         self._sessions[session.id] = opened
         try:
             for m in p.modules:
-                kind = self.spec.modules[m].kind
+                kind = registry.of(self.spec.modules[m])
                 req = module_pb2.OpenSessionRequest(
                     batch_size=b,
                     max_seq_len=p.max_seq_len,
-                    sampling=rows if kind == "decoding" else [],
+                    sampling=rows if kind.is_head else [],
                 )
-                opened[m] = self._open(m, req, [] if kind == "attention" else None)
+                opened[m] = self._open(m, req, [] if kind.has_cache else None)
         except BaseException:
             self.close_session(session)
             raise

@@ -172,7 +172,9 @@ def _family_of(spec: PathwaySpec, pathway: str):
     chain = spec.pathway(pathway).modules
     cfgs = [spec.modules[m] for m in chain]
     kinds = [c.kind for c in cfgs]
-    if kinds[0] != "embedding" or kinds[-1] != "decoding" or set(kinds[1:-1]) != {"attention"}:
+    # The families map exactly these three config types' parameters.
+    shape = (mod.EmbeddingConfig, *[mod.AttentionConfig] * (len(cfgs) - 2), mod.DecodingConfig)
+    if len(cfgs) < 3 or not all(isinstance(c, t) for c, t in zip(cfgs, shape)):
         raise ValueError(
             f"pathway {pathway!r} is {' -> '.join(kinds)}; export needs embedding -> "
             f"attention... -> decoding"

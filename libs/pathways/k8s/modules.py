@@ -5,29 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from pathways.k8s import names, pods
+from pathways.modules.kind import Kind
 
-# Starting points per module kind; overlays patch them for real model sizes.
-RESOURCES = {
-    "embedding": {
-        "requests": {"cpu": "250m", "memory": "512Mi"},
-        "limits": {"cpu": "1", "memory": "1Gi"},
-    },
-    "attention": {
-        "requests": {"cpu": "500m", "memory": "1Gi"},
-        "limits": {"cpu": "2", "memory": "2Gi"},
-    },
-    "decoding": {
-        "requests": {"cpu": "250m", "memory": "512Mi"},
-        "limits": {"cpu": "1", "memory": "1Gi"},
-    },
+# Starting points; overlays patch them for real model sizes. Modules that keep a per-session
+# cache (attention's KV cache) hold it per replica and do most of the work per token.
+RESOURCES_WITH_CACHE = {
+    "requests": {"cpu": "500m", "memory": "1Gi"},
+    "limits": {"cpu": "2", "memory": "2Gi"},
 }
-DEFAULT_RESOURCES = RESOURCES["attention"]
+RESOURCES_WITHOUT_CACHE = {
+    "requests": {"cpu": "250m", "memory": "512Mi"},
+    "limits": {"cpu": "1", "memory": "1Gi"},
+}
 HPA_MIN, HPA_MAX, HPA_CPU_PERCENT = 1, 4, 70
 
 
 def module_objects(
     module: str,
-    kind: str,
+    kind: Kind,
     image: str,
     checkpoint_uri: str,
     training_uri: str = pods.DEFAULT_TRAINING_URI,
@@ -80,7 +75,7 @@ def _deployment(
                 },
             }
         ],
-        "resources": RESOURCES.get(kind, DEFAULT_RESOURCES),
+        "resources": RESOURCES_WITH_CACHE if kind.has_cache else RESOURCES_WITHOUT_CACHE,
         **pods.grpc_probes(),
         "securityContext": pods.container_security(),
         "volumeMounts": mounts,

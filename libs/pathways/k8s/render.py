@@ -10,6 +10,7 @@ import yaml
 
 from pathways.k8s import modules as module_objs
 from pathways.k8s import names, platform, pods
+from pathways.modules import registry as kinds
 from pathways.spec import PathwaySpec
 
 DEFAULT_REGISTRY = "registry.example.com/pathways"
@@ -58,7 +59,7 @@ def render(
     files: dict[str, str] = {}
     for module, cfg in spec.modules.items():
         objs = module_objs.module_objects(
-            module, cfg.kind, image["module"], checkpoint_uri, training_uri
+            module, kinds.of(cfg), image["module"], checkpoint_uri, training_uri
         )
         files[f"modules/{dns[module]}.yaml"] = to_yaml(objs)
     files["gateway.yaml"] = to_yaml(platform.gateway(image["gateway"], checkpoint_uri))

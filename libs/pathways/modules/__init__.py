@@ -1,4 +1,5 @@
-"""Module kinds of a pathway: each maps a config dataclass to a Flax NNX module."""
+"""Module kinds of a pathway: each maps a config dataclass to a Flax NNX module (`modules.kind`);
+kinds are looked up by name in `modules.registry`."""
 
 from __future__ import annotations
 
@@ -6,41 +7,41 @@ from typing import Any
 
 from flax import nnx
 
-from pathways.modules.attention import Attention, AttentionConfig
+# Importing the built-in kinds registers them.
+from pathways.modules import registry
+from pathways.modules.attention import AttentionConfig
 from pathways.modules.config import ConfigError, from_dict
-from pathways.modules.decoding import Decoding, DecodingConfig
-from pathways.modules.embedding import Embedding, EmbeddingConfig
+from pathways.modules.decoding import DecodingConfig
+from pathways.modules.embedding import EmbeddingConfig
+from pathways.modules.kind import Kind
 
-KINDS: dict[str, tuple[type, type]] = {
-    "embedding": (EmbeddingConfig, Embedding),
-    "attention": (AttentionConfig, Attention),
-    "decoding": (DecodingConfig, Decoding),
-}
-
-ModuleConfig = EmbeddingConfig | AttentionConfig | DecodingConfig
+# Any registered kind's config; these three are built in.
+ModuleConfig = EmbeddingConfig | AttentionConfig | DecodingConfig | Any
 
 
 def config_from_dict(data: dict[str, Any], where: str = "") -> ModuleConfig:
     """Parses {"kind": ..., **fields} into the kind's config dataclass."""
     data = dict(data)
     kind = data.pop("kind", None)
-    if kind not in KINDS:
-        prefix = f"{where}: " if where else ""
-        raise ConfigError(f"{prefix}kind must be one of {', '.join(KINDS)}; got {kind!r}")
-    return from_dict(KINDS[kind][0], data, where)
+    try:
+        cls = registry.get(kind).config
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+    return from_dict(cls, data, where)
 
 
 def build(cfg: ModuleConfig, seed: int = 0) -> nnx.Module:
     """Instantiates the module for `cfg` with freshly initialised parameters."""
-    return KINDS[cfg.kind][1](cfg, nnx.Rngs(seed))
+    return registry.of(cfg).build(cfg, seed)
 
 
 __all__ = [
-    "KINDS",
     "ConfigError",
+    "Kind",
     "ModuleConfig",
     "build",
     "config_from_dict",
+    "registry",
     "AttentionConfig",
     "DecodingConfig",
     "EmbeddingConfig",

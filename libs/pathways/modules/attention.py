@@ -14,7 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pathways import kernels
+from pathways.modules import registry
 from pathways.modules.config import one_of, positive_int, positive_number, require
+from pathways.modules.kind import Kind
 from pathways.modules.layers import MLPS, NORMS, Mlp, attend, dense, make_norm, rope
 
 
@@ -134,6 +136,13 @@ class Attention(nnx.Module):
             x_btd = block.finish(x_btd, attend(q, k, v, mask))
         return x_btd
 
+    def step(self, x_btd, positions_bt, cache=None, slots_b=None, window=None, native=False):
+        """The kind's one step (see `modules.kind`): the stateless forward without a cache,
+        else `forward_cached`. Returns (y_btd, cache)."""
+        if cache is None:
+            return self(x_btd, positions_bt), None
+        return self.forward_cached(x_btd, positions_bt, cache, slots_b, window, native)
+
     def forward_cached(self, x_btd, positions_bt, cache, slots_b, window: int, native=False):
         """Prefill (T > 1) or decode (T == 1) for the sessions in `slots_b`.
 
@@ -177,3 +186,17 @@ class Attention(nnx.Module):
 def empty_cache(cfg: AttentionConfig, slots: int, dtype=jnp.float32) -> dict[str, jax.Array]:
     shape = (cfg.n_layers, slots, cfg.max_seq_len, cfg.kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+KIND = registry.register(
+    Kind(
+        "attention",
+        AttentionConfig,
+        Attention,
+        empty_cache=empty_cache,
+        # Zero residual outputs: a new block stack adds nothing to the residual stream.
+        identity=lambda c: dataclasses.replace(c, zero_init_output=True),
+        details=lambda c: f"{c.n_layers} layers, {c.n_heads} heads, "
+        f"{c.kv_heads} kv heads, {c.mlp}, {c.norm}",
+    )
+)

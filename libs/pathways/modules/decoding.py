@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pathways.modules import registry
 from pathways.modules.config import one_of, positive_int, positive_number
+from pathways.modules.kind import Kind
 from pathways.modules.layers import NORMS, dense, make_norm
 
 
@@ -48,6 +50,11 @@ class Decoding(nnx.Module):
     def __call__(self, h_btd: jax.Array) -> jax.Array:
         return self.head(self.norm(h_btd)).astype(jnp.float32)
 
+    def step(self, h, positions=None, cache=None, slots=None, window=None, native=False):
+        """The kind's one step (see `modules.kind`): logits for hidden states of any leading
+        shape ((B, T, D) or the sampled rows' (B, D)); positions unused, no cache."""
+        return self(h), None
+
     def loss(self, h_btd: jax.Array, targets_bt: jax.Array, mask_bt: jax.Array | None = None):
         """Mean token cross-entropy over positions where mask is 1 (all when mask is None)."""
         logits = self(h_btd)
@@ -56,3 +63,14 @@ class Decoding(nnx.Module):
             return ce.mean()
         mask = mask_bt.astype(jnp.float32)
         return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+KIND = registry.register(
+    Kind(
+        "decoding",
+        DecodingConfig,
+        Decoding,
+        is_head=True,
+        details=lambda c: f"vocab {c.vocab_size}, {c.norm}",
+    )
+)

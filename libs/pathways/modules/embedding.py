@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pathways.modules import registry
 from pathways.modules.config import one_of, positive_int, positive_number
+from pathways.modules.kind import Kind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,3 +54,17 @@ class Embedding(nnx.Module):
             pos = jnp.clip(positions_bt, 0, self.cfg.max_seq_len - 1)
             h_btd = h_btd + self.positions(pos)
         return h_btd
+
+    def step(self, tokens_bt, positions_bt, cache=None, slots=None, window=None, native=False):
+        """The kind's one step (see `modules.kind`): no cache, so (hidden states, None)."""
+        return self(tokens_bt, positions_bt), None
+
+
+KIND = registry.register(
+    Kind(
+        "embedding",
+        EmbeddingConfig,
+        Embedding,
+        details=lambda c: f"vocab {c.vocab_size}, max_seq_len {c.max_seq_len}",
+    )
+)

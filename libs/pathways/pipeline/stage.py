@@ -42,15 +42,15 @@ class Stage(Protocol):
         """Restores parameters and optimizer state from a checkpoint directory."""
 
 
-def _apply_module(graphdef, kind, state, x, targets):
+def _apply_module(graphdef, is_head, state, x, targets):
     m = nnx.merge(graphdef, state)
-    if kind == "decoding":
+    if is_head:
         return m.loss(x, targets)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    return m(x, positions)
+    return m.step(x, positions)[0]
 
 
-def _backward(graphdef, kind, state, x, targets, grad, acc):
+def _backward(graphdef, is_head, state, x, targets, grad, acc):
     """Recomputes the stage's forward from its saved input and backpropagates `grad`, in one
     program; adds the parameter gradients to `acc`. Returns (gradient w.r.t. x or None, acc).
 
@@ -58,8 +58,8 @@ def _backward(graphdef, kind, state, x, targets, grad, acc):
     took 11.3 ms for a tiny attention stage where the VJP closure's backward alone took 15.6 ms,
     and only the input stays in memory between a micro-batch's forward and its backward.
     """
-    f = functools.partial(_apply_module, graphdef, kind)
-    if kind == "embedding":  # integer inputs: differentiate w.r.t. the parameters only
+    f = functools.partial(_apply_module, graphdef, is_head)
+    if jnp.issubdtype(x.dtype, jnp.integer):  # tokens: differentiate w.r.t. the parameters only
         _, vjp = jax.vjp(lambda s: f(s, x, targets), state)
         (g_state,), g_x = vjp(grad), None
     else:
@@ -68,9 +68,9 @@ def _backward(graphdef, kind, state, x, targets, grad, acc):
     return g_x, jax.tree.map(jnp.add, acc, g_state)
 
 
-def _backward_frozen(graphdef, kind, state, x, targets, grad):
+def _backward_frozen(graphdef, is_head, state, x, targets, grad):
     """A frozen stage's backward: the gradient w.r.t. its input only."""
-    f = functools.partial(_apply_module, graphdef, kind)
+    f = functools.partial(_apply_module, graphdef, is_head)
     _, vjp = jax.vjp(lambda h: f(state, h, targets), x)
     return vjp(grad)[0]
 
@@ -83,22 +83,23 @@ def _update(tx, state, opt_state, acc):
 _STAGE_JITS: dict[Any, SimpleNamespace] = {}
 
 
-def _stage_jits(graphdef, kind: str) -> SimpleNamespace:
-    """Jitted closures over (graphdef, kind), made once per distinct module structure.
+def _stage_jits(graphdef, is_head: bool) -> SimpleNamespace:
+    """Jitted closures over (graphdef, whether it is a head: its forward is the loss), made once
+    per distinct module structure.
 
     Equal modules share compiled programs; the graphdef is hashed here once, not on every call
     as a static argument would be.
     """
-    key = (graphdef, kind)
+    key = (graphdef, is_head)
     if key not in _STAGE_JITS:
         _STAGE_JITS[key] = SimpleNamespace(
-            forward=jax.jit(lambda state, x, t: _apply_module(graphdef, kind, state, x, t)),
+            forward=jax.jit(lambda state, x, t: _apply_module(graphdef, is_head, state, x, t)),
             backward=jax.jit(
-                lambda state, x, t, g, acc: _backward(graphdef, kind, state, x, t, g, acc),
+                lambda state, x, t, g, acc: _backward(graphdef, is_head, state, x, t, g, acc),
                 donate_argnums=4,
             ),
             backward_frozen=jax.jit(
-                lambda state, x, t, g: _backward_frozen(graphdef, kind, state, x, t, g)
+                lambda state, x, t, g: _backward_frozen(graphdef, is_head, state, x, t, g)
             ),
         )
     return _STAGE_JITS[key]
@@ -133,8 +134,10 @@ class LocalStage:
     ):
         self.rt, self.tx = runtime, tx
         self.frozen, self.input_grad = frozen, input_grad
-        self.name, self.kind = runtime.name, runtime.cfg.kind
-        self._jits = _stage_jits(runtime.graphdef, self.kind)
+        self.name, self.kind = runtime.name, runtime.kind.name
+        # A stage fed tokens has no input gradient to pass back.
+        self._takes_tokens = runtime.cfg.input_contract[0] == "tokens"
+        self._jits = _stage_jits(runtime.graphdef, runtime.kind.is_head)
         # The accumulator is not donated: nothing returned has its place (it is zeroed afresh).
         self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1))
         self.opt_state = tx.init(runtime.state)
@@ -146,7 +149,7 @@ class LocalStage:
         if mb in self._saved:
             raise ValueError(f"stage {self.name!r}: micro-batch {mb} already has a forward pending")
         t, x = _arg(targets), _arg(x)
-        needs_backward = not self.frozen or (self.kind != "embedding" and self.input_grad)
+        needs_backward = not self.frozen or (not self._takes_tokens and self.input_grad)
         self._saved[mb] = (x, t) if needs_backward else None
         return self._jits.forward(self.rt.state, x, t)
 

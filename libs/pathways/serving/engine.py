@@ -9,7 +9,6 @@ import numpy as np
 
 from pathways import modules as mod
 from pathways.executor.base import bucket
-from pathways.modules.attention import empty_cache
 from pathways.runtime import ModuleRuntime
 from pathways.sampling import SamplingBatch
 from pathways.serving.errors import InvalidArgument
@@ -30,11 +29,11 @@ class ModuleEngine:
     def __init__(
         self, name: str, cfg: mod.ModuleConfig, state, slots: int, weights: str = "float32"
     ):
-        self.name, self.cfg, self.kind = name, cfg, cfg.kind
         self.rt = ModuleRuntime(name, cfg, mod.build(cfg), weights=weights)
+        self.name, self.cfg, self.kind = name, cfg, self.rt.kind
         if state is not None:
             self.rt.state = state
-        self.cache = empty_cache(cfg, slots) if self.kind == "attention" else None
+        self.cache = self.kind.empty_cache(cfg, slots) if self.kind.has_cache else None
         self.max_seq_len = getattr(cfg, "max_seq_len", 0)
 
     @property
@@ -78,21 +77,21 @@ class ModuleEngine:
 
     # ---- steps -------------------------------------------------------------------------------
     def prefill(self, s: ServerSession, x, starts, lengths, steps, want_logits: bool):
-        """Returns (output, logits or None); output is (B, T, D) or (B,) tokens for decoding."""
+        """Returns (output, logits or None); output is (B, T, D) or (B,) tokens for a head."""
         b, t = x.shape[:2]
         pad = s.max_seq_len
         positions = np.full((b, t), pad, np.int32)
         for i in range(b):
             positions[i, : lengths[i]] = starts[i] + np.arange(lengths[i])
-        if self.kind == "decoding":
+        if self.kind.is_head:
             return self._head(x, lengths - 1, s.sampling, steps, want_logits)
         # numpy arguments go straight into the jitted call: jnp.asarray would dispatch an eager
         # device_put per array first (~0.1 ms each, on every hop of every token).
-        if self.kind == "embedding":
-            return self.rt.serve(x, positions), None
+        if self.cache is None:
+            return self.rt.step(x, positions)[0], None
         real = positions[positions < pad]
         window = bucket(int(real.max()) + 1, s.max_seq_len)
-        y, self.cache = self.rt.serve_cached(x, positions, self.cache, s.slots, window=window)
+        y, self.cache = self.rt.step(x, positions, self.cache, s.slots, window=window)
         return y, None
 
     def decode(self, items: list[Step], want_logits: bool):
@@ -106,7 +105,7 @@ class ModuleEngine:
         # batch pads to a power of two so few programs get compiled.
         p = r if one else bucket(r, limit=1 << 30, minimum=1)
         limit = max(it.session.max_seq_len for it in items)
-        if self.kind == "decoding":
+        if self.kind.is_head:
             if one:
                 sampling, steps = items[0].session.sampling, items[0].steps
             else:
@@ -118,13 +117,12 @@ class ModuleEngine:
                 sampling = _concat_sampling([sampling, _greedy(p - r)])
             out, logits = self._head(x, np.zeros(p, np.int32), sampling, steps, want_logits)
         else:
-            pad_pos = limit if self.kind == "attention" else 0
-            if p > r:
+            if p > r:  # padding rows sit past every real position (a cache drops their writes)
                 x = np.concatenate([x, np.zeros((p - r, *x.shape[1:]), x.dtype)])
-                pos = np.concatenate([pos, np.full(p - r, self.max_seq_len or pad_pos, np.int32)])
+                pos = np.concatenate([pos, np.full(p - r, self.max_seq_len or limit, np.int32)])
             positions = pos[:, None]
-            if self.kind == "embedding":
-                out = self.rt.serve(x, positions)
+            if self.cache is None:
+                out = self.rt.step(x, positions)[0]
             else:
                 slots = (
                     items[0].session.slots
@@ -134,9 +132,7 @@ class ModuleEngine:
                     )
                 )
                 window = bucket(int(pos[:r].max()) + 1, limit)
-                out, self.cache = self.rt.serve_cached(
-                    x, positions, self.cache, slots, window=window
-                )
+                out, self.cache = self.rt.step(x, positions, self.cache, slots, window=window)
             logits = None
         out = np.asarray(out)
         logits = np.asarray(logits) if logits is not None else None

@@ -8,12 +8,14 @@ import threading
 from concurrent import futures
 
 import grpc
+import jax
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pathways import checkpoint as ckpt
 from pathways import codec, cpu, telemetry
+from pathways.modules import registry
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
@@ -41,9 +43,12 @@ def server_options(max_message_mb: float) -> list[tuple[str, int]]:
 
 def slot_count(engine_cfg, s: ModuleServerSettings) -> int:
     """Slots the KV-cache cap allows: each holds one sequence of max_seq_len positions."""
-    if engine_cfg.kind != "attention":
+    kind = registry.of(engine_cfg)
+    if not kind.has_cache:
         return s.max_rows
-    per_slot = engine_cfg.kv_bytes_per_token() * engine_cfg.max_seq_len
+    # The bytes of one slot of the kind's own cache, from its shapes (nothing allocated).
+    one = jax.eval_shape(lambda: kind.empty_cache(engine_cfg, 1))
+    per_slot = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(one))
     return max(1, min(s.max_slots, int(s.kv_cache_mb * 2**20) // per_slot))
 
 

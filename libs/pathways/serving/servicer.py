@@ -112,7 +112,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         (ik, idim), (ok, odim) = e.cfg.input_contract, e.cfg.output_contract
         return module_pb2.DescribeResponse(
             name=e.name,
-            kind=e.kind,
+            kind=e.kind.name,
             config_json=json.dumps(to_dict(e.cfg)),
             input_kind=ik,
             input_dim=idim,
@@ -139,7 +139,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                 f"{self.engine.name!r} max_seq_len {limit}"
             )
         sampling = None
-        if self.engine.kind == "decoding":
+        if self.engine.kind.is_head:
             rows = list(request.sampling) or [module_pb2.RowSampling(top_p=1.0)] * b
             if len(rows) != b:
                 raise InvalidArgument(f"sampling has {len(rows)} entries for batch_size {b}")
@@ -298,7 +298,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         return module_pb2.ForwardResponse(output=self._tensor(out, request.output_dtype))
 
     def _steps(self, steps, b: int) -> np.ndarray:
-        if self.engine.kind != "decoding":
+        if not self.engine.kind.is_head:
             return np.zeros(b, np.int32)
         return _rows(steps, "steps", b, 0)
 

@@ -63,22 +63,24 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         return x
 
     def _targets(self, request) -> np.ndarray | None:
-        if self.engine.kind != "decoding":
+        kind = self.engine.kind
+        if not kind.is_head:
             if request.HasField("targets"):
                 raise InvalidArgument(
-                    f"targets are only for the decoding module; "
-                    f"{self.engine.name!r} is {self.engine.kind}"
+                    f"targets are only for the head module; " f"{self.engine.name!r} is {kind.name}"
                 )
             return None
         if not request.HasField("targets"):
-            raise InvalidArgument(f"targets are required by decoding module {self.engine.name!r}")
+            raise InvalidArgument(
+                f"targets are required by {kind.name} module {self.engine.name!r}"
+            )
         t = codec.decode(request.targets, "targets")
         x_shape = tuple(request.input.shape)[:2]
         if t.dtype != np.int32 or t.shape != x_shape:
             raise InvalidArgument(
                 f"targets must be int32 of shape {list(x_shape)}; got " f"{t.dtype} {list(t.shape)}"
             )
-        vocab = self.engine.cfg.vocab_size
+        vocab = self.engine.cfg.output_contract[1]
         if ((t < 0) | (t >= vocab)).any():
             raise InvalidArgument(f"targets has a token id outside [0, {vocab})")
         return t
@@ -94,7 +96,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         with self._lock:
             self.stage = LocalStage(self.engine.rt, make_optimizer(cfg), frozen=request.frozen)
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.engine.rt.state))
-        return training_pb2.ConfigureResponse(kind=self.engine.kind, parameters=n)
+        return training_pb2.ConfigureResponse(kind=self.engine.kind.name, parameters=n)
 
     @rpc
     def Forward(self, request, context):
@@ -102,7 +104,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             st = self._stage()
             x = self._input(request.input, "input")
             y = st.forward(request.micro_batch, x, self._targets(request))
-            if self.engine.kind == "decoding":
+            if self.engine.kind.is_head:
                 return training_pb2.TrainForwardResponse(loss=float(y))
             return training_pb2.TrainForwardResponse(output=codec.encode(np.asarray(y)))
 
@@ -183,7 +185,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def Evaluate(self, request, context):
         x = self._input(request.input, "input")
         y = self._stage().evaluate(x, self._targets(request))
-        if self.engine.kind == "decoding":
+        if self.engine.kind.is_head:
             return training_pb2.EvaluateResponse(loss=float(y))
         return training_pb2.EvaluateResponse(output=codec.encode(np.asarray(y)))
 

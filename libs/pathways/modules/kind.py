@@ -1,0 +1,76 @@
+"""The one interface every module kind implements, and what the code around modules asks of it.
+
+A kind is a frozen config dataclass (with a `kind` name, `input_contract` and `output_contract`)
+plus a Flax NNX module built as `module(cfg, rngs)` with one step:
+
+    module.step(x, positions, cache=None, slots=None, window=None, native=False) -> (y, cache)
+
+`cache=None` is the stateless forward (training, whole batches); kinds without a per-session
+cache always take and return None. A head (`is_head`) maps hidden states to logits of any leading
+shape and has `loss(h, targets, mask=None)`. `native` selects the native CPU kernels where a kind
+has them (the backend seam of issue 18 will take it out of the signature); others ignore it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+
+def _no_details(cfg: Any) -> str:
+    return ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """A module kind: its config and module classes and the facts the code around it needs.
+
+    Attributes:
+        name: the spec's `kind:` value (equal to the config's `kind` field).
+        config: the frozen config dataclass; `input_contract` / `output_contract` give
+            (activation name, size): "tokens" (int32 (B, T) ids < size), "hidden" (float
+            (B, T, size)) or "logits" (float (B, T, size)).
+        module: the NNX module class, `module(cfg, rngs)`.
+        is_head: maps hidden states to logits, has `loss`, and ends a pathway (samples).
+        empty_cache: `(cfg, slots) -> cache` for kinds that keep a per-session cache (a pytree
+            whose leaves have the slot on axis 1); None for kinds without one.
+        identity: `cfg -> cfg` whose fresh module computes the identity (hidden -> hidden kinds
+            that can be inserted into a trained pathway, or start a distilled student so);
+            None where the kind cannot.
+        details: one line describing a config (`pathways inspect`).
+    """
+
+    name: str
+    config: type
+    module: type
+    is_head: bool = False
+    empty_cache: Callable[[Any, int], Any] | None = None
+    identity: Callable[[Any], Any] | None = None
+    details: Callable[[Any], str] = _no_details
+
+    def __post_init__(self):
+        field = next((f for f in dataclasses.fields(self.config) if f.name == "kind"), None)
+        if field is None or field.default != self.name:
+            raise ValueError(
+                f"kind {self.name!r}: config {self.config.__name__} must have a field "
+                f"`kind` defaulting to {self.name!r}"
+            )
+        if not callable(getattr(self.module, "step", None)):
+            raise ValueError(f"kind {self.name!r}: module {self.module.__name__} has no step()")
+        if self.is_head and not callable(getattr(self.module, "loss", None)):
+            raise ValueError(f"kind {self.name!r}: a head's module must have loss()")
+
+    def __str__(self) -> str:  # messages name the kind as the spec does
+        return self.name
+
+    @property
+    def has_cache(self) -> bool:
+        """Whether sessions keep a per-session cache of this kind (owned by whoever serves)."""
+        return self.empty_cache is not None
+
+    def build(self, cfg: Any, seed: int = 0) -> nnx.Module:
+        """The module for `cfg` with freshly initialised parameters."""
+        return self.module(cfg, nnx.Rngs(seed))

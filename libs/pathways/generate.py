@@ -9,6 +9,7 @@ import numpy as np
 
 from pathways.executor.base import Executor
 from pathways.sampling import SamplingParams
+from pathways.stops import StopMatcher
 from pathways.tokenizers import StreamDecoder, Tokenizer
 
 
@@ -74,6 +75,7 @@ def stream(
 def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
     b = len(ids)
     decoders = [StreamDecoder(tokenizer) for _ in range(b)]
+    stops = [StopMatcher(p.stop) for p in params]  # each new character read once
     texts = [""] * b
     shown = [0] * b  # characters of texts[i] already yielded
     done = [p.max_new_tokens == 0 for p in params]
@@ -91,11 +93,12 @@ def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
             tok = int(result.tokens[i])
             reason = None
             if tok == tokenizer.eos_id:
-                texts[i] += decoders[i].flush()
+                new = decoders[i].flush()
                 reason = "eos"
             else:
-                texts[i] += decoders[i].push(tok)
-            hit = _first_stop(texts[i], params[i].stop)
+                new = decoders[i].push(tok)
+            texts[i] += new
+            hit = stops[i].feed(new)
             if hit is not None:
                 texts[i] = texts[i][:hit]  # drop the stop sequence and anything after it
                 reason = "stop"
@@ -104,9 +107,7 @@ def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
                 reason = "length"
             # A tail that may be the start of a stop sequence is held back until it is decided,
             # so what was yielded never has to be taken back.
-            end = (
-                len(texts[i]) if reason else len(texts[i]) - _stop_prefix(texts[i], params[i].stop)
-            )
+            end = len(texts[i]) if reason else len(texts[i]) - stops[i].held
             piece, shown[i] = texts[i][shown[i] : end], max(shown[i], end)
             done[i] = reason is not None
             yield TokenEvent(i, tok, piece, finished=reason)
@@ -114,16 +115,6 @@ def _drive(executor, session, ids, tokenizer, params) -> Iterator[TokenEvent]:
             return
         result = executor.decode(session, result.tokens)
         produced += 1
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None
-
-
-def _stop_prefix(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest end of `text` that is a proper prefix of a stop sequence."""
-    return max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
 
 
 def generate(

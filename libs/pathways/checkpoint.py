@@ -10,6 +10,7 @@ Layout of a checkpoint directory:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -83,7 +84,7 @@ def save_spec(directory: str | Path, spec: spec_lib.PathwaySpec, tokenizer) -> N
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok_cfg = tokenizer.save(directory)
-    spec_lib.PathwaySpec(spec.modules, spec.pathways, tok_cfg).dump(directory / "spec.yaml")
+    dataclasses.replace(spec, tokenizer=tok_cfg).dump(directory / "spec.yaml")
 
 
 def load_spec(directory: str | Path):

@@ -1,7 +1,9 @@
 """Pathway spec: named modules (kind + config) and named pathways (ordered module lists).
 
 Loading checks the contract between neighbouring modules and raises `SpecError` with one message
-naming the modules and values at fault.
+naming the modules and values at fault. `plugins:` lists Python modules imported first: they
+register module kinds defined outside the library, in every process that loads the spec (the
+local executor, module servers, the gateway: all load it from the checkpoint).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from pathways.modules import ModuleConfig, config_from_dict
+from pathways.modules import ModuleConfig, config_from_dict, registry
 from pathways.modules.config import ConfigError, to_dict
 
 
@@ -32,6 +34,7 @@ class PathwaySpec:
     modules: dict[str, ModuleConfig]
     pathways: dict[str, Pathway]
     tokenizer: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "byte"})
+    plugins: tuple[str, ...] = ()  # Python modules that register the kinds of outside modules
 
     def pathway(self, name: str) -> Pathway:
         if name not in self.pathways:
@@ -46,7 +49,9 @@ class PathwaySpec:
         pathways = {}
         for p in self.pathways.values():
             pathways[p.name] = {"modules": list(p.modules), "max_seq_len": p.max_seq_len}
+        plugins = {"plugins": list(self.plugins)} if self.plugins else {}
         return {
+            **plugins,
             "tokenizer": dict(self.tokenizer),
             "modules": {n: to_dict(c) for n, c in self.modules.items()},
             "pathways": pathways,
@@ -59,7 +64,7 @@ class PathwaySpec:
         """A copy with module `name` added; an existing module must keep its exact config."""
         if name in self.modules and self.modules[name] != cfg:
             raise SpecError(f"module {name!r} already exists with a different config")
-        return PathwaySpec({**self.modules, name: cfg}, dict(self.pathways), dict(self.tokenizer))
+        return dataclasses.replace(self, modules={**self.modules, name: cfg})
 
     def with_pathway(self, name: str, modules: list[str]) -> PathwaySpec:
         """A copy with pathway `name` added or replaced (validated)."""
@@ -91,9 +96,18 @@ def load(path: str | Path) -> PathwaySpec:
 def from_dict(data: Any, source: str = "spec") -> PathwaySpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: top level must be a mapping with 'modules' and 'pathways'")
-    unknown = sorted(set(data) - {"modules", "pathways", "tokenizer", "name"})
+    unknown = sorted(set(data) - {"modules", "pathways", "tokenizer", "name", "plugins"})
     if unknown:
         raise SpecError(f"{source}: unknown top-level key(s) {', '.join(unknown)}")
+    plugins = data.get("plugins") or []
+    if not isinstance(plugins, list):
+        raise SpecError(
+            f"{source}: 'plugins' must be a list of Python module paths, got {plugins!r}"
+        )
+    try:
+        registry.load_plugins(plugins)
+    except ConfigError as e:
+        raise SpecError(f"{source}: {e}") from None
     raw_modules = data.get("modules")
     if not isinstance(raw_modules, dict) or not raw_modules:
         raise SpecError(f"{source}: 'modules' must be a non-empty mapping of name -> config")
@@ -114,7 +128,9 @@ def from_dict(data: Any, source: str = "spec") -> PathwaySpec:
     tokenizer = data.get("tokenizer") or {"kind": "byte"}
     if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("byte", "bpe"):
         raise SpecError(f"{source}: tokenizer.kind must be 'byte' or 'bpe', got {tokenizer!r}")
-    return PathwaySpec(modules=modules, pathways=pathways, tokenizer=dict(tokenizer))
+    return PathwaySpec(
+        modules=modules, pathways=pathways, tokenizer=dict(tokenizer), plugins=tuple(plugins)
+    )
 
 
 def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:

@@ -34,7 +34,7 @@ def build_trainer(req: JobRequest) -> Trainer:
     if (req.out_path / "spec.yaml").exists():
         _, tok = ckpt.load_spec(req.out_path)
     elif spec.tokenizer.get("kind") == "bpe":
-        vocab = spec.modules[spec.pathway(pathway).modules[0]].vocab_size
+        vocab = spec.modules[spec.pathway(pathway).modules[0]].input_contract[1]
         tok = tokenizers.BpeTokenizer.train(texts, vocab)
     else:
         tok = tokenizers.ByteTokenizer()

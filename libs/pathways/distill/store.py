@@ -71,8 +71,8 @@ def record(
         )
     chain = executor.chain(pathway)
     names = boundary_names(len(chain))
-    d_model = chain[0].cfg.d_model
-    vocab = chain[-1].cfg.vocab_size
+    d_model = chain[0].cfg.output_contract[1]
+    vocab = chain[-1].cfg.output_contract[1]
     keep_logits = vocab <= LOGITS_MAX_VOCAB
     shapes = {"tokens": ((seq_len,), "int32"), "targets": ((seq_len,), "int32")}
     for n in names[1:-1]:

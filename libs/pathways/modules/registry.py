@@ -36,7 +36,10 @@ def get(name: Any) -> Kind:
     """The kind called `name`; ConfigError naming the known ones otherwise."""
     kind = _KINDS.get(name) if isinstance(name, str) else None
     if kind is None:
-        raise ConfigError(f"kind must be one of {', '.join(_KINDS)}; got {name!r}")
+        raise ConfigError(
+            f"kind must be one of {', '.join(_KINDS)}; got {name!r} (a kind defined outside "
+            f"the library is registered by a module listed in the spec's plugins)"
+        )
     return kind
 
 

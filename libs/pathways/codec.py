@@ -27,6 +27,9 @@ _NUMPY = {
     DType.DTYPE_INT8_BLOCK: np.dtype("i1"),
 }
 DEFAULT_BLOCK = 64
+# Largest int8 block accepted from the wire. Decoding must not allocate more than the message
+# carries: a block is never expanded beyond the tensor's last axis, and this bounds the field.
+MAX_BLOCK = 1 << 16
 
 
 class CodecError(ValueError):
@@ -122,8 +125,11 @@ def quantize_int8(a: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _dequantize(q: np.ndarray, t: tensor_pb2.Tensor, field: str) -> np.ndarray:
-    if t.block_size <= 0:
-        raise CodecError(f"{field}.block_size must be > 0 for int8; got {t.block_size}")
+    if not 0 < t.block_size <= MAX_BLOCK:
+        raise CodecError(
+            f"{field}.block_size must be in [1, {MAX_BLOCK}] (MAX_BLOCK) for int8; "
+            f"got {t.block_size}"
+        )
     shape = q.shape if q.ndim else (1,)
     nb = -(-shape[-1] // t.block_size)
     n_scales = math.prod(shape[:-1]) * nb
@@ -133,5 +139,7 @@ def _dequantize(q: np.ndarray, t: tensor_pb2.Tensor, field: str) -> np.ndarray:
             f"with block_size {t.block_size} needs {4 * n_scales}"
         )
     scales = np.frombuffer(t.scales, "<f4").reshape(shape[:-1] + (nb,))
-    per_elem = np.repeat(scales, t.block_size, axis=-1)[..., : shape[-1]]
+    # A block longer than the axis covers it once: never expand past the axis (no allocation
+    # sized by the field alone).
+    per_elem = np.repeat(scales, min(t.block_size, shape[-1]), axis=-1)[..., : shape[-1]]
     return (q.reshape(shape).astype(np.float32) * per_elem).reshape(q.shape)

@@ -67,3 +67,12 @@ def test_missing_dtype_and_bad_scales_are_rejected():
         codec.decode(t, "x")
     with pytest.raises(codec.CodecError, match="dtype must be one of"):
         codec.encode(np.ones(2), "float16")
+
+
+def test_int8_block_size_from_the_wire_is_bounded_and_never_expanded_past_the_axis():
+    t = codec.encode(np.array([[0.5, -1.0, 0.25]], np.float32), "int8", block_size=4)
+    t.block_size = codec.MAX_BLOCK  # one block covers the 3 values, as 4 did
+    np.testing.assert_allclose(codec.decode(t), [[0.5, -1.0, 0.25]], atol=1 / 127)
+    t.block_size = 1 << 30  # a 191-byte message once made a server allocate 1 GB this way
+    with pytest.raises(codec.CodecError, match=r"block_size must be in \[1, 65536\]"):
+        codec.decode(t, "input")

@@ -9,6 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 
 
+# Bounds on a request's stop sequences (the gateway takes them from any client): their number and
+# their total length in characters. Matching is linear in the text either way (pathways.stops);
+# these bound the matcher's memory.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 4096
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How one sequence is sampled. temperature == 0 means greedy (argmax)."""
@@ -32,7 +39,14 @@ class SamplingParams:
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r:.200}")
+        if len(self.stop) > MAX_STOPS:
+            raise ValueError(f"stop has {len(self.stop)} sequences; at most {MAX_STOPS} (MAX_STOPS)")
+        if sum(map(len, self.stop)) > MAX_STOP_CHARS:
+            raise ValueError(
+                f"stop sequences have {sum(map(len, self.stop))} characters in all; at most "
+                f"{MAX_STOP_CHARS} (MAX_STOP_CHARS)"
+            )
         object.__setattr__(self, "stop", tuple(self.stop))
 
 

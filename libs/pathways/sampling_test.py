@@ -122,6 +122,8 @@ def test_top_k_and_top_p_renormalise_over_the_kept_tokens():
         (dict(seed=-1), ["seed", "-1"]),
         (dict(stop="\n"), ["stop", "'\\n'"]),
         (dict(stop=("",)), ["stop", "''"]),
+        (dict(stop=("x",) * 17), ["17 sequences", "at most 16", "MAX_STOPS"]),
+        (dict(stop=("y" * 4000, "z" * 97)), ["4097 characters", "MAX_STOP_CHARS"]),
     ],
 )
 def test_sampling_params_validation(kwargs, words):

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -122,7 +123,11 @@ def test_up_serves_generates_trains_and_stops_cleanly(cli, tmp_path):
         line = up.stdout.readline()
         assert line.startswith("gateway 127.0.0.1:"), (line, up.stderr.read()[-3000:])
         address = line.split()[1]
-        state = json.loads((cli.work / "home" / "deployment.json").read_text())
+        state_file = cli.work / "home" / "deployment.json"
+        state = json.loads(state_file.read_text())
+        # The broker asks for a password; the state file that holds its URL is the owner's only.
+        assert re.match(r"redis://:[\w-]{20,}@127\.0\.0\.1:\d+/0$", state["broker"])
+        assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
         servers = [a for addrs in state["modules"].values() for a in addrs]
         assert len(servers) == 5 and all(_serving(a) for a in [address, *servers])
 

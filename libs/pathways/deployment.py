@@ -20,7 +20,10 @@ def write(info: dict[str, Any]) -> Path:
     path = state_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**info, "pid": os.getpid()}, indent=1))
+    # Owner-only: it holds the broker's URL with its password.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps({**info, "pid": os.getpid()}, indent=1))
     tmp.replace(path)
     return path
 

@@ -128,7 +128,7 @@ def run_distributed(args) -> int:
     try:
         dep.start()
         print(
-            f"gateway {dep.gateway}; broker {dep.broker.url} "
+            f"gateway {dep.gateway}; broker {dep.broker.shown_url} "
             f"({time.time() - t_start:.0f} s)",
             file=sys.stderr,
         )

@@ -85,7 +85,7 @@ def cmd_up(args) -> int:
         for m, addrs in dep.fleet.endpoints.items():
             print(f"  {m:<16} {', '.join(addrs)}", file=sys.stderr)
         if dep.broker is not None:
-            print(f"  {'broker':<16} {dep.broker.url}", file=sys.stderr)
+            print(f"  {'broker':<16} {dep.broker.shown_url}", file=sys.stderr)
         print(f"gateway {dep.gateway}", flush=True)
         print(f"try: pathways generate --gateway {dep.gateway} --prompt 'def '", file=sys.stderr)
         while not done.wait(1.0):

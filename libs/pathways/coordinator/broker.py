@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -34,23 +35,42 @@ def server_binary() -> str:
 
 
 class EmbeddedBroker:
-    """A private server on a loopback port, owned by this process; nothing is persisted."""
+    """A private server on a loopback port, owned by this process; nothing is persisted.
 
-    def __init__(self, port: int | None = None, workdir: str | Path | None = None):
+    It asks for a password, generated per broker unless given: any local user can reach a
+    loopback port, and whoever can queue tasks runs training jobs with our files. The password
+    reaches the server in a config file only its owner can read (not on its command line, which
+    `ps` shows); clients find it in `url`.
+    """
+
+    def __init__(
+        self, port: int | None = None, workdir: str | Path | None = None, password: str | None = None
+    ):
         self.port = port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="pathways-broker-"))
+        self.password = password or secrets.token_urlsafe(24)
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def shown_url(self) -> str:
+        """The URL with the password masked, for logs and terminals."""
+        return redact(self.url)
 
     def start(self, timeout: float = 15.0) -> EmbeddedBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = (self.workdir / "broker.log").open("ab")
+        conf = self.workdir / "broker.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"requirepass {self.password}\n")
         self.proc = subprocess.Popen(
             [
                 server_binary(),
+                str(conf),
                 "--port",
                 str(self.port),
                 "--bind",
@@ -75,7 +95,7 @@ class EmbeddedBroker:
                     f"broker exited with code {self.proc.returncode}; see "
                     f"{self.workdir / 'broker.log'}"
                 )
-            if _ping(self.port):
+            if _ping(self.port, self.password):
                 return self
             time.sleep(0.05)
         self.stop()
@@ -98,10 +118,26 @@ class EmbeddedBroker:
         self.stop()
 
 
-def _ping(port: int) -> bool:
+def redact(url: str) -> str:
+    """redis://:SECRET@host:port/db -> redis://:***@host:port/db (other URLs unchanged)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = creds.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def _ping(port: int, password: str) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(16).startswith(b"+PONG")
+            s.sendall(f"AUTH {password}\r\nPING\r\n".encode())
+            got = b""
+            while b"\r\n" not in got.partition(b"\r\n")[2]:  # both replies
+                chunk = s.recv(64)
+                if not chunk:
+                    return False
+                got += chunk
+            return got.startswith(b"+OK") and b"+PONG" in got
     except OSError:
         return False

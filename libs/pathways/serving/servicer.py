@@ -170,7 +170,8 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             self.engine.check_input(x, "input", s.batch_size)
             b, t = x.shape[:2]
             lengths = _rows(request.lengths, "lengths", b, 1, t)
-            starts = _rows(request.starts, "starts", b, 0)
+            # Bounded before adding: int32 starts near 2**31 would wrap and pass the check.
+            starts = _rows(request.starts, "starts", b, 0, s.max_seq_len)
             end = starts + lengths
             if end.max() > s.max_seq_len:
                 i = int(np.argmax(end))

@@ -154,6 +154,15 @@ def test_insert_switch_train_and_remove_under_live_traffic(deployment, tmp_path)
                 gateway_pb2.SetPathwayRequest(name="bad", modules=["embed", "nope"]), timeout=10
             )
         assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        # Names that could leave a checkpoint directory are refused before anything is dialed.
+        for call, req in [
+            (stub.AddModule, gateway_pb2.AddModuleRequest(name="../x", addresses=["10.0.0.1:1"])),
+            (stub.SetPathway, gateway_pb2.SetPathwayRequest(name="a/b", modules=["embed", "head"])),
+        ]:
+            with pytest.raises(grpc.RpcError) as e:
+                call(req, timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "name must match" in e.value.details(), e.value.details()
     finally:
         done.set()
         for t in threads:

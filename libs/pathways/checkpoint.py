@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pathways import names
 from pathways import spec as spec_lib
 from pathways import tokenizers
 
@@ -68,13 +69,18 @@ def load_tree(path: Path, like: Any) -> Any:
         return _ckpt().restore(path, like)
 
 
+def module_dir(directory: str | Path, name: str) -> Path:
+    """Where module `name` lives in a checkpoint; a name that could leave it is refused."""
+    return Path(directory) / "modules" / names.check(name, "module name")
+
+
 def save_module(directory: str | Path, name: str, state) -> None:
-    save_tree(Path(directory) / "modules" / name, nnx.to_pure_dict(state))
+    save_tree(module_dir(directory, name), nnx.to_pure_dict(state))
 
 
 def load_module(directory: str | Path, name: str, like_state):
     """Restores a module's parameters into the structure of `like_state` (an nnx.State)."""
-    pure = load_tree(Path(directory) / "modules" / name, nnx.to_pure_dict(like_state))
+    pure = load_tree(module_dir(directory, name), nnx.to_pure_dict(like_state))
     state = jax.tree.map(lambda x: x, like_state)  # a copy to fill
     nnx.replace_by_pure_dict(state, pure)
     return state
@@ -97,7 +103,7 @@ def load_spec(directory: str | Path):
 
 
 def has_module(directory: str | Path, name: str) -> bool:
-    return (Path(directory) / "modules" / name).exists()
+    return module_dir(directory, name).exists()
 
 
 def write_meta(directory: str | Path, meta: dict) -> None:

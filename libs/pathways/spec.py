@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from pathways import names
 from pathways.modules import ModuleConfig, config_from_dict, registry
 from pathways.modules.config import ConfigError, to_dict
 
@@ -62,6 +63,7 @@ class PathwaySpec:
 
     def with_module(self, name: str, cfg: ModuleConfig) -> PathwaySpec:
         """A copy with module `name` added; an existing module must keep its exact config."""
+        _check_name(name, "module name")
         if name in self.modules and self.modules[name] != cfg:
             raise SpecError(f"module {name!r} already exists with a different config")
         return dataclasses.replace(self, modules={**self.modules, name: cfg})
@@ -113,6 +115,7 @@ def from_dict(data: Any, source: str = "spec") -> PathwaySpec:
         raise SpecError(f"{source}: 'modules' must be a non-empty mapping of name -> config")
     modules: dict[str, ModuleConfig] = {}
     for name, raw in raw_modules.items():
+        _check_name(str(name), "module name")
         if not isinstance(raw, dict):
             raise SpecError(f"module {name!r}: config must be a mapping, got {raw!r}")
         try:
@@ -133,7 +136,15 @@ def from_dict(data: Any, source: str = "spec") -> PathwaySpec:
     )
 
 
+def _check_name(name, what: str) -> str:
+    try:
+        return names.check(name, what)
+    except ValueError as e:
+        raise SpecError(str(e)) from None
+
+
 def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
+    _check_name(name, "pathway name")
     declared_len = None
     if isinstance(raw, dict):
         declared_len = raw.get("max_seq_len")

@@ -250,3 +250,21 @@ def test_missing_file_names_the_path(tmp_path):
 def test_not_a_mapping(tmp_path):
     with pytest.raises(SpecError, match="top level must be a mapping"):
         _load_text(tmp_path, "- embed\n- head\n")
+
+
+@pytest.mark.parametrize("where", ["module", "pathway"])
+def test_names_that_could_leave_a_checkpoint_are_refused(where):
+    data = {
+        "modules": {
+            "embed": {"kind": "embedding", "vocab_size": 7, "d_model": 8, "max_seq_len": 8},
+            "head": {"kind": "decoding", "vocab_size": 7, "d_model": 8},
+        },
+        "pathways": {"p": ["embed", "head"]},
+    }
+    if where == "module":
+        data["modules"]["../../victim"] = data["modules"].pop("head")
+        data["pathways"]["p"] = ["embed", "../../victim"]
+    else:
+        data["pathways"]["a/b"] = data["pathways"].pop("p")
+    with pytest.raises(spec_lib.SpecError, match=f"{where} name must match .*got '(\\.\\./\\.\\./victim|a/b)'"):
+        spec_lib.from_dict(data)

@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pathways import generate as gen
+from pathways import names
 from pathways import telemetry
 from pathways.executor.remote import RemoteError, RemoteExecutor
 from pathways.executor.replicas import ReplicaSource
@@ -56,6 +57,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
         if not request.name or not request.addresses:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name and addresses are required")
+        try:
+            names.check(request.name, "name")  # before dialing anything
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         try:
             with grpc.insecure_channel(request.addresses[0]) as ch:
                 d = module_pb2_grpc.ModuleServiceStub(ch).Describe(

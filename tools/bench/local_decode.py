@@ -22,7 +22,6 @@ from flax import nnx
 
 from pathways import spec as spec_lib
 from pathways.executor.local import LocalExecutor
-from pathways.modules.attention import empty_cache
 from pathways.sampling import SamplingParams
 from tools.bench.common import dated_path, median, print_table, timed, write_json
 
@@ -45,12 +44,12 @@ def fused_step_fn(ex: LocalExecutor, pathway: str):
         ci = 0
         for rt, st in zip(chain[:-1], states[:-1]):
             m = nnx.merge(rt.graphdef, st)
-            if rt.cfg.kind == "attention":
-                x, c = m.forward_cached(x, positions, caches[ci], slots, window)
+            if rt.kind.has_cache:
+                x, c = m.step(x, positions, caches[ci], slots, window)
                 new_caches.append(c)
                 ci += 1
             else:
-                x = m(x, positions)
+                x, _ = m.step(x, positions)
         h = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
         logits = nnx.merge(chain[-1].graphdef, states[-1])(h)
         return jnp.argmax(logits, -1).astype(jnp.int32), new_caches
@@ -89,12 +88,12 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
     # ---- baseline: one hand-written program for the whole pathway -------------------------------
     step = fused_step_fn(ex, pathway)
     states = jax.tree.leaves([rt.state for rt in ex.chain(pathway)])
-    attn = [rt.cfg for rt in ex.chain(pathway) if rt.cfg.kind == "attention"]
+    attn = [rt for rt in ex.chain(pathway) if rt.kind.has_cache]
     max_len = p.max_seq_len
     pos_prompt = np.arange(prompt_len, dtype=np.int32)[None]
 
     def base_prefill():
-        caches = [empty_cache(c, 1) for c in attn]
+        caches = [rt.kind.empty_cache(rt.cfg, 1) for rt in attn]
         tok, caches = step(
             states,
             caches,

@@ -75,7 +75,7 @@ def module_memory(ex: LocalExecutor, pathway: str) -> dict[str, float]:
 
 def kv_kib_per_token(ex: LocalExecutor, pathway: str) -> float:
     return (
-        sum(rt.cfg.kv_bytes_per_token() for rt in ex.chain(pathway) if rt.cfg.kind == "attention")
+        sum(rt.cfg.kv_bytes_per_token() for rt in ex.chain(pathway) if rt.kind.has_cache)
         / 1024
     )
 

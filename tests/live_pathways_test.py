@@ -15,7 +15,7 @@ from pathways.deployment import LocalDeployment
 from pathways.executor.local import LocalExecutor
 from pathways.sampling import SamplingParams
 from pathways.serving.testing import make_checkpoint
-from pathways.serving.train_client import remote_stages
+from pathways.pipeline.client import remote_stages
 from pathways.tokenizers import ByteTokenizer
 from pathways.train import PipelineEngine, TrainConfig
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc

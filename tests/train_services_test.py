@@ -15,7 +15,7 @@ from pathways.pipeline.runner import PipelineError, run_step
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.launcher import Fleet, free_port
 from pathways.serving.testing import make_checkpoint
-from pathways.serving.train_client import RemoteStage, RemoteStageError, remote_stages
+from pathways.pipeline.client import RemoteStage, RemoteStageError, remote_stages
 from pathways.train import PipelineEngine, TrainConfig, make_optimizer
 from pathways.v1 import training_pb2
 

@@ -141,9 +141,9 @@ def _needed(docs, pods: dict[str, Pod]) -> list[tuple[Pod, Pod, int, str]]:
     for m in modules:
         port = listen[m.name]
         out.append((gateway, m, port, "generation: ModuleService calls (executor.remote)"))
-        out.append((coordinator, m, port, "training job: TrainingService (train_client)"))
+        out.append((coordinator, m, port, "training job: TrainingService (pipeline.client)"))
     for a, b in itertools.permutations(modules, 2):
-        out.append((a, b, listen[b.name], "training step: Deliver to the neighbour (serving.peer)"))
+        out.append((a, b, listen[b.name], "training step: Deliver to the neighbour (pipeline.peer)"))
 
     url = urlparse(entrypoints.start(coordinator.container, coordinator.namespace).broker_url)
     (service,) = (

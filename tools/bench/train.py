@@ -32,7 +32,7 @@ def services_engine(spec_path: Path, spec, pathway, cfg, n_micro, schedule, stac
 
     from pathways.serving.launcher import Fleet
     from pathways.serving.testing import make_checkpoint
-    from pathways.serving.train_client import remote_stages
+    from pathways.pipeline.client import remote_stages
 
     if "fleet" not in cache:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-"))

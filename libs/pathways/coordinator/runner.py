@@ -41,7 +41,7 @@ def build_trainer(req: JobRequest) -> Trainer:
     data = data_lib.TokenData.build(texts, tok)
     cfg = train_config(req)
     if req.engine == "services":
-        from pathways.serving.train_client import remote_stages
+        from pathways.pipeline.client import remote_stages
 
         stages = remote_stages(spec, pathway, req.modules, cfg)
         engine = PipelineEngine(stages, req.micro_batches, req.schedule)

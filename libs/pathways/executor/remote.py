@@ -575,7 +575,7 @@ class RemoteExecutor:
             # only activations and activation-gradients cross the wire.
             raise ValueError(
                 "parameter gradients stay inside each module service: train through the "
-                "services with train.PipelineEngine(serving.train_client.remote_stages(...)), "
+                "services with train.PipelineEngine(pipeline.client.remote_stages(...)), "
                 "or compute them in one process with LocalExecutor"
             )
         return self.loss(pathway, inputs, targets), None

@@ -18,9 +18,9 @@ BROKER_ENV = "PATHWAYS_BROKER_URL"  # what pathways.coordinator.app reads (not C
 # policies against its own list of the connections the code makes):
 #   gateway -> module      ModuleService calls of generation (executor.remote)
 #   coordinator -> module  TrainingService calls of a job trained through the services
-#                          (serving.train_client)
+#                          (pipeline.client)
 #   module -> module       TrainingService.Deliver: activations and gradients sent straight to the
-#                          neighbouring stage's server (serving.peer)
+#                          neighbouring stage's server (pipeline.peer)
 #   coordinator -> broker  Celery's broker and result backend (coordinator.app)
 INGRESS = {
     "module": (("gateway", "coordinator", "module"), pods.GRPC_PORT),

@@ -21,8 +21,8 @@ from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
 from pathways.serving.sessions import SessionTable
 from pathways.serving.settings import ModuleServerSettings
-from pathways.serving.training import SERVICE as TRAINING_SERVICE
-from pathways.serving.training import TrainingServicer
+from pathways.pipeline.service import SERVICE as TRAINING_SERVICE
+from pathways.pipeline.service import TrainingServicer
 from pathways.v1 import module_pb2, module_pb2_grpc, training_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ import numpy as np
 
 from pathways import codec
 from pathways.pipeline.stage import LocalStage
-from pathways.serving import peer
+from pathways.pipeline import peer
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
 from pathways.serving.servicer import _deadline, rpc

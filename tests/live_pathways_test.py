@@ -11,7 +11,7 @@ import pytest
 from pathways import checkpoint as ckpt
 from pathways import generate as gen
 from pathways import surgery
-from pathways.deployment import LocalDeployment
+from pathways.deploy.local import LocalDeployment
 from pathways.executor.local import LocalExecutor
 from pathways.sampling import SamplingParams
 from pathways.serving.testing import make_checkpoint

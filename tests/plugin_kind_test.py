@@ -15,7 +15,7 @@ from pathways.executor.local import LocalExecutor
 from pathways.executor.remote import RemoteExecutor
 from pathways.modules import registry
 from pathways.sampling import SamplingParams
-from pathways.serving import launcher
+from pathways.deploy import launcher
 from pathways.tokenizers import ByteTokenizer
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc
 

@@ -11,7 +11,8 @@ import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from pathways.serving import launcher, testing
+from pathways.deploy import launcher
+from pathways.serving import testing
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow

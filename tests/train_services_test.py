@@ -13,7 +13,7 @@ from pathways import checkpoint as ckpt
 from pathways.executor.local import LocalExecutor
 from pathways.pipeline.runner import PipelineError, run_step
 from pathways.pipeline.stage import LocalStage
-from pathways.serving.launcher import Fleet, free_port
+from pathways.deploy.launcher import Fleet, free_port
 from pathways.serving.testing import make_checkpoint
 from pathways.pipeline.client import RemoteStage, RemoteStageError, remote_stages
 from pathways.train import PipelineEngine, TrainConfig, make_optimizer

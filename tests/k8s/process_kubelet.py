@@ -43,7 +43,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from kubernetes import client, watch
 
-from pathways.serving.launcher import child_env
+from pathways.deploy.launcher import child_env
 
 log = logging.getLogger(__name__)
 

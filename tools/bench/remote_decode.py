@@ -24,7 +24,8 @@ from pathways import cpu
 from pathways import spec as spec_lib
 from pathways.executor.remote import RemoteExecutor
 from pathways.sampling import SamplingParams
-from pathways.serving import launcher, testing
+from pathways.deploy import launcher
+from pathways.serving import testing
 from tools.bench.common import write_json
 
 

@@ -30,7 +30,7 @@ def services_engine(spec_path: Path, spec, pathway, cfg, n_micro, schedule, stac
     """Every module of the pathway in its own module-server process (loopback), started once."""
     import tempfile
 
-    from pathways.serving.launcher import Fleet
+    from pathways.deploy.launcher import Fleet
     from pathways.serving.testing import make_checkpoint
     from pathways.pipeline.client import remote_stages
 

@@ -88,7 +88,7 @@ def run_distributed(args) -> int:
     from pathways.coordinator.app import make_app
     from pathways.coordinator.client import JobClient
     from pathways.coordinator.jobs import JobRequest
-    from pathways.deployment import LocalDeployment
+    from pathways.deploy.local import LocalDeployment
     from tools.cli.commands_local import build_args
     from tools.cli.commands_serve import generate_via_gateway
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pathways import deployment
+from pathways.deploy import local
 
 
 def register(sub) -> None:
@@ -20,7 +20,7 @@ def client(broker: str | None):
     from pathways.coordinator.app import make_app
     from pathways.coordinator.client import JobClient
 
-    url = deployment.broker_url(broker)
+    url = local.broker_url(broker)
     c = JobClient(make_app(url))
     try:
         c.redis.ping()
@@ -58,7 +58,7 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
 
     from pathways.coordinator.jobs import JobRequest
 
-    info = deployment.read() or {}
+    info = local.read() or {}
     engine = args.engine or ("services" if info.get("train_modules") else "pipeline")
     req = JobRequest(
         spec=str(Path(args.spec).absolute()),

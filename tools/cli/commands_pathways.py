@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathways import deployment
+from pathways.deploy import local
 
 
 def register(sub) -> None:
@@ -23,7 +23,7 @@ def register(sub) -> None:
 def gateway_address(explicit: str | None) -> str:
     if explicit:
         return explicit
-    info = deployment.read()
+    info = local.read()
     if info and info.get("gateway"):
         return info["gateway"]
     raise ValueError("no gateway found: start one with `pathways up`, or pass --gateway HOST:PORT")

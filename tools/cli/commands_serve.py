@@ -55,14 +55,14 @@ def parse_replicas(values: list[str], modules) -> dict[str, int]:
 
 
 def cmd_up(args) -> int:
-    from pathways import deployment
-    from pathways.deployment import LocalDeployment
+    from pathways.deploy import local
+    from pathways.deploy.local import LocalDeployment
 
     spec, _ = ckpt.load_spec(args.checkpoint)
     replicas = parse_replicas(args.replicas, spec.modules)
     extra = ["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []
     extra += ["--weights", args.weights] if args.weights else []
-    log_dir = args.log_dir or deployment.state_file().parent / "logs"
+    log_dir = args.log_dir or local.state_file().parent / "logs"
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pathways.serving.launcher import free_port
+from pathways.deploy.launcher import free_port
 
 
 def server_binary() -> str:

@@ -41,7 +41,7 @@ if __name__ == "__main__":
 def spawn(broker_url: str, *, concurrency: int = 1, queues: str | None = None, log=None):
     """Starts a worker as a child process (tests, benchmarks); its output goes to `log` (an open
     file) or nowhere. Local deployments use `launcher.start_worker`, which keeps a log."""
-    from pathways.serving.launcher import start_worker
+    from pathways.deploy.launcher import start_worker
 
     out = log if log is not None else open(os.devnull, "wb")  # noqa: SIM115 (the child's copy)
     try:

@@ -5,7 +5,7 @@ from concurrent import futures
 import grpc
 import pytest
 
-from pathways.serving.launcher import free_port
+from pathways.deploy.launcher import free_port
 from pathways.serving.server import server_options
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pathways.serving import launcher
+from pathways.deploy import launcher
 
 
 def test_a_process_that_dies_at_start_is_named_with_its_code_and_log(tmp_path):

@@ -111,7 +111,7 @@ class LocalDeployment:
 
     def start(self, timeout: float = 300.0) -> LocalDeployment:
         from pathways.coordinator.broker import EmbeddedBroker
-        from pathways.serving.launcher import Fleet, start_worker
+        from pathways.deploy.launcher import Fleet, start_worker
 
         try:
             if self.coordinator:
@@ -151,7 +151,7 @@ class LocalDeployment:
         The gateway does not know it yet: register it with GatewayService.AddModule
         (`pathways pathways add-module NAME ADDRESS`).
         """
-        from pathways.serving.launcher import start_module, wait_healthy
+        from pathways.deploy.launcher import start_module, wait_healthy
 
         servers = sum(len(ps) for ps in self.fleet.servers.values()) + 1
         proc = start_module(

@@ -26,7 +26,11 @@ def make_app(url: str | None = None) -> Celery:
         "pathways",
         broker=url,
         backend=url,
-        include=["pathways.coordinator.tasks", "pathways.coordinator.distill_tasks"],
+        include=[
+            "pathways.coordinator.tasks",
+            "pathways.coordinator.distill_tasks",
+            "pathways.coordinator.diloco_tasks",
+        ],
     )
     app.conf.update(
         task_default_queue=DEFAULT_QUEUE,

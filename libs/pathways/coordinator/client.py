@@ -21,7 +21,10 @@ class JobClient:
         self.redis = app.backend.client
 
     def submit(self, req: JobRequest, queue: str | None = None) -> str:
-        result = self.app.send_task("pathways.train", args=[req.to_dict()], queue=queue)
+        """Submits a training job (or another kind of job whose request names its `task`, e.g.
+        `DiLoCoRequest`); returns its id."""
+        task = getattr(req, "task", "pathways.train")
+        result = self.app.send_task(task, args=[req.to_dict()], queue=queue)
         self.redis.hset(
             JOBS_KEY, result.id, json.dumps({"submitted": time.time(), "request": req.to_dict()})
         )

@@ -13,9 +13,9 @@ from pathways import generate as gen
 from pathways import surgery
 from pathways.deploy.local import LocalDeployment
 from pathways.executor.local import LocalExecutor
+from pathways.pipeline.client import remote_stages
 from pathways.sampling import SamplingParams
 from pathways.serving.testing import make_checkpoint
-from pathways.pipeline.client import remote_stages
 from pathways.tokenizers import ByteTokenizer
 from pathways.train import PipelineEngine, TrainConfig
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc

@@ -11,11 +11,11 @@ import pytest
 from pathways import checkpoint as ckpt
 from pathways import generate as gen
 from pathways import spec as spec_lib
+from pathways.deploy import launcher
 from pathways.executor.local import LocalExecutor
 from pathways.executor.remote import RemoteExecutor
 from pathways.modules import registry
 from pathways.sampling import SamplingParams
-from pathways.deploy import launcher
 from pathways.tokenizers import ByteTokenizer
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc
 

@@ -10,9 +10,9 @@ import pytest
 
 from pathways import codec
 from pathways import generate as gen
+from pathways.deploy import launcher
 from pathways.executor.remote import RemoteExecutor
 from pathways.sampling import SamplingParams
-from pathways.deploy import launcher
 from pathways.serving import testing
 from pathways.tokenizers import ByteTokenizer
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2, module_pb2_grpc

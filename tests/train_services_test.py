@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from pathways import checkpoint as ckpt
+from pathways.deploy.launcher import Fleet, free_port
 from pathways.executor.local import LocalExecutor
+from pathways.pipeline.client import RemoteStage, RemoteStageError, remote_stages
 from pathways.pipeline.runner import PipelineError, run_step
 from pathways.pipeline.stage import LocalStage
-from pathways.deploy.launcher import Fleet, free_port
 from pathways.serving.testing import make_checkpoint
-from pathways.pipeline.client import RemoteStage, RemoteStageError, remote_stages
 from pathways.train import PipelineEngine, TrainConfig, make_optimizer
 from pathways.v1 import training_pb2
 

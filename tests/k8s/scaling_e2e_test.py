@@ -16,9 +16,9 @@ from kubernetes import client, config
 
 from pathways import generate as gen
 from pathways import spec as spec_lib
+from pathways.deploy import launcher
 from pathways.k8s import discovery, names, render
 from pathways.sampling import SamplingParams
-from pathways.deploy import launcher
 from pathways.serving import testing
 from pathways.tokenizers import ByteTokenizer
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2, module_pb2_grpc

@@ -22,9 +22,9 @@ import numpy as np
 
 from pathways import cpu
 from pathways import spec as spec_lib
+from pathways.deploy import launcher
 from pathways.executor.remote import RemoteExecutor
 from pathways.sampling import SamplingParams
-from pathways.deploy import launcher
 from pathways.serving import testing
 from tools.bench.common import write_json
 

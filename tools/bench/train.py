@@ -31,8 +31,8 @@ def services_engine(spec_path: Path, spec, pathway, cfg, n_micro, schedule, stac
     import tempfile
 
     from pathways.deploy.launcher import Fleet
-    from pathways.serving.testing import make_checkpoint
     from pathways.pipeline.client import remote_stages
+    from pathways.serving.testing import make_checkpoint
 
     if "fleet" not in cache:
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-"))

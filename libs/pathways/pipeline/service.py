@@ -9,8 +9,8 @@ import jax
 import numpy as np
 
 from pathways import codec
-from pathways.pipeline.stage import LocalStage
 from pathways.pipeline import peer
+from pathways.pipeline.stage import LocalStage
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
 from pathways.serving.servicer import _deadline, rpc

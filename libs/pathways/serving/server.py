@@ -16,13 +16,13 @@ from grpc_reflection.v1alpha import reflection
 from pathways import checkpoint as ckpt
 from pathways import codec, cpu, telemetry
 from pathways.modules import registry
+from pathways.pipeline.service import SERVICE as TRAINING_SERVICE
+from pathways.pipeline.service import TrainingServicer
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
 from pathways.serving.sessions import SessionTable
 from pathways.serving.settings import ModuleServerSettings
-from pathways.pipeline.service import SERVICE as TRAINING_SERVICE
-from pathways.pipeline.service import TrainingServicer
 from pathways.v1 import module_pb2, module_pb2_grpc, training_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -8,7 +8,9 @@ registered with XLA as FFI targets, so jitted programs call them like any other 
   xla    (default) XLA's own ops; the kernels are never built. Measured on an AMD EPYC (AVX2, no
          AMX) machine the kernels were several times slower than XLA on GPT-2 small, so they are
          only used when asked for;
-  auto   the native kernels when they build here, else XLA's ops (logged once);
+  auto   measured: the kernels are built and a decode-shaped matmul is timed against XLA's
+         on this machine (once; the decision is cached beside the built library); they are
+         used only where they were faster, else XLA's ops (the reason is logged);
   native the native kernels or an error saying why they cannot be built.
 `PATHWAYS_AMX=off` keeps bfloat16-weight prefill in float32 arithmetic even where AMX tiles
 exist (e.g. to get the same numbers on machines with and without AMX); default `auto`.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -134,7 +137,7 @@ def _build() -> Path:
     return lib
 
 
-_lock = threading.Lock()
+_lock = threading.RLock()  # re-entered: measuring the kernels (auto) calls them
 _loaded: bool | None = None
 _lib: ctypes.CDLL | None = None
 
@@ -151,13 +154,82 @@ def available() -> bool:
 def _load() -> bool:
     if mode() == "xla":
         return False
+    global _loaded
+    ok = _load_library()
+    if ok and mode() == "auto":
+        _loaded = True  # loaded: the measurement below may call the kernels
+        ok = decide(_lib_path)
+    return ok
+
+
+_lib_path: Path | None = None
+# A decode step's matmul: one row against a GPT-2-sized kernel, over more weights than the
+# caches hold (decode streams every weight from memory once per token).
+_PROBE_K, _PROBE_N, _PROBE_LAYERS = 768, 3072, 12
+_MARGIN = 1.1  # the kernels must be this much faster to be chosen
+
+
+def decide(lib: Path | None, measure=None) -> bool:
+    """Whether the native kernels are faster than XLA here (PATHWAYS_KERNELS=auto).
+
+    Measured once per built library (sources, compiler, CPU flags) and cached beside it as
+    decision.json; `measure() -> (native_s, xla_s)` can be given (tests force a decision).
+    """
+    cached = lib.parent / "decision.json" if lib is not None else None
+    if measure is None and cached is not None and cached.exists():
+        try:
+            return bool(json.loads(cached.read_text())["native"])
+        except (OSError, ValueError, KeyError):
+            pass
+    native_s, xla_s = (measure or _measure)()
+    use = native_s * _MARGIN < xla_s
+    (log.info if use else log.warning)(
+        "native kernels %s: decode-shaped matmul %.3f ms native vs %.3f ms XLA on this machine",
+        "chosen" if use else "not used (slower here)",
+        native_s * 1e3,
+        xla_s * 1e3,
+    )
+    if cached is not None and measure is None:
+        record = {"native": use, "native_s": native_s, "xla_s": xla_s, "margin": _MARGIN}
+        cached.write_text(json.dumps(record))
+    return use
+
+
+def _measure() -> tuple[float, float]:
+    """Median seconds of one pass of decode-shaped matmuls: (native, XLA), alternated."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    from pathways.kernels.matmul import matmul, pack
+
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((_PROBE_K, _PROBE_N), np.float32) for _ in range(_PROBE_LAYERS)]
+    xla_ws = [jax.device_put(w) for w in ws]
+    packed = [pack(w) for w in xla_ws]
+    x = jax.device_put(rng.standard_normal((1, _PROBE_K), np.float32))
+    native = jax.jit(lambda x, ps: [matmul(x, p, _PROBE_N) for p in ps])
+    xla = jax.jit(lambda x, ws: [x @ w for w in ws])
+    times = {"native": [], "xla": []}
+    for _ in range(7):
+        for name, fn, args in (("native", native, packed), ("xla", xla, xla_ws)):
+            jax.block_until_ready(fn(x, args))  # compiled on the first round
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(x, args))
+            times[name].append(time.perf_counter() - t0)
+    return statistics.median(times["native"][1:]), statistics.median(times["xla"][1:])
+
+
+def _load_library() -> bool:
     if jax.default_backend() != "cpu":
         # CPU kernels: on an accelerator, programs stay XLA's (they run on the device).
         log.info("native CPU kernels not used: JAX computes on %s", jax.default_backend())
         return False
-    global _lib
+    global _lib, _lib_path
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        _lib_path = _build()
+        lib = ctypes.cdll.LoadLibrary(str(_lib_path))
         for target, symbol in TARGETS.items():
             capsule = jax.ffi.pycapsule(getattr(lib, symbol))
             jax.ffi.register_ffi_target(target, capsule, platform="cpu")

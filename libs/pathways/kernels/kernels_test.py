@@ -34,7 +34,7 @@ def native():
     """Skips where the kernels cannot be built; fails where they should build and do not (a
     compile error must not pass as a skip)."""
     if kernels.mode() == "xla":
-        pytest.skip("PATHWAYS_KERNELS=xla (the default): set it to auto or native to test them")
+        pytest.skip("PATHWAYS_KERNELS=xla (the default): set it to native to test them")
     if jax.default_backend() != "cpu":
         pytest.skip(f"CPU kernels; JAX computes on {jax.default_backend()} here")
     try:
@@ -391,3 +391,41 @@ def test_matmul_split_over_a_two_thread_pool():
         print("ok")
     """
     assert _python(code, PATHWAYS_KERNELS="native").stdout.strip() == "ok"
+
+
+@pytest.mark.slow  # compiles the kernels in a fresh cache: ~8 s
+@pytest.mark.usefixtures("native")
+@pytest.mark.parametrize("native_ms, xla_ms, chosen", [(2.0, 1.0, False), (1.0, 2.0, True)])
+def test_auto_uses_the_kernels_only_where_the_measurement_says_they_are_faster(
+    tmp_path, native_ms, xla_ms, chosen
+):
+    """The default choice on a machine where the kernels are slower (the measurement forced):
+    auto builds them, finds them slower and computes with XLA; sessions pack nothing."""
+    code = f"""
+        from pathways import spec as spec_lib
+        from pathways.executor.local import LocalExecutor
+        from pathways.kernels import build
+        build._measure = lambda: ({native_ms} / 1e3, {xla_ms} / 1e3)
+        from pathways import kernels
+        ex = LocalExecutor(spec_lib.load("examples/tiny.yaml"))
+        print("available", kernels.available(), ex.runtimes["attn-0"].native_ops)
+    """
+    done = _python(code, tmp_path / "cache", PATHWAYS_KERNELS="auto")
+    assert done.stdout.split() == ["available", str(chosen), str(chosen)], done.stderr
+    [decision] = (tmp_path / "cache").rglob("decision.json")
+    record = json.loads(decision.read_text())
+    assert record["native"] is chosen and record["xla_s"] == xla_ms / 1e3
+    # Decided once per machine: a second process reads the cached decision, measures nothing.
+    again = _python(
+        "from pathways.kernels import build\n"
+        "build._measure = None  # calling it would fail\n"
+        "from pathways import kernels\nprint(kernels.available())",
+        tmp_path / "cache",
+        PATHWAYS_KERNELS="auto",
+    )
+    assert again.stdout.strip() == str(chosen)
+
+
+def test_decide_applies_its_margin():
+    assert not kernels.build.decide(None, measure=lambda: (1.0, 1.05))  # within the margin
+    assert kernels.build.decide(None, measure=lambda: (1.0, 1.2))

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathways import kernels
+from pathways import backends
 from pathways.modules import registry
 from pathways.modules.config import one_of, positive_int, positive_number, require
 from pathways.modules.kind import Kind
@@ -149,17 +149,18 @@ class Attention(nnx.Module):
         Writes this chunk's keys/values at (slot, position) and attends to the first `window`
         cache positions with a causal mask. Padding rows carry position == max_seq_len: their
         writes are dropped and their outputs are garbage the caller ignores. `native` does a
-        decode step's (T == 1) cache update and attention in one native op
-        (`kernels.attend_cached`), in place; prefill chunks keep XLA's batched dots, which are
-        faster when many queries share the keys.
+        decode step's (T == 1) cache update and attention in one op of the optional backend
+        (`attend_cached` in `pathways.backends`), in place; prefill chunks keep XLA's batched
+        dots, which are faster when many queries share the keys.
 
         Returns:
             (y_btd, new_cache).
         """
         if native and x_btd.shape[1] == 1:
+            attend_cached = backends.op("attend_cached")
 
             def attend_layer(i, q, k, v, ks, vs):
-                return kernels.attend_cached(
+                return attend_cached(
                     q, k, v, positions_bt, slots_b, ks, vs, layer=i, window=window
                 )
 

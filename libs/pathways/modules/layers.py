@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathways import kernels
+from pathways import backends
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -23,12 +23,12 @@ def make_norm(kind: str, dim: int, eps: float, rngs: nnx.Rngs) -> nnx.Module:
 
 
 class Dense(nnx.Linear):
-    """nnx.Linear whose kernel may also be packed for the native matmul (serving weights).
+    """nnx.Linear whose kernel may also be packed by an optional backend (serving weights).
 
-    Parameters and their names are nnx.Linear's; `kernels.pack_state` swaps the (K, N) kernel
-    for its (N / 32, K, 32) panels, which this layer recognises by their rank. Over a sequence
-    (x of shape (..., T > 1, K): prefill) bfloat16 weights may multiply on AMX tiles (see
-    `kernels.matmul`); decode steps (T = 1) always compute in float32.
+    Parameters and their names are nnx.Linear's. A backend that packs weights (the native CPU
+    kernels: (K, N) -> (N / 32, K, 32) panels) swaps the kernel, and this layer recognises it by
+    its rank and multiplies through the backend's `packed_matmul` (`pathways.backends`); over a
+    sequence (x of shape (..., T > 1, K): prefill) it may use faster tiles.
     """
 
     def __call__(self, x):
@@ -36,7 +36,7 @@ class Dense(nnx.Linear):
         if kernel.ndim != 3:
             return super().__call__(x)
         prefill = x.ndim >= 3 and x.shape[-2] > 1
-        y = kernels.matmul(x, kernel, self.out_features, tiles=prefill)
+        y = backends.op("packed_matmul")(x, kernel, self.out_features, tiles=prefill)
         return y if self.bias is None else y + self.bias[...]
 
 

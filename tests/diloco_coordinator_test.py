@@ -156,3 +156,19 @@ def test_too_few_worker_processes_fail_the_job_with_the_numbers(client, tmp_path
     assert st["state"] == "FAILURE"
     assert "with 3 workers needs 4 coordinator worker processes" in st["error"]
     assert "have 3" in st["error"]
+
+
+def test_cli_submits_a_diloco_job_and_follows_it(client, tmp_path, capsys):
+    from tools.cli.main import main
+
+    out = tmp_path / "cli"
+    argv = ["train", "--spec", TINY, "--out", str(out), "--max-data-mb", "0.3"]
+    argv += ["--batch-size", "4", "--seq-len", "32", "--steps", "4", "--eval-every", "1"]
+    argv += ["--parallel", "diloco", "--workers", str(K), "--inner-steps", "2"]
+    argv += ["--compress", "bfloat16", "--broker", client.app.conf.broker_url]
+    assert main(argv) == 0, capsys.readouterr().err
+    stdout, stderr = capsys.readouterr()
+    assert f"{K} workers x 2 rounds of 2 inner steps" in stderr
+    assert "MB exchanged; checkpoint" in stdout
+    assert [r["round"] for r in metrics(out)] == [1, 2]
+    assert {p.name for p in (out / "modules").iterdir()} == {"embed", "attn-0", "attn-1", "head"}

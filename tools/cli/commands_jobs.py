@@ -113,3 +113,77 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
         f"{final['eval_loss']:.3f}; checkpoint {final['out']}, plot {final['loss_png']}"
     )
     return 0
+
+
+def submit_diloco_and_follow(args) -> int:
+    """`pathways train --parallel diloco`: submit a DiLoCo job to the coordinator and follow it."""
+    from tqdm import tqdm
+
+    from pathways.parallel.diloco_job import DiLoCoRequest
+
+    given = {
+        "workers": args.workers,
+        "inner_steps": args.inner_steps,
+        "inner": args.inner_optimizer,
+        "outer_lr": args.outer_lr,
+        "outer_momentum": args.outer_momentum,
+        "compress": args.compress,
+        "warmup": args.warmup,
+    }
+    h = args.inner_steps or DiLoCoRequest.__dataclass_fields__["inner_steps"].default
+    req = DiLoCoRequest(
+        spec=str(Path(args.spec).absolute()),
+        out=str(Path(args.out).absolute()),
+        pathway=args.pathway,
+        data=tuple(str(Path(d).absolute()) for d in args.data or ()),
+        max_data_mb=args.max_data_mb,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        seed=args.seed,
+        # --eval-every and --save-every count steps; a DiLoCo job evaluates and saves at rounds.
+        eval_every=max(1, args.eval_every // h) if h > 0 else 1,
+        save_every=max(1, args.save_every // h) if h > 0 else 1,
+        **{k: v for k, v in given.items() if v is not None},
+    )
+    c = client(args.broker)
+    job = c.submit(req)
+    print(
+        f"submitted DiLoCo job {job}: {req.workers} workers x {req.rounds} rounds of "
+        f"{req.inner_steps} inner steps ({req.inner}; outer lr {req.outer_lr}, momentum "
+        f"{req.outer_momentum}; pseudo-gradients {req.compress})",
+        file=sys.stderr,
+    )
+    bar = tqdm(total=req.rounds, unit="round", dynamic_ncols=True)
+    try:
+
+        def progress(st):
+            if st["state"] == "PROGRESS":
+                bar.n = st["round"]
+                post = {
+                    "loss": f"{st['loss']:.3f}",
+                    "MB/worker": f"{st['bytes_per_worker'] / 1e6:.1f}",
+                }
+                if "eval_loss" in st:
+                    post["eval"] = f"{st['eval_loss']:.3f}"
+                bar.set_postfix(post, refresh=False)
+                bar.refresh()
+            else:
+                bar.set_description(st["state"].lower())
+
+        final = c.follow(job, on_progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        c.cancel(job)
+        print(f"\ncancelled job {job}; its last round is in {req.out}", file=sys.stderr)
+        return 130
+    bar.close()
+    if final["state"] != "SUCCESS":
+        raise ValueError(f"job {job} {final['state'].lower()}: {final.get('error', '')}".strip())
+    moved = (final["bytes"]["upload"] + final["bytes"]["download"]) / 1e6
+    print(
+        f"job {job} done in {final['seconds']:.0f} s: loss {final['loss']:.3f}, eval "
+        f"{final['eval_loss']:.3f}, {moved:.1f} MB exchanged; checkpoint {final['out']}"
+    )
+    return 0

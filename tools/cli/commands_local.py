@@ -14,6 +14,15 @@ from pathways import tokenizers
 from pathways.sampling import SamplingParams
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+# Flags of `train --parallel diloco` (None when not given).
+DILOCO_FLAGS = (
+    "workers",
+    "inner_steps",
+    "inner_optimizer",
+    "outer_lr",
+    "outer_momentum",
+    "compress",
+)
 
 
 def register(sub) -> None:
@@ -61,6 +70,29 @@ def train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="submit to the coordinator of a running deployment and follow it",
     )
     p.add_argument("--broker", help="coordinator broker URL for --remote")
+    d = p.add_argument_group(
+        "data-parallel with little communication (DiLoCo; a coordinator job, like --remote)"
+    )
+    d.add_argument(
+        "--parallel",
+        choices=["none", "diloco"],
+        default="none",
+        help="diloco: K workers each take --inner-steps steps on their own data shard, then an "
+        "outer Nesterov step per module on their averaged parameter deltas",
+    )
+    d.add_argument("--workers", type=int, default=None, help="DiLoCo workers K (default 4)")
+    d.add_argument(
+        "--inner-steps", type=int, default=None, help="inner steps H per round (default 50)"
+    )
+    d.add_argument("--inner-optimizer", choices=["adamw", "sgd"], default=None)
+    d.add_argument("--outer-lr", type=float, default=None, help="default 0.7")
+    d.add_argument("--outer-momentum", type=float, default=None, help="Nesterov; default 0.9")
+    d.add_argument(
+        "--compress",
+        choices=["none", "bfloat16"],
+        default=None,
+        help="pseudo-gradients sent as float32 (none) or bfloat16",
+    )
     p.set_defaults(func=cmd_train)
     return p
 
@@ -142,6 +174,19 @@ def cmd_train(args) -> int:
     from pathways.executor.local import LocalExecutor
     from pathways.train import LocalTrainer, TrainConfig
 
+    diloco_flags = [
+        f"--{name.replace('_', '-')}"
+        for name in DILOCO_FLAGS
+        if getattr(args, name, None) is not None
+    ]
+    if getattr(args, "parallel", "none") == "diloco":
+        if args.engine:
+            raise ValueError("--engine does not apply to --parallel diloco (workers train fused)")
+        from tools.cli.commands_jobs import submit_diloco_and_follow
+
+        return submit_diloco_and_follow(args)
+    if diloco_flags:
+        raise ValueError(f"{', '.join(diloco_flags)} only apply with --parallel diloco")
     if args.remote:
         from tools.cli.commands_jobs import submit_and_follow
 

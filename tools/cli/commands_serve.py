@@ -39,6 +39,14 @@ def register(sub) -> None:
         action="store_true",
         help="serve only: no broker and no coordinator worker",
     )
+    p.add_argument(
+        "--coordinator-processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pool processes of the coordinator worker, i.e. jobs or job tasks at once "
+        "(default 1; `train --parallel diloco --workers K` needs K + 1)",
+    )
     p.set_defaults(func=cmd_up)
 
 
@@ -60,6 +68,8 @@ def cmd_up(args) -> int:
 
     spec, _ = ckpt.load_spec(args.checkpoint)
     replicas = parse_replicas(args.replicas, spec.modules)
+    if args.coordinator_processes < 1:
+        raise ValueError(f"--coordinator-processes must be >= 1; got {args.coordinator_processes}")
     extra = ["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []
     extra += ["--weights", args.weights] if args.weights else []
     log_dir = args.log_dir or local.state_file().parent / "logs"
@@ -72,6 +82,7 @@ def cmd_up(args) -> int:
         log_dir=log_dir,
         module_args=extra,
         coordinator=not args.no_coordinator,
+        worker_concurrency=args.coordinator_processes,
     )
     n = sum(replicas.get(m, 1) for m in dep.modules)
     print(

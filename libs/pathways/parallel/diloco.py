@@ -11,7 +11,7 @@ any subset of workers (DiPaCo's paths) without touching the others.
 
 Who holds the outer state: the coordinator, one optax state per module, saved with each round's
 checkpoint (global parameters, outer states, round number, data positions; see
-`coordinator/diloco_job.py`). Why there: the outer step needs every reporting worker's
+`parallel/diloco_job.py`). Why there: the outer step needs every reporting worker's
 pseudo-gradient of a module at once, and it is cheap (a few element-wise ops per parameter, once
 per H steps), so it costs nothing to run it where the uploads arrive; one writer makes the round's
 checkpoint a single commit (parameters and momentum from the same round), which is what makes a

@@ -6,145 +6,39 @@ Sessions are spread over replicas (fewest open sessions first) and stick to the 
 their KV cache. When a replica fails (UNAVAILABLE) or forgets a session (NOT_FOUND after a restart
 or TTL), the session moves to another replica by replaying the exact calls it made to that module,
 so the cache and the generated text come out identical.
+
+The parts live beside it: `replicas` (the pool of channels per module), `failover` (module
+sessions, opening and moving them by replay), `decode_stream` (a session's decode steps on one
+stream, and grouped steps as one message), `lockstep` (lining sessions' steps up).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
-import itertools
+import functools
 import threading
 import time
 
 import grpc
 import numpy as np
 
-from pathways import codec, telemetry
+from pathways import codec
 from pathways.executor.base import Session, StepResult, pad_prompts
-from pathways.executor.decode_stream import DecodeStream
+from pathways.executor.decode_stream import DecodeStream, send_group, session_stream
+from pathways.executor.failover import MOVE, ModuleSession, move, open_on
 from pathways.executor.lockstep import Entry, Lockstep
-from pathways.executor.replicas import ReplicaSource, StaticReplicaSource
+from pathways.executor.replicas import (
+    RemoteError,
+    ReplicaSet,
+    ReplicaSource,
+    StaticReplicaSource,
+    replica_error,
+)
 from pathways.modules import registry
 from pathways.sampling import SamplingParams
 from pathways.spec import PathwaySpec
-from pathways.v1 import module_pb2, module_pb2_grpc
-
-_MOVE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
-
-
-class RemoteError(Exception):
-    """A module call failed; `code` is the gRPC status (pass it on), the message names the module."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class Replica:
-    def __init__(self, module: str, address: str, options):
-        self.module, self.address = module, address
-        self.channel = telemetry.channel(grpc.insecure_channel(address, options=options))
-        self.stub = module_pb2_grpc.ModuleServiceStub(self.channel)
-        self.sessions = 0  # module sessions (and in-flight stateless calls) holding it
-        self.down_until = 0.0
-        self.retired = False  # no longer listed by the source: gets nothing new
-
-
-class ReplicaSet:
-    """The replicas of one module as its source lists them now; hands out the least loaded one.
-
-    The source is asked on every `acquire`, so a new session can go to a replica listed a moment
-    ago and a replica no longer listed gets no new sessions. Sessions already on a retired replica
-    keep it (its channel closes when the last one is released); if it stops answering they move by
-    replay, as after any failure.
-    """
-
-    def __init__(self, module: str, source: ReplicaSource, options, cooldown_s: float = 2.0):
-        self.module, self.source, self.options, self.cooldown_s = (
-            module,
-            source,
-            options,
-            cooldown_s,
-        )
-        self.replicas: list[Replica] = []  # the current pool, in the source's order
-        self._held: dict[str, Replica] = {}  # the pool plus retired replicas still in use
-        self._rr = itertools.count()
-        self._lock = threading.Lock()
-
-    def _refresh(self) -> None:  # with self._lock held
-        addresses = list(dict.fromkeys(self.source.replicas(self.module)))
-        if addresses == [r.address for r in self.replicas]:
-            return
-        pool = []
-        for a in addresses:
-            r = self._held.get(a)
-            if r is None:
-                r = self._held[a] = Replica(self.module, a, self.options)
-            r.retired = False  # an address may come back (a replica Ready again)
-            pool.append(r)
-        for r in self.replicas:
-            if r not in pool:
-                r.retired = True
-                if r.sessions <= 0:
-                    self._drop(r)
-        self.replicas = pool
-
-    def _drop(self, r: Replica) -> None:
-        r.channel.close()
-        del self._held[r.address]
-
-    def size(self) -> int:
-        with self._lock:
-            self._refresh()
-            return len(self.replicas)
-
-    def acquire(self, exclude: tuple[Replica, ...] = ()) -> Replica | None:
-        """The least loaded healthy replica, held until `release`; None when there is none."""
-        with self._lock:
-            self._refresh()
-            if not self.replicas:
-                return None
-            now, start, n = time.monotonic(), next(self._rr), len(self.replicas)
-            order = [self.replicas[(start + i) % n] for i in range(n)]
-            up = [r for r in order if r.down_until <= now and r not in exclude]
-            pool = up or [r for r in order if r not in exclude] or order
-            r = min(pool, key=lambda r: r.sessions)
-            r.sessions += 1
-            return r
-
-    def release(self, r: Replica) -> None:
-        with self._lock:
-            r.sessions -= 1
-            if r.retired and r.sessions <= 0 and self._held.get(r.address) is r:
-                self._drop(r)
-
-    def tried_all(self, tried: list[Replica]) -> bool:
-        return all(r in tried for r in self.replicas)
-
-    def mark_down(self, r: Replica) -> None:
-        r.down_until = time.monotonic() + self.cooldown_s
-
-    def close(self) -> None:
-        with self._lock:
-            for r in self._held.values():
-                r.channel.close()
-            self._held.clear()
-            self.replicas = []
-
-
-@dataclasses.dataclass
-class _ModuleSession:
-    replica: Replica
-    session_id: str
-    open_request: module_pb2.OpenSessionRequest
-    replay: list | None  # (method, request) calls made, kept for stateful (attention) modules
-    stream: DecodeStream | None = None
-
-    def drop_stream(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+from pathways.v1 import module_pb2
 
 
 class RemoteExecutor:
@@ -213,7 +107,7 @@ class RemoteExecutor:
         self.wire = codec.dtype_of(wire_dtype)
         self.call_timeout_s, self.max_attempts = call_timeout_s, max_attempts
         self.decode_streams, self.stream_horizon_s = decode_streams, stream_horizon_s
-        self._sessions: dict[str, dict[str, _ModuleSession]] = {}
+        self._sessions: dict[str, dict[str, ModuleSession]] = {}
         self._local = threading.local()
         # Serialized bytes sent to / received from each module by session calls (benchmarks).
         self.wire_bytes: dict[str, list[int]] = {m: [0, 0] for m in modules}
@@ -314,7 +208,7 @@ class RemoteExecutor:
             )
             for s in sampling
         ]
-        opened: dict[str, _ModuleSession] = {}
+        opened: dict[str, ModuleSession] = {}
         self._sessions[session.id] = opened
         try:
             for m in p.modules:
@@ -324,33 +218,17 @@ class RemoteExecutor:
                     max_seq_len=p.max_seq_len,
                     sampling=rows if kind.is_head else [],
                 )
-                opened[m] = self._open(m, req, [] if kind.has_cache else None)
+                opened[m] = open_on(
+                    self.replicas[m],
+                    m,
+                    req,
+                    [] if kind.has_cache else None,
+                    functools.partial(self._timeout, m),
+                )
         except BaseException:
             self.close_session(session)
             raise
         return session
-
-    def _open(self, module: str, req, replay, exclude=()) -> _ModuleSession:
-        rset, tried, last = self.replicas[module], list(exclude), None
-        for _ in range(rset.size() + 1):
-            r = rset.acquire(tuple(tried))
-            if r is None:
-                break
-            try:
-                resp = r.stub.OpenSession(req, timeout=self._timeout(module))
-            except grpc.RpcError as e:
-                rset.release(r)
-                last = e
-                if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                    if e.code() == grpc.StatusCode.UNAVAILABLE:
-                        rset.mark_down(r)
-                    tried.append(r)
-                    if rset.tried_all(tried):
-                        break
-                    continue
-                raise _error(module, r, e) from None
-            return _ModuleSession(r, resp.session_id, req, replay)
-        raise _error(module, None, last)
 
     def close_session(self, session: Session) -> None:
         self.lockstep.leave(session.id)
@@ -378,15 +256,22 @@ class RemoteExecutor:
                     resp = getattr(ms.replica.stub, method)(req, timeout=self._timeout(module))
             except grpc.RpcError as e:
                 ms.drop_stream()  # a failed stream is over; the next step opens a new one
-                if e.code() not in _MOVE or attempt == self.max_attempts - 1:
-                    raise _error(module, ms.replica, e) from None
-                self._move(module, ms, failed=e.code() == grpc.StatusCode.UNAVAILABLE)
+                if e.code() not in MOVE or attempt == self.max_attempts - 1:
+                    raise replica_error(module, ms.replica, e) from None
+                move(
+                    self.replicas[module],
+                    module,
+                    ms,
+                    e.code() == grpc.StatusCode.UNAVAILABLE,
+                    self.max_attempts,
+                    functools.partial(self._timeout, module),
+                )
                 continue
             self._record(module, ms, method, req, resp)
             return resp
         raise AssertionError("unreachable")
 
-    def _record(self, module: str, ms: _ModuleSession, method: str, req, resp) -> None:
+    def _record(self, module: str, ms: ModuleSession, method: str, req, resp) -> None:
         counts = self.wire_bytes[module]
         counts[0] += req.ByteSize()
         counts[1] += resp.ByteSize()
@@ -411,7 +296,7 @@ class RemoteExecutor:
             self.step_counts["alone"] += 1
             return self._call(session, module, "Decode", req)
         if group:
-            self._send_group(module, group)
+            send_group(self.lockstep, module, group, functools.partial(self._stream, module))
         elif not entry.wait(self._timeout(module)):
             raise RemoteError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -424,67 +309,13 @@ class RemoteExecutor:
         self._record(module, ms, "Decode", req, entry.result)
         return entry.result
 
-    def _send_group(self, module: str, group: list[Entry]) -> None:
-        """Sends the group's steps on the first entry's stream; hands every entry its response,
-        or None (it failed here: its session re-sends it alone)."""
-        results: list = [None] * len(group)
-        sender: _ModuleSession = group[0].item[1]
-        try:
-            reqs = []
-            for e in group:
-                _, ms, req, _ = e.item
-                req.session_id = ms.session_id
-                reqs.append(req)
-            out = self._stream(module, sender).group(reqs)
-            if len(out) == len(group):
-                results = [r.step if r.code == 0 else None for r in out]
-        except grpc.RpcError:
-            sender.drop_stream()  # a failed stream is over; every step goes again alone
-        finally:
-            for e, r in zip(group, results):
-                session_id, _, _, chain = e.item
-                if r is not None and chain[-1] == module:
-                    # Its step is over (as it will say when it wakes): the sender, first to the
-                    # next step, must not find it "ahead" of the first module and go alone.
-                    self.lockstep.done(session_id, chain)
-            self.lockstep.hand_over(module, list(zip(group, results)))
-
-    def _stream(self, module: str, ms: _ModuleSession) -> DecodeStream:
-        dl = getattr(self._local, "deadline", None)
-        now = time.monotonic()
-        if dl is None:
-            dl = now + self.stream_horizon_s
-            if ms.stream is not None and ms.stream.deadline - now < self.call_timeout_s:
-                ms.drop_stream()  # renew before the horizon cuts a step short
-        elif ms.stream is not None and ms.stream.deadline != dl:
-            ms.drop_stream()
-        if ms.stream is None:
-            self._timeout(module)  # raises when the caller's deadline has passed
-            ms.stream = DecodeStream(ms.replica.stub, dl)
-        return ms.stream
-
-    def _move(self, module: str, ms: _ModuleSession, failed: bool) -> None:
-        """Re-creates a module session on another replica by replaying its calls."""
-        rset, old = self.replicas[module], ms.replica
-        if failed:
-            rset.mark_down(old)
-        for _ in range(self.max_attempts):
-            new = self._open(module, ms.open_request, ms.replay, exclude=(old,) if failed else ())
-            rset.release(old)  # ms always holds exactly one replica, also when _open raises
-            ms.replica, ms.session_id = new.replica, new.session_id
-            try:
-                for method, req in ms.replay or ():
-                    req.session_id = ms.session_id
-                    getattr(ms.replica.stub, method)(req, timeout=self._timeout(module))
-                return
-            except grpc.RpcError as e:
-                if e.code() not in _MOVE:
-                    raise _error(module, ms.replica, e) from None
-                rset.mark_down(ms.replica)
-                old = ms.replica
-        raise RemoteError(
-            grpc.StatusCode.UNAVAILABLE,
-            f"module {module!r}: no replica could take over the session",
+    def _stream(self, module: str, ms: ModuleSession) -> DecodeStream:
+        return session_stream(
+            ms,
+            getattr(self._local, "deadline", None),
+            self.stream_horizon_s,
+            self.call_timeout_s,
+            functools.partial(self._timeout, module),
         )
 
     # ---- steps -------------------------------------------------------------------------------
@@ -550,13 +381,13 @@ class RemoteExecutor:
             for attempt in range(self.max_attempts):
                 r = rset.acquire()
                 if r is None:
-                    raise _error(m, None, None)
+                    raise replica_error(m, None, None)
                 try:
                     x = r.stub.Forward(req, timeout=self._timeout(m)).output
                     break
                 except grpc.RpcError as e:
                     if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_attempts - 1:
-                        raise _error(m, r, e) from None
+                        raise replica_error(m, r, e) from None
                     rset.mark_down(r)
                 finally:
                     rset.release(r)
@@ -584,10 +415,3 @@ class RemoteExecutor:
 def _result(resp) -> StepResult:
     logits = codec.decode(resp.logits, "logits") if resp.HasField("logits") else None
     return StepResult(tokens=codec.decode(resp.output, "output").astype(np.int32), logits=logits)
-
-
-def _error(module: str, r: Replica | None, e: grpc.RpcError | None) -> RemoteError:
-    where = f"module {module!r}" + (f" at {r.address}" if r is not None else "")
-    if e is None:
-        return RemoteError(grpc.StatusCode.UNAVAILABLE, f"{where}: no replica available")
-    return RemoteError(e.code(), f"{where}: {e.details()}")

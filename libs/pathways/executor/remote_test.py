@@ -6,7 +6,8 @@ import grpc
 import pytest
 
 from pathways import spec as spec_lib
-from pathways.executor.remote import RemoteError, RemoteExecutor, ReplicaSet
+from pathways.executor.remote import RemoteExecutor
+from pathways.executor.replicas import RemoteError, ReplicaSet
 from pathways.sampling import SamplingParams
 from pathways.v1 import module_pb2
 

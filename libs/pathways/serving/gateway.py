@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha import reflection
 from pathways import generate as gen
 from pathways import names
 from pathways import telemetry
-from pathways.executor.remote import RemoteError, RemoteExecutor
-from pathways.executor.replicas import ReplicaSource
+from pathways.executor.remote import RemoteExecutor
+from pathways.executor.replicas import RemoteError, ReplicaSource
 from pathways.sampling import SamplingParams
 from pathways.serving.server import server_options
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2

@@ -80,7 +80,12 @@ class ModuleEngine:
         """Returns (output, logits or None); output is (B, T, D) or (B,) tokens for a head."""
         b, t = x.shape[:2]
         pad = s.max_seq_len
-        positions = np.full((b, t), pad, np.int32)
+        # Lengths padded to the buckets clients use (executor.base.pad_prompts), so a client
+        # sending every length from 1 to max_seq_len compiles ~log2(max_seq_len) programs,
+        # not one each; padding positions are dropped and their outputs cut off.
+        tp = max(bucket(t, limit=pad, minimum=8), t)
+        x = _pad_axis(x, 1, tp)
+        positions = np.full((b, tp), pad, np.int32)
         for i in range(b):
             positions[i, : lengths[i]] = starts[i] + np.arange(lengths[i])
         if self.kind.is_head:
@@ -88,11 +93,11 @@ class ModuleEngine:
         # numpy arguments go straight into the jitted call: jnp.asarray would dispatch an eager
         # device_put per array first (~0.1 ms each, on every hop of every token).
         if self.cache is None:
-            return self.rt.step(x, positions)[0], None
+            return np.asarray(self.rt.step(x, positions)[0])[:, :t], None
         real = positions[positions < pad]
         window = bucket(int(real.max()) + 1, s.max_seq_len)
         y, self.cache = self.rt.step(x, positions, self.cache, s.slots, window=window)
-        return y, None
+        return (y if tp == t else np.asarray(y)[:, :t]), None
 
     def decode(self, items: list[Step], want_logits: bool):
         """One decode step for several sessions at once; returns per-item (output, logits)."""
@@ -145,8 +150,14 @@ class ModuleEngine:
         return results
 
     def forward(self, x):
-        positions = np.broadcast_to(np.arange(x.shape[1], dtype=np.int32), x.shape[:2])
-        return self.rt.forward(self.rt.state, x, positions)
+        """A stateless forward. Batch and length are padded to powers of two (cut off after),
+        so the shapes clients send compile a bounded number of programs."""
+        b, t = x.shape[:2]
+        bp = bucket(b, limit=1 << 30, minimum=1)
+        tp = max(bucket(t, limit=self.max_seq_len or 1 << 30, minimum=8), t)
+        x = _pad_axis(_pad_axis(x, 0, bp), 1, tp)
+        positions = np.broadcast_to(np.arange(tp, dtype=np.int32), (bp, tp))
+        return np.asarray(self.rt.forward(self.rt.state, x, positions))[:b, :t]
 
     def _head(self, x, last, sampling: SamplingBatch, steps, want_logits):
         s = sampling
@@ -160,6 +171,15 @@ class ModuleEngine:
             np.asarray(steps, np.int32),
         )
         return out, (logits if want_logits else None)
+
+
+def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """x zero-padded along `axis` to `size` (x itself when it is that long)."""
+    if x.shape[axis] >= size:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, size - x.shape[axis])
+    return np.pad(x, widths)
 
 
 def _greedy(n: int) -> SamplingBatch:

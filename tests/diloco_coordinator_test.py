@@ -9,6 +9,8 @@ after a round and resubmitted equals an uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -115,29 +117,16 @@ def test_h1_plain_averaging_job_equals_synchronous_data_parallel_sgd(client, tmp
     assert mean_losses[-1] < mean_losses[0]  # it did train
 
 
-def test_job_resumed_from_a_round_checkpoint_equals_an_uninterrupted_one(client, tmp_path):
-    # AdamW inner steps and Nesterov outer steps: every piece of state crosses the interruption.
-    settings = dict(steps=12, inner_steps=2, lr=1e-2, eval_every=3, save_every=3)
-    ref = job(tmp_path / "ref", **settings)
-    assert client.follow(client.submit(ref), timeout=300)["state"] == "SUCCESS"
-
-    req = job(tmp_path / "cut", **settings)
-    first = client.submit(req)
+def wait_for_a_round(client: JobClient, job_id: str) -> dict:
     deadline = time.monotonic() + 180
-    while (st := client.status(first))["state"] != "PROGRESS":
+    while (st := client.status(job_id))["state"] != "PROGRESS":
         assert st["state"] in ("PENDING", "STARTED") and time.monotonic() < deadline, st
         time.sleep(0.02)
-    client.cancel(first)
-    st = client.follow(first, timeout=120)
-    assert st["state"] == "CANCELLED", st
-    cut = st["round"]
-    assert 1 <= cut < req.rounds
+    return st
 
-    final = client.follow(client.submit(req), timeout=300)
-    assert final["state"] == "SUCCESS", final
-    assert final["resumed_from"] == cut and final["round"] == req.rounds
 
-    a, b = metrics(tmp_path / "ref"), metrics(tmp_path / "cut")
+def assert_same_run(ref: DiLoCoRequest, req: DiLoCoRequest) -> None:
+    a, b = metrics(Path(ref.out)), metrics(Path(req.out))
     assert [r["round"] for r in b] == list(range(1, req.rounds + 1))
     for ra, rb in zip(a, b):
         assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-6), ra["round"]
@@ -148,6 +137,37 @@ def test_job_resumed_from_a_round_checkpoint_equals_an_uninterrupted_one(client,
     for n in pa:
         for x, y in zip(jax.tree.leaves(pa[n]), jax.tree.leaves(pb[n])):
             np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+
+
+def test_job_resumed_from_a_round_checkpoint_equals_an_uninterrupted_one(client, tmp_path):
+    # AdamW inner steps and Nesterov outer steps: every piece of state crosses the interruption.
+    settings = dict(steps=12, inner_steps=2, lr=1e-2, eval_every=3, save_every=3)
+    ref = job(tmp_path / "ref", **settings)
+    assert client.follow(client.submit(ref), timeout=300)["state"] == "SUCCESS"
+
+    # Cancelled after a round, then submitted again.
+    req = job(tmp_path / "cut", **settings)
+    first = client.submit(req)
+    wait_for_a_round(client, first)
+    client.cancel(first)
+    st = client.follow(first, timeout=120)
+    assert st["state"] == "CANCELLED", st
+    cut = st["round"]
+    assert 1 <= cut < req.rounds
+
+    final = client.follow(client.submit(req), timeout=300)
+    assert final["state"] == "SUCCESS", final
+    assert final["resumed_from"] == cut and final["round"] == req.rounds
+    assert_same_run(ref, req)
+
+    # The job's own process killed mid-job: Celery redelivers it and it resumes by itself.
+    req = job(tmp_path / "killed", **settings)
+    killed = client.submit(req)
+    os.kill(wait_for_a_round(client, killed)["pid"], signal.SIGKILL)
+    final = client.follow(killed, timeout=300)
+    assert final["state"] == "SUCCESS", final
+    assert 1 <= final["resumed_from"] < req.rounds
+    assert_same_run(ref, req)
 
 
 def test_too_few_worker_processes_fail_the_job_with_the_numbers(client, tmp_path):

@@ -141,7 +141,7 @@ class InnerWorker:
 # ---- pseudo-gradients on the wire -------------------------------------------------------------
 def pseudo_gradient(global_state, local_state):
     """global - local: how far the worker moved the module, as a gradient (descent follows it)."""
-    return jax.tree.map(lambda g, l: g - l, global_state, local_state)
+    return jax.tree.map(lambda g, x: g - x, global_state, local_state)
 
 
 def encode(tree, compress: str) -> list[np.ndarray]:

@@ -241,9 +241,7 @@ def worker_round(
         for h in range(req.inner_steps):
             if should_stop and should_stop():
                 raise Stopped()
-            yield diloco.shard_batch(
-                tokens, k, position + h, req.batch_size, req.seq_len, req.seed
-            )
+            yield diloco.shard_batch(tokens, k, position + h, req.batch_size, req.seq_len, req.seed)
 
     try:
         local, opt, losses = ctx.worker.train(params, opt, batches())
@@ -376,6 +374,7 @@ class DiLoCoRun:
             self.bytes["upload"] += res["upload_bytes"]
             self.bytes["download"] += res["download_bytes"]
         self._commit(r + 1, params, outer)
+        tokens = len(reported) * req.inner_steps * req.batch_size * req.seq_len
         rec = {
             "step": (r + 1) * req.inner_steps,
             "round": r + 1,
@@ -384,8 +383,7 @@ class DiLoCoRun:
             "worker_loss": {str(res["worker"]): float(np.mean(res["losses"])) for res in reported},
             "workers_reported": [res["worker"] for res in reported],
             "round_seconds": seconds,
-            "tokens_per_s": len(reported) * req.inner_steps * req.batch_size * req.seq_len
-            / max(seconds, 1e-9),
+            "tokens_per_s": tokens / max(seconds, 1e-9),
             "bytes_per_worker": float(
                 np.mean([res["upload_bytes"] + res["download_bytes"] for res in reported])
             ),
@@ -440,8 +438,6 @@ def run_in_process(req: DiLoCoRequest, rounds: int | None = None) -> list[dict]:
     history = []
     while run.round < run.rounds and (rounds is None or len(history) < rounds):
         t0 = time.perf_counter()
-        results = [
-            worker_round(req, run.round, k, run.positions[k]) for k in range(req.workers)
-        ]
+        results = [worker_round(req, run.round, k, run.positions[k]) for k in range(req.workers)]
         history.append(run.finish_round(results, time.perf_counter() - t0))
     return history

@@ -17,7 +17,11 @@ SPEC = {
     "modules": {
         "embed": {"kind": "embedding", "vocab_size": 37, "d_model": 24, "max_seq_len": 16},
         "attn": {
-            "kind": "attention", "d_model": 24, "n_layers": 1, "n_heads": 3, "max_seq_len": 16
+            "kind": "attention",
+            "d_model": 24,
+            "n_layers": 1,
+            "n_heads": 3,
+            "max_seq_len": 16,
         },
         "head": {"kind": "decoding", "d_model": 24, "vocab_size": 37},
     },
@@ -36,8 +40,9 @@ def tokens(n=3000) -> np.ndarray:
 def test_h1_plain_averaging_equals_synchronous_data_parallel_sgd():
     K, rounds, lr = 3, 3, 0.5
     train = TrainConfig(steps=rounds, batch_size=2, seq_len=11, lr=lr, warmup=0, clip=0.0)
-    cfg = diloco.DiLoCoConfig(workers=K, inner_steps=1, inner="sgd", outer_lr=1.0,
-                              outer_momentum=0.0)
+    cfg = diloco.DiLoCoConfig(
+        workers=K, inner_steps=1, inner="sgd", outer_lr=1.0, outer_momentum=0.0
+    )
     data = tokens()
     ex = executor()
     history = diloco.simulate(ex, "p", train, cfg, data, rounds)
@@ -50,7 +55,7 @@ def test_h1_plain_averaging_equals_synchronous_data_parallel_sgd():
             ref.loss_and_grads("p", *diloco.shard_batch(shards[k], k, t, 2, 11, train.seed))
             for k in range(K)
         ]
-        assert [float(l) for l, _ in per_worker] == pytest.approx(
+        assert [float(loss) for loss, _ in per_worker] == pytest.approx(
             [ls[0] for ls in history[t]["losses"]], rel=1e-5
         )
         for n in names:

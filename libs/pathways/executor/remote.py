@@ -23,7 +23,7 @@ import time
 import grpc
 import numpy as np
 
-from pathways import codec
+from pathways import codec, messages
 from pathways.executor.base import Session, StepResult, pad_prompts
 from pathways.executor.decode_stream import DecodeStream, send_group, session_stream
 from pathways.executor.failover import MOVE, ModuleSession, move, open_on
@@ -202,12 +202,7 @@ class RemoteExecutor:
         p = self._pathway(pathway)
         session = Session.new(pathway, sampling, p.max_seq_len)
         b = session.batch_size
-        rows = [
-            module_pb2.RowSampling(
-                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed
-            )
-            for s in sampling
-        ]
+        rows = [messages.row_sampling(s) for s in sampling]
         opened: dict[str, ModuleSession] = {}
         self._sessions[session.id] = opened
         try:

@@ -10,7 +10,7 @@ import time
 import grpc
 import numpy as np
 
-from pathways import codec
+from pathways import codec, messages
 from pathways.pipeline.runner import PipelineError, split_micro
 from pathways.serving.server import grpc_options
 from pathways.spec import PathwaySpec
@@ -51,14 +51,7 @@ class RemoteStage:
             ) from None
 
     def configure(self, cfg: TrainConfig, frozen: bool = False) -> int:
-        opt = training_pb2.OptimizerConfig(
-            lr=cfg.lr,
-            warmup=cfg.warmup,
-            steps=cfg.steps,
-            min_lr_ratio=cfg.min_lr_ratio,
-            weight_decay=cfg.weight_decay,
-            clip=cfg.clip,
-        )
+        opt = messages.optimizer_config(cfg)
         r = self._call(
             "Configure",
             training_pb2.ConfigureRequest(module=self.name, optimizer=opt, frozen=frozen),

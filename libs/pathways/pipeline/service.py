@@ -8,31 +8,16 @@ import threading
 import jax
 import numpy as np
 
-from pathways import codec
+from pathways import codec, messages
 from pathways.pipeline import peer
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
 from pathways.serving.servicer import _deadline, rpc
-from pathways.train import TrainConfig, make_optimizer
+from pathways.train import make_optimizer
 from pathways.v1 import training_pb2, training_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-def train_config(opt: training_pb2.OptimizerConfig) -> TrainConfig:
-    """The optimizer part of a TrainConfig from the wire; bad values name their field."""
-    try:
-        return TrainConfig(
-            steps=opt.steps,
-            lr=opt.lr,
-            warmup=opt.warmup,
-            min_lr_ratio=opt.min_lr_ratio,
-            weight_decay=opt.weight_decay,
-            clip=opt.clip,
-        )
-    except ValueError as e:
-        raise InvalidArgument(f"optimizer.{e}") from None
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
@@ -91,7 +76,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             raise NotFound(
                 f"this server hosts module {self.engine.name!r}, not " f"{request.module!r}"
             )
-        cfg = train_config(request.optimizer)
+        try:
+            cfg = messages.train_config(request.optimizer)
+        except ValueError as e:
+            raise InvalidArgument(f"optimizer.{e}") from None
         self.inbox.abort()  # a step left waiting by a driver that died must not block a new run
         with self._lock:
             self.stage = LocalStage(self.engine.rt, make_optimizer(cfg), frozen=request.frozen)

@@ -13,28 +13,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pathways import generate as gen
-from pathways import names
-from pathways import telemetry
+from pathways import messages, names, telemetry
 from pathways.executor.remote import RemoteExecutor
 from pathways.executor.replicas import RemoteError, ReplicaSource
-from pathways.sampling import SamplingParams
 from pathways.serving.server import server_options
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
 
 log = logging.getLogger(__name__)
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
-
-
-def sampling_params(o: gateway_pb2.SamplingOptions) -> SamplingParams:
-    """Proto options -> SamplingParams (unset top_p/max_new_tokens take the library defaults)."""
-    return SamplingParams(
-        temperature=o.temperature,
-        top_k=o.top_k,
-        top_p=o.top_p if o.HasField("top_p") else 1.0,
-        seed=o.seed,
-        max_new_tokens=o.max_new_tokens if o.HasField("max_new_tokens") else 64,
-        stop=tuple(o.stop),
-    )
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -124,7 +110,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 grpc.StatusCode.NOT_FOUND, f"unknown pathway {name!r}; this gateway serves: {known}"
             )
         try:
-            params = sampling_params(request.sampling)
+            params = messages.sampling_from_options(request.sampling)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
         events = gen.stream(self.executor, name, [request.prompt], self.tokenizer, params)

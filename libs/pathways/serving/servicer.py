@@ -11,9 +11,9 @@ import time
 import grpc
 import numpy as np
 
-from pathways import codec
+from pathways import codec, messages
 from pathways.modules.config import to_dict
-from pathways.sampling import SamplingBatch, SamplingParams
+from pathways.sampling import SamplingBatch
 from pathways.serving.batcher import Batcher
 from pathways.serving.engine import ModuleEngine, Step
 from pathways.serving.errors import Exhausted, InvalidArgument, ServingError, Unavailable
@@ -144,12 +144,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             if len(rows) != b:
                 raise InvalidArgument(f"sampling has {len(rows)} entries for batch_size {b}")
             try:
-                params = [
-                    SamplingParams(
-                        temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed
-                    )
-                    for r in rows
-                ]
+                params = [messages.sampling_from_row(r) for r in rows]
             except ValueError as err:
                 raise InvalidArgument(f"sampling: {err}") from None
             sampling = SamplingBatch.of(params)

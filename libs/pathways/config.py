@@ -1,4 +1,6 @@
-"""Shared helpers for the frozen, validated module config dataclasses."""
+"""Checks for frozen, validated config dataclasses (module kinds, training, jobs): positive
+integers and numbers, one of a set, unknown and missing fields; each error names the field and
+the value. Light on purpose (no jax): request classes that clients build use it too."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ C = TypeVar("C")
 
 
 class ConfigError(ValueError):
-    """A module config with a bad or missing value; the message names the field and value."""
+    """A config with a bad or missing value (a ValueError); the message names the field and value."""
 
 
 def require(cond: bool, msg: str) -> None:
@@ -37,11 +39,16 @@ def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def unknown_fields(cls: type, data: dict[str, Any]) -> list[str]:
+    """The keys of `data` that are not init fields of dataclass `cls`, sorted."""
+    return sorted(set(data) - {f.name for f in dataclasses.fields(cls) if f.init})
+
+
 def from_dict(cls: type[C], data: dict[str, Any], where: str = "") -> C:
     """Builds a config dataclass from a plain dict, rejecting unknown or missing fields by name."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     prefix = f"{where}: " if where else ""
-    unknown = sorted(set(data) - set(fields))
+    unknown = unknown_fields(cls, data)
     if unknown:
         raise ConfigError(
             f"{prefix}unknown field(s) {', '.join(unknown)} for {cls.__name__}; "

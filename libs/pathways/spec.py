@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 
 from pathways import names
+from pathways.config import ConfigError, to_dict
 from pathways.modules import ModuleConfig, config_from_dict, registry
-from pathways.modules.config import ConfigError, to_dict
 
 
 class SpecError(ValueError):

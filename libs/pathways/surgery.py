@@ -14,9 +14,9 @@ from typing import Any
 from flax import nnx
 
 from pathways import modules as mod
+from pathways.config import to_dict
 from pathways.modules import registry
 from pathways.modules.attention import AttentionConfig
-from pathways.modules.config import to_dict
 from pathways.spec import PathwaySpec, SpecError, from_dict
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import optax
 
 from pathways import checkpoint as ckpt
+from pathways.config import positive_int
 from pathways.data import TokenData
 from pathways.executor.local import LocalExecutor
 from pathways.pipeline.runner import run_step
@@ -46,9 +47,7 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "save_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            positive_int(name, getattr(self, name))
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not (isinstance(self.warmup, int) and 0 <= self.warmup < self.steps):

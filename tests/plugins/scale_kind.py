@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pathways.config import positive_int, positive_number
 from pathways.modules import registry
-from pathways.modules.config import positive_int, positive_number
 from pathways.modules.kind import Kind
 
 

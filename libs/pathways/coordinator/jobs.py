@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from pathways.config import positive_int, unknown_fields
 from pathways.pipeline.schedule import SCHEDULES
 
 ENGINES = ("fused", "pipeline", "services")
@@ -41,9 +42,7 @@ class JobRequest:
                 f"schedule must be one of {', '.join(SCHEDULES)}; " f"got {self.schedule!r}"
             )
         for name in ("steps", "batch_size", "seq_len", "micro_batches", "eval_every", "save_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+            positive_int(name, getattr(self, name))
         if self.batch_size % self.micro_batches:
             raise ValueError(
                 f"batch_size {self.batch_size} is not divisible into "
@@ -62,8 +61,7 @@ class JobRequest:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> JobRequest:
-        known = {f.name for f in dataclasses.fields(JobRequest)}
-        unknown = sorted(set(d) - known)
+        unknown = unknown_fields(JobRequest, d)
         if unknown:
             raise ValueError(f"unknown job field(s) {', '.join(unknown)}")
         if "spec" not in d or "out" not in d:

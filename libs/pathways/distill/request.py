@@ -9,10 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-
-def _positive_int(name: str, v: Any) -> None:
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {v!r}")
+from pathways.config import positive_int, unknown_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +23,7 @@ class DistillConfig:
 
     def __post_init__(self):
         for name in ("steps", "batch_size"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if not (isinstance(self.lr, int | float) and self.lr > 0):
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not (isinstance(self.warmup, int) and 0 <= self.warmup < self.steps):
@@ -74,7 +71,7 @@ class DistillRequest:
     def __post_init__(self):
         self.distill_config()  # validates steps, batch size, lr, warmup, ce_weight
         for name in ("rows", "seq_len", "shard_rows", "eval_batches"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if not isinstance(self.baseline_steps, int) or self.baseline_steps < 0:
             raise ValueError(f"baseline_steps must be >= 0, got {self.baseline_steps!r}")
         object.__setattr__(self, "data", tuple(self.data))
@@ -96,8 +93,7 @@ class DistillRequest:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> DistillRequest:
-        known = {f.name for f in dataclasses.fields(DistillRequest)}
-        unknown = sorted(set(d) - known)
+        unknown = unknown_fields(DistillRequest, d)
         if unknown:
             raise ValueError(f"unknown distillation field(s) {', '.join(unknown)}")
         return DistillRequest(**d)

@@ -7,10 +7,11 @@ from typing import Any
 
 from flax import nnx
 
+from pathways.config import ConfigError, from_dict
+
 # Importing the built-in kinds registers them.
 from pathways.modules import registry
 from pathways.modules.attention import AttentionConfig
-from pathways.modules.config import ConfigError, from_dict
 from pathways.modules.decoding import DecodingConfig
 from pathways.modules.embedding import EmbeddingConfig
 from pathways.modules.kind import Kind

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pathways import backends
+from pathways.config import one_of, positive_int, positive_number, require
 from pathways.modules import registry
-from pathways.modules.config import one_of, positive_int, positive_number, require
 from pathways.modules.kind import Kind
 from pathways.modules.layers import MLPS, NORMS, Mlp, attend, dense, make_norm, rope
 

@@ -3,8 +3,8 @@
 import pytest
 
 from pathways import modules
+from pathways.config import to_dict
 from pathways.modules import AttentionConfig, ConfigError, EmbeddingConfig
-from pathways.modules.config import to_dict
 
 
 def test_config_from_dict_builds_each_kind():

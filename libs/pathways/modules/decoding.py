@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from pathways.config import one_of, positive_int, positive_number
 from pathways.modules import registry
-from pathways.modules.config import one_of, positive_int, positive_number
 from pathways.modules.kind import Kind
 from pathways.modules.layers import NORMS, dense, make_norm
 

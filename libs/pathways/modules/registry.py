@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from pathways.modules.config import ConfigError
+from pathways.config import ConfigError
 from pathways.modules.kind import Kind
 
 _KINDS: dict[str, Kind] = {}

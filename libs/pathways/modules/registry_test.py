@@ -8,8 +8,8 @@ import pytest
 from flax import nnx
 
 from pathways import modules as mod
+from pathways.config import ConfigError
 from pathways.modules import registry
-from pathways.modules.config import ConfigError
 from pathways.modules.kind import Kind
 
 

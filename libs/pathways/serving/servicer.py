@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from pathways import codec, messages
-from pathways.modules.config import to_dict
+from pathways.config import to_dict
 from pathways.sampling import SamplingBatch
 from pathways.serving.batcher import Batcher
 from pathways.serving.engine import ModuleEngine, Step

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from pathways.config import one_of, positive_int, positive_number, require
 from pathways.executor.local import LocalExecutor
 from pathways.train import TrainConfig, make_optimizer
 
@@ -50,20 +51,16 @@ class DiLoCoConfig:
     compress: str = "none"  # pseudo-gradients on the wire: float32, or rounded to bfloat16
 
     def __post_init__(self):
-        for name in ("workers", "inner_steps"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.inner not in INNER:
-            raise ValueError(f"inner must be one of {', '.join(INNER)}; got {self.inner!r}")
-        if self.compress not in COMPRESS:
-            raise ValueError(
-                f"compress must be one of {', '.join(COMPRESS)}; got {self.compress!r}"
-            )
-        if not (isinstance(self.outer_lr, int | float) and self.outer_lr > 0):
-            raise ValueError(f"outer_lr must be > 0, got {self.outer_lr!r}")
-        if not (isinstance(self.outer_momentum, int | float) and 0 <= self.outer_momentum < 1):
-            raise ValueError(f"outer_momentum must be in [0, 1), got {self.outer_momentum!r}")
+        positive_int("workers", self.workers)
+        positive_int("inner_steps", self.inner_steps)
+        one_of("inner", self.inner, INNER)
+        one_of("compress", self.compress, COMPRESS)
+        positive_number("outer_lr", self.outer_lr)
+        m = self.outer_momentum
+        require(
+            isinstance(m, int | float) and not isinstance(m, bool) and 0 <= m < 1,
+            f"outer_momentum must be in [0, 1), got {m!r}",
+        )
 
 
 def inner_optimizer(kind: str, cfg: TrainConfig) -> optax.GradientTransformation:

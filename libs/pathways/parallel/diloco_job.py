@@ -31,6 +31,7 @@ from pathways import checkpoint as ckpt
 from pathways import data as data_lib
 from pathways import spec as spec_lib
 from pathways import tokenizers
+from pathways.config import positive_int, positive_number
 from pathways.parallel import diloco
 from pathways.train import TrainConfig
 
@@ -71,11 +72,8 @@ class DiLoCoRequest:
         if not str(self.out):
             raise ValueError("out (checkpoint directory) is required")
         for name in ("eval_every", "eval_batches", "save_every"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not (isinstance(self.round_timeout, int | float) and self.round_timeout > 0):
-            raise ValueError(f"round_timeout must be > 0 seconds, got {self.round_timeout!r}")
+            positive_int(name, getattr(self, name))
+        positive_number("round_timeout", self.round_timeout)
         cfg = self.config()  # validates workers, inner_steps, inner, compress, outer_*
         if not isinstance(self.steps, int) or self.steps % cfg.inner_steps or self.steps <= 0:
             raise ValueError(

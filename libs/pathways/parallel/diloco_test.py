@@ -128,7 +128,7 @@ def test_adamw_rounds_lower_the_loss_and_shards_are_disjoint():
         ({"inner_steps": 2.5}, "inner_steps must be a positive integer, got 2.5"),
         ({"inner": "lion"}, "inner must be one of adamw, sgd; got 'lion'"),
         ({"compress": "int4"}, "compress must be one of none, bfloat16; got 'int4'"),
-        ({"outer_lr": 0}, "outer_lr must be > 0, got 0"),
+        ({"outer_lr": 0}, "outer_lr must be a positive number, got 0"),
         ({"outer_momentum": 1.0}, r"outer_momentum must be in \[0, 1\), got 1.0"),
     ],
 )

@@ -1,4 +1,5 @@
-"""Module server: hosts one module of a checkpoint as pathways.v1.ModuleService."""
+"""Module server: hosts one module of a checkpoint as pathways.v1.ModuleService, and trains it in
+place as pathways.v1.TrainingService on the same port."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from pathways.pipeline import service as training
 from pathways.serving import server, settings
 from pathways.serving.errors import NotFound
 
@@ -15,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="module_server", description=__doc__)
     settings.add_args(p)
     try:
-        server.serve(settings.from_args(p.parse_args(argv)))
+        server.serve(settings.from_args(p.parse_args(argv)), add_ons=[training.ADD_ON])
     except (NotFound, FileNotFoundError, ValueError) as e:
         print(f"module_server: error: {e}", file=sys.stderr)
         return 2

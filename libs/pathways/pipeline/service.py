@@ -13,6 +13,7 @@ from pathways.pipeline import peer
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
+from pathways.serving.server import AddOn
 from pathways.serving.servicer import _deadline, rpc
 from pathways.train import make_optimizer
 from pathways.v1 import training_pb2, training_pb2_grpc
@@ -206,4 +207,15 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
 
 SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
-__all__ = ["SERVICE", "TrainingServicer"]
+
+
+def _mount(server, engine: ModuleEngine, serving, channel_options) -> None:
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(
+        TrainingServicer(engine, serving, channel_options), server
+    )
+
+
+# The module trains in place through TrainingService (same port, same weights): the module
+# server's entry point mounts it (services/module_server).
+ADD_ON = AddOn(SERVICE, _mount)
+__all__ = ["ADD_ON", "SERVICE", "TrainingServicer"]

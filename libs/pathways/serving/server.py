@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
+from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
@@ -16,17 +18,25 @@ from grpc_reflection.v1alpha import reflection
 from pathways import checkpoint as ckpt
 from pathways import codec, cpu, telemetry
 from pathways.modules import registry
-from pathways.pipeline.service import SERVICE as TRAINING_SERVICE
-from pathways.pipeline.service import TrainingServicer
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
 from pathways.serving.sessions import SessionTable
 from pathways.serving.settings import ModuleServerSettings
-from pathways.v1 import module_pb2, module_pb2_grpc, training_pb2_grpc
+from pathways.v1 import module_pb2, module_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = module_pb2.DESCRIPTOR.services_by_name["ModuleService"].full_name
+
+
+@dataclasses.dataclass(frozen=True)
+class AddOn:
+    """A service mounted beside ModuleService on the module server's port (training, which lives
+    outside serving/): its full name, for reflection, and `add(grpc_server, engine, servicer,
+    channel_options)`, called once the weights are loaded, before the server starts."""
+
+    name: str
+    add: Callable[[grpc.Server, ModuleEngine, ModuleServicer, list], None]
 
 
 def grpc_options(max_message_mb: float) -> list[tuple[str, int]]:
@@ -55,8 +65,9 @@ def slot_count(engine_cfg, s: ModuleServerSettings) -> int:
 class ModuleServer:
     """A running module server; `port` is bound, `ready` is set once SERVING."""
 
-    def __init__(self, settings: ModuleServerSettings):
+    def __init__(self, settings: ModuleServerSettings, add_ons: Sequence[AddOn] = ()):
         self.settings = settings
+        self.add_ons = tuple(add_ons)
         telemetry.init(f"pathways-module-{settings.module}")
         spec, _ = ckpt.load_spec(settings.checkpoint)
         if settings.module not in spec.modules:
@@ -80,7 +91,7 @@ class ModuleServer:
         reflection.enable_server_reflection(
             (
                 SERVICE,
-                TRAINING_SERVICE,
+                *(a.name for a in self.add_ons),
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
@@ -103,10 +114,9 @@ class ModuleServer:
         table = SessionTable(slot_count(self.cfg, s), s.session_ttl_s)
         self.servicer = ModuleServicer(engine, table, s.max_batch, s.batch_wait_ms / 1e3)
         module_pb2_grpc.add_ModuleServiceServicer_to_server(self.servicer, self.server)
-        # The same module trains in place through TrainingService (same port, same weights).
-        training_pb2_grpc.add_TrainingServiceServicer_to_server(
-            TrainingServicer(engine, self.servicer, grpc_options(s.max_message_mb)), self.server
-        )
+        # Add-ons share the port and the served module's engine (training: the same weights).
+        for a in self.add_ons:
+            a.add(self.server, engine, self.servicer, grpc_options(s.max_message_mb))
         self.server.start()
         warm_up(self.servicer)
         # One copy of the weights while only serving (training through this server or its
@@ -178,11 +188,11 @@ def warm_up(svc: ModuleServicer) -> None:
         svc.ready = False
 
 
-def serve(settings: ModuleServerSettings) -> None:
+def serve(settings: ModuleServerSettings, add_ons: Sequence[AddOn] = ()) -> None:
     """Runs until SIGTERM/SIGINT, then shuts down gracefully (always, via finally)."""
     threads = cpu.limit_threads(settings.cpu_threads)
     log.info("XLA computes with %d CPU thread(s)", threads)
-    server = ModuleServer(settings)
+    server = ModuleServer(settings, add_ons)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: done.set())

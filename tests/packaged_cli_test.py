@@ -181,7 +181,9 @@ def test_up_serves_generates_trains_and_stops_cleanly(cli, tmp_path):
         unknown = cli("jobs", "status", "no-such-job")
         assert unknown.returncode == 2 and "unknown job 'no-such-job'" in unknown.stderr
         listed = cli("pathways", "list")
-        assert listed.returncode == 0 and re.search(r"tiny-shallow\s+embed -> attn-0", listed.stdout)
+        assert listed.returncode == 0 and re.search(
+            r"tiny-shallow\s+embed -> attn-0", listed.stdout
+        )
     finally:
         up.send_signal(signal.SIGTERM)
         code = up.wait(timeout=90)

@@ -270,7 +270,9 @@ def test_bad_input_gets_its_status_and_the_server_keeps_serving(fleet):
         s.Decode, module_pb2.DecodeRequest(session_id=sid, input=good, positions=[999])
     )
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "positions[0] = 999" in msg
-    overflow = module_pb2.PrefillRequest(session_id=sid, input=good, lengths=[1], starts=[2**31 - 1])
+    overflow = module_pb2.PrefillRequest(
+        session_id=sid, input=good, lengths=[1], starts=[2**31 - 1]
+    )
     code, msg = _status(s.Prefill, overflow)  # was INTERNAL: starts + lengths wrapped around
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "starts[0] = 2147483647" in msg, msg
     code, msg = _status(

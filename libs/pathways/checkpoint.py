@@ -21,9 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pathways import names
+from pathways import names, tokenizers
 from pathways import spec as spec_lib
-from pathways import tokenizers
 
 _checkpointer = None
 # One Orbax checkpointer per process, and it is not safe for concurrent saves from threads.

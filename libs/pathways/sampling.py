@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
 # Bounds on a request's stop sequences (the gateway takes them from any client): their number and
 # their total length in characters. Matching is linear in the text either way (pathways.stops);
 # these bound the matcher's memory.
@@ -41,7 +40,9 @@ class SamplingParams:
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r:.200}")
         if len(self.stop) > MAX_STOPS:
-            raise ValueError(f"stop has {len(self.stop)} sequences; at most {MAX_STOPS} (MAX_STOPS)")
+            raise ValueError(
+                f"stop has {len(self.stop)} sequences; at most {MAX_STOPS} (MAX_STOPS)"
+            )
         if sum(map(len, self.stop)) > MAX_STOP_CHARS:
             raise ValueError(
                 f"stop sequences have {sum(map(len, self.stop))} characters in all; at most "

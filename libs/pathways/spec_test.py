@@ -266,5 +266,7 @@ def test_names_that_could_leave_a_checkpoint_are_refused(where):
         data["pathways"]["p"] = ["embed", "../../victim"]
     else:
         data["pathways"]["a/b"] = data["pathways"].pop("p")
-    with pytest.raises(spec_lib.SpecError, match=f"{where} name must match .*got '(\\.\\./\\.\\./victim|a/b)'"):
+    with pytest.raises(
+        spec_lib.SpecError, match=f"{where} name must match .*got '(\\.\\./\\.\\./victim|a/b)'"
+    ):
         spec_lib.from_dict(data)

@@ -143,7 +143,9 @@ def _needed(docs, pods: dict[str, Pod]) -> list[tuple[Pod, Pod, int, str]]:
         out.append((gateway, m, port, "generation: ModuleService calls (executor.remote)"))
         out.append((coordinator, m, port, "training job: TrainingService (pipeline.client)"))
     for a, b in itertools.permutations(modules, 2):
-        out.append((a, b, listen[b.name], "training step: Deliver to the neighbour (pipeline.peer)"))
+        out.append(
+            (a, b, listen[b.name], "training step: Deliver to the neighbour (pipeline.peer)")
+        )
 
     url = urlparse(entrypoints.start(coordinator.container, coordinator.namespace).broker_url)
     (service,) = (

@@ -110,7 +110,12 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
         for i in range(new_tokens):
             pos = np.array([[prompt_len + i]], np.int32)
             tok, caches = step(
-                states, caches, tok[:, None], pos, np.zeros(1, np.int32), window=min(window, max_len)
+                states,
+                caches,
+                tok[:, None],
+                pos,
+                np.zeros(1, np.int32),
+                window=min(window, max_len),
             )
             tok = np.asarray(tok)
             out.append(int(tok[0]))

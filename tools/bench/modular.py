@@ -74,10 +74,7 @@ def module_memory(ex: LocalExecutor, pathway: str) -> dict[str, float]:
 
 
 def kv_kib_per_token(ex: LocalExecutor, pathway: str) -> float:
-    return (
-        sum(rt.cfg.kv_bytes_per_token() for rt in ex.chain(pathway) if rt.kind.has_cache)
-        / 1024
-    )
+    return sum(rt.cfg.kv_bytes_per_token() for rt in ex.chain(pathway) if rt.kind.has_cache) / 1024
 
 
 def row(label: str, ex: LocalExecutor, pathway: str, data, ev: dict) -> dict:

@@ -155,9 +155,7 @@ def run_distributed(args) -> int:
         )
         final = follow(client, job, req.steps, tqdm)
         if final["state"] != "SUCCESS":
-            raise ValueError(
-                f"training job {final['state'].lower()}: " f"{final.get('error', '')}"
-            )
+            raise ValueError(f"training job {final['state'].lower()}: " f"{final.get('error', '')}")
         print("\ngenerating through the gateway from the trained modules:\n", file=sys.stderr)
         generate_via_gateway(
             build_args(

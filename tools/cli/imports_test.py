@@ -22,9 +22,7 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_no_import_cycles_between_cli_modules():
-    graph = {
-        p.stem: _imports(p) for p in HERE.glob("*.py") if not p.stem.endswith("_test")
-    }
+    graph = {p.stem: _imports(p) for p in HERE.glob("*.py") if not p.stem.endswith("_test")}
     assert "commands_demo" in graph["main"]  # the graph is really read
 
     def visit(node, stack):

@@ -44,7 +44,10 @@ class EmbeddedBroker:
     """
 
     def __init__(
-        self, port: int | None = None, workdir: str | Path | None = None, password: str | None = None
+        self,
+        port: int | None = None,
+        workdir: str | Path | None = None,
+        password: str | None = None,
     ):
         self.port = port or free_port()
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="pathways-broker-"))

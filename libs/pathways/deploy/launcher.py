@@ -138,7 +138,7 @@ class Process:
         self.address = f"127.0.0.1:{port}" if port is not None else ""
         self.label = label or name
         self._temp_log = log is None
-        if log is None or isinstance(log, (str, Path)):
+        if log is None or isinstance(log, str | Path):
             if log is None:
                 fd, path = tempfile.mkstemp(prefix=f"pathways-{name}-", suffix=".log")
                 out = os.fdopen(fd, "wb")

@@ -31,7 +31,9 @@ def test_a_private_log_is_removed_on_stop():
 
 def test_waiting_for_health_fails_fast_when_a_sibling_dies(tmp_path):
     port = launcher.free_port()  # nothing listens there: never SERVING
-    sleeper = launcher.Process("sleeper", ["http.server", "--bind", "127.0.0.1", str(port)], port=port)
+    sleeper = launcher.Process(
+        "sleeper", ["http.server", "--bind", "127.0.0.1", str(port)], port=port
+    )
     dead = launcher.Process("dead", ["json.tool", "/no/such/file"], log=tmp_path)
     dead.proc.wait(60)
     with pytest.raises(launcher.StartupError, match="dead exited with code 2"):

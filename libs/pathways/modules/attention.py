@@ -160,9 +160,7 @@ class Attention(nnx.Module):
             attend_cached = backends.op("attend_cached")
 
             def attend_layer(i, q, k, v, ks, vs):
-                return attend_cached(
-                    q, k, v, positions_bt, slots_b, ks, vs, layer=i, window=window
-                )
+                return attend_cached(q, k, v, positions_bt, slots_b, ks, vs, layer=i, window=window)
 
         else:
             rows = slots_b[:, None]  # (B, 1) broadcasts against positions (B, T)

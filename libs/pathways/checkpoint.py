@@ -116,3 +116,16 @@ def write_meta(directory: str | Path, meta: dict) -> None:
 def read_meta(directory: str | Path) -> dict | None:
     path = Path(directory) / "train" / "meta.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def truncate_records(path: str | Path, key: str, last: int) -> None:
+    """Keeps the JSON-lines records of `path` whose `key` is <= `last` (on resume: the records
+    after the checkpoint are about to be written again). Replaced atomically; no file, no-op."""
+    path = Path(path)
+    if path.exists():
+        keep = [
+            line for line in path.read_text().splitlines() if line and json.loads(line)[key] <= last
+        ]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        tmp.replace(path)

@@ -271,16 +271,7 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drops records of steps after the checkpoint: they are about to be run again."""
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line)["step"] <= self.step
-            ]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            tmp.replace(path)
+        ckpt.truncate_records(self.out / "metrics.jsonl", "step", self.step)
 
     def eval_loss(self) -> float:
         c = self.cfg

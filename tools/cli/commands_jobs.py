@@ -54,8 +54,6 @@ def cmd_jobs(args) -> int:
 
 def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
     """`pathways train --remote`: submit to the coordinator and follow with a progress bar."""
-    from tqdm import tqdm
-
     from pathways.coordinator.jobs import JobRequest
 
     info = local.read() or {}
@@ -85,29 +83,16 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
         f"submitted job {job} ({engine}, {args.schedule}, {args.micro_batches} micro-batches)",
         file=sys.stderr,
     )
-    bar = tqdm(total=req.steps, unit="step", dynamic_ncols=True)
-    try:
-
-        def progress(st):
-            if st["state"] == "PROGRESS":
-                bar.n = st["step"]
-                post = {"loss": f"{st['loss']:.3f}", "tok/s": f"{st['tokens_per_s']:.0f}"}
-                if "eval_loss" in st:
-                    post["eval"] = f"{st['eval_loss']:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.refresh()
-            else:
-                bar.set_description(st["state"].lower())
-
-        final = c.follow(job, on_progress=progress)
-    except KeyboardInterrupt:
-        bar.close()
-        c.cancel(job)
-        print(f"\ncancelled job {job}; its last checkpoint is in {req.out}", file=sys.stderr)
+    final = follow(
+        c,
+        job,
+        req.steps,
+        "step",
+        lambda st: {"loss": f"{st['loss']:.3f}", "tok/s": f"{st['tokens_per_s']:.0f}"},
+        f"its last checkpoint is in {req.out}",
+    )
+    if final is None:
         return 130
-    bar.close()
-    if final["state"] != "SUCCESS":
-        raise ValueError(f"job {job} {final['state'].lower()}: {final.get('error', '')}".strip())
     print(
         f"job {job} done in {final['seconds']:.0f} s: loss {final['loss']:.3f}, eval "
         f"{final['eval_loss']:.3f}; checkpoint {final['out']}, plot {final['loss_png']}"
@@ -117,8 +102,6 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
 
 def submit_diloco_and_follow(args) -> int:
     """`pathways train --parallel diloco`: submit a DiLoCo job to the coordinator and follow it."""
-    from tqdm import tqdm
-
     from pathways.parallel.diloco_job import DiLoCoRequest
 
     given = {
@@ -155,35 +138,55 @@ def submit_diloco_and_follow(args) -> int:
         f"{req.outer_momentum}; pseudo-gradients {req.compress})",
         file=sys.stderr,
     )
-    bar = tqdm(total=req.rounds, unit="round", dynamic_ncols=True)
-    try:
-
-        def progress(st):
-            if st["state"] == "PROGRESS":
-                bar.n = st["round"]
-                post = {
-                    "loss": f"{st['loss']:.3f}",
-                    "MB/worker": f"{st['bytes_per_worker'] / 1e6:.1f}",
-                }
-                if "eval_loss" in st:
-                    post["eval"] = f"{st['eval_loss']:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.refresh()
-            else:
-                bar.set_description(st["state"].lower())
-
-        final = c.follow(job, on_progress=progress)
-    except KeyboardInterrupt:
-        bar.close()
-        c.cancel(job)
-        print(f"\ncancelled job {job}; its last round is in {req.out}", file=sys.stderr)
+    final = follow(
+        c,
+        job,
+        req.rounds,
+        "round",
+        lambda st: {
+            "loss": f"{st['loss']:.3f}",
+            "MB/worker": f"{st['bytes_per_worker'] / 1e6:.1f}",
+        },
+        f"its last round is in {req.out}",
+    )
+    if final is None:
         return 130
-    bar.close()
-    if final["state"] != "SUCCESS":
-        raise ValueError(f"job {job} {final['state'].lower()}: {final.get('error', '')}".strip())
     moved = (final["bytes"]["upload"] + final["bytes"]["download"]) / 1e6
     print(
         f"job {job} done in {final['seconds']:.0f} s: loss {final['loss']:.3f}, eval "
         f"{final['eval_loss']:.3f}, {moved:.1f} MB exchanged; checkpoint {final['out']}"
     )
     return 0
+
+
+def follow(c, job: str, total: int, unit: str, figures, kept: str) -> dict | None:
+    """Shows a job's progress as a bar (`unit`: the progress field counted, "step" or "round";
+    `figures(state)`: the figures shown beside it, eval loss added when there is one) until it
+    ends. Ctrl-C cancels the job and returns None (`kept` says what is kept); a job that did not
+    succeed is a ValueError naming its state and error."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit=unit, dynamic_ncols=True)
+
+    def progress(st):
+        if st["state"] == "PROGRESS":
+            bar.n = st[unit]
+            post = figures(st)
+            if "eval_loss" in st:
+                post["eval"] = f"{st['eval_loss']:.3f}"
+            bar.set_postfix(post, refresh=False)
+            bar.refresh()
+        else:
+            bar.set_description(st["state"].lower())
+
+    try:
+        final = c.follow(job, on_progress=progress)
+    except KeyboardInterrupt:
+        bar.close()
+        c.cancel(job)
+        print(f"\ncancelled job {job}; {kept}", file=sys.stderr)
+        return None
+    bar.close()
+    if final["state"] != "SUCCESS":
+        raise ValueError(f"job {job} {final['state'].lower()}: {final.get('error', '')}".strip())
+    return final

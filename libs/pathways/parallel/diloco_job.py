@@ -416,16 +416,7 @@ class DiLoCoRun:
             ckpt.save_module(self.out, n, p)
 
     def _truncate_metrics(self) -> None:
-        path = self.out / "metrics.jsonl"
-        if path.exists():
-            keep = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line)["round"] <= self.round
-            ]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(line + "\n" for line in keep))
-            tmp.replace(path)
+        ckpt.truncate_records(self.out / "metrics.jsonl", "round", self.round)
 
 
 def run_in_process(req: DiLoCoRequest, rounds: int | None = None) -> list[dict]:

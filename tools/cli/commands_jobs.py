@@ -59,15 +59,7 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
     info = local.read() or {}
     engine = args.engine or ("services" if info.get("train_modules") else "pipeline")
     req = JobRequest(
-        spec=str(Path(args.spec).absolute()),
-        out=str(Path(args.out).absolute()),
-        pathway=args.pathway,
-        data=tuple(str(Path(d).absolute()) for d in args.data or ()),
-        max_data_mb=args.max_data_mb,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
+        **_common_fields(args),
         warmup=args.warmup,
         eval_every=args.eval_every,
         save_every=args.save_every,
@@ -115,15 +107,7 @@ def submit_diloco_and_follow(args) -> int:
     }
     h = args.inner_steps or DiLoCoRequest.__dataclass_fields__["inner_steps"].default
     req = DiLoCoRequest(
-        spec=str(Path(args.spec).absolute()),
-        out=str(Path(args.out).absolute()),
-        pathway=args.pathway,
-        data=tuple(str(Path(d).absolute()) for d in args.data or ()),
-        max_data_mb=args.max_data_mb,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
+        **_common_fields(args),
         seed=args.seed,
         # --eval-every and --save-every count steps; a DiLoCo job evaluates and saves at rounds.
         eval_every=max(1, args.eval_every // h) if h > 0 else 1,
@@ -190,3 +174,19 @@ def follow(c, job: str, total: int, unit: str, figures, kept: str) -> dict | Non
     if final["state"] != "SUCCESS":
         raise ValueError(f"job {job} {final['state'].lower()}: {final.get('error', '')}".strip())
     return final
+
+
+def _common_fields(args) -> dict:
+    """What a training job and a DiLoCo job take alike from `pathways train`'s arguments (paths
+    made absolute: the job runs in a worker with another working directory)."""
+    return {
+        "spec": str(Path(args.spec).absolute()),
+        "out": str(Path(args.out).absolute()),
+        "pathway": args.pathway,
+        "data": tuple(str(Path(d).absolute()) for d in args.data or ()),
+        "max_data_mb": args.max_data_mb,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr,
+    }

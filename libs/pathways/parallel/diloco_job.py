@@ -31,7 +31,7 @@ from pathways import checkpoint as ckpt
 from pathways import data as data_lib
 from pathways import spec as spec_lib
 from pathways import tokenizers
-from pathways.config import positive_int, positive_number
+from pathways.config import positive_int, positive_number, unknown_fields
 from pathways.parallel import diloco
 from pathways.train import TrainConfig
 
@@ -118,8 +118,7 @@ class DiLoCoRequest:
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> DiLoCoRequest:
-        known = {f.name for f in dataclasses.fields(DiLoCoRequest)}
-        unknown = sorted(set(d) - known)
+        unknown = unknown_fields(DiLoCoRequest, d)
         if unknown:
             raise ValueError(f"unknown DiLoCo job field(s) {', '.join(unknown)}")
         if "spec" not in d or "out" not in d:

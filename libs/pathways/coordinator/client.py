@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable, Iterator
 
 from celery import Celery
-from celery.result import AsyncResult
 
 from pathways.coordinator.jobs import JobRequest
 from pathways.coordinator.tasks import CANCEL_KEY, CANCELLED, JOBS_KEY
@@ -38,11 +37,13 @@ class JobClient:
 
     def status(self, job_id: str) -> dict:
         known = self._known(job_id)
-        r = AsyncResult(job_id, app=self.app)
-        info = r.info
+        # State and result from one read of the backend: `AsyncResult.state` and `.info` each read
+        # it again, so a job that ends between the two reads looked FAILED with its progress dict.
+        meta = self.app.backend.get_task_meta(job_id)
+        info = meta.get("result")
         out = {
             "id": job_id,
-            "state": r.state,
+            "state": meta.get("status", "PENDING"),
             "submitted": known["submitted"],
             "out": known["request"]["out"],
             "steps": known["request"]["steps"],

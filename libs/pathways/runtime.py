@@ -135,7 +135,7 @@ def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed
 def _jitted(graphdef, to_state) -> SimpleNamespace:
     """The jitted entry points of a module; their first argument becomes its state through
     `to_state`. `raw` holds the same functions unjitted, for programs that fuse several modules
-    (`_fused_step`)."""
+    (`fused_step`)."""
 
     def forward(params, x, positions):
         return _forward(graphdef, to_state(params), x, positions)
@@ -161,10 +161,12 @@ def _jitted(graphdef, to_state) -> SimpleNamespace:
 _FUSED: dict[tuple, Any] = {}
 
 
-def _fused_step(chain: list[ModuleRuntime]):
+def fused_step(chain: list[ModuleRuntime]):
     """One jitted program for a whole chain's session step (prefill or decode): every module's
     step, then the head's sampling. The modules stay separate (each its own parameters, passed
-    as its own flat leaves, and its own KV cache); only their programs are compiled as one, so
+    as its own flat leaves, and its own KV-cache pool with the session's slots in it: `caches`
+    and `slots` have one entry per module that keeps a cache); only their programs are
+    compiled as one, so
     XLA schedules across module boundaries and the step costs one dispatch instead of one per
     module.
 
@@ -195,11 +197,11 @@ def _fused_step(chain: list[ModuleRuntime]):
             draw,
             with_logits,
         ):
-            out_caches, it = [], iter(caches)
+            out_caches, it, rows = [], iter(caches), iter(slots)
             for has_cache, raw, params, native in zip(cached, raws[:-1], leaves[:-1], natives):
                 if has_cache:
                     x, cache = raw.step(
-                        params, x, positions, next(it), slots, window=window, native=native
+                        params, x, positions, next(it), next(rows), window=window, native=native
                     )
                     out_caches.append(cache)
                 else:
@@ -277,10 +279,21 @@ def _unpack_small(params: list, layout: tuple | None) -> list:
     return [next(it) if a is None else a for a in out]
 
 
-def composite_loss(runtimes: list[ModuleRuntime], states: list[Any], inputs, targets, mask=None):
-    """Loss of a whole pathway as one function of every module's state (for jax.grad)."""
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+def composite_forward(runtimes: list[ModuleRuntime], states: list[Any], inputs, *, causal=True):
+    """Each module's stateless step in turn (a head's: its outputs), with the pathway's
+    attention mask (`causal`; False for images and utterances). Positions are counted per
+    module: an image embedding turns (B, H, W, C) into (B, patches, D)."""
     x = inputs
-    for rt, st in zip(runtimes[:-1], states[:-1]):
-        x, _ = nnx.merge(rt.graphdef, st).step(x, positions)
-    return nnx.merge(runtimes[-1].graphdef, states[-1]).loss(x, targets, mask)
+    for rt, st in zip(runtimes, states):
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        x, _ = nnx.merge(rt.graphdef, st).step(x, positions, causal=causal)
+    return x
+
+
+def composite_loss(
+    runtimes: list[ModuleRuntime], states: list[Any], inputs, targets, mask=None, *, causal=True
+):
+    """Loss of a whole pathway as one function of every module's state (for jax.grad); the
+    targets are what the head's `loss` reads (next tokens, labels)."""
+    h = composite_forward(runtimes[:-1], states[:-1], inputs, causal=causal)
+    return nnx.merge(runtimes[-1].graphdef, states[-1]).loss(h, targets, mask)

@@ -1,28 +1,31 @@
-"""Local executor: every module of every pathway in this process, each its own jitted program."""
+"""Local executor: every module of every pathway in this process, a chain of module engines."""
 
 from __future__ import annotations
 
 import functools
+import threading
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathways import modules as mod
 from pathways.executor.base import Session, StepResult, bucket, pad_prompts
-from pathways.runtime import ModuleRuntime, _fused_step, composite_loss
+from pathways.runtime import ModuleRuntime, composite_loss, fused_step
 from pathways.sampling import SamplingParams
+from pathways.serving.engine import ModuleEngine
 from pathways.spec import PathwaySpec
 
 
 class LocalExecutor:
     """Runs any pathway of a spec in-process. Modules are shared between pathways by name.
 
-    `weights` is the dtype sessions decode with and `native` whether with the native matmul
-    (see `ModuleRuntime`); training, `forward` and `loss` use the float32 parameters and XLA.
-    With `fuse` (the default) a session's step through a pathway runs as one compiled program
-    (`_fused_step`); `fuse=False` runs one program per module, as module servers do.
+    Each module is a `ModuleEngine`, the same one a module server hosts: its runtime and a
+    KV-cache slot pool that grows with the sessions open. `weights` is the dtype sessions decode
+    with and `native` whether with the native matmul (see `ModuleRuntime`); training, `forward`
+    and `loss` use the float32 parameters and XLA. With `fuse` (the default) a session's step
+    through a pathway runs as one compiled program (`runtime.fused_step`); `fuse=False` runs one
+    program per module, as module servers do.
     """
 
     def __init__(
@@ -35,67 +38,60 @@ class LocalExecutor:
         fuse: bool = True,
     ):
         self.spec, self.fuse = spec, fuse
-        self.runtimes: dict[str, ModuleRuntime] = {}
+        self.engines: dict[str, ModuleEngine] = {}
         for i, (name, cfg) in enumerate(spec.modules.items()):
-            self.runtimes[name] = ModuleRuntime(
-                name, cfg, mod.build(cfg, seed=seed + i), weights=weights, native=native
+            self.engines[name] = ModuleEngine(
+                name, cfg, weights=weights, native=native, seed=seed + i
             )
             if states and name in states:
                 self.set_state(name, states[name])
-        self._caches: dict[str, dict[str, dict[str, jax.Array]]] = {}  # session -> module -> KV
-        # session -> (slots, temperature, top_k, top_p, seed) on the device, and whether any row
-        # samples: fixed for a session, so its fused steps do not copy them in every time
+        # session -> {module: its slots}; and its fixed step arguments on the device (slots per
+        # cached module, temperature, top_k, top_p, seed) with whether any row samples: fixed
+        # for a session, so its fused steps do not copy them in every time
+        self._slots: dict[str, dict[str, np.ndarray]] = {}
         self._fixed: dict[str, tuple] = {}
-        self._spare: dict[tuple[str, int], list] = {}  # (module, rows) -> caches of closed sessions
-        self.max_spare_caches = 2
         self._grad_fns: dict[str, Any] = {}
+        # Sessions share each engine's cache pool (donated to every step): one step at a time.
+        self._lock = threading.Lock()
+
+    @property
+    def runtimes(self) -> dict[str, ModuleRuntime]:
+        return {name: e.rt for name, e in self.engines.items()}
 
     # ---- parameters -------------------------------------------------------------------------
     def state(self, name: str):
-        return self.runtimes[name].state
+        return self.engines[name].rt.state
 
     def set_state(self, name: str, state) -> None:
-        rt = self.runtimes[name]
+        rt = self.engines[name].rt
         if jax.tree.structure(state) != jax.tree.structure(rt.state):
             raise ValueError(f"module {name!r}: parameters do not match its config")
         rt.state = state
 
     def chain(self, pathway: str) -> list[ModuleRuntime]:
-        return [self.runtimes[m] for m in self.spec.pathway(pathway).modules]
+        return [e.rt for e in self._engines(pathway)]
+
+    def _engines(self, pathway: str) -> list[ModuleEngine]:
+        return [self.engines[m] for m in self.spec.pathway(pathway).modules]
 
     # ---- sessions ---------------------------------------------------------------------------
     def open_session(self, pathway: str, sampling: list[SamplingParams]) -> Session:
         session = Session.new(pathway, sampling, self.spec.pathway(pathway).max_seq_len)
         b = session.batch_size
-        self._caches[session.id] = {
-            rt.name: self._spare_cache(rt, b) for rt in self.chain(pathway) if rt.kind.has_cache
-        }
+        with self._lock:
+            slots = {e.name: e.take(b) for e in self._engines(pathway) if e.kind.has_cache}
+        self._slots[session.id] = slots
         sb = session.sampling
-        fixed = (np.arange(b, dtype=np.int32), sb.temperature, sb.top_k, sb.top_p, sb.seed)
+        fixed = (list(slots.values()), sb.temperature, sb.top_k, sb.top_p, sb.seed)
         self._fixed[session.id] = (jax.device_put(fixed), bool((sb.temperature > 0).any()))
         return session
 
-    def _spare_cache(self, rt: ModuleRuntime, rows: int):
-        """A closed session's cache of the same shape, else a new one.
-
-        Stale keys/values need no zeroing: a position is only attended to after this session has
-        written it (the causal mask is by position), so reuse saves allocating and zeroing
-        (L, B, T_max, K, H) per request — 75 MB and 10-15 ms for GPT-2 small.
-        """
-        spare = self._spare.get((rt.name, rows), [])
-        while spare:
-            cache = spare.pop()
-            if not any(a.is_deleted() for a in cache.values()):  # donated to a failed call
-                return cache
-        return rt.kind.empty_cache(rt.cfg, rows)
-
     def close_session(self, session: Session) -> None:
-        caches = self._caches.pop(session.id, None) or {}
+        slots = self._slots.pop(session.id, None) or {}
         self._fixed.pop(session.id, None)
-        for name, cache in caches.items():
-            spare = self._spare.setdefault((name, session.batch_size), [])
-            if len(spare) < self.max_spare_caches:
-                spare.append(cache)
+        with self._lock:
+            for name, rows in slots.items():
+                self.engines[name].give(rows)
 
     def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
         lengths = session.check_prompts(prompts)
@@ -115,8 +111,8 @@ class LocalExecutor:
         return result
 
     def _run(self, session, tokens, positions, last, return_logits) -> StepResult:
-        caches = self._caches.get(session.id)
-        if caches is None:
+        slots = self._slots.get(session.id)
+        if slots is None:
             raise KeyError(f"unknown session {session.id!r}")
         window = bucket(
             int(positions[positions < session.max_seq_len].max()) + 1, session.max_seq_len
@@ -125,39 +121,37 @@ class LocalExecutor:
         # dispatch an eager computation first).
         x = np.array(tokens, np.int32)  # a copy: the caller may reuse its array
         pos = np.asarray(positions, np.int32)
-        chain = self.chain(session.pathway)
+        engines = self._engines(session.pathway)
         last = np.asarray(last, np.int32)
         # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
         # call runs asynchronously, so the in-place += below could race with its read.
         steps = session.steps.copy()
-        if self.fuse:
-            (slots, *settings), draw = self._fixed[session.id]
-            cached = [rt.name for rt in chain if rt.kind.has_cache]
-            leaves = [rt._serving_flat()[0] for rt in chain]
-            out, logits, new = _fused_step(chain)(
-                leaves,
-                [caches[n] for n in cached],
-                x,
-                pos,
-                slots,
-                last,
-                *settings,
-                steps,
-                window=window,
-                draw=draw,
-                with_logits=return_logits,
-            )
-            caches.update(zip(cached, new))
-        else:
-            slots = np.arange(session.batch_size, dtype=np.int32)
-            for rt in chain[:-1]:
-                x, cache = rt.step(x, pos, caches.get(rt.name), slots, window=window)
-                if cache is not None:
-                    caches[rt.name] = cache
-            s = session.sampling
-            out, logits = chain[-1].serve_head(
-                x, last, s.temperature, s.top_k, s.top_p, s.seed, steps
-            )
+        with self._lock:
+            if self.fuse:
+                (rows, *settings), draw = self._fixed[session.id]
+                cached = [e for e in engines if e.kind.has_cache]
+                out, logits, new = fused_step([e.rt for e in engines])(
+                    [e.rt._serving_flat()[0] for e in engines],
+                    [e.cache for e in cached],
+                    x,
+                    pos,
+                    rows,
+                    last,
+                    *settings,
+                    steps,
+                    window=window,
+                    draw=draw,
+                    with_logits=return_logits,
+                )
+                for e, cache in zip(cached, new):
+                    e.cache = cache
+            else:
+                for e in engines[:-1]:
+                    x = e.step(x, pos, slots.get(e.name), window=window)
+                s = session.sampling
+                out, logits = engines[-1].rt.serve_head(
+                    x, last, s.temperature, s.top_k, s.top_p, s.seed, steps
+                )
         session.steps += 1
         return StepResult(
             tokens=np.asarray(out), logits=np.asarray(logits) if return_logits else None

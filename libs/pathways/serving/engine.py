@@ -1,10 +1,17 @@
-"""One module's compute for serving: the KV-cache slot pool and batched steps over the
-jitted entry points (`ModuleRuntime`); no model math of its own."""
+"""One module's compute for sessions: its runtime (`ModuleRuntime`, the jitted entry points) and
+a pool of KV-cache slots; no model math of its own.
+
+The same engine steps sessions for a module server (a fixed pool; its `SessionTable` hands slots
+out, and `Batcher` concatenates sessions into one decode step) and in-process (`LocalExecutor`
+is a chain of engines: `take`/`give` hand slots out and the pool grows on demand, and co-located
+engines' steps fuse into one program, `runtime.fused_step`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from pathways import modules as mod
@@ -26,15 +33,62 @@ class Step:
 
 
 class ModuleEngine:
+    """One module's runtime and KV-cache pool (kinds with a cache: `slots` rows, each one
+    sequence; the pool is a pytree whose leaves have the slot on axis 1, see `modules.kind`).
+
+    `weights` and `native` are the runtime's (`ModuleRuntime`); `seed` initialises parameters
+    when no `state` is given.
+    """
+
     def __init__(
-        self, name: str, cfg: mod.ModuleConfig, state, slots: int, weights: str = "float32"
+        self,
+        name: str,
+        cfg: mod.ModuleConfig,
+        state=None,
+        slots: int = 0,
+        weights: str = "float32",
+        native: bool | None = None,
+        seed: int = 0,
     ):
-        self.rt = ModuleRuntime(name, cfg, mod.build(cfg), weights=weights)
+        self.rt = ModuleRuntime(name, cfg, mod.build(cfg, seed=seed), weights=weights, native=native)
         self.name, self.cfg, self.kind = name, cfg, self.rt.kind
         if state is not None:
             self.rt.state = state
-        self.cache = self.kind.empty_cache(cfg, slots) if self.kind.has_cache else None
+        self.cache, self.capacity, self._free = None, 0, []
+        if self.kind.has_cache and slots:
+            self._grow(slots)
         self.max_seq_len = getattr(cfg, "max_seq_len", 0)
+
+    # ---- the slot pool -----------------------------------------------------------------------
+    def take(self, n: int) -> np.ndarray:
+        """n free slots for an in-process session (the pool grows when too few are free).
+
+        A reused slot keeps its previous session's keys/values: a position is only attended to
+        after its session has written it (the causal mask is by position), so no zeroing."""
+        if len(self._free) < n:
+            self._grow(self.capacity + n - len(self._free))
+        return np.array([self._free.pop() for _ in range(n)], np.int32)
+
+    def give(self, slots) -> None:
+        """Returns a closed session's slots to the pool."""
+        self._free.extend(int(s) for s in reversed(slots))
+
+    def _grow(self, capacity: int) -> None:
+        new = self.kind.empty_cache(self.cfg, capacity)
+        if self.cache is not None:  # sessions keep their slots: copy what they wrote
+            new = jax.tree.map(lambda n, o: n.at[:, : o.shape[1]].set(o), new, self.cache)
+        # Free slots are popped from the end: the old free ones first, then the new, lowest first.
+        self._free = list(range(capacity - 1, self.capacity - 1, -1)) + self._free
+        self.cache, self.capacity = new, capacity
+
+    def step(self, x, positions, slots=None, *, window: int | None = None):
+        """The module's step for the sessions in `slots` (prefill or decode, attending to the
+        first `window` positions; the pool is updated in place), or the stateless forward for
+        kinds without a cache."""
+        if self.cache is None:
+            return self.rt.step(x, positions)[0]
+        y, self.cache = self.rt.step(x, positions, self.cache, slots, window=window)
+        return y
 
     @property
     def kv_bytes(self) -> int:
@@ -93,10 +147,10 @@ class ModuleEngine:
         # numpy arguments go straight into the jitted call: jnp.asarray would dispatch an eager
         # device_put per array first (~0.1 ms each, on every hop of every token).
         if self.cache is None:
-            return np.asarray(self.rt.step(x, positions)[0])[:, :t], None
+            return np.asarray(self.step(x, positions))[:, :t], None
         real = positions[positions < pad]
         window = bucket(int(real.max()) + 1, s.max_seq_len)
-        y, self.cache = self.rt.step(x, positions, self.cache, s.slots, window=window)
+        y = self.step(x, positions, s.slots, window=window)
         return (y if tp == t else np.asarray(y)[:, :t]), None
 
     def decode(self, items: list[Step], want_logits: bool):
@@ -127,7 +181,7 @@ class ModuleEngine:
                 pos = np.concatenate([pos, np.full(p - r, self.max_seq_len or limit, np.int32)])
             positions = pos[:, None]
             if self.cache is None:
-                out = self.rt.step(x, positions)[0]
+                out = self.step(x, positions)
             else:
                 slots = (
                     items[0].session.slots
@@ -137,7 +191,7 @@ class ModuleEngine:
                     )
                 )
                 window = bucket(int(pos[:r].max()) + 1, limit)
-                out, self.cache = self.rt.step(x, positions, self.cache, slots, window=window)
+                out = self.step(x, positions, slots, window=window)
             logits = None
         out = np.asarray(out)
         logits = np.asarray(logits) if logits is not None else None

@@ -40,3 +40,23 @@ def test_prefill_of_any_length_gives_the_unpadded_outputs():
         pos = np.arange(t, dtype=np.int32)[None]
         assert np.asarray(y).shape == (1, t, 8)
         np.testing.assert_allclose(np.asarray(y), module(x, pos), rtol=1e-6, atol=1e-6)
+
+
+def test_the_slot_pool_grows_keeping_what_open_sessions_wrote_and_reuses_freed_slots():
+    cfg = AttentionConfig(d_model=8, n_layers=2, n_heads=2, max_seq_len=16)
+    eng = ModuleEngine("attn", cfg)
+    assert eng.cache is None and eng.capacity == 0  # in-process: nothing until a session opens
+    a = eng.take(2)
+    np.testing.assert_array_equal(a, [0, 1])
+    x = np.random.default_rng(0).standard_normal((2, 3, 8)).astype(np.float32)
+    pos = np.broadcast_to(np.arange(3, dtype=np.int32), (2, 3))
+    eng.step(x, pos, a, window=16)
+    written = np.asarray(eng.cache["k"])[:, :2].copy()
+    assert np.abs(written[:, :, :3]).sum() > 0
+    b = eng.take(3)  # grows from 2 to 5 slots
+    np.testing.assert_array_equal(b, [2, 3, 4])
+    assert eng.capacity == 5 and eng.cache["k"].shape[1] == 5
+    np.testing.assert_array_equal(np.asarray(eng.cache["k"])[:, :2], written)
+    eng.give(a)
+    np.testing.assert_array_equal(eng.take(2), [0, 1])  # freed slots first, no growth
+    assert eng.capacity == 5

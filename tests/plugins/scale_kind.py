@@ -42,7 +42,14 @@ class Scale(nnx.Module):
         self.scale = nnx.Param(jnp.asarray(cfg.init, jnp.float32))
 
     def step(
-        self, x_btd: jax.Array, positions_bt, cache=None, slots=None, window=None, native=False
+        self,
+        x_btd: jax.Array,
+        positions_bt,
+        cache=None,
+        slots=None,
+        window=None,
+        native=False,
+        causal=True,
     ):
         return x_btd * self.scale[...], None
 

@@ -128,19 +128,29 @@ class Attention(nnx.Module):
         self.cfg = cfg
         self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.n_layers)])
 
-    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array) -> jax.Array:
-        """Full causal forward without a cache (training, stateless batches)."""
-        mask = positions_bt[:, None, :] <= positions_bt[:, :, None]  # (B, T, S)
+    def __call__(self, x_btd: jax.Array, positions_bt: jax.Array, causal: bool = True):
+        """Full forward without a cache (training, stateless batches). `causal`: each position
+        attends to those at or before it (text); False: to every position (an image, an
+        utterance). The mask belongs to the call, not the module: pathways of both kinds share
+        one attention module."""
+        if causal:
+            mask = positions_bt[:, None, :] <= positions_bt[:, :, None]  # (B, T, S)
+        else:
+            b, t = positions_bt.shape
+            mask = jnp.ones((b, t, t), bool)
         for block in self.blocks:
             q, k, v = block.qkv(x_btd, positions_bt)
             x_btd = block.finish(x_btd, attend(q, k, v, mask))
         return x_btd
 
-    def step(self, x_btd, positions_bt, cache=None, slots_b=None, window=None, native=False):
-        """The kind's one step (see `modules.kind`): the stateless forward without a cache,
-        else `forward_cached`. Returns (y_btd, cache)."""
+    def step(
+        self, x_btd, positions_bt, cache=None, slots_b=None, window=None, native=False, causal=True
+    ):
+        """The kind's one step (see `modules.kind`): the stateless forward without a cache
+        (with the call's mask), else `forward_cached` (sessions generate text: causal).
+        Returns (y_btd, cache)."""
         if cache is None:
-            return self(x_btd, positions_bt), None
+            return self(x_btd, positions_bt, causal), None
         return self.forward_cached(x_btd, positions_bt, cache, slots_b, window, native)
 
     def forward_cached(self, x_btd, positions_bt, cache, slots_b, window: int, native=False):

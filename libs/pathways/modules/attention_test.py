@@ -34,6 +34,11 @@ def _call(graphdef, state, x, positions):
     return nnx.merge(graphdef, state)(x, positions)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _call_bidirectional(graphdef, state, x, positions):
+    return nnx.merge(graphdef, state).step(x, positions, causal=False)[0]
+
+
 @functools.partial(jax.jit, static_argnums=0, static_argnames="window")
 def _cached(graphdef, state, x, positions, cache, slots, *, window):
     return nnx.merge(graphdef, state).forward_cached(x, positions, cache, slots, window)
@@ -47,6 +52,9 @@ class _Jitted:
 
     def __call__(self, x, positions):
         return _call(self.graphdef, self.state, x, positions)
+
+    def bidirectional(self, x, positions):
+        return _call_bidirectional(self.graphdef, self.state, x, positions)
 
     def forward_cached(self, x, positions, cache, slots, window):
         return _cached(self.graphdef, self.state, x, positions, cache, slots, window=window)
@@ -87,6 +95,35 @@ def test_causal_future_inputs_do_not_change_earlier_outputs(cfg):
     y, y2 = m(x, _positions(B, T)), m(x2, _positions(B, T))
     np.testing.assert_allclose(y[:, :6], y2[:, :6], atol=1e-5)
     assert np.abs(y[:, 6:] - y2[:, 6:]).max() > 1e-2  # later positions do see the change
+
+
+@VARIANTS
+def test_bidirectional_call_lets_earlier_positions_see_later_ones(cfg):
+    """The mask is the call's: the same module (same parameters) attends both ways."""
+    m = _module(cfg)
+    x = _normal(2, (B, T, cfg.d_model))
+    x2 = x.copy()
+    x2[:, 6] = _normal(3, (B, cfg.d_model))
+    y, y2 = m.bidirectional(x, _positions(B, T)), m.bidirectional(x2, _positions(B, T))
+    assert np.abs(y[:, :6] - y2[:, :6]).max() > 1e-2
+    # One layer: at the last position both masks see every position, so the same output.
+    one = _module(cfg, n_layers=1)
+    np.testing.assert_allclose(
+        one.bidirectional(x, _positions(B, T))[:, -1], one(x, _positions(B, T))[:, -1], atol=1e-5
+    )
+
+
+def test_bidirectional_without_positions_is_permutation_equivariant():
+    """No position information inside the module (GPT-2 style) and no causal mask: permuting
+    the inputs permutes the outputs. A causal mask breaks this (checked, so the test can fail)."""
+    m = _module(GPT2_LIKE)
+    x = _normal(4, (B, T, GPT2_LIKE.d_model))
+    perm = np.random.default_rng(5).permutation(T)
+    pos = _positions(B, T)
+    y, y_perm = m.bidirectional(x, pos), m.bidirectional(x[:, perm], pos)
+    np.testing.assert_allclose(y_perm, np.asarray(y)[:, perm], atol=1e-5)
+    causal, causal_perm = m(x, pos), m(x[:, perm], pos)
+    assert np.abs(causal_perm - np.asarray(causal)[:, perm]).max() > 1e-2
 
 
 @VARIANTS

@@ -55,7 +55,16 @@ class Embedding(nnx.Module):
             h_btd = h_btd + self.positions(pos)
         return h_btd
 
-    def step(self, tokens_bt, positions_bt, cache=None, slots=None, window=None, native=False):
+    def step(
+        self,
+        tokens_bt,
+        positions_bt,
+        cache=None,
+        slots=None,
+        window=None,
+        native=False,
+        causal=True,
+    ):
         """The kind's one step (see `modules.kind`): no cache, so (hidden states, None)."""
         return self(tokens_bt, positions_bt), None
 

@@ -3,11 +3,16 @@
 A kind is a frozen config dataclass (with a `kind` name, `input_contract` and `output_contract`)
 plus a Flax NNX module built as `module(cfg, rngs)` with one step:
 
-    module.step(x, positions, cache=None, slots=None, window=None, native=False) -> (y, cache)
+    module.step(x, positions, cache=None, slots=None, window=None, native=False, causal=True)
+        -> (y, cache)
 
 `cache=None` is the stateless forward (training, whole batches); kinds without a per-session
-cache always take and return None. A head (`is_head`) maps hidden states to logits of any leading
-shape and has `loss(h, targets, mask=None)`. `native` selects the native CPU kernels where a kind
+cache always take and return None. `causal` is the call's attention mask (the pathway's: text
+is causal, an image or an utterance is not); kinds that do not attend ignore it, and sessions
+(with a cache) generate text, so they are causal. A head (`is_head`) maps hidden states to its
+outputs (a decoding head: logits of any leading shape; a classification head pools (B, T, D)
+into (B, classes)) and has `loss(h, targets, mask=None)`, where targets are whatever its task
+predicts (next tokens (B, T), labels (B,)). `native` selects the native CPU kernels where a kind
 has them (the backend seam of issue 18 will take it out of the signature); others ignore it.
 """
 
@@ -31,8 +36,11 @@ class Kind:
     Attributes:
         name: the spec's `kind:` value (equal to the config's `kind` field).
         config: the frozen config dataclass; `input_contract` / `output_contract` give
-            (activation name, size): "tokens" (int32 (B, T) ids < size), "hidden" (float
-            (B, T, size)) or "logits" (float (B, T, size)).
+            (activation name, size): "tokens" (int32 (B, T) ids < size), "image" (float
+            (B, H, W, size channels)), "hidden" (float (B, T, size)), "logits" (float
+            (B, T, size): next-token scores) or "classes" (float (B, size)). A config may also
+            have `output_length`: the fixed number of positions it outputs (an image's patches),
+            checked against the `max_seq_len` of the modules after it.
         module: the NNX module class, `module(cfg, rngs)`.
         is_head: maps hidden states to logits, has `loss`, and ends a pathway (samples).
         empty_cache: `(cfg, slots) -> cache` for kinds that keep a per-session cache (a pytree

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from pathways import checkpoint as ckpt
 from pathways import data as data_lib
 from pathways import spec as spec_lib
@@ -12,16 +14,13 @@ from pathways.train import LocalTrainer, PipelineEngine, TrainConfig, Trainer
 
 
 def train_config(req: JobRequest) -> TrainConfig:
-    return TrainConfig(
-        steps=req.steps,
-        batch_size=req.batch_size,
-        seq_len=req.seq_len,
-        lr=req.lr,
-        warmup=req.warmup if req.warmup is not None else max(1, req.steps // 15),
-        eval_every=req.eval_every,
-        save_every=req.save_every,
-        seed=req.seed,
-    )
+    """The job's training settings: every `TrainConfig` field the request has, by name (a field
+    added to both needs no code here); a request without `warmup` warms up for steps / 15."""
+    names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(req, f.name)]
+    given = {name: getattr(req, name) for name in names}
+    if given.get("warmup") is None:
+        given["warmup"] = max(1, req.steps // 15)
+    return TrainConfig(**given)
 
 
 def build_trainer(req: JobRequest) -> Trainer:

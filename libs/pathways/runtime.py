@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathways import kernels
+from pathways import kernels, sharding
 from pathways import modules as mod
 from pathways.modules import registry
 from pathways.sampling import sample
@@ -39,10 +39,14 @@ class ModuleRuntime:
         module: nnx.Module,
         weights: str = "float32",
         native: bool | None = None,
+        mesh=None,
     ):
         kernels.check_weights(weights)
         self.name, self.cfg, self.weights, self.native = name, cfg, weights, native
         self.kind = registry.of(cfg)  # resolved once: callers ask it, never compare names
+        # A tensor-parallel mesh (`pathways.sharding`): parameters and cache are placed by the
+        # kind's partition rules, and the same jitted functions run SPMD over its devices.
+        self.mesh, self.placement = mesh, None
         self.graphdef, self.state = nnx.split(module)
         # Modules of equal configs (and every executor in the process) share one set of jitted
         # entry points, so one compiled program per shape. `forward` takes a state (training,
@@ -57,6 +61,11 @@ class ModuleRuntime:
 
     @state.setter
     def state(self, state) -> None:
+        if self.mesh is not None:
+            self.placement = sharding.plan(
+                self.kind.partition, self.cfg, state, self.mesh, what=f"{self.name}/"
+            )
+            state = sharding.place(state, self.placement)
         self._state, self._serving, self._flat = state, None, None
 
     def compact(self) -> bool:
@@ -68,7 +77,7 @@ class ModuleRuntime:
             getattr(a, "ndim", 0) != getattr(b, "ndim", 0)
             for a, b in zip(jax.tree.leaves(serving), jax.tree.leaves(self._state))
         )
-        if self.weights != "float32" or not packed:
+        if self.weights != "float32" or not packed or self.mesh is not None:
             return False
         self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._state)
         self._state = None
@@ -78,6 +87,8 @@ class ModuleRuntime:
     def serving_state(self):
         if self._serving is None:
             self._serving = kernels.pack_state(self._state, self.weights, self.native_ops)
+            if self.mesh is not None:  # bfloat16-rounded copies go where the parameters are
+                self._serving = sharding.place(self._serving, self.placement)
             self._flat = None
         return self._serving
 
@@ -86,7 +97,8 @@ class ModuleRuntime:
         serving = self.serving_state
         if self._flat is None:
             leaves, treedef = jax.tree.flatten(serving)
-            leaves, layout = _pack_small(leaves)
+            # Packing concatenates vectors that a mesh splits differently: not on a mesh.
+            leaves, layout = _pack_small(leaves) if self.mesh is None else (leaves, None)
             self._flat = leaves, _flat_entry_points(self.graphdef, treedef, layout)
         return self._flat
 
@@ -108,7 +120,10 @@ class ModuleRuntime:
 
     @property
     def native_ops(self) -> bool:
-        """Whether sessions use the native kernels (built on first use)."""
+        """Whether sessions use the native kernels (built on first use; never on a mesh: they
+        have no sharding rule)."""
+        if self.mesh is not None:
+            return False
         return kernels.available() if self.native is None else (self.native and kernels.available())
 
     def module(self) -> nnx.Module:

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pathways.executor.base import Session, StepResult, bucket, pad_prompts
 from pathways.runtime import ModuleRuntime, composite_loss, fused_step
@@ -25,7 +26,8 @@ class LocalExecutor:
     with and `native` whether with the native matmul (see `ModuleRuntime`); training, `forward`
     and `loss` use the float32 parameters and XLA. With `fuse` (the default) a session's step
     through a pathway runs as one compiled program (`runtime.fused_step`); `fuse=False` runs one
-    program per module, as module servers do.
+    program per module, as module servers do. With a `mesh` (`pathways.sharding`) every module
+    is split over its devices (tensor parallel).
     """
 
     def __init__(
@@ -36,15 +38,18 @@ class LocalExecutor:
         weights: str = "float32",
         native: bool | None = None,
         fuse: bool = True,
+        mesh=None,
     ):
         self.spec, self.fuse = spec, fuse
         self.engines: dict[str, ModuleEngine] = {}
         for i, (name, cfg) in enumerate(spec.modules.items()):
             self.engines[name] = ModuleEngine(
-                name, cfg, weights=weights, native=native, seed=seed + i
+                name, cfg, weights=weights, native=native, seed=seed + i, mesh=mesh
             )
             if states and name in states:
                 self.set_state(name, states[name])
+        # Where a session's fixed step arguments live: every device of the mesh, or the default.
+        self._fixed_on = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         # session -> {module: its slots}; and its fixed step arguments on the device (slots per
         # cached module, temperature, top_k, top_p, seed) with whether any row samples: fixed
         # for a session, so its fused steps do not copy them in every time
@@ -83,7 +88,8 @@ class LocalExecutor:
         self._slots[session.id] = slots
         sb = session.sampling
         fixed = (list(slots.values()), sb.temperature, sb.top_k, sb.top_p, sb.seed)
-        self._fixed[session.id] = (jax.device_put(fixed), bool((sb.temperature > 0).any()))
+        fixed = jax.device_put(fixed, self._fixed_on)
+        self._fixed[session.id] = (fixed, bool((sb.temperature > 0).any()))
         return session
 
     def close_session(self, session: Session) -> None:

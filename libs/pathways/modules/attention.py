@@ -197,6 +197,27 @@ def empty_cache(cfg: AttentionConfig, slots: int, dtype=jnp.float32) -> dict[str
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
+_COLUMNS = ("q", "k", "v", "fc", "gate", "up")  # output features split: heads, MLP columns
+_ROWS = ("o", "down")  # input features split; their outputs are summed across devices
+
+
+def partition(cfg: AttentionConfig, path: tuple, shape: tuple) -> list:
+    """Megatron-style tensor parallelism: q/k/v and the MLP's first layer by output column
+    (heads, hidden units), the output projections by input row; norms and the row-parallel
+    layers' biases replicated."""
+    layer, leaf = (path[-2], path[-1]) if len(path) >= 2 else ("", "")
+    if layer in _COLUMNS:
+        return [(None, "tp")] if leaf == "kernel" else [("tp",)]
+    if layer in _ROWS and leaf == "kernel":
+        return [("tp", None)]
+    return []
+
+
+def cache_partition(cfg: AttentionConfig, path: tuple, shape: tuple) -> list:
+    """Keys and values (L, S, T, K, H) split by kv head, as k and v are computed."""
+    return [(None, None, None, "tp", None)]
+
+
 KIND = registry.register(
     Kind(
         "attention",
@@ -207,5 +228,7 @@ KIND = registry.register(
         identity=lambda c: dataclasses.replace(c, zero_init_output=True),
         details=lambda c: f"{c.n_layers} layers, {c.n_heads} heads, "
         f"{c.kv_heads} kv heads, {c.mlp}, {c.norm}",
+        partition=partition,
+        cache_partition=cache_partition,
     )
 )

@@ -67,6 +67,14 @@ class Decoding(nnx.Module):
         return (ce * mask).sum() / jnp.maximum(mask.sum(), 1.0)
 
 
+def partition(cfg: DecodingConfig, path: tuple, shape: tuple) -> list:
+    """The LM head by vocabulary column where the vocabulary divides by the mesh, else by
+    d_model row (each device's partial logits are summed); the final norm replicated."""
+    if path[:1] == ("head",):
+        return [(None, "tp"), ("tp", None)] if path[-1] == "kernel" else [("tp",)]
+    return []
+
+
 KIND = registry.register(
     Kind(
         "decoding",
@@ -74,5 +82,6 @@ KIND = registry.register(
         Decoding,
         is_head=True,
         details=lambda c: f"vocab {c.vocab_size}, {c.norm}",
+        partition=partition,
     )
 )

@@ -69,11 +69,20 @@ class Embedding(nnx.Module):
         return self(tokens_bt, positions_bt), None
 
 
+def partition(cfg: EmbeddingConfig, path: tuple, shape: tuple) -> list:
+    """The token table by vocabulary row where the vocabulary divides by the mesh, else by
+    d_model column (257 or 50257 never divide); learned positions by d_model column."""
+    if path[:1] == ("tokens",):
+        return [("tp", None), (None, "tp")]
+    return [(None, "tp")]
+
+
 KIND = registry.register(
     Kind(
         "embedding",
         EmbeddingConfig,
         Embedding,
         details=lambda c: f"vocab {c.vocab_size}, max_seq_len {c.max_seq_len}",
+        partition=partition,
     )
 )

@@ -49,6 +49,12 @@ class Kind:
             that can be inserted into a trained pathway, or start a distilled student so);
             None where the kind cannot.
         details: one line describing a config (`pathways inspect`).
+        partition: `(cfg, path, shape) -> [spec, ...]` for a parameter (path: its names, e.g.
+            ("blocks", "0", "q", "kernel")): how it may be split over a tensor-parallel mesh,
+            in order of preference; a spec names the mesh axis ("tp") or None per array axis
+            (see `pathways.sharding`). None or [] replicates. None for the whole kind: all
+            replicated.
+        cache_partition: the same for the leaves of its cache (path: the leaf's key).
     """
 
     name: str
@@ -58,6 +64,8 @@ class Kind:
     empty_cache: Callable[[Any, int], Any] | None = None
     identity: Callable[[Any], Any] | None = None
     details: Callable[[Any], str] = _no_details
+    partition: Callable[[Any, tuple, tuple], list] | None = None
+    cache_partition: Callable[[Any, tuple, tuple], list] | None = None
 
     def __post_init__(self):
         field = next((f for f in dataclasses.fields(self.config) if f.name == "kind"), None)

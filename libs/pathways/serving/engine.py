@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from pathways import modules as mod
+from pathways import sharding
 from pathways.executor.base import bucket
 from pathways.runtime import ModuleRuntime
 from pathways.sampling import SamplingBatch
@@ -36,8 +37,9 @@ class ModuleEngine:
     """One module's runtime and KV-cache pool (kinds with a cache: `slots` rows, each one
     sequence; the pool is a pytree whose leaves have the slot on axis 1, see `modules.kind`).
 
-    `weights` and `native` are the runtime's (`ModuleRuntime`); `seed` initialises parameters
-    when no `state` is given.
+    `weights`, `native` and `mesh` are the runtime's (`ModuleRuntime`; on a mesh the cache is
+    split by the kind's `cache_partition`); `seed` initialises parameters when no `state` is
+    given.
     """
 
     def __init__(
@@ -49,8 +51,11 @@ class ModuleEngine:
         weights: str = "float32",
         native: bool | None = None,
         seed: int = 0,
+        mesh=None,
     ):
-        self.rt = ModuleRuntime(name, cfg, mod.build(cfg, seed=seed), weights=weights, native=native)
+        self.rt = ModuleRuntime(
+            name, cfg, mod.build(cfg, seed=seed), weights=weights, native=native, mesh=mesh
+        )
         self.name, self.cfg, self.kind = name, cfg, self.rt.kind
         if state is not None:
             self.rt.state = state
@@ -77,6 +82,9 @@ class ModuleEngine:
         new = self.kind.empty_cache(self.cfg, capacity)
         if self.cache is not None:  # sessions keep their slots: copy what they wrote
             new = jax.tree.map(lambda n, o: n.at[:, : o.shape[1]].set(o), new, self.cache)
+        if self.rt.mesh is not None:
+            rule, what = self.kind.cache_partition, f"{self.name}/cache/"
+            new = sharding.place(new, sharding.plan(rule, self.cfg, new, self.rt.mesh, what))
         # Free slots are popped from the end: the old free ones first, then the new, lowest first.
         self._free = list(range(capacity - 1, self.capacity - 1, -1)) + self._free
         self.cache, self.capacity = new, capacity

@@ -21,9 +21,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pathways import generate as gen
+from pathways import transport
 from pathways.sampling import SamplingParams
 from pathways.serving import testing
 from pathways.tokenizers import ByteTokenizer
+from pathways.v1 import gateway_pb2, gateway_pb2_grpc
 
 pytestmark = pytest.mark.slow
 PEX = Path("tools.cli/pathways.pex")  # where Pants puts the package in the test's sandbox
@@ -64,8 +66,8 @@ def _children(pid: int) -> str:
     ).stdout.strip()
 
 
-def _serving(address: str) -> bool:
-    with grpc.insecure_channel(address) as ch:
+def _serving(address: str, tls: transport.TLSConfig) -> bool:
+    with transport.channel(address, tls=tls) as ch:
         r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10)
     return r.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -129,7 +131,19 @@ def test_up_serves_generates_trains_and_stops_cleanly(cli, tmp_path):
         assert re.match(r"redis://:[\w-]{20,}@127\.0\.0\.1:\d+/0$", state["broker"])
         assert stat.S_IMODE(state_file.stat().st_mode) == 0o600
         servers = [a for addrs in state["modules"].values() for a in addrs]
-        assert len(servers) == 5 and all(_serving(a) for a in [address, *servers])
+        # Secured by default: mutual TLS with the local user's certificate (the state file says
+        # where); a plaintext client is refused.
+        tls = transport.TLSConfig.from_dir(state["tls"])
+        assert len(servers) == 5 and all(_serving(a, tls) for a in [address, *servers])
+        with pytest.raises(grpc.RpcError) as refused:
+            _serving(servers[0], transport.TLSConfig.plaintext())
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        with transport.channel(address, tls=tls) as ch:  # the gateway asks for an API key
+            with pytest.raises(grpc.RpcError) as no_key:
+                gateway_pb2_grpc.GatewayServiceStub(ch).ListPathways(
+                    gateway_pb2.ListPathwaysRequest(), timeout=10
+                )
+        assert no_key.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         out = cli(
             "generate",

@@ -8,6 +8,8 @@ import os
 import sys
 
 from pathways import checkpoint as ckpt
+from pathways import transport
+from pathways.serving import auth
 from pathways.serving.gateway import GatewayServer
 
 
@@ -67,7 +69,47 @@ def main(argv: list[str] | None = None) -> int:
         "this gateway, so module servers batch them; the steps that meet at a replica go in one "
         "message (0: never wait, every step its own message; env PATHWAYS_LOCKSTEP_MS)",
     )
+    p.add_argument(
+        "--tls-dir",
+        default=os.environ.get(transport.ENV_DIR, ""),
+        help="TLS: a directory with ca.crt, tls.crt and tls.key (the gateway's certificate, also "
+        f"its client certificate at the module servers; env {transport.ENV_DIR})",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        default=os.environ.get(transport.ENV_INSECURE, "").lower() in ("1", "true", "yes"),
+        help=f"plaintext instead of TLS (env {transport.ENV_INSECURE}=1)",
+    )
+    p.add_argument(
+        "--api-keys",
+        default=os.environ.get(auth.ENV_KEYS, ""),
+        help="JSON file of hashed API keys and their roles (pathways.serving.auth); without it "
+        f"every caller is admin, which is logged (env {auth.ENV_KEYS})",
+    )
+    p.add_argument(
+        "--allow-module-address",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="HOST:PORT pattern (shell-style, e.g. 127.0.0.1:*) AddModule may dial (repeatable; "
+        "env PATHWAYS_ALLOWED_MODULE_ADDRESSES, comma-separated; default: the --module "
+        "addresses)",
+    )
+    p.add_argument(
+        "--health-port",
+        type=int,
+        default=int(os.environ.get("PATHWAYS_HEALTH_PORT", "0")),
+        help="a second port answering only grpc.health.v1, in plaintext, for Kubernetes' probes "
+        "(0: none; env PATHWAYS_HEALTH_PORT)",
+    )
     args = p.parse_args(argv)
+    allowed = args.allow_module_address or [
+        a for a in os.environ.get("PATHWAYS_ALLOWED_MODULE_ADDRESSES", "").split(",") if a.strip()
+    ]
+    if bool(args.tls_dir) == args.insecure:
+        p.error("give exactly one of --tls-dir DIR (TLS) and --insecure (plaintext)")
+    server_name = os.environ.get(transport.ENV_SERVER_NAME, "")
     if args.lockstep_ms < 0:
         p.error(f"--lockstep-ms must be >= 0; got {args.lockstep_ms}")
     if not args.checkpoint:
@@ -82,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.discover == "k8s" and args.kubeconfig and not args.namespace:
         p.error("--discover k8s with --kubeconfig needs --namespace (or PATHWAYS_NAMESPACE)")
     spec, tok = ckpt.load_spec(args.checkpoint)
+    try:
+        tls = (
+            transport.TLSConfig.plaintext()
+            if args.insecure
+            else transport.TLSConfig.from_dir(args.tls_dir, server_name)
+        )
+        keys = auth.KeyStore.load(args.api_keys) if args.api_keys else None
+    except (transport.TLSError, auth.AuthError) as e:
+        p.error(str(e))
     watcher = None
     if args.discover == "k8s":
         from pathways.k8s import discovery  # the Kubernetes client only when discovering
@@ -102,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
             host=args.host,
             wire_dtype=args.wire_dtype,
             lockstep_wait_s=args.lockstep_ms / 1e3,
+            tls=tls,
+            keys=keys,
+            allowed_addresses=allowed or None,
+            health_port=args.health_port,
         ).serve_forever()
     finally:
         if watcher is not None:

@@ -24,6 +24,7 @@ naming a mount path are rewritten to the folder, and "0.0.0.0" to the pod's loop
 
 from __future__ import annotations
 
+import base64
 import datetime
 import logging
 import math
@@ -147,6 +148,7 @@ class PodProcess:
     proc: subprocess.Popen
     grace_s: float
     labels: dict[str, str] = field(default_factory=dict)
+    probe_address: str = ""  # "ip:port" the probes check (the plaintext health port, if any)
     ready: bool = False
     stopping: bool = False
 
@@ -325,6 +327,8 @@ class ProcessKubelet:
         argv = [sys.executable, "-m", module, *[local(a) for a in c.args or []]]
         ports = {p.name: p.container_port for p in c.ports or []}
         port = ports.get("grpc") or next(iter(ports.values()))
+        # The probes' port: the plaintext health port where there is one (the grpc port speaks TLS).
+        probe_port = ports.get("health", port)
         out = open(self.log_dir / f"{pod.metadata.name}.log", "w")
         proc = subprocess.Popen(
             argv, env=child_env(env), stdout=out, stderr=subprocess.STDOUT, cwd=self.log_dir
@@ -338,6 +342,7 @@ class ProcessKubelet:
             proc,
             float(pod.spec.termination_grace_period_seconds or 30),
             dict(pod.metadata.labels or {}),
+            f"{loopback}:{probe_port}",
         )
         with self._lock:
             self.pods[p.uid] = p
@@ -359,14 +364,24 @@ class ProcessKubelet:
                 for key, text in (cm.data or {}).items():
                     (folder / key).write_text(text)
                 out[m.mount_path] = str(folder)
+            elif v.secret is not None:
+                folder = Path(tempfile.mkdtemp(prefix=f"{m.name}-", dir=self.log_dir))
+                secret = self.core.read_namespaced_secret(
+                    v.secret.secret_name, pod.metadata.namespace
+                )
+                for key, b64 in (secret.data or {}).items():
+                    path = folder / key
+                    path.write_bytes(base64.b64decode(b64))
+                    path.chmod(0o400)
+                out[m.mount_path] = str(folder)
             elif v.empty_dir is not None:
                 out[m.mount_path] = tempfile.mkdtemp(prefix=f"{m.name}-", dir=self.log_dir)
             # Other volume kinds (PVCs) are not mounted: the command sees the path as given.
         return out
 
     def _probe(self, p: PodProcess, pod_ip: str, started, c) -> None:
-        """gRPC health on the grpc port every 0.5 s (readiness); phase Failed if the process dies."""
-        with grpc.insecure_channel(p.address) as ch:
+        """gRPC health on the probe port every 0.5 s (readiness); phase Failed if it dies."""
+        with grpc.insecure_channel(p.probe_address) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
             while not p.stopping and not self._stop.is_set():
                 if p.proc.poll() is not None:

@@ -5,6 +5,7 @@ down loses no request."""
 
 from __future__ import annotations
 
+import base64
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -14,10 +15,11 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from pathways import certs, transport
 from pathways import generate as gen
 from pathways import spec as spec_lib
 from pathways.deploy import launcher
-from pathways.k8s import discovery, names, render
+from pathways.k8s import discovery, names, pods, render
 from pathways.sampling import SamplingParams
 from pathways.serving import testing
 from pathways.tokenizers import ByteTokenizer
@@ -54,6 +56,29 @@ class Deployed:
     local: object  # LocalExecutor over the same checkpoint: the reference text
 
 
+# The test's own certificate (servers check it), checking theirs as the rendered pods do.
+CLIENT_TLS: list[transport.TLSConfig] = []
+
+
+def _channel(address: str):
+    return transport.channel(address, tls=CLIENT_TLS[0])
+
+
+def _tls_secret(name: str, directory) -> dict:
+    """A cert-manager-style Secret (tls.crt, tls.key, ca.crt) from a `pathways certs` folder."""
+    data = {
+        f: base64.b64encode((directory / f).read_bytes()).decode()
+        for f in ("tls.crt", "tls.key", "ca.crt")
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/tls",
+        "metadata": {"name": name, "namespace": NAMESPACE},
+        "data": data,
+    }
+
+
 @pytest.fixture(scope="module")
 def deployed(tmp_path_factory):
     kit()  # skips with the reason when the kit or kubectl is absent
@@ -77,6 +102,10 @@ def deployed(tmp_path_factory):
         if (d["metadata"].get("labels", {}).get(names.COMPONENT_LABEL), d["kind"])
         not in NOT_APPLIED
     ]
+    # Mutual TLS as rendered: the module Secret, and certificates for the gateway and the test.
+    tls = certs.create(tmp / "tls", ["module", "gateway", "client"], hosts=[pods.TLS_SERVER_NAME])
+    docs.append(_tls_secret(pods.TLS_SECRETS["module"], tls["module"]))
+    CLIENT_TLS[:] = [transport.TLSConfig.from_dir(tls["client"], pods.TLS_SERVER_NAME)]
     (tmp / "applied.yaml").write_text(yaml.safe_dump_all(docs))
     logs = tmp / "logs"
     logs.mkdir()
@@ -97,10 +126,12 @@ def deployed(tmp_path_factory):
             argv += ["--discover", "k8s", "--kubeconfig", kubeconfig, "--namespace", NAMESPACE]
             with open(logs / "gateway.log", "w") as out:
                 # grpc_proxy: the gateway reaches pod IPs through the test kubelet's pod network.
-                gateway = launcher.Process(
-                    "gateway", argv, port, env={"grpc_proxy": kubelet.network.url}, log=out
-                )
-            launcher.wait_healthy(gateway.address, gateway.proc, timeout=60)
+                env = {
+                    "grpc_proxy": kubelet.network.url,
+                    **transport.TLSConfig.from_dir(tls["gateway"], pods.TLS_SERVER_NAME).env(),
+                }
+                gateway = launcher.Process("gateway", argv, port, env=env, log=out)
+            launcher.wait_healthy(gateway.address, gateway.proc, timeout=60, tls=CLIENT_TLS[0])
             yield Deployed(kubeconfig, api, kubelet, gateway, local)
         finally:
             if gateway is not None:
@@ -131,7 +162,7 @@ class Traffic:
             t.join(timeout=60)
 
     def _run(self, i: int) -> None:
-        with grpc.insecure_channel(self.address) as ch:
+        with _channel(self.address) as ch:
             gw = gateway_pb2_grpc.GatewayServiceStub(ch)
             k = 0
             while not self._stop.is_set():
@@ -152,7 +183,7 @@ class Traffic:
 
 
 def _describe(address: str) -> module_pb2.DescribeResponse:
-    with grpc.insecure_channel(address) as ch:
+    with _channel(address) as ch:
         stub = module_pb2_grpc.ModuleServiceStub(ch)
         return stub.Describe(module_pb2.DescribeRequest(), timeout=10)
 
@@ -171,7 +202,7 @@ def _long_generation(address: str, out: list) -> None:
         prompt=LONG_PROMPT,
         sampling=gateway_pb2.SamplingOptions(max_new_tokens=LONG_N),
     )
-    with grpc.insecure_channel(address) as ch:
+    with _channel(address) as ch:
         try:
             out.append(
                 [

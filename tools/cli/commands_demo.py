@@ -34,6 +34,12 @@ def register(sub) -> None:
     p.add_argument(
         "--local", action="store_true", help="no services: train and generate in this one process"
     )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC and no API keys (default: a private CA, a certificate per service "
+        "and an admin API key under the run directory, mutual TLS between every process)",
+    )
     p.set_defaults(func=cmd_demo)
 
 
@@ -116,7 +122,13 @@ def run_distributed(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     t_start = time.time()
-    dep = LocalDeployment(serve_from, log_dir=log_dir)
+    if args.insecure:
+        print(
+            "WARNING: --insecure: every process talks plaintext gRPC and the gateway takes no "
+            "API keys",
+            file=sys.stderr,
+        )
+    dep = LocalDeployment(serve_from, log_dir=log_dir, secure_dir=None if args.insecure else out)
     print(
         f"starting a local deployment: {len(dep.modules)} module servers "
         f"({', '.join(dep.modules)}), a gateway, a broker and a coordinator worker "

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathways.deploy import local
-
 
 def register(sub) -> None:
     p = sub.add_parser("pathways", help="list, add or remove pathways of a running deployment")
@@ -20,43 +18,43 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_pathways)
 
 
-def gateway_address(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    info = local.read()
-    if info and info.get("gateway"):
-        return info["gateway"]
-    raise ValueError("no gateway found: start one with `pathways up`, or pass --gateway HOST:PORT")
-
-
 def cmd_pathways(args) -> int:
     import grpc
 
     from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+    from tools.cli import connect
 
-    address = gateway_address(args.gateway)
+    gw = connect.gateway(args.gateway)
+    address, md = gw.address, gw.metadata
     if args.action != "list" and not args.name:
         raise ValueError(f"pathways {args.action} needs a NAME")
     if args.action in ("add", "add-module") and not args.items:
         what = "module names" if args.action == "add" else "replica addresses"
         raise ValueError(f"pathways {args.action} {args.name} needs {what}")
-    with grpc.insecure_channel(address) as ch:
+    with gw.channel() as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         try:
             if args.action == "list":
-                for p in stub.ListPathways(gateway_pb2.ListPathwaysRequest(), timeout=10).pathways:
+                listed = stub.ListPathways(gateway_pb2.ListPathwaysRequest(), timeout=10, metadata=md)
+                for p in listed.pathways:
                     print(f"{p.name:<20} {' -> '.join(p.modules)}  (max_seq_len {p.max_seq_len})")
             elif args.action == "add":
                 r = stub.SetPathway(
-                    gateway_pb2.SetPathwayRequest(name=args.name, modules=args.items), timeout=10
+                    gateway_pb2.SetPathwayRequest(name=args.name, modules=args.items),
+                    timeout=10,
+                    metadata=md,
                 )
                 print(f"{r.pathway.name}: {' -> '.join(r.pathway.modules)}")
             elif args.action == "remove":
-                stub.RemovePathway(gateway_pb2.RemovePathwayRequest(name=args.name), timeout=10)
+                stub.RemovePathway(
+                    gateway_pb2.RemovePathwayRequest(name=args.name), timeout=10, metadata=md
+                )
                 print(f"removed pathway {args.name}")
             else:
                 r = stub.AddModule(
-                    gateway_pb2.AddModuleRequest(name=args.name, addresses=args.items), timeout=30
+                    gateway_pb2.AddModuleRequest(name=args.name, addresses=args.items),
+                    timeout=30,
+                    metadata=md,
                 )
                 print(f"module {args.name} ({r.kind}) at {', '.join(args.items)}")
         except grpc.RpcError as e:

@@ -40,6 +40,13 @@ def register(sub) -> None:
         help="serve only: no broker and no coordinator worker",
     )
     p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plaintext gRPC and no API keys (default: a private CA and a certificate per "
+        "service under $PATHWAYS_HOME/tls, mutual TLS between every process, and an admin API "
+        "key for you in $PATHWAYS_HOME/client.key, which the CLI uses)",
+    )
+    p.add_argument(
         "--coordinator-processes",
         type=int,
         default=1,
@@ -83,8 +90,15 @@ def cmd_up(args) -> int:
         module_args=extra,
         coordinator=not args.no_coordinator,
         worker_concurrency=args.coordinator_processes,
+        secure_dir=None if args.insecure else local.state_file().parent,
     )
     n = sum(replicas.get(m, 1) for m in dep.modules)
+    if args.insecure:
+        print(
+            "WARNING: --insecure: every process talks plaintext gRPC and the gateway takes no "
+            "API keys; anyone who can reach these ports can read and change what they serve",
+            file=sys.stderr,
+        )
     print(
         f"starting {n} module server(s), a gateway"
         f"{'' if args.no_coordinator else ', a broker and a coordinator worker'} "
@@ -115,6 +129,7 @@ def generate_via_gateway(args) -> int:
     import grpc
 
     from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+    from tools.cli import connect
 
     opts = gateway_pb2.SamplingOptions(
         temperature=args.temperature,
@@ -125,15 +140,16 @@ def generate_via_gateway(args) -> int:
         stop=args.stop,
     )
     req = gateway_pb2.GenerateRequest(pathway=args.pathway or "", prompt=args.prompt, sampling=opts)
-    with grpc.insecure_channel(args.gateway) as ch:
+    gw = connect.gateway(args.gateway)
+    with gw.channel() as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         sys.stdout.write(args.prompt)
         try:
-            for ev in stub.Generate(req, timeout=args.timeout):
+            for ev in stub.Generate(req, timeout=args.timeout, metadata=gw.metadata):
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
         except grpc.RpcError as e:
             sys.stdout.write("\n")
-            raise ValueError(f"gateway {args.gateway}: {e.code().name}: {e.details()}") from None
+            raise ValueError(f"gateway {gw.address}: {e.code().name}: {e.details()}") from None
     sys.stdout.write("\n")
     return 0

@@ -7,6 +7,7 @@ import os
 import sys
 
 from tools.cli import (
+    commands_certs,
     commands_demo,
     commands_hf,
     commands_jobs,
@@ -25,6 +26,7 @@ COMMAND_MODULES = [
     commands_jobs,
     commands_k8s,
     commands_hf,
+    commands_certs,
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from pathways import transport
 from pathways.coordinator.app import DEFAULT_QUEUE, make_app
 
 
@@ -18,6 +19,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hostname", default=None)
     ap.add_argument("--loglevel", default="INFO")
     args = ap.parse_args(argv)
+    # Jobs dial module servers over TLS with this worker's certificate (read at the first job):
+    # the choice is checked now (plaintext only with PATHWAYS_INSECURE=1).
+    try:
+        insecure = transport.check_choice()
+        server_name = os.environ.get(transport.ENV_SERVER_NAME, "")
+    except transport.TLSError as e:
+        ap.error(str(e))
+    if insecure:
+        transport.announce(transport.TLSConfig.plaintext(), "coordinator worker")
+    elif server_name:
+        print(f"coordinator worker: module certificates checked as {server_name!r}")
     app = make_app(args.broker)
     cmd = [
         "worker",

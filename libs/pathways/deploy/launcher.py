@@ -15,6 +15,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pathways import certs, transport
+
 
 def cpu_share(servers: int) -> int:
     """XLA threads per server when `servers` module servers share this machine's CPUs."""
@@ -43,9 +45,24 @@ def free_port() -> int:
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment, with its import path made absolute for the children."""
     env = dict(os.environ)
+    extra = dict(extra or {})
+    # The child's own TLS choice replaces this process's (the two settings exclude each other).
+    if transport.ENV_DIR in extra:
+        env.pop(transport.ENV_INSECURE, None)
+    if transport.ENV_INSECURE in extra:
+        env.pop(transport.ENV_DIR, None)
     env["PYTHONPATH"] = os.pathsep.join(str(Path(p).absolute()) for p in sys.path if p)
     env.setdefault("JAX_PLATFORMS", "cpu")
-    env.update(extra or {})
+    env.update(extra)
+    return env
+
+
+def _with_tls(env: dict[str, str] | None, tls: transport.TLSConfig | None) -> dict[str, str]:
+    """`env` plus the TLS settings of a service (`tls`; None: plaintext), unless `env` already
+    chooses (services refuse to start without an explicit choice)."""
+    env = dict(env or {})
+    if transport.ENV_DIR not in env and transport.ENV_INSECURE not in env:
+        env.update((tls or transport.TLSConfig.plaintext()).env())
     return env
 
 
@@ -59,13 +76,15 @@ def wait_healthy(
     proc: subprocess.Popen | Process | None = None,
     timeout: float = 180.0,
     service: str = "",
+    tls: transport.TLSConfig | None = None,
 ) -> None:
     """Blocks until `address` reports SERVING; raises StartupError if `proc` exits (naming it,
-    with its exit code and the end of its log when it is a `Process`) or time runs out."""
+    with its exit code and the end of its log when it is a `Process`) or time runs out. `tls`:
+    the client side's settings (default: this process's)."""
     if isinstance(proc, Process):
-        return wait_all_healthy([proc], timeout, service)
+        return wait_all_healthy([proc], timeout, service, tls=tls)
     end = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as ch:
+    with transport.channel(address, tls=tls) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while not _serving(stub, service):
             if proc is not None and proc.poll() is not None:
@@ -76,12 +95,17 @@ def wait_healthy(
 
 
 def wait_all_healthy(
-    procs: list[Process], timeout: float = 180.0, service: str = "", also: list[Process] = ()
+    procs: list[Process],
+    timeout: float = 180.0,
+    service: str = "",
+    also: list[Process] = (),
+    tls: transport.TLSConfig | None = None,
 ) -> None:
     """Blocks until every process in `procs` reports SERVING. Raises StartupError as soon as
-    one of them, or of `also` (processes without a health service, e.g. a worker), exits."""
+    one of them, or of `also` (processes without a health service, e.g. a worker), exits.
+    `tls`: the client side's settings (default: this process's)."""
     end = time.monotonic() + timeout
-    channels = {p: grpc.insecure_channel(p.address) for p in procs}
+    channels = {p: transport.channel(p.address, tls=tls) for p in procs}
     try:
         pending = dict(channels)
         while pending:
@@ -209,7 +233,10 @@ def start_module(
     log=None,
     extra_args: list[str] = (),
     replica: int = 0,
+    tls: transport.TLSConfig | None = None,
 ) -> Process:
+    """A module server for `module` of `checkpoint` on a free port, with `tls` (None: plaintext
+    unless `env` sets PATHWAYS_TLS_DIR or PATHWAYS_INSECURE)."""
     port = free_port()
     return Process(
         module if replica == 0 else f"{module}.{replica}",
@@ -224,28 +251,43 @@ def start_module(
             *extra_args,
         ],
         port,
-        env,
+        _with_tls(env, tls),
         log,
         label=f"module server {module!r}" + (f" (replica {replica + 1})" if replica else ""),
     )
 
 
 def start_gateway(
-    checkpoint: str, endpoints: dict[str, list[str]], env=None, log=None, extra_args: list[str] = ()
+    checkpoint: str,
+    endpoints: dict[str, list[str]],
+    env=None,
+    log=None,
+    extra_args: list[str] = (),
+    tls: transport.TLSConfig | None = None,
 ) -> Process:
+    """A gateway over `endpoints` on a free port, with `tls` (None: plaintext, as start_module)."""
     port = free_port()
     argv = [GATEWAY, "--checkpoint", str(checkpoint), "--port", str(port)]
     for m, addrs in endpoints.items():
         argv += ["--module", f"{m}={','.join(addrs)}"]
+    env = _with_tls(env, tls)
     return Process("gateway", [*argv, *extra_args], port, env, log, label="gateway")
 
 
-def start_worker(broker_url: str, *, concurrency: int = 1, queues: str | None = None, log=None):
-    """A coordinator (Celery) worker on `broker_url`."""
+def start_worker(
+    broker_url: str,
+    *,
+    concurrency: int = 1,
+    queues: str | None = None,
+    log=None,
+    tls: transport.TLSConfig | None = None,
+):
+    """A coordinator (Celery) worker on `broker_url`; `tls`: its settings towards the module
+    servers (None: plaintext)."""
     argv = [COORDINATOR_WORKER, "--loglevel=WARNING", f"--concurrency={concurrency}"]
     if queues:
         argv += ["--queues", queues]
-    env = {"PATHWAYS_BROKER_URL": broker_url}
+    env = _with_tls({"PATHWAYS_BROKER_URL": broker_url}, tls)
     return Process("coordinator", argv, None, env, log, label="coordinator worker")
 
 
@@ -270,10 +312,17 @@ class Fleet:
         env=None,
         log=None,
         module_args: list[str] = (),
+        identities: certs.Identities | None = None,
+        gateway_args: list[str] = (),
     ):
         self.checkpoint, self.modules = str(checkpoint), modules
+        # Each service's certificate (None: every process in plaintext); this process checks
+        # their health as the local user's client.
+        self.identities = identities or certs.Identities(None)
+        self.client_tls = self.identities.tls(certs.CLIENT)
         self.replicas, self.with_gateway = dict(replicas or {}), gateway
         self.env, self.log, self.module_args = env, log, list(module_args)
+        self.gateway_args = list(gateway_args)  # extra gateway flags (`up`: its API keys)
         self.servers: dict[str, list[Process]] = {}
         self.gateway: Process | None = None
 
@@ -296,14 +345,25 @@ class Fleet:
         try:
             env = self.server_env(sum(self.replicas.get(m, 1) for m in self.modules))
             for m in self.modules:
+                tls = self.identities.tls(certs.module_identity(m))
                 self.servers[m] = [
-                    start_module(self.checkpoint, m, env, self.log, self.module_args, replica=i)
+                    start_module(
+                        self.checkpoint, m, env, self.log, self.module_args, replica=i, tls=tls
+                    )
                     for i in range(self.replicas.get(m, 1))
                 ]
-            wait_all_healthy([p for ps in self.servers.values() for p in ps], timeout, also=also)
+            servers = [p for ps in self.servers.values() for p in ps]
+            wait_all_healthy(servers, timeout, also=also, tls=self.client_tls)
             if self.with_gateway:
-                self.gateway = start_gateway(self.checkpoint, self.endpoints, self.env, self.log)
-                wait_all_healthy([self.gateway], timeout, also=also)
+                self.gateway = start_gateway(
+                    self.checkpoint,
+                    self.endpoints,
+                    self.env,
+                    self.log,
+                    self.gateway_args,
+                    tls=self.identities.tls(certs.GATEWAY),
+                )
+                wait_all_healthy([self.gateway], timeout, also=also, tls=self.client_tls)
         except BaseException:
             self.stop()
             raise

@@ -1,7 +1,8 @@
 """The running local deployment's addresses, so that later commands find it.
 
 `pathways up` writes them to $PATHWAYS_HOME/deployment.json (default ~/.pathways) and removes the
-file when it stops; `pathways generate --gateway`, `train --remote` and `jobs` read it.
+file when it stops; `pathways generate --gateway`, `train --remote` and `jobs` read it, with where
+the local user's certificate and API key are.
 """
 
 from __future__ import annotations
@@ -85,7 +86,13 @@ class LocalDeployment:
         module_args: list[str] = (),
         coordinator: bool = True,
         worker_concurrency: int = 1,
+        secure_dir: str | Path | None = None,
     ):
+        """`secure_dir`: where the deployment keeps its CA and service certificates (`tls/`),
+        the gateway's hashed API keys (`api-keys.json`) and the local user's admin key
+        (`client.key`, owner-only); every process then talks mutual TLS and the gateway asks
+        for keys. None: plaintext and no keys (tests on loopback; `--insecure`)."""
+        from pathways import certs
         from pathways import checkpoint as ckpt
 
         self.checkpoint = str(checkpoint)
@@ -99,6 +106,39 @@ class LocalDeployment:
         self.fleet = None
         self.broker = None
         self.worker = None
+        self.secure_dir = None if secure_dir is None else Path(secure_dir)
+        self.identities = certs.Identities(
+            None if self.secure_dir is None else self.secure_dir / "tls"
+        )
+
+    @property
+    def client_tls_dir(self) -> str | None:
+        """The local user's certificate directory (None in plaintext)."""
+        from pathways import certs
+
+        return None if self.secure_dir is None else str(self.secure_dir / "tls" / certs.CLIENT)
+
+    @property
+    def api_key_file(self) -> Path | None:
+        return None if self.secure_dir is None else self.secure_dir / "client.key"
+
+    def _gateway_args(self) -> list[str]:
+        """The gateway's flags: AddModule may dial this machine's servers only; with keys, a new
+        admin key for the local user (the keys file keeps the other keys it holds)."""
+        args = ["--allow-module-address", "127.0.0.1:*"]
+        if self.secure_dir is None:
+            return args
+        from pathways import certs
+        from pathways.serving import auth
+
+        keys_file = self.secure_dir / "api-keys.json"
+        store = auth.KeyStore.load(keys_file) if keys_file.exists() else auth.KeyStore([])
+        key = auth.new_key()
+        store.entries = [e for e in store.entries if e.name != "local-admin"]
+        store.entries.append(auth.hashed("local-admin", "admin", key))
+        store.save(keys_file)
+        certs.write_private(self.api_key_file, (key + "\n").encode())
+        return [*args, "--api-keys", str(keys_file)]
 
     @property
     def gateway(self) -> str:
@@ -110,6 +150,7 @@ class LocalDeployment:
         return {m: addrs[0] for m, addrs in self.fleet.endpoints.items()}
 
     def start(self, timeout: float = 300.0) -> LocalDeployment:
+        from pathways import certs
         from pathways.coordinator.broker import EmbeddedBroker
         from pathways.deploy.launcher import Fleet, start_worker
 
@@ -119,7 +160,10 @@ class LocalDeployment:
                 self.broker = EmbeddedBroker(workdir=workdir).start()
                 # The worker first: it imports while the module servers compile.
                 self.worker = start_worker(
-                    self.broker.url, concurrency=self.worker_concurrency, log=self.log
+                    self.broker.url,
+                    concurrency=self.worker_concurrency,
+                    log=self.log,
+                    tls=self.identities.tls(certs.COORDINATOR),
                 )
             self.fleet = Fleet(
                 self.checkpoint,
@@ -127,6 +171,8 @@ class LocalDeployment:
                 self.replicas,
                 log=self.log,
                 module_args=self.module_args,
+                identities=self.identities,
+                gateway_args=self._gateway_args(),
             )
             self.fleet.start(timeout, also=[self.worker] if self.worker else [])
             if self.worker is not None:
@@ -138,6 +184,10 @@ class LocalDeployment:
                     "modules": self.fleet.endpoints,
                     "train_modules": self.train_modules,
                     "checkpoint": self.checkpoint,
+                    # How the CLI talks to it: the local user's certificate and admin key.
+                    "insecure": self.secure_dir is None,
+                    "tls": self.client_tls_dir,
+                    "api_key_file": None if self.api_key_file is None else str(self.api_key_file),
                 }
             )
         except BaseException:
@@ -151,6 +201,7 @@ class LocalDeployment:
         The gateway does not know it yet: register it with GatewayService.AddModule
         (`pathways pathways add-module NAME ADDRESS`).
         """
+        from pathways import certs
         from pathways.deploy.launcher import start_module, wait_healthy
 
         servers = sum(len(ps) for ps in self.fleet.servers.values()) + 1
@@ -161,9 +212,10 @@ class LocalDeployment:
             log=self.log,
             extra_args=self.module_args,
             replica=len(self.fleet.servers.get(name, [])),
+            tls=self.identities.tls(certs.module_identity(name)),
         )
         try:
-            wait_healthy(proc.address, proc, timeout)
+            wait_healthy(proc.address, proc, timeout, tls=self.fleet.client_tls)
         except BaseException:
             proc.stop()
             raise

@@ -23,7 +23,7 @@ import time
 import grpc
 import numpy as np
 
-from pathways import codec, messages
+from pathways import codec, messages, transport
 from pathways.executor.base import Session, StepResult, pad_prompts
 from pathways.executor.decode_stream import DecodeStream, send_group, session_stream
 from pathways.executor.failover import MOVE, ModuleSession, move, open_on
@@ -64,6 +64,8 @@ class RemoteExecutor:
         step_timing: ask every module where each decode step's time went; `step_timings[m]`
             keeps the last 4096 steps' (call µs as this client saw it, lockstep wait included,
             the server handler's µs, the step's µs).
+        tls: TLS settings of the channels to module servers (default: this process's,
+            `transport.default()`).
     """
 
     def __init__(
@@ -80,8 +82,10 @@ class RemoteExecutor:
         lockstep_wait_s: float = 0.02,
         group_steps: bool = True,
         step_timing: bool = False,
+        tls: transport.TLSConfig | None = None,
     ):
         self.spec = spec
+        self.tls = transport.default() if tls is None else tls
         self.lockstep = Lockstep(lockstep_wait_s)
         if isinstance(endpoints, dict):
             unknown = sorted(set(endpoints) - set(spec.modules))
@@ -99,9 +103,8 @@ class RemoteExecutor:
         self.served = {
             name for name, p in spec.pathways.items() if not set(p.modules) & set(missing)
         }
-        n = int(max_message_mb * 2**20)
-        options = [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
-        self.replicas = {m: ReplicaSet(m, source, options) for m in modules}
+        options = transport.grpc_options(max_message_mb)
+        self.replicas = {m: ReplicaSet(m, source, options, tls=self.tls) for m in modules}
         self._options = options
         self._table_lock = threading.Lock()
         self.wire = codec.dtype_of(wire_dtype)
@@ -156,7 +159,7 @@ class RemoteExecutor:
             spec = self.spec.with_module(name, cfg)
             if name not in self.replicas:
                 self.replicas[name] = ReplicaSet(
-                    name, StaticReplicaSource({name: addresses}), self._options
+                    name, StaticReplicaSource({name: addresses}), self._options, tls=self.tls
                 )
                 self.wire_bytes[name] = [0, 0]
             self._set_spec(spec)

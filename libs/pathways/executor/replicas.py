@@ -16,7 +16,7 @@ from typing import Protocol
 
 import grpc
 
-from pathways import telemetry
+from pathways import telemetry, transport
 from pathways.v1 import module_pb2_grpc
 
 Callback = Callable[[str, list[str]], None]  # (module, its ready "host:port" replicas)
@@ -55,9 +55,9 @@ class RemoteError(Exception):
 
 
 class Replica:
-    def __init__(self, module: str, address: str, options):
+    def __init__(self, module: str, address: str, options, tls=None):
         self.module, self.address = module, address
-        self.channel = telemetry.channel(grpc.insecure_channel(address, options=options))
+        self.channel = telemetry.channel(transport.channel(address, options, tls))
         self.stub = module_pb2_grpc.ModuleServiceStub(self.channel)
         self.sessions = 0  # module sessions (and in-flight stateless calls) holding it
         self.down_until = 0.0
@@ -73,7 +73,15 @@ class ReplicaSet:
     replay, as after any failure.
     """
 
-    def __init__(self, module: str, source: ReplicaSource, options, cooldown_s: float = 2.0):
+    def __init__(
+        self,
+        module: str,
+        source: ReplicaSource,
+        options,
+        cooldown_s: float = 2.0,
+        tls: transport.TLSConfig | None = None,  # None: this process's (transport.default())
+    ):
+        self.tls = tls
         self.module, self.source, self.options, self.cooldown_s = (
             module,
             source,
@@ -93,7 +101,7 @@ class ReplicaSet:
         for a in addresses:
             r = self._held.get(a)
             if r is None:
-                r = self._held[a] = Replica(self.module, a, self.options)
+                r = self._held[a] = Replica(self.module, a, self.options, self.tls)
             r.retired = False  # an address may come back (a replica Ready again)
             pool.append(r)
         for r in self.replicas:

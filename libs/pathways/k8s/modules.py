@@ -45,6 +45,8 @@ def _deployment(
     meta, selector, module, kind, image, checkpoint_uri, training_uri
 ) -> dict[str, Any]:
     volumes, mounts = pods.common_volumes(checkpoint_uri, training_uri)
+    tls_volume, tls_mount, tls_env = pods.tls("module")
+    volumes, mounts = [*volumes, tls_volume], [*mounts, tls_mount]
     container = {
         "name": "module-server",
         "image": image,
@@ -59,8 +61,13 @@ def _deployment(
             str(pods.GRPC_PORT),
             "--grace-s",
             str(pods.SHUTDOWN_GRACE_S),
+            "--health-port",
+            str(pods.HEALTH_PORT),
         ],
-        "ports": [{"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"}],
+        "ports": [
+            {"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"},
+            pods.health_port(),
+        ],
         # XLA would size its thread pool by the node's CPUs, not the pod's limit: as many compute
         # threads as the limit allows (rounded up), no more.
         "env": [
@@ -73,7 +80,8 @@ def _deployment(
                         "divisor": "1",
                     }
                 },
-            }
+            },
+            *tls_env,  # mutual TLS: its certificate, and the name peers' are checked against
         ],
         "resources": RESOURCES_WITH_CACHE if kind.has_cache else RESOURCES_WITHOUT_CACHE,
         **pods.grpc_probes(),

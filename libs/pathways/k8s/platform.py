@@ -42,6 +42,14 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
     Endpoints of the module's headless Service (pathways.k8s.discovery, with the discovery
     ServiceAccount), so `kubectl scale` changes the replicas new sessions go to."""
     volumes, mounts = pods.common_volumes(checkpoint_uri)
+    tls_volume, tls_mount, tls_env = pods.tls("gateway")
+    keys_volume = {
+        "name": "api-keys",
+        "secret": {"secretName": pods.API_KEYS_SECRET, "defaultMode": 0o440},
+    }
+    keys_mount = {"name": "api-keys", "mountPath": pods.API_KEYS_DIR, "readOnly": True}
+    volumes = [*volumes, tls_volume, keys_volume]
+    mounts = [*mounts, tls_mount, keys_mount]
     args = [
         "--checkpoint",
         pods.CHECKPOINT_DIR,
@@ -51,13 +59,23 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
         str(pods.GRPC_PORT),
         "--discover",
         "k8s",
+        "--health-port",
+        str(pods.HEALTH_PORT),
     ]
     container = {
         "name": "gateway",
         "image": image,
         "args": args,
-        "env": [pods.namespace_env()],  # the namespace whose Endpoints discovery watches
-        "ports": [{"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"}],
+        "env": [
+            pods.namespace_env(),  # the namespace whose Endpoints discovery watches
+            *tls_env,  # TLS for users, its client certificate at the module servers
+            # Users present API keys (roles generate, admin); hashed in the Secret.
+            {"name": "PATHWAYS_API_KEYS", "value": f"{pods.API_KEYS_DIR}/keys.json"},
+        ],
+        "ports": [
+            {"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"},
+            pods.health_port(),
+        ],
         "resources": {
             "requests": {"cpu": "250m", "memory": "512Mi"},
             "limits": {"cpu": "1", "memory": "1Gi"},
@@ -103,12 +121,15 @@ def coordinator(
     the training volume (`--out /training/RUN`) and, trained through the module services, call
     the module servers directly."""
     volumes, mounts = pods.common_volumes(checkpoint_uri, training_uri)
+    tls_volume, tls_mount, tls_env = pods.tls("coordinator")
+    volumes, mounts = [*volumes, tls_volume], [*mounts, tls_mount]
     container = {
         "name": "coordinator",
         "image": image,
         # The worker's one required setting (pathways.coordinator.app), broker and result backend
         # at once; jobs carry their own spec and output paths.
-        "env": [{"name": BROKER_ENV, "value": BROKER_URL}],
+        # Its certificate is its client certificate at the module servers.
+        "env": [{"name": BROKER_ENV, "value": BROKER_URL}, *tls_env],
         "resources": {
             "requests": {"cpu": "250m", "memory": "512Mi"},
             "limits": {"cpu": "1", "memory": "1Gi"},

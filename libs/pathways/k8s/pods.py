@@ -7,6 +7,22 @@ from typing import Any
 from urllib.parse import urlparse
 
 GRPC_PORT = 50051
+# Kubelet's gRPC probes cannot speak TLS: module servers and the gateway answer grpc.health.v1
+# (and nothing else) in plaintext on this second port (`--health-port`).
+HEALTH_PORT = 50052
+# Each workload's certificate: a Secret with cert-manager's keys (tls.crt, tls.key, ca.crt), e.g.
+# made by a cert-manager Certificate of that name, or `pathways certs` + kubectl create secret.
+TLS_DIR = "/var/run/pathways/tls"
+TLS_SECRETS = {
+    "module": "pathways-module-tls",
+    "gateway": "pathways-gateway-tls",
+    "coordinator": "pathways-coordinator-tls",
+}
+# The name module servers' certificates are checked against (clients dial pod IPs found by
+# discovery, which no certificate holds): module certificates need it as a DNS name.
+TLS_SERVER_NAME = "pathways-module"
+API_KEYS_DIR = "/var/run/pathways/api-keys"
+API_KEYS_SECRET = "pathways-api-keys"  # key keys.json: hashed keys (pathways.serving.auth)
 # On SIGTERM the module server flips health to NOT_SERVING and stops with server.stop(grace_s),
 # letting in-flight calls finish; the pod gets `--grace-s SHUTDOWN_GRACE_S` and Kubernetes waits that
 # long plus EXIT_MARGIN_S (process exit, telemetry flush) before SIGKILL.
@@ -46,14 +62,15 @@ def container_security() -> dict[str, Any]:
 
 
 def grpc_probes() -> dict[str, Any]:
-    """Native gRPC probes against grpc.health.v1 (service "" = the whole server).
+    """Native gRPC probes against grpc.health.v1 (service "" = the whole server), on the
+    plaintext health port.
 
     startup: allows 5 minutes for loading weights and compiling before liveness applies.
     readiness: NOT_SERVING (still warming up, or draining after SIGTERM) takes the pod out of its
     Service's endpoints, so discovery stops routing new sessions to it.
     liveness: a server that stops answering health checks for 30 s is restarted.
     """
-    check = {"grpc": {"port": GRPC_PORT, "service": ""}}
+    check = {"grpc": {"port": HEALTH_PORT, "service": ""}}
     return {
         "startupProbe": {**check, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 60},
         "readinessProbe": {**check, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
@@ -122,6 +139,25 @@ def common_volumes(
         volumes.append(train_volume)
         mounts.append(train_mount)
     return volumes, mounts
+
+
+def tls(component: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """(volume, volumeMount, env) that give a workload its certificate (see TLS_SECRETS) and
+    the settings pathways.transport reads."""
+    volume = {
+        "name": "tls",
+        "secret": {"secretName": TLS_SECRETS[component], "defaultMode": 0o440},
+    }
+    mount = {"name": "tls", "mountPath": TLS_DIR, "readOnly": True}
+    env = [
+        {"name": "PATHWAYS_TLS_DIR", "value": TLS_DIR},
+        {"name": "PATHWAYS_TLS_SERVER_NAME", "value": TLS_SERVER_NAME},
+    ]
+    return volume, mount, env
+
+
+def health_port() -> dict[str, Any]:
+    return {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}
 
 
 def namespace_env() -> dict[str, Any]:

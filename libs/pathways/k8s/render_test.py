@@ -62,7 +62,15 @@ def test_each_module_gets_deployment_service_hpa_pdb():
                     "divisor": "1",
                 }
             },
-        }
+        },
+        # Mutual TLS from the module's cert-manager-style Secret, mounted read-only.
+        {"name": "PATHWAYS_TLS_DIR", "value": "/var/run/pathways/tls"},
+        {"name": "PATHWAYS_TLS_SERVER_NAME", "value": "pathways-module"},
+    ]
+    tls = next(v for v in pod["volumes"] if v["name"] == "tls")
+    assert tls["secret"]["secretName"] == "pathways-module-tls"
+    assert {"name": "tls", "mountPath": "/var/run/pathways/tls", "readOnly": True} in c[
+        "volumeMounts"
     ]
     assert c["args"] == [
         "--checkpoint",
@@ -75,9 +83,12 @@ def test_each_module_gets_deployment_service_hpa_pdb():
         "50051",
         "--grace-s",
         "30",
+        "--health-port",
+        "50052",
     ]
-    assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": ""}
-    assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": ""}
+    # Kubelet's probes cannot speak TLS: a plaintext port answers health only.
+    assert c["readinessProbe"]["grpc"] == {"port": 50052, "service": ""}
+    assert c["livenessProbe"]["grpc"] == {"port": 50052, "service": ""}
     assert c["resources"]["requests"] and c["resources"]["limits"]
     assert c["securityContext"] == {
         "allowPrivilegeEscalation": False,
@@ -96,7 +107,7 @@ def test_each_module_gets_deployment_service_hpa_pdb():
         "containers"
     ][0]["args"]
     # The gateway discovers replicas from the module Services' Endpoints (no fixed addresses).
-    assert gateway_args[-2:] == ["--discover", "k8s"] and "--module" not in gateway_args
+    assert gateway_args[-4:-2] == ["--discover", "k8s"] and "--module" not in gateway_args
 
 
 def test_adding_a_module_adds_its_deployment_and_nothing_else_changes():
@@ -175,7 +186,9 @@ def test_training_output_has_its_own_writable_volume():
 def test_coordinator_gets_the_broker_url_the_worker_reads():
     c = _pod_spec(render.render(spec_lib.from_dict(SPEC)), "coordinator.yaml")["containers"][0]
     # pathways.coordinator.app reads PATHWAYS_BROKER_URL (tests/k8s/workload_env_test.py runs it).
-    assert c["env"] == [{"name": "PATHWAYS_BROKER_URL", "value": "redis://pathways-broker:6379/0"}]
+    assert c["env"][0] == {"name": "PATHWAYS_BROKER_URL", "value": "redis://pathways-broker:6379/0"}
+    # Its certificate is its client certificate at the module servers.
+    assert {"name": "PATHWAYS_TLS_DIR", "value": "/var/run/pathways/tls"} in c["env"]
 
 
 def test_network_policies_admit_the_traffic_of_training_and_serving():

@@ -10,9 +10,8 @@ import time
 import grpc
 import numpy as np
 
-from pathways import codec, messages
+from pathways import codec, messages, transport
 from pathways.pipeline.runner import PipelineError, split_micro
-from pathways.serving.server import grpc_options
 from pathways.spec import PathwaySpec
 from pathways.train import TrainConfig
 from pathways.v1 import training_pb2, training_pb2_grpc
@@ -32,11 +31,12 @@ class RemoteStage:
         address: str,
         timeout: float = 600.0,
         max_message_mb: float = 256.0,
+        tls: transport.TLSConfig | None = None,
     ):
         self.name, self.kind, self.address, self.timeout = name, kind, address, timeout
         self.wire_bytes = 0  # protobuf payload bytes sent and received, all calls
         self._stream = None  # (request queue, response iterator) of the current step
-        self._channel = grpc.insecure_channel(address, options=grpc_options(max_message_mb))
+        self._channel = transport.channel(address, transport.grpc_options(max_message_mb), tls)
         self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
 
     def _call(self, method: str, request):
@@ -223,15 +223,17 @@ def remote_stages(
     addresses: dict[str, str],
     cfg: TrainConfig,
     frozen: set[str] = frozenset(),
+    tls: transport.TLSConfig | None = None,
 ) -> list[RemoteStage]:
-    """Configured stages for each module of `pathway`, at `addresses` (module -> host:port)."""
+    """Configured stages for each module of `pathway`, at `addresses` (module -> host:port),
+    over `tls` (default: this process's settings, `transport.default()`)."""
     chain = spec.pathway(pathway).modules
     missing = [m for m in chain if m not in addresses]
     if missing:
         raise ValueError(
             f"no module service address for {', '.join(missing)} of pathway " f"{pathway!r}"
         )
-    stages = [RemoteStage(m, spec.modules[m].kind, addresses[m]) for m in chain]
+    stages = [RemoteStage(m, spec.modules[m].kind, addresses[m], tls=tls) for m in chain]
     try:
         for st in stages:
             st.configure(cfg, frozen=st.name in frozen)

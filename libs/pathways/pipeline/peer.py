@@ -17,7 +17,7 @@ import time
 import grpc
 import numpy as np
 
-from pathways import codec
+from pathways import codec, transport
 from pathways.pipeline.schedule import SCHEDULES, stage_ops
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.errors import DeadlineExceeded, InvalidArgument, ServingError
@@ -116,13 +116,14 @@ class _Sender:
 class Peers:
     """Channels to neighbouring stages' servers, one per address, kept across steps."""
 
-    def __init__(self, options):
+    def __init__(self, options, tls=None):
         self._options, self._stubs, self._lock = options, {}, threading.Lock()
+        self._tls = tls  # None: this process's (transport.default())
 
     def sender(self, address: str, timeout: float | None) -> _Sender:
         with self._lock:
             if address not in self._stubs:
-                channel = grpc.insecure_channel(address, options=self._options)
+                channel = transport.channel(address, self._options, self._tls)
                 self._stubs[address] = training_pb2_grpc.TrainingServiceStub(channel)
             stub = self._stubs[address]
         return _Sender(stub, address, timeout)

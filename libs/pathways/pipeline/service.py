@@ -8,14 +8,14 @@ import threading
 import jax
 import numpy as np
 
-from pathways import codec, messages
+from pathways import codec, messages, transport
 from pathways.pipeline import peer
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
 from pathways.serving.server import AddOn
-from pathways.serving.servicer import _deadline, rpc
 from pathways.train import make_optimizer
+from pathways.transport import rpc
 from pathways.v1 import training_pb2, training_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Wraps the served module's runtime in a LocalStage: the same code as local training."""
 
-    def __init__(self, engine: ModuleEngine, serving, peer_options=()):
+    def __init__(self, engine: ModuleEngine, serving, peer_options=(), tls=None):
         self.engine = engine
         self.inbox = peer.Inbox()  # RunStep deliveries from the neighbouring stages
-        self.peers = peer.Peers(list(peer_options))
+        self.peers = peer.Peers(list(peer_options), tls)  # the server's own certificate
         # Latency metrics and the request counter are the module server's, shared with serving.
         self.metrics, self.count_request = serving.metrics, serving.count_request
         self.stage: LocalStage | None = None
@@ -141,7 +141,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 self.peers,
                 check_input,
                 check_targets,
-                _deadline(context),
+                transport.deadline(context),
                 context.is_active,
             )
 
@@ -209,9 +209,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
-def _mount(server, engine: ModuleEngine, serving, channel_options) -> None:
+def _mount(server, engine: ModuleEngine, serving, channel_options, tls) -> None:
     training_pb2_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(engine, serving, channel_options), server
+        TrainingServicer(engine, serving, channel_options, tls), server
     )
 
 

@@ -13,10 +13,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pathways import generate as gen
-from pathways import messages, names, telemetry
+from pathways import messages, names, telemetry, transport
 from pathways.executor.remote import RemoteExecutor
 from pathways.executor.replicas import RemoteError, ReplicaSource
-from pathways.serving.server import server_options
+from pathways.serving import auth
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,9 @@ SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, executor: RemoteExecutor, tokenizer):
+    def __init__(self, executor: RemoteExecutor, tokenizer, addresses: auth.AddressPolicy):
         self.executor, self.tokenizer = executor, tokenizer
+        self.addresses = addresses  # what AddModule may dial
 
     def ListPathways(self, request, context):
         spec = self.executor.spec
@@ -47,8 +48,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             names.check(request.name, "name")  # before dialing anything
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        for i, address in enumerate(request.addresses):
+            refused = self.addresses.check(address)
+            if refused:
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, f"addresses[{i}]: {refused}")
         try:
-            with grpc.insecure_channel(request.addresses[0]) as ch:
+            with transport.channel(request.addresses[0], tls=self.executor.tls) as ch:
                 d = module_pb2_grpc.ModuleServiceStub(ch).Describe(
                     module_pb2.DescribeRequest(), timeout=10
                 )
@@ -140,22 +145,40 @@ class GatewayServer:
         workers: int = 32,
         max_message_mb: float = 64.0,
         lockstep_wait_s: float = 0.02,
+        tls: transport.TLSConfig | None = None,
+        keys: auth.KeyStore | None = None,
+        allowed_addresses: list[str] | None = None,
+        health_port: int = 0,
     ):
+        """`keys`: the API keys callers must present (None: no keys, every caller is admin;
+        logged). `allowed_addresses`: "host:port" patterns AddModule may dial (None: the
+        static `endpoints`' own addresses). `health_port`: a plaintext port answering only
+        grpc.health.v1 (Kubernetes' probes; 0: none)."""
         telemetry.init("pathways-gateway")
+        self.tls = transport.default() if tls is None else tls
+        transport.announce(self.tls, "gateway")
         self.executor = RemoteExecutor(
             spec,
             endpoints,
             wire_dtype=wire_dtype,
             max_message_mb=max_message_mb,
             lockstep_wait_s=lockstep_wait_s,
+            tls=self.tls,  # its certificate is its client certificate at the module servers
         )
+        if keys is None:
+            log.warning("gateway without API keys: every caller may change its pathways")
+        if allowed_addresses is None:
+            own = endpoints if isinstance(endpoints, dict) else {}
+            allowed_addresses = [a for addrs in own.values() for a in addrs]
+        interceptors = [auth.KeyInterceptor(keys)] if keys is not None else []
         self.server = grpc.server(
             futures.ThreadPoolExecutor(workers),
-            options=server_options(max_message_mb),
-            interceptors=telemetry.server_interceptors(),
+            options=transport.server_options(max_message_mb),
+            interceptors=[*interceptors, *telemetry.server_interceptors()],
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-            GatewayServicer(self.executor, tokenizer), self.server
+            GatewayServicer(self.executor, tokenizer, auth.AddressPolicy(allowed_addresses)),
+            self.server,
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -167,16 +190,24 @@ class GatewayServer:
             ),
             self.server,
         )
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        # TLS without client certificates: users authenticate with API keys (see auth.py).
+        self.port = transport.add_port(self.server, f"{host}:{port}", self.tls, False)
+        self.health_server = (
+            transport.health_server(self.health, host, health_port)[0] if health_port else None
+        )
 
     def start(self) -> None:
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float = 5.0) -> None:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None)
         self.executor.close()
         telemetry.shutdown()
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pathways import checkpoint as ckpt
-from pathways import codec, cpu, telemetry
+from pathways import codec, cpu, telemetry, transport
 from pathways.modules import registry
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
@@ -33,22 +33,11 @@ SERVICE = module_pb2.DESCRIPTOR.services_by_name["ModuleService"].full_name
 class AddOn:
     """A service mounted beside ModuleService on the module server's port (training, which lives
     outside serving/): its full name, for reflection, and `add(grpc_server, engine, servicer,
-    channel_options)`, called once the weights are loaded, before the server starts."""
+    channel_options, tls)`, called once the weights are loaded, before the server starts (`tls`:
+    the server's TLS settings, for the add-on's own channels to other servers)."""
 
     name: str
-    add: Callable[[grpc.Server, ModuleEngine, ModuleServicer, list], None]
-
-
-def grpc_options(max_message_mb: float) -> list[tuple[str, int]]:
-    n = int(max_message_mb * 2**20)
-    return [("grpc.max_receive_message_length", n), ("grpc.max_send_message_length", n)]
-
-
-def server_options(max_message_mb: float) -> list[tuple[str, int]]:
-    """Options of our gRPC servers: gRPC's default SO_REUSEPORT off, so that a server given a
-    port another one already listens on fails to bind instead of silently sharing its
-    connections (two local servers racing for one port then answered for each other)."""
-    return [*grpc_options(max_message_mb), ("grpc.so_reuseport", 0)]
+    add: Callable[[grpc.Server, ModuleEngine, ModuleServicer, list, transport.TLSConfig], None]
 
 
 def slot_count(engine_cfg, s: ModuleServerSettings) -> int:
@@ -81,9 +70,11 @@ class ModuleServer:
                 f"{settings.module!r}"
             )
         self.cfg = spec.modules[settings.module]
+        self.tls = settings.tls()
+        transport.announce(self.tls, f"module server {settings.module!r}")
         self.server = grpc.server(
             futures.ThreadPoolExecutor(settings.workers),
-            options=server_options(settings.max_message_mb),
+            options=transport.server_options(settings.max_message_mb),
             interceptors=telemetry.server_interceptors(),
         )
         self.health = health.HealthServicer()
@@ -98,7 +89,14 @@ class ModuleServer:
             self.server,
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        # Mutual TLS: only clients with a certificate of the deployment's CA get through.
+        self.port = transport.add_port(self.server, f"{settings.host}:{settings.port}", self.tls)
+        self.health_server = None
+        if settings.health_port:
+            self.health_server, _ = transport.health_server(
+                self.health, settings.host, settings.health_port
+            )
+            self.health_server.start()  # NOT_SERVING until the weights are loaded and warm
         self.servicer: ModuleServicer | None = None
         self.stopped = threading.Event()
 
@@ -116,7 +114,8 @@ class ModuleServer:
         module_pb2_grpc.add_ModuleServiceServicer_to_server(self.servicer, self.server)
         # Add-ons share the port and the served module's engine (training: the same weights).
         for a in self.add_ons:
-            a.add(self.server, engine, self.servicer, grpc_options(s.max_message_mb))
+            options = transport.grpc_options(s.max_message_mb)
+            a.add(self.server, engine, self.servicer, options, self.tls)
         self.server.start()
         warm_up(self.servicer)
         # One copy of the weights while only serving (training through this server or its
@@ -142,6 +141,8 @@ class ModuleServer:
         if self.servicer is not None:
             self.servicer.ready = False
         self.server.stop(self.settings.grace_s if grace is None else grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None)
         if self.servicer is not None:
             self.servicer.batcher.stop()
         telemetry.shutdown()

@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from pathways.deploy.launcher import free_port
-from pathways.serving.server import server_options
+from pathways.transport import server_options
 
 
 def test_a_second_server_on_a_taken_port_fails_to_bind():

@@ -2,70 +2,25 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
 import time
 
-import grpc
 import numpy as np
 
-from pathways import codec, messages
+from pathways import codec, messages, transport
 from pathways.config import to_dict
 from pathways.sampling import SamplingBatch
 from pathways.serving.batcher import Batcher
 from pathways.serving.engine import ModuleEngine, Step
-from pathways.serving.errors import Exhausted, InvalidArgument, ServingError, Unavailable
+from pathways.serving.errors import InvalidArgument, ServingError, Unavailable
 from pathways.serving.sessions import SessionTable
 from pathways.telemetry import ModuleMetrics
+from pathways.transport import rpc
 from pathways.v1 import module_pb2, module_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-def rpc(method):
-    """Maps typed errors to status codes; the server survives any request."""
-
-    counted = method.__name__ != "Describe"  # asking a server how busy it is is no traffic
-
-    @functools.wraps(method)
-    def wrapper(self, request, context):
-        t0 = time.perf_counter()
-        if counted:
-            self.count_request()
-        try:
-            return method(self, request, context)
-        except (ServingError, codec.CodecError) as e:
-            if isinstance(e, Exhausted):
-                context.set_trailing_metadata(
-                    (("retry-after-ms", str(int(e.retry_after_s * 1000))),)
-                )
-            context.abort(*_status(e))
-        except Exception as e:
-            if isinstance(e, grpc.RpcError) or type(e).__name__ == "_AbortionError":
-                raise
-            log.exception("%s failed", method.__name__)
-            context.abort(*_status(e))
-        finally:
-            self.metrics.latency(method.__name__, (time.perf_counter() - t0) * 1e3)
-
-    return wrapper
-
-
-def _status(e: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status a failed request (or group step) gets: typed errors their own code, a tensor
-    that does not decode INVALID_ARGUMENT, anything else INTERNAL."""
-    if isinstance(e, ServingError):
-        return e.code, str(e)
-    if isinstance(e, codec.CodecError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(e)
-    return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-
-
-def _deadline(context) -> float | None:
-    left = context.time_remaining()
-    return None if left is None else time.monotonic() + left
 
 
 def _rows(values, field: str, b: int, lo: int, hi: int | None = None) -> np.ndarray:
@@ -83,7 +38,7 @@ def _rows(values, field: str, b: int, lo: int, hi: int | None = None) -> np.ndar
 
 
 def _failed(e: BaseException) -> module_pb2.GroupStepResult:
-    code, message = _status(e)
+    code, message = transport.status(e)
     return module_pb2.GroupStepResult(code=code.value[0], message=message)
 
 
@@ -177,7 +132,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             steps = self._steps(request.steps, b)
             out, logits = self.batcher.call(
                 lambda: self.engine.prefill(s, x, starts, lengths, steps, request.return_logits),
-                _deadline(context),
+                transport.deadline(context),
             )
             return self._encode(module_pb2.PrefillResponse(), out, logits, request.output_dtype)
         finally:
@@ -185,7 +140,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
 
     @rpc
     def Decode(self, request, context):
-        return self._decode(request, _deadline(context))
+        return self._decode(request, transport.deadline(context))
 
     def DecodeStream(self, request_iterator, context):
         for req in request_iterator:
@@ -228,7 +183,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
     def _decode_group(self, requests, context) -> list[module_pb2.GroupStepResult]:
         """Several sessions' decode steps as one batch; each step fails or succeeds on its own."""
         t0 = time.perf_counter_ns()
-        deadline = _deadline(context)
+        deadline = transport.deadline(context)
         results: list = [None] * len(requests)
         ready: list[tuple[int, module_pb2.DecodeRequest, object, Step, int]] = []
         seen: set[str] = set()

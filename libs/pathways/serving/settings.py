@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import os
 
+from pathways import transport
 from pathways.kernels import WEIGHTS
 
 
@@ -32,6 +33,14 @@ class ModuleServerSettings:
     # What decode steps compute with: "float32" weights, or "bfloat16" (half the bytes read per
     # token, float32 arithmetic; logits move by ~1e-2). Training always uses float32.
     weights: str = "float32"
+    # TLS (see pathways.transport): a directory with ca.crt, tls.crt and tls.key; clients must
+    # present a certificate of that CA. Plaintext needs `insecure`; one of the two is required.
+    tls_dir: str = ""
+    insecure: bool = False
+    tls_server_name: str = ""  # peers' certificates are checked against this name, not the host
+    # A second port answering only grpc.health.v1, in plaintext (Kubernetes' probes cannot speak
+    # TLS), on its own threads; 0: none.
+    health_port: int = 0
 
     def __post_init__(self):
         if not self.checkpoint or not self.module:
@@ -49,11 +58,26 @@ class ModuleServerSettings:
         for name in ("kv_cache_mb", "session_ttl_s", "max_message_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.health_port < 65536:
+            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port!r}")
         if self.batch_wait_ms < 0 or self.grace_s < 0 or not 0 <= self.port < 65536:
             raise ValueError(
                 f"batch_wait_ms, grace_s must be >= 0 and port in [0, 65535]; got "
                 f"{self.batch_wait_ms!r}, {self.grace_s!r}, {self.port!r}"
             )
+        if bool(self.tls_dir) == self.insecure:
+            raise ValueError(
+                "a module server needs exactly one of --tls-dir/PATHWAYS_TLS_DIR (a directory "
+                "with ca.crt, tls.crt, tls.key) and --insecure/PATHWAYS_INSECURE=1 (plaintext)"
+            )
+
+    def tls(self) -> transport.TLSConfig:
+        """The server's TLS settings, read from its files (TLSError, a ValueError, names a file
+        that cannot be read)."""
+        env = {transport.ENV_DIR: self.tls_dir, transport.ENV_SERVER_NAME: self.tls_server_name}
+        if self.insecure:
+            env[transport.ENV_INSECURE] = "1"
+        return transport.from_env(env, required=True)
 
 
 def _env_name(field: str) -> str:
@@ -64,7 +88,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     """Adds one flag per setting; each defaults to its PATHWAYS_<NAME> environment variable."""
     for f in dataclasses.fields(ModuleServerSettings):
         flag = "--" + f.name.replace("_", "-")
-        p.add_argument(flag, dest=f.name, default=None, help=f"(env {_env_name(f.name)})")
+        if f.type in (bool, "bool"):  # a switch: --insecure, or PATHWAYS_INSECURE=1
+            p.add_argument(
+                flag,
+                dest=f.name,
+                action="store_const",
+                const="1",
+                default=None,
+                help=f"(env {_env_name(f.name)}=1)",
+            )
+        else:
+            p.add_argument(flag, dest=f.name, default=None, help=f"(env {_env_name(f.name)})")
 
 
 def from_args(args: argparse.Namespace, env=os.environ) -> ModuleServerSettings:
@@ -76,6 +110,9 @@ def from_args(args: argparse.Namespace, env=os.environ) -> ModuleServerSettings:
         if raw is None:
             continue
         kind = type(f.default) if f.default is not dataclasses.MISSING else str
+        if kind is bool:
+            values[f.name] = str(raw).lower() in ("1", "true", "yes")
+            continue
         try:
             values[f.name] = kind(raw)
         except ValueError:

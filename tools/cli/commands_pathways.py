@@ -35,7 +35,9 @@ def cmd_pathways(args) -> int:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         try:
             if args.action == "list":
-                listed = stub.ListPathways(gateway_pb2.ListPathwaysRequest(), timeout=10, metadata=md)
+                listed = stub.ListPathways(
+                    gateway_pb2.ListPathwaysRequest(), timeout=10, metadata=md
+                )
                 for p in listed.pathways:
                     print(f"{p.name:<20} {' -> '.join(p.modules)}  (max_seq_len {p.max_seq_len})")
             elif args.action == "add":

@@ -170,6 +170,36 @@ def test_job_resumed_from_a_round_checkpoint_equals_an_uninterrupted_one(client,
     assert_same_run(ref, req)
 
 
+def test_a_worker_killed_mid_round_is_left_out_and_its_shard_trained_again(client, tmp_path):
+    out = tmp_path / "faulty"
+    # round_deadline only backs the test up: the killed task's redelivery reports it lost first.
+    req = job(out, steps=40, inner_steps=20, lr=1e-2, eval_every=2, round_deadline=120)
+    job_id = client.submit(req)
+    claims = out / "diloco" / "round-000000" / "claims"
+    deadline = time.monotonic() + 180
+    while not (pid := _claimed_pid(claims, 1)):
+        assert time.monotonic() < deadline, client.status(job_id)
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)  # worker 1's process, inside round 0
+    final = client.follow(job_id, timeout=300)
+    assert final["state"] == "SUCCESS", final
+    first, second = metrics(out)
+    assert first["workers_reported"] == [0] and first["workers_lost"] == [1]
+    assert second["workers_reported"] == [0, 1] and second["workers_lost"] == []
+    meta = json.loads((out / "train" / "meta.json").read_text())
+    assert meta["round"] == 2
+    assert meta["positions"] == [40, 20]  # worker 1's shard from batch 0 again in round 1
+    assert np.isfinite(final["eval_loss"]) and second["loss"] < first["loss"]
+
+
+def _claimed_pid(claims: Path, k: int) -> int | None:
+    for f in claims.glob(f"worker-{k}.*"):
+        text = f.read_text()
+        if text:
+            return int(text)
+    return None
+
+
 def test_too_few_worker_processes_fail_the_job_with_the_numbers(client, tmp_path):
     big = job(tmp_path / "big", workers=3, steps=2, inner_steps=1)
     st = client.follow(client.submit(big), timeout=120)

@@ -103,6 +103,7 @@ def submit_diloco_and_follow(args) -> int:
         "outer_lr": args.outer_lr,
         "outer_momentum": args.outer_momentum,
         "compress": args.compress,
+        "round_deadline": args.round_deadline,
         "warmup": args.warmup,
     }
     h = args.inner_steps or DiLoCoRequest.__dataclass_fields__["inner_steps"].default

@@ -22,6 +22,7 @@ DILOCO_FLAGS = (
     "outer_lr",
     "outer_momentum",
     "compress",
+    "round_deadline",
 )
 
 
@@ -89,9 +90,16 @@ def train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     d.add_argument("--outer-momentum", type=float, default=None, help="Nesterov; default 0.9")
     d.add_argument(
         "--compress",
-        choices=["none", "bfloat16"],
+        choices=["none", "bfloat16", "int8"],
         default=None,
-        help="pseudo-gradients sent as float32 (none) or bfloat16",
+        help="pseudo-gradients sent as float32 (none), bfloat16, or int8 with a scale per 64",
+    )
+    d.add_argument(
+        "--round-deadline",
+        type=float,
+        default=None,
+        help="seconds after which a round closes with the workers that reported (a lost or "
+        "late worker's shard is trained again next round); default: wait for all",
     )
     p.set_defaults(func=cmd_train)
     return p

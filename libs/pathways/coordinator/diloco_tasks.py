@@ -12,8 +12,10 @@ committed round. Heavy imports (jax) happen inside the tasks, after the fork.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+import uuid
 
 from celery import group, shared_task
 from celery.exceptions import Ignore
@@ -21,6 +23,7 @@ from celery.exceptions import Ignore
 from pathways.coordinator.tasks import CANCEL_KEY, CANCELLED
 
 WORKER_TASK = "pathways.diloco.worker"
+log = logging.getLogger(__name__)
 
 
 def _pool_processes(app) -> int | None:
@@ -57,25 +60,16 @@ def diloco(self, request: dict) -> dict:
             stopped = True
             break
         t0 = time.perf_counter()
+        attempt = uuid.uuid4().hex  # this launch of the round (a redelivered task is the same)
         pending = group(
             [
                 self.app.signature(
-                    WORKER_TASK, args=(request, run.round, k, run.positions[k], job_id)
+                    WORKER_TASK, args=(request, run.round, k, run.positions[k], job_id, attempt)
                 )
                 for k in range(req.workers)
             ]
         ).apply_async()
-        deadline = time.monotonic() + req.round_timeout
-        while not pending.ready():
-            if time.monotonic() > deadline:
-                pending.revoke()
-                raise TimeoutError(
-                    f"round {run.round}: {pending.completed_count()} of {req.workers} workers "
-                    f"reported within round_timeout {req.round_timeout} s"
-                )
-            time.sleep(0.05)
-        results = pending.get(propagate=True, disable_sync_subtasks=False)
-        pending.forget()
+        results = _collect(pending, req, run.round)
         if any(r.get("cancelled") for r in results) or cancelled():
             stopped = True
             break
@@ -90,7 +84,7 @@ def diloco(self, request: dict) -> dict:
                 "pid": os.getpid(),
                 "resumed_from": resumed_from,
                 "out": req.out,
-                "worker_pids": [res["pid"] for res in results],
+                "worker_pids": [res["pid"] for res in results if "pid" in res],
             },
         )
     summary = {
@@ -112,8 +106,49 @@ def diloco(self, request: dict) -> dict:
     return summary
 
 
+def _collect(pending, req, r: int) -> list[dict]:
+    """The round's worker results, once every task has finished, or at the round's deadline
+    (`round_deadline`, with at least one report) where the missing ones count as lost. A task
+    that failed is lost too (logged), unless every one did: then the job fails with its error."""
+    started = time.monotonic()
+    tasks = pending.results
+    while True:
+        done = [t.ready() for t in tasks]
+        if all(done):
+            break
+        elapsed = time.monotonic() - started
+        reported = sum(1 for t, d in zip(tasks, done) if d and t.successful())
+        if req.round_deadline and elapsed > req.round_deadline and reported:
+            break
+        if elapsed > req.round_timeout:
+            pending.revoke()
+            raise TimeoutError(
+                f"round {r}: {sum(done)} of {req.workers} workers reported within "
+                f"round_timeout {req.round_timeout} s"
+            )
+        time.sleep(0.05)
+    results, errors = [], []
+    for k, t in enumerate(tasks):
+        if t.ready() and t.successful():
+            results.append(t.result)
+            continue
+        if t.ready():
+            errors.append(t.result)
+            log.warning("round %d: worker %d failed: %r", r, k, t.result)
+        else:
+            t.revoke()  # past the deadline: whatever it still uploads is not read
+            log.warning("round %d: worker %d missed the round's deadline", r, k)
+        results.append({"worker": k, "round": r, "lost": True})
+    pending.forget()
+    if errors and len(errors) == len(tasks):
+        raise errors[0] if isinstance(errors[0], BaseException) else RuntimeError(errors[0])
+    return results
+
+
 @shared_task(bind=True, name=WORKER_TASK)
-def worker(self, request: dict, r: int, k: int, position: int, job_id: str) -> dict:
+def worker(
+    self, request: dict, r: int, k: int, position: int, job_id: str, attempt: str = ""
+) -> dict:
     """Worker k's round r (see `diloco_job.worker_round`); stops early if the job is cancelled."""
     from pathways.parallel.diloco_job import DiLoCoRequest, worker_round
 
@@ -124,5 +159,6 @@ def worker(self, request: dict, r: int, k: int, position: int, job_id: str) -> d
         k,
         position,
         should_stop=lambda: bool(redis.exists(CANCEL_KEY.format(job_id))),
+        attempt=attempt,
     )
     return {**out, "pid": os.getpid()}

@@ -9,8 +9,14 @@ Layout under the job's `out` (besides spec.yaml, tokenizer, modules/ and metrics
     diloco/round-<r>/outer/<module>.npz   the coordinator's outer optimizer state of each module
     diloco/round-<r>/inner/worker-<k>/    worker k's inner optimizer state at the start of round r
     diloco/round-<r>/upload/worker-<k>/   worker k's pseudo-gradients of round r (uploaded)
+    diloco/round-<r>/claims/worker-<k>.<attempt>   worker k started round r (its pid)
 Round r+1's files are written first, then meta.json names r+1, then round r is removed: a job
 stopped at any point resumes from the last committed round and gives the same result.
+
+A worker lost in a round (its process killed: Celery redelivers its task, which finds its claim
+and gives up; or late past the round's deadline) is left out of that round's average, its data
+position stays, so its shard is trained again next round, and it rejoins then with a fresh inner
+optimizer. What was committed is never lost.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class DiLoCoRequest:
     save_every: int = 1  # rounds between copies of the global parameters into modules/
     seed: int = 0
     round_timeout: float = 3600.0  # seconds a round may take before the job fails
+    # > 0: a round closes this many seconds after it started with the workers that reported
+    # (at least one), the others' work of the round dropped; 0: it waits for every worker
+    round_deadline: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(self.data))
@@ -74,6 +83,8 @@ class DiLoCoRequest:
         for name in ("eval_every", "eval_batches", "save_every"):
             positive_int(name, getattr(self, name))
         positive_number("round_timeout", self.round_timeout)
+        if not isinstance(self.round_deadline, int | float) or self.round_deadline < 0:
+            raise ValueError(f"round_deadline must be >= 0 seconds; got {self.round_deadline!r}")
         cfg = self.config()  # validates workers, inner_steps, inner, compress, outer_*
         if not isinstance(self.steps, int) or self.steps % cfg.inner_steps or self.steps <= 0:
             raise ValueError(
@@ -211,23 +222,31 @@ def worker_round(
     k: int,
     position: int,
     should_stop: Callable[[], bool] | None = None,
+    attempt: str = "",
 ) -> dict:
     """Worker k's round r: download the global parameters, H inner steps on shard k from batch
-    `position`, upload each module's pseudo-gradient; keeps its inner optimizer state for r+1."""
+    `position`, upload each module's pseudo-gradient; keeps its inner optimizer state for r+1.
+
+    With an `attempt` (the job's launch of this round), the worker first claims (k, r, attempt):
+    a second delivery of the same task (its first process died) returns `lost` at once."""
     t0 = time.perf_counter()
-    ctx = context(req)
     if not 0 <= k < req.workers:
         raise ValueError(f"worker {k} out of range for {req.workers} workers")
     rd = round_dir(req.out, r)
+    if attempt and not _claim(rd / "claims" / f"worker-{k}.{attempt}"):
+        return {"worker": k, "round": r, "lost": True}
+    ctx = context(req)
     params, down = {}, 0
     for n in ctx.names:
         arrays = load_arrays(rd / "global" / f"{n}.npz")
         down += diloco.nbytes(arrays)
         params[n] = diloco.decode(arrays, "none", ctx.like[n])
-    if r == 0:
+    inner = rd / "inner" / f"worker-{k}"
+    # A worker lost last round (no complete inner state for this one) rejoins afresh.
+    fresh = r == 0 or not all((inner / f"{n}.npz").exists() for n in ctx.names)
+    if fresh:
         opt = ctx.worker.init_opt()
     else:
-        inner = rd / "inner" / f"worker-{k}"
         opt = {
             n: _leaves_into(ctx.opt_like[n], load_arrays(inner / f"{n}.npz"), f"{inner}/{n}")
             for n in ctx.names
@@ -259,7 +278,20 @@ def worker_round(
         "upload_bytes": up,
         "download_bytes": down,
         "seconds": time.perf_counter() - t0,
+        "fresh_inner": fresh,
     }
+
+
+def _claim(path: Path) -> bool:
+    """Creates `path` holding this process's pid; False if it exists already."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 # ---- the coordinator's side -------------------------------------------------------------------
@@ -350,10 +382,12 @@ class DiLoCoRun:
         returns the round's metrics record (also appended to metrics.jsonl)."""
         req, r = self.req, self.round
         reported = sorted(
-            (res for res in results if not res.get("cancelled")), key=lambda res: res["worker"]
+            (res for res in results if not (res.get("cancelled") or res.get("lost"))),
+            key=lambda res: res["worker"],
         )
         if not reported:
             raise ValueError(f"round {r}: no worker reported")
+        lost = sorted(res["worker"] for res in results if res.get("lost"))
         rd = round_dir(self.out, r)
         params, outer = self.params(), self._outer_states()
         for n in self.ctx.names:
@@ -379,6 +413,7 @@ class DiLoCoRun:
             "last_loss": float(np.mean([res["losses"][-1] for res in reported])),
             "worker_loss": {str(res["worker"]): float(np.mean(res["losses"])) for res in reported},
             "workers_reported": [res["worker"] for res in reported],
+            "workers_lost": lost,
             "round_seconds": seconds,
             "tokens_per_s": tokens / max(seconds, 1e-9),
             "bytes_per_worker": float(

@@ -101,6 +101,7 @@ def test_bytes_per_worker_count_the_download_and_the_upload(files):
         ({"inner": "adamw", "clip": 0.0}, "clip must be > 0, got 0.0"),
         ({"eval_every": 0}, "eval_every must be a positive integer, got 0"),
         ({"round_timeout": 0}, "round_timeout must be a positive number, got 0"),
+        ({"round_deadline": -1}, "round_deadline must be >= 0 seconds; got -1"),
     ],
 )
 def test_request_errors_name_the_value(files, kw, words):

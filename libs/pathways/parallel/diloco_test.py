@@ -102,8 +102,19 @@ def test_pseudo_gradients_on_the_wire_float32_exact_bfloat16_half_the_bytes():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     for a, b in zip(jax.tree.leaves(diloco.decode(half, "bfloat16", g)), jax.tree.leaves(pg)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2**-8, atol=0)
+    # int8 per block of 64: a quarter of the bytes plus one scale per block; every value within
+    # half a step (scale = the block's largest magnitude / 127) of the original.
+    q = diloco.encode(pg, "int8")
+    # (rows here are 24 or 96 long: one scale per 24 values at worst, so < 0.3)
+    assert diloco.nbytes(q) < 0.3 * diloco.nbytes(exact)
+    for a, b in zip(jax.tree.leaves(diloco.decode(q, "int8", g)), jax.tree.leaves(pg)):
+        b = np.asarray(b)
+        step = np.abs(b).max() / 127
+        assert np.abs(np.asarray(a) - b).max() <= step / 2 + 1e-9
     with pytest.raises(ValueError, match="payload has 1 arrays"):
         diloco.decode(exact[:1], "none", g)
+    with pytest.raises(ValueError, match="2 array.s. each with compress 'int8'"):
+        diloco.decode(q[:-1], "int8", g)
     with pytest.raises(ValueError, match=r"payload array 0 has shape \(2,\)"):
         diloco.decode([np.zeros(2, np.float32), *exact[1:]], "none", g)
 
@@ -127,7 +138,7 @@ def test_adamw_rounds_lower_the_loss_and_shards_are_disjoint():
         ({"workers": 0}, "workers must be a positive integer, got 0"),
         ({"inner_steps": 2.5}, "inner_steps must be a positive integer, got 2.5"),
         ({"inner": "lion"}, "inner must be one of adamw, sgd; got 'lion'"),
-        ({"compress": "int4"}, "compress must be one of none, bfloat16; got 'int4'"),
+        ({"compress": "int4"}, "compress must be one of none, bfloat16, int8; got 'int4'"),
         ({"outer_lr": 0}, "outer_lr must be a positive number, got 0"),
         ({"outer_momentum": 1.0}, r"outer_momentum must be in \[0, 1\), got 1.0"),
     ],

@@ -23,11 +23,22 @@ class SpecError(ValueError):
     """An invalid pathway spec; the message names the module/pathway and the values at fault."""
 
 
+MASKS = ("causal", "bidirectional")
+
+
 @dataclasses.dataclass(frozen=True)
 class Pathway:
     name: str
     modules: tuple[str, ...]
     max_seq_len: int  # the smallest limit along the chain (or the declared, smaller one)
+    # The attention mask of every call through this pathway (`mask:` in the spec): causal by
+    # default for text, bidirectional for other inputs (an image's patches see each other).
+    causal: bool = True
+
+
+def default_mask(first: ModuleConfig) -> str:
+    """The mask of a pathway that declares none: causal when it reads tokens."""
+    return "causal" if first.input_contract[0] == "tokens" else "bidirectional"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +61,9 @@ class PathwaySpec:
         pathways = {}
         for p in self.pathways.values():
             pathways[p.name] = {"modules": list(p.modules), "max_seq_len": p.max_seq_len}
+            mask = MASKS[0] if p.causal else MASKS[1]
+            if mask != default_mask(self.modules[p.modules[0]]):
+                pathways[p.name]["mask"] = mask
         plugins = {"plugins": list(self.plugins)} if self.plugins else {}
         return {
             **plugins,
@@ -145,9 +159,9 @@ def _check_name(name, what: str) -> str:
 
 def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
     _check_name(name, "pathway name")
-    declared_len = None
+    declared_len, mask = None, None
     if isinstance(raw, dict):
-        declared_len = raw.get("max_seq_len")
+        declared_len, mask = raw.get("max_seq_len"), raw.get("mask")
         raw = raw.get("modules")
     if not isinstance(raw, list) or not raw:
         raise SpecError(f"pathway {name!r}: must be a non-empty list of module names, got {raw!r}")
@@ -161,14 +175,15 @@ def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
             raise SpecError(f"pathway {name!r}: module {m!r} appears more than once")
         seen.add(m)
     first, last = modules[chain[0]], modules[chain[-1]]
-    if first.input_contract[0] != "tokens":
+    if first.input_contract[0] == "hidden":
         raise SpecError(
-            f"pathway {name!r}: must start with an embedding module, "
-            f"but {chain[0]!r} is {first.kind}"
+            f"pathway {name!r}: must start with an embedding module (one that reads tokens, "
+            f"images or audio), but {chain[0]!r} is {first.kind}"
         )
-    if last.output_contract[0] != "logits":
+    if not registry.of(last).is_head:
+        heads = ", ".join(k for k in registry.names() if registry.get(k).is_head)
         raise SpecError(
-            f"pathway {name!r}: must end with a decoding module, "
+            f"pathway {name!r}: must end with a decoding module or another head ({heads}), "
             f"but {chain[-1]!r} is {last.kind}"
         )
     for a, b in zip(chain, chain[1:]):
@@ -184,13 +199,34 @@ def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
                 f"pathway {name!r}: d_model mismatch: {a!r} outputs {out_dim} "
                 f"but {b!r} expects {in_dim}"
             )
-    emb_vocab, head_vocab = first.input_contract[1], last.output_contract[1]
-    if emb_vocab != head_vocab:
-        raise SpecError(
-            f"pathway {name!r}: vocab mismatch: embedding {chain[0]!r} has "
-            f"vocab_size {emb_vocab} but decoding {chain[-1]!r} has {head_vocab}"
-        )
+    if last.output_contract[0] == "logits":  # next-token scores: over the tokens read
+        if first.input_contract[0] != "tokens":
+            raise SpecError(
+                f"pathway {name!r}: {chain[-1]!r} ({last.kind}) predicts next tokens but "
+                f"{chain[0]!r} ({first.kind}) reads {first.input_contract[0]}, not tokens"
+            )
+        emb_vocab, head_vocab = first.input_contract[1], last.output_contract[1]
+        if emb_vocab != head_vocab:
+            raise SpecError(
+                f"pathway {name!r}: vocab mismatch: embedding {chain[0]!r} has "
+                f"vocab_size {emb_vocab} but decoding {chain[-1]!r} has {head_vocab}"
+            )
     limits = {m: modules[m].max_seq_len for m in chain if hasattr(modules[m], "max_seq_len")}
+    fixed = getattr(first, "output_length", None)  # e.g. an image's number of patches
+    if fixed is not None:
+        over = {m: v for m, v in limits.items() if v < fixed}
+        if over:
+            m, v = next(iter(over.items()))
+            raise SpecError(
+                f"pathway {name!r}: sequence length mismatch: {chain[0]!r} ({first.kind}) "
+                f"outputs {fixed} positions but {m!r} has max_seq_len {v}"
+            )
+        limits[chain[0]] = fixed
+    if not limits:
+        raise SpecError(
+            f"pathway {name!r}: no module bounds its sequence length (no max_seq_len or "
+            f"output_length along {', '.join(chain)})"
+        )
     max_len = min(limits.values())
     if declared_len is not None:
         if not isinstance(declared_len, int) or declared_len <= 0:
@@ -206,4 +242,8 @@ def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
                 f"{declared_len} > module {m!r} max_seq_len {v}"
             )
         max_len = declared_len
-    return Pathway(name=name, modules=tuple(chain), max_seq_len=max_len)
+    if mask is None:
+        mask = default_mask(first)
+    if mask not in MASKS:
+        raise SpecError(f"pathway {name!r}: mask must be one of {', '.join(MASKS)}; got {mask!r}")
+    return Pathway(name=name, modules=tuple(chain), max_seq_len=max_len, causal=mask == MASKS[0])

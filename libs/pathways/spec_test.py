@@ -270,3 +270,108 @@ def test_names_that_could_leave_a_checkpoint_are_refused(where):
         spec_lib.SpecError, match=f"{where} name must match .*got '(\\.\\./\\.\\./victim|a/b)'"
     ):
         spec_lib.from_dict(data)
+
+
+# A vision pathway beside the text one, sharing the attention module `lower`.
+VISION = {
+    "patches": {
+        "kind": "image_embedding",
+        "image_size": 8,
+        "channels": 1,
+        "patch_size": 2,
+        "d_model": 24,
+    },
+    "classes": {"kind": "classification", "d_model": 24, "n_classes": 10},
+}
+
+
+def _vision_error(pathway, **modules) -> str:
+    def mutate(d):
+        d["modules"].update(VISION)
+        d["modules"].update(modules)
+        d["pathways"] = {"v": pathway}
+
+    return _error(mutate)
+
+
+def test_vision_pathway_shares_attention_and_is_bidirectional():
+    d = _data()
+    d["modules"].update(VISION)
+    d["pathways"]["digits"] = ["patches", "lower", "classes"]
+    d["pathways"]["causal-digits"] = {"modules": ["patches", "lower", "classes"], "mask": "causal"}
+    d["pathways"]["text-both-ways"] = {
+        "modules": ["embed", "lower", "head"],
+        "mask": "bidirectional",
+    }
+    spec = spec_lib.from_dict(d)
+    assert spec.pathway("digits").causal is False  # images default to bidirectional
+    assert spec.pathway("full").causal is True  # text defaults to causal
+    assert spec.pathway("causal-digits").causal is True
+    assert spec.pathway("text-both-ways").causal is False
+    assert spec.pathway("digits").max_seq_len == 16  # (8 / 2) ** 2 patches
+    again = spec_lib.from_dict(spec.to_dict())  # declared masks survive a checkpoint's spec
+    assert again.pathways == spec.pathways
+    assert "mask" not in spec.to_dict()["pathways"]["digits"]  # the default is not written
+
+
+def test_vision_embedding_width_mismatch_names_modules_and_sizes():
+    wide = dict(VISION["patches"], d_model=36)
+    msg = _vision_error(["patches", "lower", "classes"], patches=wide)
+    assert "pathway 'v'" in msg and "d_model mismatch" in msg
+    assert "'patches' outputs 36" in msg and "'lower' expects 24" in msg
+
+
+def test_vision_embedding_only_before_hidden_modules():
+    msg = _vision_error(["embed", "patches", "lower", "classes"])
+    assert "'embed' (embedding) outputs hidden" in msg
+    assert "'patches' (image_embedding) expects image" in msg
+
+
+def test_patches_must_fit_the_attention_max_seq_len():
+    msg = _vision_error(
+        ["patches", "upper", "classes"], patches=dict(VISION["patches"], patch_size=1)
+    )
+    assert "sequence length mismatch" in msg
+    assert "'patches' (image_embedding) outputs 64 positions" in msg
+    assert "'upper' has max_seq_len 16" in msg
+
+
+def test_next_token_head_needs_tokens():
+    msg = _vision_error(["patches", "lower", "head"])
+    assert "'head' (decoding) predicts next tokens" in msg
+    assert "'patches' (image_embedding) reads image, not tokens" in msg
+
+
+def test_classification_head_width_mismatch():
+    msg = _vision_error(
+        ["patches", "lower", "classes"], classes=dict(VISION["classes"], d_model=12)
+    )
+    assert (
+        "d_model mismatch" in msg and "'lower' outputs 24" in msg and "'classes' expects 12" in msg
+    )
+
+
+def test_unknown_mask_names_the_allowed_ones():
+    msg = _vision_error({"modules": ["patches", "lower", "classes"], "mask": "sideways"})
+    assert "pathway 'v'" in msg and "mask must be one of causal, bidirectional" in msg
+    assert "'sideways'" in msg
+
+
+def test_ending_without_a_head_lists_the_heads():
+    msg = _vision_error(["patches", "lower"])
+    assert "must end with a decoding module or another head" in msg
+    assert "classification" in msg and "'lower' is attention" in msg
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"patch_size": 3}, ["patch_size (3) must divide image_size (8)"]),
+        ({"channels": 0}, ["channels must be a positive integer, got 0"]),
+    ],
+)
+def test_image_embedding_config_errors_name_field_and_value(fields, words):
+    msg = _vision_error(["patches", "lower", "classes"], patches=dict(VISION["patches"], **fields))
+    assert "module 'patches'" in msg
+    for w in words:
+        assert w in msg

@@ -65,10 +65,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def _fused_step(chain, tx, trainable, states, opt_states, inputs, targets):
-    loss, grads = jax.value_and_grad(functools.partial(composite_loss, chain))(
-        states, inputs, targets
-    )
+def _fused_step(loss_fn, tx, trainable, states, opt_states, inputs, targets):
+    loss, grads = jax.value_and_grad(loss_fn)(states, inputs, targets)
     new_states, new_opts = [], []
     for st, g, o, learns in zip(states, grads, opt_states, trainable):
         if not learns:  # frozen: its gradient is dead code, which XLA drops
@@ -111,14 +109,15 @@ class FusedEngine:
     ):
         self.chain = executor.chain(pathway)
         self.names = [rt.name for rt in self.chain]
+        loss = functools.partial(
+            composite_loss, self.chain, causal=executor.spec.pathway(pathway).causal
+        )
         learns = _check_trainable(self.names, trainable)
         # Stages only as the per-module holders of optimizer state and checkpoint I/O.
         self.stages = [LocalStage(rt, tx, frozen=rt.name not in learns) for rt in self.chain]
         mask = tuple(n in learns for n in self.names)
-        self._step = jax.jit(
-            functools.partial(_fused_step, self.chain, tx, mask), donate_argnums=(0, 1)
-        )
-        self._loss = jax.jit(functools.partial(composite_loss, self.chain))
+        self._step = jax.jit(functools.partial(_fused_step, loss, tx, mask), donate_argnums=(0, 1))
+        self._loss = jax.jit(loss)
 
     def step(self, inputs, targets) -> dict:
         states = [rt.state for rt in self.chain]
@@ -346,9 +345,9 @@ class LocalTrainer(Trainer):
         if engine == "fused":
             eng = FusedEngine(executor, pathway, tx, trainable)
         elif engine == "pipeline":
-            eng = PipelineEngine(
-                [LocalStage(rt, tx) for rt in executor.chain(pathway)], n_micro, schedule, trainable
-            )
+            causal = executor.spec.pathway(pathway).causal
+            stages = [LocalStage(rt, tx, causal=causal) for rt in executor.chain(pathway)]
+            eng = PipelineEngine(stages, n_micro, schedule, trainable)
         else:
             raise ValueError(f"engine must be 'fused' or 'pipeline', got {engine!r}")
         super().__init__(eng, executor.spec, pathway, tokenizer, cfg, data, out)

@@ -12,12 +12,21 @@ from pathways.config import ConfigError, from_dict
 # Importing the built-in kinds registers them.
 from pathways.modules import registry
 from pathways.modules.attention import AttentionConfig
+from pathways.modules.classification import ClassificationConfig
 from pathways.modules.decoding import DecodingConfig
 from pathways.modules.embedding import EmbeddingConfig
+from pathways.modules.image_embedding import ImageEmbeddingConfig
 from pathways.modules.kind import Kind
 
-# Any registered kind's config; these three are built in.
-ModuleConfig = EmbeddingConfig | AttentionConfig | DecodingConfig | Any
+# Any registered kind's config; these are built in.
+ModuleConfig = (
+    EmbeddingConfig
+    | ImageEmbeddingConfig
+    | AttentionConfig
+    | DecodingConfig
+    | ClassificationConfig
+    | Any
+)
 
 
 def config_from_dict(data: dict[str, Any], where: str = "") -> ModuleConfig:
@@ -44,6 +53,8 @@ __all__ = [
     "config_from_dict",
     "registry",
     "AttentionConfig",
+    "ClassificationConfig",
     "DecodingConfig",
     "EmbeddingConfig",
+    "ImageEmbeddingConfig",
 ]

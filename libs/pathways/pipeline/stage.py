@@ -42,15 +42,15 @@ class Stage(Protocol):
         """Restores parameters and optimizer state from a checkpoint directory."""
 
 
-def _apply_module(graphdef, is_head, state, x, targets):
+def _apply_module(graphdef, is_head, causal, state, x, targets):
     m = nnx.merge(graphdef, state)
     if is_head:
         return m.loss(x, targets)
     positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    return m.step(x, positions)[0]
+    return m.step(x, positions, causal=causal)[0]
 
 
-def _backward(graphdef, is_head, state, x, targets, grad, acc):
+def _backward(graphdef, is_head, causal, state, x, targets, grad, acc):
     """Recomputes the stage's forward from its saved input and backpropagates `grad`, in one
     program; adds the parameter gradients to `acc`. Returns (gradient w.r.t. x or None, acc).
 
@@ -58,7 +58,7 @@ def _backward(graphdef, is_head, state, x, targets, grad, acc):
     took 11.3 ms for a tiny attention stage where the VJP closure's backward alone took 15.6 ms,
     and only the input stays in memory between a micro-batch's forward and its backward.
     """
-    f = functools.partial(_apply_module, graphdef, is_head)
+    f = functools.partial(_apply_module, graphdef, is_head, causal)
     if jnp.issubdtype(x.dtype, jnp.integer):  # tokens: differentiate w.r.t. the parameters only
         _, vjp = jax.vjp(lambda s: f(s, x, targets), state)
         (g_state,), g_x = vjp(grad), None
@@ -68,9 +68,9 @@ def _backward(graphdef, is_head, state, x, targets, grad, acc):
     return g_x, jax.tree.map(jnp.add, acc, g_state)
 
 
-def _backward_frozen(graphdef, is_head, state, x, targets, grad):
+def _backward_frozen(graphdef, is_head, causal, state, x, targets, grad):
     """A frozen stage's backward: the gradient w.r.t. its input only."""
-    f = functools.partial(_apply_module, graphdef, is_head)
+    f = functools.partial(_apply_module, graphdef, is_head, causal)
     _, vjp = jax.vjp(lambda h: f(state, h, targets), x)
     return vjp(grad)[0]
 
@@ -83,24 +83,23 @@ def _update(tx, state, opt_state, acc):
 _STAGE_JITS: dict[Any, SimpleNamespace] = {}
 
 
-def _stage_jits(graphdef, is_head: bool) -> SimpleNamespace:
-    """Jitted closures over (graphdef, whether it is a head: its forward is the loss), made once
-    per distinct module structure.
+def _stage_jits(graphdef, is_head: bool, causal: bool = True) -> SimpleNamespace:
+    """Jitted closures over (graphdef, whether it is a head: its forward is the loss, the
+    pathway's attention mask), made once per distinct module structure and mask.
 
     Equal modules share compiled programs; the graphdef is hashed here once, not on every call
     as a static argument would be.
     """
-    key = (graphdef, is_head)
+    key = (graphdef, is_head, causal)
     if key not in _STAGE_JITS:
+        args = (graphdef, is_head, causal)
         _STAGE_JITS[key] = SimpleNamespace(
-            forward=jax.jit(lambda state, x, t: _apply_module(graphdef, is_head, state, x, t)),
+            forward=jax.jit(lambda state, x, t: _apply_module(*args, state, x, t)),
             backward=jax.jit(
-                lambda state, x, t, g, acc: _backward(graphdef, is_head, state, x, t, g, acc),
+                lambda state, x, t, g, acc: _backward(*args, state, x, t, g, acc),
                 donate_argnums=4,
             ),
-            backward_frozen=jax.jit(
-                lambda state, x, t, g: _backward_frozen(graphdef, is_head, state, x, t, g)
-            ),
+            backward_frozen=jax.jit(lambda state, x, t, g: _backward_frozen(*args, state, x, t, g)),
         )
     return _STAGE_JITS[key]
 
@@ -122,6 +121,7 @@ class LocalStage:
 
     A frozen stage still passes gradients to the stage before it (unless `input_grad` is False:
     nothing upstream learns), but accumulates and applies nothing to its own parameters.
+    `causal` is the attention mask of the pathway the stage trains (False: images, utterances).
     """
 
     def __init__(
@@ -131,13 +131,14 @@ class LocalStage:
         *,
         frozen: bool = False,
         input_grad: bool = True,
+        causal: bool = True,
     ):
         self.rt, self.tx = runtime, tx
         self.frozen, self.input_grad = frozen, input_grad
         self.name, self.kind = runtime.name, runtime.kind.name
-        # A stage fed tokens has no input gradient to pass back.
-        self._takes_tokens = runtime.cfg.input_contract[0] == "tokens"
-        self._jits = _stage_jits(runtime.graphdef, runtime.kind.is_head)
+        # A stage fed the pathway's input (tokens, images) has no input gradient to pass back.
+        self._takes_tokens = runtime.cfg.input_contract[0] != "hidden"
+        self._jits = _stage_jits(runtime.graphdef, runtime.kind.is_head, causal)
         # The accumulator is not donated: nothing returned has its place (it is zeroed afresh).
         self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1))
         self.opt_state = tx.init(runtime.state)

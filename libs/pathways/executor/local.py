@@ -180,7 +180,8 @@ class LocalExecutor:
         chain = self.chain(pathway)
         key = f"{pathway}:{grads}"
         if key not in self._grad_fns:
-            f = functools.partial(composite_loss, chain)
+            causal = self.spec.pathway(pathway).causal
+            f = functools.partial(composite_loss, chain, causal=causal)
             self._grad_fns[key] = jax.jit(jax.value_and_grad(f) if grads else f)
         states = [rt.state for rt in chain]
         out = self._grad_fns[key](states, jnp.asarray(inputs), jnp.asarray(targets))

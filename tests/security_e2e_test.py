@@ -143,3 +143,32 @@ def test_the_cli_uses_the_deployment_certificate_and_key_without_flags(deploymen
     capsys.readouterr()
     assert main(["generate", "--gateway", dep.gateway, "--prompt", "ab", "--max-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("ab")
+
+
+def test_training_save_and_load_stay_under_the_servers_directories(deployment, tmp_path):
+    """TrainingService.Save/Load once read and wrote any path of the server's filesystem."""
+    from pathways.v1 import training_pb2, training_pb2_grpc
+
+    dep, home = deployment
+    outside = tmp_path.parents[2] / "pathways-victim"  # above the run and checkpoint directories
+    link = dep.checkpoint + "/escape"
+    os.symlink(outside, link)
+    tls = transport.TLSConfig.from_dir(home / "tls" / certs.CLIENT)
+    with transport.channel(dep.fleet.endpoints["head"][0], tls=tls) as ch:
+        stub = training_pb2_grpc.TrainingServiceStub(ch)
+        for call, req in [
+            (stub.Save, training_pb2.SaveRequest(directory=str(outside))),
+            (stub.Save, training_pb2.SaveRequest(directory=dep.checkpoint + "/../../../x")),
+            (stub.Save, training_pb2.SaveRequest(directory=link + "/run")),
+            (stub.Load, training_pb2.LoadRequest(directory="/etc")),
+        ]:
+            with pytest.raises(grpc.RpcError) as e:
+                call(req, timeout=10)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
+            assert "is outside the allowed directories" in e.value.details()
+        # Inside the checkpoint's run directory the path passes; this server was never
+        # configured for training, which is the next check.
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Save(training_pb2.SaveRequest(directory=dep.checkpoint + "/run"), timeout=10)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert not outside.exists()

@@ -82,6 +82,8 @@ def _deployment(
                 },
             },
             *tls_env,  # mutual TLS: its certificate, and the name peers' are checked against
+            # TrainingService.Save/Load write and read training runs there, nowhere else.
+            {"name": "PATHWAYS_PATH_ROOTS", "value": pods.TRAINING_DIR},
         ],
         "resources": RESOURCES_WITH_CACHE if kind.has_cache else RESOURCES_WITHOUT_CACHE,
         **pods.grpc_probes(),

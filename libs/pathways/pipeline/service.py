@@ -8,12 +8,12 @@ import threading
 import jax
 import numpy as np
 
-from pathways import codec, messages, transport
+from pathways import codec, messages, paths, transport
 from pathways.pipeline import peer
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.engine import ModuleEngine
-from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound
-from pathways.serving.server import AddOn
+from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from pathways.serving.server import AddOn, Mount
 from pathways.train import make_optimizer
 from pathways.transport import rpc
 from pathways.v1 import training_pb2, training_pb2_grpc
@@ -24,8 +24,12 @@ log = logging.getLogger(__name__)
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Wraps the served module's runtime in a LocalStage: the same code as local training."""
 
-    def __init__(self, engine: ModuleEngine, serving, peer_options=(), tls=None):
+    def __init__(
+        self, engine: ModuleEngine, serving, peer_options=(), tls=None, roots: paths.Roots = None
+    ):
         self.engine = engine
+        # Where Save/Load may read and write (None: anywhere; in-process use only).
+        self.roots = roots
         self.inbox = peer.Inbox()  # RunStep deliveries from the neighbouring stages
         self.peers = peer.Peers(list(peer_options), tls)  # the server's own certificate
         # Latency metrics and the request counter are the module server's, shared with serving.
@@ -178,21 +182,31 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             return training_pb2.EvaluateResponse(loss=float(y))
         return training_pb2.EvaluateResponse(output=codec.encode(np.asarray(y)))
 
+    def _directory(self, directory: str) -> str:
+        if not directory:
+            raise InvalidArgument("directory is required")
+        if self.roots is None:
+            return directory
+        try:
+            return str(self.roots.check(directory, "directory"))
+        except paths.PathError as e:
+            raise PermissionDenied(str(e)) from None
+
     @rpc
     def Save(self, request, context):
-        if not request.directory:
-            raise InvalidArgument("directory is required")
+        directory = self._directory(request.directory)
         with self._lock:
-            self._stage().save(request.directory)
+            self._stage().save(directory)
         return training_pb2.SaveResponse()
 
     @rpc
     def Load(self, request, context):
+        directory = self._directory(request.directory)
         self.inbox.abort()  # as Configure: resuming never waits on a dead driver's step
         with self._lock:
             st = self._stage()
             try:
-                st.load(request.directory)
+                st.load(directory)
             except FileNotFoundError as e:
                 raise NotFound(f"directory {request.directory!r}: {e}") from None
         return training_pb2.LoadResponse()
@@ -209,9 +223,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
-def _mount(server, engine: ModuleEngine, serving, channel_options, tls) -> None:
+def _mount(server, m: Mount) -> None:
     training_pb2_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(engine, serving, channel_options, tls), server
+        TrainingServicer(m.engine, m.servicer, m.channel_options, m.tls, m.roots), server
     )
 
 

@@ -37,6 +37,12 @@ class Unavailable(ServingError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class PermissionDenied(ServingError):
+    """A request the caller may not make (a path outside the server's allowed directories)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class DeadlineExceeded(ServingError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pathways import checkpoint as ckpt
-from pathways import codec, cpu, telemetry, transport
+from pathways import codec, cpu, paths, telemetry, transport
 from pathways.modules import registry
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
@@ -30,14 +30,26 @@ SERVICE = module_pb2.DESCRIPTOR.services_by_name["ModuleService"].full_name
 
 
 @dataclasses.dataclass(frozen=True)
+class Mount:
+    """What an add-on gets from the module server: the served module's engine and servicer, the
+    options and TLS settings of its own channels to other servers, and the directories it may
+    read and write for its callers."""
+
+    engine: ModuleEngine
+    servicer: ModuleServicer
+    channel_options: list
+    tls: transport.TLSConfig
+    roots: paths.Roots
+
+
+@dataclasses.dataclass(frozen=True)
 class AddOn:
     """A service mounted beside ModuleService on the module server's port (training, which lives
-    outside serving/): its full name, for reflection, and `add(grpc_server, engine, servicer,
-    channel_options, tls)`, called once the weights are loaded, before the server starts (`tls`:
-    the server's TLS settings, for the add-on's own channels to other servers)."""
+    outside serving/): its full name, for reflection, and `add(grpc_server, mount)`, called once
+    the weights are loaded, before the server starts."""
 
     name: str
-    add: Callable[[grpc.Server, ModuleEngine, ModuleServicer, list, transport.TLSConfig], None]
+    add: Callable[[grpc.Server, Mount], None]
 
 
 def slot_count(engine_cfg, s: ModuleServerSettings) -> int:
@@ -115,7 +127,7 @@ class ModuleServer:
         # Add-ons share the port and the served module's engine (training: the same weights).
         for a in self.add_ons:
             options = transport.grpc_options(s.max_message_mb)
-            a.add(self.server, engine, self.servicer, options, self.tls)
+            a.add(self.server, Mount(engine, self.servicer, options, self.tls, s.roots()))
         self.server.start()
         warm_up(self.servicer)
         # One copy of the weights while only serving (training through this server or its

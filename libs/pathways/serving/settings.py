@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 import os
 
-from pathways import transport
+from pathways import paths, transport
 from pathways.kernels import WEIGHTS
 
 
@@ -41,6 +41,9 @@ class ModuleServerSettings:
     # A second port answering only grpc.health.v1, in plaintext (Kubernetes' probes cannot speak
     # TLS), on its own threads; 0: none.
     health_port: int = 0
+    # Directories TrainingService.Save/Load may touch (os.pathsep-separated); "": the
+    # checkpoint's directory, the one holding it, and the working directory (paths.Roots.around).
+    path_roots: str = ""
 
     def __post_init__(self):
         if not self.checkpoint or not self.module:
@@ -58,6 +61,8 @@ class ModuleServerSettings:
         for name in ("kv_cache_mb", "session_ttl_s", "max_message_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.path_roots:
+            self.roots()  # a filesystem root or an empty list is an error now
         if not 0 <= self.health_port < 65536:
             raise ValueError(f"health_port must be in [0, 65535], got {self.health_port!r}")
         if self.batch_wait_ms < 0 or self.grace_s < 0 or not 0 <= self.port < 65536:
@@ -70,6 +75,12 @@ class ModuleServerSettings:
                 "a module server needs exactly one of --tls-dir/PATHWAYS_TLS_DIR (a directory "
                 "with ca.crt, tls.crt, tls.key) and --insecure/PATHWAYS_INSECURE=1 (plaintext)"
             )
+
+    def roots(self) -> paths.Roots:
+        """Where Save/Load may read and write (PathError, a ValueError, for a bad list)."""
+        if self.path_roots:
+            return paths.Roots.parse(self.path_roots)
+        return paths.Roots.around(self.checkpoint)
 
     def tls(self) -> transport.TLSConfig:
         """The server's TLS settings, read from its files (TLSError, a ValueError, names a file

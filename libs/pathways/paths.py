@@ -1,0 +1,66 @@
+"""Directories a server reads or writes on a caller's behalf (TrainingService.Save/Load): only
+under configured roots, checked after resolving `..` and symbolic links."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+ENV_ROOTS = "PATHWAYS_PATH_ROOTS"  # os.pathsep-separated
+
+
+class PathError(ValueError):
+    """A path outside every root, or none given; the message names the field, path and roots."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Roots:
+    roots: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, paths: Iterable[str | Path]) -> Roots:
+        out = []
+        for p in paths:
+            if str(p).strip():
+                r = Path(os.path.realpath(p))
+                if r == Path(r.anchor):
+                    raise PathError(
+                        f"path root {str(p)!r} is the filesystem root: name a directory"
+                    )
+                out.append(r)
+        if not out:
+            raise PathError("no path roots: name at least one directory")
+        return cls(tuple(dict.fromkeys(out)))
+
+    @classmethod
+    def parse(cls, text: str) -> Roots:
+        """Roots from an os.pathsep-separated list (PATHWAYS_PATH_ROOTS, --path-roots)."""
+        return cls.of(text.split(os.pathsep))
+
+    @classmethod
+    def around(cls, checkpoint: str | Path) -> Roots:
+        """The default of a module server: its checkpoint's directory and the one holding it (a
+        run's directory, where its training writes), and the server's working directory, each
+        unless it is the filesystem root."""
+        ckpt = Path(os.path.realpath(checkpoint))
+        candidates = [ckpt, ckpt.parent, Path.cwd()]
+        return cls.of(c for c in candidates if c != Path(c.anchor))
+
+    def check(self, path: str, field: str) -> Path:
+        """`path` resolved (relative to the working directory), if it lies under a root."""
+        if not path:
+            raise PathError(f"{field} is required")
+        resolved = Path(os.path.realpath(path))
+        for r in self.roots:
+            if resolved == r or r in resolved.parents:
+                return resolved
+        roots = ", ".join(str(r) for r in self.roots)
+        raise PathError(
+            f"{field} {path!r} is outside the allowed directories ({roots}); the server's "
+            f"--path-roots / {ENV_ROOTS} sets them"
+        )
+
+    def __str__(self) -> str:
+        return os.pathsep.join(str(r) for r in self.roots)

@@ -63,7 +63,7 @@ class ImageData:
             )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def digits(test_fraction: float = 0.25, split_seed: int = 0) -> ImageData:
     """The digits as (8, 8, 1) images scaled to [0, 1]; the test split is stratified by label."""
     from sklearn.datasets import load_digits

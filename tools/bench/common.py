@@ -25,11 +25,15 @@ def median(xs: list[float]) -> float:
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
-    """columns: (key, header, format spec)."""
-    widths = [max(len(h), *(len(format(r[k], f)) for r in rows)) for k, h, f in columns]
+    """columns: (key, header, format spec); a missing or None value shows as "-"."""
+
+    def cell(r, k, f):
+        return "-" if r.get(k) is None else format(r[k], f)
+
+    widths = [max(len(h), *(len(cell(r, k, f)) for r in rows)) for k, h, f in columns]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
     for r in rows:
-        print("  ".join(format(r[k], f).rjust(w) for (k, _, f), w in zip(columns, widths)))
+        print("  ".join(cell(r, k, f).rjust(w) for (k, _, f), w in zip(columns, widths)))
 
 
 def dated_path(directory: str | Path, name: str) -> Path:

@@ -29,13 +29,15 @@ def _exporter(kind: str, env=os.environ) -> str:
     return "otlp" if has_endpoint else "none"
 
 
-def init(service_name: str) -> bool:
-    """Installs global tracer/meter providers if OTEL_* asks for any; returns whether tracing is on."""
+def init(service_name: str, prometheus: bool = False) -> bool:
+    """Installs global tracer/meter providers if OTEL_* asks for any, and a meter provider
+    read by `pathways.metrics` (Prometheus scrapes) when `prometheus`; returns whether tracing
+    is on. The first call in a process decides."""
     with _lock:
         if "tracing" in _state:
             return bool(_state["tracing"])
         traces, mets = _exporter("traces"), _exporter("metrics")
-        if traces == "none" and mets == "none":
+        if traces == "none" and mets == "none" and not prometheus:
             _state["tracing"] = False
             return False
         from opentelemetry.sdk.resources import Resource
@@ -56,24 +58,27 @@ def init(service_name: str) -> bool:
             provider.add_span_processor(BatchSpanProcessor(exporter))
             trace.set_tracer_provider(provider)
             _state["tracer_provider"] = provider
-        if mets != "none":
+        if mets != "none" or prometheus:
             from opentelemetry.sdk.metrics import MeterProvider
             from opentelemetry.sdk.metrics.export import (
                 ConsoleMetricExporter,
                 PeriodicExportingMetricReader,
             )
 
+            readers = []
             if mets == "console":
-                mexp = ConsoleMetricExporter()
-            else:
+                readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter()))
+            elif mets != "none":
                 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
                     OTLPMetricExporter,
                 )
 
-                mexp = OTLPMetricExporter()
-            meter_provider = MeterProvider(
-                resource=resource, metric_readers=[PeriodicExportingMetricReader(mexp)]
-            )
+                readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+            if prometheus:
+                from pathways import metrics as prom
+
+                readers.append(prom.reader())
+            meter_provider = MeterProvider(resource=resource, metric_readers=readers)
             metrics.set_meter_provider(meter_provider)
             _state["meter_provider"] = meter_provider
         _state["tracing"] = traces != "none"

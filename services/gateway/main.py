@@ -103,7 +103,16 @@ def main(argv: list[str] | None = None) -> int:
         help="a second port answering only grpc.health.v1, in plaintext, for Kubernetes' probes "
         "(0: none; env PATHWAYS_HEALTH_PORT)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("PATHWAYS_METRICS_PORT", "0")),
+        help="a plaintext port serving GET /metrics in Prometheus' format (0: none; env "
+        "PATHWAYS_METRICS_PORT)",
+    )
     args = p.parse_args(argv)
+    if not 0 <= args.metrics_port < 65536:
+        p.error(f"--metrics-port must be in [0, 65535]; got {args.metrics_port}")
     allowed = args.allow_module_address or [
         a for a in os.environ.get("PATHWAYS_ALLOWED_MODULE_ADDRESSES", "").split(",") if a.strip()
     ]
@@ -157,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             keys=keys,
             allowed_addresses=allowed or None,
             health_port=args.health_port,
+            checkpoint=args.checkpoint,
+            metrics_port=args.metrics_port,
         ).serve_forever()
     finally:
         if watcher is not None:

@@ -12,8 +12,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pathways import catalog, chat, messages, names, telemetry, transport
 from pathways import generate as gen
-from pathways import messages, names, telemetry, transport
+from pathways import metrics as prom
 from pathways.executor.remote import RemoteExecutor
 from pathways.executor.replicas import RemoteError, ReplicaSource
 from pathways.serving import auth
@@ -24,19 +25,34 @@ SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, executor: RemoteExecutor, tokenizer, addresses: auth.AddressPolicy):
+    def __init__(
+        self,
+        executor: RemoteExecutor,
+        tokenizer,
+        addresses: auth.AddressPolicy,
+        checkpoint: str | None = None,
+    ):
         self.executor, self.tokenizer = executor, tokenizer
         self.addresses = addresses  # what AddModule may dial
+        # The catalog's measurements and the chat template are read from the checkpoint.
+        self.checkpoint = checkpoint
+        template = chat.load(checkpoint)
+        self.chat_template = template.to_json() if template is not None else ""
+        self.metrics = prom.GatewayMetrics()
 
     def ListPathways(self, request, context):
         spec = self.executor.spec
-        return gateway_pb2.ListPathwaysResponse(
-            pathways=[
-                gateway_pb2.PathwayInfo(name=p.name, modules=p.modules, max_seq_len=p.max_seq_len)
-                for p in spec.pathways.values()
-                if p.name in self.executor.served
-            ]
-        )
+        measured = catalog.read_measured(self.checkpoint)
+        out = []
+        for p in spec.pathways.values():
+            if p.name in self.executor.served:
+                e = catalog.entry(spec, p.name, measured)
+                out.append(
+                    gateway_pb2.PathwayInfo(
+                        **{k: v for k, v in e.items() if v is not None}  # unset: not measured
+                    )
+                )
+        return gateway_pb2.ListPathwaysResponse(pathways=out, chat_template=self.chat_template)
 
     def AddModule(self, request, context):
         from pathways.modules import config_from_dict
@@ -109,7 +125,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def Generate(self, request, context):
         spec = self.executor.spec
         name = request.pathway or spec.default_pathway
+        record = self.metrics.generation(name if name in self.executor.served else "")
+        try:
+            yield from self._generate(request, context, name, record)
+        finally:
+            record.finish()
+
+    def _generate(self, request, context, name, record):
+        spec = self.executor.spec
         if name not in self.executor.served:
+            record.status = "NOT_FOUND"
             known = ", ".join(p for p in spec.pathways if p in self.executor.served)
             context.abort(
                 grpc.StatusCode.NOT_FOUND, f"unknown pathway {name!r}; this gateway serves: {known}"
@@ -117,17 +142,28 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         try:
             params = messages.sampling_from_options(request.sampling)
         except ValueError as e:
+            record.status = "INVALID_ARGUMENT"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
+        # As generate.stream counts it (an empty prompt starts from end-of-text).
+        prompt_tokens = max(1, len(self.tokenizer.encode(request.prompt)))
         events = gen.stream(self.executor, name, [request.prompt], self.tokenizer, params)
         try:
             with self.executor.deadline(context.time_remaining()):
                 for ev in events:
+                    if ev.token_id >= 0:
+                        record.token()
                     yield gateway_pb2.GenerateResponse(
-                        token_id=ev.token_id, text=ev.text, finish_reason=ev.finished or ""
+                        token_id=ev.token_id,
+                        text=ev.text,
+                        finish_reason=ev.finished or "",
+                        prompt_tokens=prompt_tokens if ev.finished else 0,
                     )
+            record.status = "OK"
         except RemoteError as e:
+            record.status = e.code.name
             context.abort(e.code, str(e))
         except ValueError as e:
+            record.status = "INVALID_ARGUMENT"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             events.close()  # closes the session on every module, also on cancel
@@ -149,12 +185,17 @@ class GatewayServer:
         keys: auth.KeyStore | None = None,
         allowed_addresses: list[str] | None = None,
         health_port: int = 0,
+        checkpoint: str | None = None,
+        metrics_port: int = 0,
     ):
         """`keys`: the API keys callers must present (None: no keys, every caller is admin;
         logged). `allowed_addresses`: "host:port" patterns AddModule may dial (None: the
         static `endpoints`' own addresses). `health_port`: a plaintext port answering only
-        grpc.health.v1 (Kubernetes' probes; 0: none)."""
-        telemetry.init("pathways-gateway")
+        grpc.health.v1 (Kubernetes' probes; 0: none). `checkpoint`: where the pathway catalog's
+        measurements and the chat template are read. `metrics_port`: a plaintext port serving
+        GET /metrics (Prometheus; 0: none)."""
+        telemetry.init("pathways-gateway", prometheus=bool(metrics_port))
+        self.metrics_host, self.metrics_port, self.metrics_server = host, metrics_port, None
         self.tls = transport.default() if tls is None else tls
         transport.announce(self.tls, "gateway")
         self.executor = RemoteExecutor(
@@ -177,7 +218,9 @@ class GatewayServer:
             interceptors=[*interceptors, *telemetry.server_interceptors()],
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-            GatewayServicer(self.executor, tokenizer, auth.AddressPolicy(allowed_addresses)),
+            GatewayServicer(
+                self.executor, tokenizer, auth.AddressPolicy(allowed_addresses), checkpoint
+            ),
             self.server,
         )
         self.health = health.HealthServicer()
@@ -197,6 +240,8 @@ class GatewayServer:
         )
 
     def start(self) -> None:
+        if self.metrics_port:
+            self.metrics_server = prom.serve(self.metrics_host, self.metrics_port)
         self.server.start()
         if self.health_server is not None:
             self.health_server.start()
@@ -208,6 +253,8 @@ class GatewayServer:
         self.server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(None)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         self.executor.close()
         telemetry.shutdown()
 

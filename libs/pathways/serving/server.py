@@ -69,7 +69,7 @@ class ModuleServer:
     def __init__(self, settings: ModuleServerSettings, add_ons: Sequence[AddOn] = ()):
         self.settings = settings
         self.add_ons = tuple(add_ons)
-        telemetry.init(f"pathways-module-{settings.module}")
+        telemetry.init(f"pathways-module-{settings.module}", prometheus=bool(settings.metrics_port))
         spec, _ = ckpt.load_spec(settings.checkpoint)
         if settings.module not in spec.modules:
             raise NotFound(
@@ -109,6 +109,11 @@ class ModuleServer:
                 self.health, settings.host, settings.health_port
             )
             self.health_server.start()  # NOT_SERVING until the weights are loaded and warm
+        self.metrics_server = None
+        if settings.metrics_port:
+            from pathways import metrics
+
+            self.metrics_server = metrics.serve(settings.host, settings.metrics_port)
         self.servicer: ModuleServicer | None = None
         self.stopped = threading.Event()
 
@@ -155,6 +160,8 @@ class ModuleServer:
         self.server.stop(self.settings.grace_s if grace is None else grace).wait()
         if self.health_server is not None:
             self.health_server.stop(None)
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if self.servicer is not None:
             self.servicer.batcher.stop()
         telemetry.shutdown()

@@ -41,6 +41,8 @@ class ModuleServerSettings:
     # A second port answering only grpc.health.v1, in plaintext (Kubernetes' probes cannot speak
     # TLS), on its own threads; 0: none.
     health_port: int = 0
+    # A plaintext port serving GET /metrics (Prometheus' text format); 0: none.
+    metrics_port: int = 0
     # Directories TrainingService.Save/Load may touch (os.pathsep-separated); "": the
     # checkpoint's directory, the one holding it, and the working directory (paths.Roots.around).
     path_roots: str = ""
@@ -63,8 +65,9 @@ class ModuleServerSettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.path_roots:
             self.roots()  # a filesystem root or an empty list is an error now
-        if not 0 <= self.health_port < 65536:
-            raise ValueError(f"health_port must be in [0, 65535], got {self.health_port!r}")
+        for name in ("health_port", "metrics_port"):
+            if not 0 <= getattr(self, name) < 65536:
+                raise ValueError(f"{name} must be in [0, 65535], got {getattr(self, name)!r}")
         if self.batch_wait_ms < 0 or self.grace_s < 0 or not 0 <= self.port < 65536:
             raise ValueError(
                 f"batch_wait_ms, grace_s must be >= 0 and port in [0, 65535]; got "

@@ -12,7 +12,9 @@ from pathways.config import ConfigError, from_dict
 # Importing the built-in kinds registers them.
 from pathways.modules import registry
 from pathways.modules.attention import AttentionConfig
+from pathways.modules.audio_embedding import AudioEmbeddingConfig
 from pathways.modules.classification import ClassificationConfig
+from pathways.modules.ctc import CtcConfig
 from pathways.modules.decoding import DecodingConfig
 from pathways.modules.embedding import EmbeddingConfig
 from pathways.modules.image_embedding import ImageEmbeddingConfig
@@ -25,6 +27,8 @@ ModuleConfig = (
     | AttentionConfig
     | DecodingConfig
     | ClassificationConfig
+    | AudioEmbeddingConfig
+    | CtcConfig
     | Any
 )
 
@@ -53,7 +57,9 @@ __all__ = [
     "config_from_dict",
     "registry",
     "AttentionConfig",
+    "AudioEmbeddingConfig",
     "ClassificationConfig",
+    "CtcConfig",
     "DecodingConfig",
     "EmbeddingConfig",
     "ImageEmbeddingConfig",

@@ -70,3 +70,78 @@ def log_mel(
     fb = mel_filterbank(sample_rate, n_fft, n_mels, f_min, f_max)
     mel_btm = jnp.einsum("BTF,FM->BTM", power_btf, fb, precision=jax.lax.Precision.HIGHEST)
     return jnp.log(jnp.maximum(mel_btm, floor))
+
+
+def decode_wav(data: bytes) -> tuple[np.ndarray, int]:
+    """(waveform (samples,) float32 in [-1, 1], sample rate) of a mono PCM WAV file (8/16/32-bit
+    integer or 32-bit float samples). A data chunk whose size runs past the end (a WAV written
+    to a pipe, as `espeak-ng --stdout` does) is read to the end.
+
+    Raises:
+        ValueError: not a RIFF/WAVE file, no fmt or data chunk, more than one channel, or a
+            sample format other than those, named.
+    """
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        raise ValueError("not a WAV file (no RIFF/WAVE header)")
+    at, fmt = 12, None
+    while at + 8 <= len(data):
+        cid, size = data[at : at + 4], int.from_bytes(data[at + 4 : at + 8], "little")
+        body = data[at + 8 : at + 8 + size]
+        if cid == b"fmt ":
+            if len(body) < 16:
+                raise ValueError("WAV fmt chunk is shorter than 16 bytes")
+            tag, channels, rate = (
+                int.from_bytes(body[i : i + n], "little") for i, n in ((0, 2), (2, 2), (4, 4))
+            )
+            bits = int.from_bytes(body[14:16], "little")
+            if tag == 0xFFFE and len(body) >= 26:  # WAVE_FORMAT_EXTENSIBLE: the subformat's tag
+                tag = int.from_bytes(body[24:26], "little")
+            fmt = (tag, channels, rate, bits)
+        elif cid == b"data":
+            if fmt is None:
+                raise ValueError("WAV data chunk comes before its fmt chunk")
+            tag, channels, rate, bits = fmt
+            if channels != 1:
+                raise ValueError(f"WAV has {channels} channels; mono audio (1 channel) is needed")
+            kinds = {(1, 8): "u1", (1, 16): "<i2", (1, 32): "<i4", (3, 32): "<f4"}
+            dtype = kinds.get((tag, bits))
+            if dtype is None:
+                raise ValueError(
+                    f"WAV sample format {tag} with {bits} bits is not supported (PCM 8/16/32-bit "
+                    f"or float 32-bit)"
+                )
+            width = bits // 8
+            raw = np.frombuffer(body[: len(body) // width * width], dtype)
+            if dtype == "u1":
+                wave = (raw.astype(np.float32) - 128.0) / 128.0
+            elif dtype == "<f4":
+                wave = raw.astype(np.float32)
+            else:
+                wave = raw.astype(np.float32) / float(2 ** (bits - 1))
+            return wave, rate
+        at += 8 + size + (size & 1)
+    raise ValueError("WAV file has no data chunk" if fmt else "WAV file has no fmt chunk")
+
+
+def encode_wav(wave: np.ndarray, sample_rate: int) -> bytes:
+    """A mono 16-bit PCM WAV file of `wave` (float in [-1, 1]; clipped)."""
+    pcm = (np.clip(np.asarray(wave, np.float64), -1.0, 1.0) * 32767.0).round().astype("<i2")
+    body = pcm.tobytes()
+    head = b"RIFF" + (36 + len(body)).to_bytes(4, "little") + b"WAVEfmt "
+    head += (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+    head += sample_rate.to_bytes(4, "little") + (2 * sample_rate).to_bytes(4, "little")
+    head += (2).to_bytes(2, "little") + (16).to_bytes(2, "little")
+    return head + b"data" + len(body).to_bytes(4, "little") + body
+
+
+def resample(wave: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Band-limited resampling by the FFT (the spectrum cut or zero-extended to the new length);
+    float32."""
+    wave = np.asarray(wave, np.float64)
+    if from_rate == to_rate:
+        return wave.astype(np.float32)
+    n_out = int(round(len(wave) * to_rate / from_rate))
+    spec = np.fft.rfft(wave)
+    keep = min(len(spec), n_out // 2 + 1)
+    out = np.fft.irfft(spec[:keep], n=n_out) * (n_out / len(wave))
+    return out.astype(np.float32)

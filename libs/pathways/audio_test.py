@@ -83,3 +83,48 @@ def test_filterbank_is_triangles_of_peak_one():
     freqs = np.arange(N_FFT // 2 + 1) * SR / N_FFT
     inside = (freqs >= centres[0]) & (freqs <= centres[-1])
     np.testing.assert_allclose(fb[inside].sum(1), 1.0, atol=1e-5)
+
+
+def test_wav_round_trip_and_the_standard_library_agree():
+    import io
+    import wave as wave_lib
+
+    x = 0.5 * np.sin(np.linspace(0, 40, 999)).astype(np.float32)
+    data = audio.encode_wav(x, 16000)
+    got, rate = audio.decode_wav(data)
+    assert rate == 16000 and got.dtype == np.float32 and got.shape == (999,)
+    np.testing.assert_allclose(got, x, atol=1 / 32767)
+    with wave_lib.open(io.BytesIO(data)) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate()) == (1, 2, 16000)
+        pcm = np.frombuffer(w.readframes(w.getnframes()), "<i2")
+    np.testing.assert_array_equal(pcm / 32768.0, got)
+    # A data chunk whose size runs past the end (written to a pipe) is read to the end.
+    piped = data[:40] + (0x7FFFFFFF).to_bytes(4, "little") + data[44:]
+    np.testing.assert_array_equal(audio.decode_wav(piped)[0], got)
+
+
+def test_bad_wav_files_are_named():
+    import io
+    import wave as wave_lib
+
+    buf = io.BytesIO()
+    with wave_lib.open(buf, "wb") as w:
+        w.setnchannels(2)
+        w.setsampwidth(2)
+        w.setframerate(8000)
+        w.writeframes(np.zeros(20, "<i2").tobytes())
+    with pytest.raises(ValueError, match="WAV has 2 channels; mono audio"):
+        audio.decode_wav(buf.getvalue())
+    with pytest.raises(ValueError, match="not a WAV file"):
+        audio.decode_wav(b"\x89PNG\r\n\x1a\n" + bytes(40))
+    with pytest.raises(ValueError, match="no data chunk"):
+        audio.decode_wav(audio.encode_wav(np.zeros(4), 8000)[:36])
+
+
+def test_resample_keeps_a_tone():
+    sr_in = 22050
+    x = np.sin(2 * np.pi * 1000 * np.arange(sr_in) / sr_in)
+    y = audio.resample(x, sr_in, SR)
+    assert y.shape == (SR,)
+    want = np.sin(2 * np.pi * 1000 * np.arange(SR) / SR)
+    np.testing.assert_allclose(y[100:-100], want[100:-100], atol=1e-3)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from pathways import infer
 from pathways.executor.base import Executor
 from pathways.sampling import SamplingParams
 from pathways.stops import StopMatcher
@@ -38,6 +39,9 @@ def stream(
     params: SamplingParams | list[SamplingParams],
 ) -> Iterator[TokenEvent]:
     """Yields tokens as they are generated, for a batch of text prompts."""
+    why = infer.generation_error(executor.spec, pathway)
+    if why:  # an image or audio pathway: nothing to sample tokens from
+        raise ValueError(why)
     if isinstance(params, SamplingParams):
         params = [params] * len(prompts)
     if len(params) != len(prompts):

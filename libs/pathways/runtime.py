@@ -102,14 +102,14 @@ class ModuleRuntime:
             self._flat = leaves, _flat_entry_points(self.graphdef, treedef, layout)
         return self._flat
 
-    def step(self, x, positions, cache=None, slots=None, *, window: int | None = None):
+    def step(self, x, positions, cache=None, slots=None, *, window: int | None = None, causal=True):
         """The module's step with the serving parameters: (output, cache). With a cache (kinds
         that keep one: prefill or decode of the sessions in `slots`, attending to the first
         `window` positions) the cache is updated in place (donated); without one it is the
-        stateless forward and the cache returned is None."""
+        stateless forward (with the call's mask, `causal`) and the cache returned is None."""
         leaves, jits = self._serving_flat()
         if cache is None:
-            return jits.forward(leaves, x, positions), None
+            return jits.forward(leaves, x, positions, causal=causal), None
         return jits.step(leaves, x, positions, cache, slots, window=window, native=self.native_ops)
 
     def serve_head(self, h_btd, last_b, temperature, top_k, top_p, seed, step):
@@ -133,8 +133,8 @@ class ModuleRuntime:
         return sum(x.size for x in jax.tree.leaves(self.state))
 
 
-def _forward(graphdef, state, x, positions):
-    return nnx.merge(graphdef, state).step(x, positions)[0]
+def _forward(graphdef, state, x, positions, causal=True):
+    return nnx.merge(graphdef, state).step(x, positions, causal=causal)[0]
 
 
 def _step(graphdef, state, x, positions, cache, slots, *, window, native):
@@ -152,8 +152,8 @@ def _jitted(graphdef, to_state) -> SimpleNamespace:
     `to_state`. `raw` holds the same functions unjitted, for programs that fuse several modules
     (`fused_step`)."""
 
-    def forward(params, x, positions):
-        return _forward(graphdef, to_state(params), x, positions)
+    def forward(params, x, positions, causal=True):
+        return _forward(graphdef, to_state(params), x, positions, causal)
 
     def step(params, x, positions, cache, slots, *, window, native):
         return _step(
@@ -166,7 +166,7 @@ def _jitted(graphdef, to_state) -> SimpleNamespace:
         )
 
     return SimpleNamespace(
-        forward=jax.jit(forward),
+        forward=jax.jit(forward, static_argnames="causal"),
         step=jax.jit(step, static_argnames=("window", "native"), donate_argnames="cache"),
         head_sample=jax.jit(head_sample),
         raw=SimpleNamespace(forward=forward, step=step, head_sample=head_sample),

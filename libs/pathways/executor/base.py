@@ -98,11 +98,22 @@ class Executor(Protocol):
 
     def close_session(self, session: Session) -> None: ...
 
-    def forward(self, pathway: str, tokens: np.ndarray) -> np.ndarray: ...
+    def forward(self, pathway: str, inputs: np.ndarray, *, head: bool = True) -> np.ndarray:
+        """Every module's stateless step with the pathway's attention mask: the head's output
+        (`head=False`: the hidden states before the head). Inputs: what the first module reads
+        (`forward_input`)."""
+        ...
 
     def loss(self, pathway: str, inputs: np.ndarray, targets: np.ndarray) -> float: ...
 
     def loss_and_grads(self, pathway: str, inputs: np.ndarray, targets: np.ndarray): ...
+
+
+def forward_input(inputs) -> np.ndarray:
+    """A stateless forward's input as modules read it: integers as int32 (tokens), anything
+    else as float32 (images, waveforms, activations)."""
+    x = np.asarray(inputs)
+    return x.astype(np.int32 if np.issubdtype(x.dtype, np.integer) else np.float32, copy=False)
 
 
 def pad_prompts(prompts: list[list[int]], starts: np.ndarray, pad_position: int):

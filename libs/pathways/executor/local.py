@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pathways.executor.base import Session, StepResult, bucket, pad_prompts
+from pathways.executor.base import Session, StepResult, bucket, forward_input, pad_prompts
 from pathways.runtime import ModuleRuntime, composite_loss, fused_step
 from pathways.sampling import SamplingParams
 from pathways.serving.engine import ModuleEngine
@@ -164,12 +164,14 @@ class LocalExecutor:
         )
 
     # ---- stateless ---------------------------------------------------------------------------
-    def forward(self, pathway: str, tokens) -> np.ndarray:
-        tokens = jnp.asarray(tokens, jnp.int32)
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = tokens
-        for rt in self.chain(pathway):
-            x = rt.forward(rt.state, x, positions)
+    def forward(self, pathway: str, inputs, *, head: bool = True) -> np.ndarray:
+        causal = self.spec.pathway(pathway).causal
+        chain = self.chain(pathway)
+        x = jnp.asarray(forward_input(inputs))
+        for rt in chain if head else chain[:-1]:
+            # Positions per module: an image embedding turns (B, H, W, C) into (B, patches, D).
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            x = rt.forward(rt.state, x, positions, causal=causal)
         return np.asarray(x)
 
     def loss(self, pathway: str, inputs, targets) -> float:

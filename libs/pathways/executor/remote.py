@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from pathways import codec, messages, transport
-from pathways.executor.base import Session, StepResult, pad_prompts
+from pathways.executor.base import Session, StepResult, forward_input, pad_prompts
 from pathways.executor.decode_stream import DecodeStream, send_group, session_stream
 from pathways.executor.failover import MOVE, ModuleSession, move, open_on
 from pathways.executor.lockstep import Entry, Lockstep
@@ -371,11 +371,16 @@ class RemoteExecutor:
         return _result(resp)
 
     # ---- stateless ---------------------------------------------------------------------------
-    def forward(self, pathway: str, tokens) -> np.ndarray:
-        x = codec.encode(np.asarray(tokens, np.int32))
-        for m in self._pathway(pathway).modules:
+    def forward(self, pathway: str, inputs, *, head: bool = True) -> np.ndarray:
+        p = self._pathway(pathway)
+        x = codec.encode(forward_input(inputs))
+        for m in p.modules if head else p.modules[:-1]:
             rset = self.replicas[m]
-            req = module_pb2.ForwardRequest(input=x, output_dtype=self.wire)
+            # The pathway's mask travels with the call: attention modules are shared by
+            # causal (text) and bidirectional (image, utterance) pathways.
+            req = module_pb2.ForwardRequest(
+                input=x, output_dtype=self.wire, bidirectional=not p.causal
+            )
             for attempt in range(self.max_attempts):
                 r = rset.acquire()
                 if r is None:

@@ -5,7 +5,7 @@ Keys are stored hashed (sha256 of a per-key salt and the key) in a JSON file:
     {"keys": [{"name": "local-admin", "role": "admin", "salt": "<hex>", "sha256": "<hex>"}]}
 
 A key is 32 random bytes (`new_key`), so a salted sha256 cannot be searched backwards. Roles:
-`generate` (Generate, ListPathways) and `admin` (everything, including AddModule, SetPathway and
+`generate` (Generate, Infer, ListPathways) and `admin` (everything, including AddModule, SetPathway and
 RemovePathway). Health and reflection need no key. A missing or unknown key gets
 UNAUTHENTICATED, a key whose role is not enough PERMISSION_DENIED; both say why.
 """
@@ -30,7 +30,7 @@ ENV_KEYS = "PATHWAYS_API_KEYS"
 ENV_KEY = "PATHWAYS_API_KEY"  # a client's key (the CLI, when no local deployment has one)
 GATEWAY = "/pathways.v1.GatewayService/"
 # What each gateway method needs; a method not listed needs admin (new methods are closed).
-NEEDS = {"Generate": "generate", "ListPathways": "generate"}
+NEEDS = {"Generate": "generate", "Infer": "generate", "ListPathways": "generate"}
 
 
 class AuthError(ValueError):

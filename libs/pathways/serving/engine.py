@@ -118,6 +118,14 @@ class ModuleEngine:
                     f"{field} has token id {int(bad[0])} outside "
                     f"[0, {dim}) (vocab_size of {self.name!r})"
                 )
+        elif kind != "hidden":  # images, waveforms: the kind checks its own shape (forward)
+            if x.dtype != np.float32:
+                raise InvalidArgument(
+                    f"{field} must be float32 {kind} input for {self.kind} module "
+                    f"{self.name!r}; got {x.dtype} {list(x.shape)}"
+                )
+            if x.size and not np.isfinite(x).all():
+                raise InvalidArgument(f"{field} has NaN or infinite values")
         else:
             if x.dtype != np.float32 or x.ndim != 3:
                 raise InvalidArgument(
@@ -211,15 +219,30 @@ class ModuleEngine:
             at += n
         return results
 
-    def forward(self, x):
-        """A stateless forward. Batch and length are padded to powers of two (cut off after),
-        so the shapes clients send compile a bounded number of programs."""
+    def forward(self, x, causal: bool = True):
+        """A stateless forward with the call's attention mask. The batch is padded to a power
+        of two and so is the length where padding cannot change the real positions (a causal
+        call over positions that stay positions), cut off after: the shapes clients send
+        compile a bounded number of programs. A bidirectional call would attend to padding
+        and a pooling head would average it, so their lengths are kept."""
         b, t = x.shape[:2]
         bp = bucket(b, limit=1 << 30, minimum=1)
-        tp = max(bucket(t, limit=self.max_seq_len or 1 << 30, minimum=8), t)
-        x = _pad_axis(_pad_axis(x, 0, bp), 1, tp)
+        x = _pad_axis(x, 0, bp)
+        per_position = self.cfg.input_contract[0] in ("tokens", "hidden") and (
+            self.cfg.output_contract[0] in ("hidden", "logits")
+        )
+        if causal and per_position:
+            tp = max(bucket(t, limit=self.max_seq_len or 1 << 30, minimum=8), t)
+            x = _pad_axis(x, 1, tp)
+        else:
+            tp = t
         positions = np.broadcast_to(np.arange(tp, dtype=np.int32), (bp, tp))
-        return np.asarray(self.rt.forward(self.rt.state, x, positions))[:b, :t]
+        try:
+            out = self.rt.forward(self.rt.state, x, positions, causal=causal)
+        except ValueError as e:  # a kind's own shape check (images), raised while tracing
+            raise InvalidArgument(f"input: {e}") from None
+        out = np.asarray(out)[:b]
+        return out[:, :t] if per_position else out
 
     def _head(self, x, last, sampling: SamplingBatch, steps, want_logits):
         s = sampling

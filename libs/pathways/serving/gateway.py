@@ -12,7 +12,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pathways import catalog, chat, messages, names, telemetry, transport
+from pathways import catalog, chat, codec, infer, messages, names, telemetry, transport
 from pathways import generate as gen
 from pathways import metrics as prom
 from pathways.executor.remote import RemoteExecutor
@@ -139,6 +139,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             context.abort(
                 grpc.StatusCode.NOT_FOUND, f"unknown pathway {name!r}; this gateway serves: {known}"
             )
+        why = infer.generation_error(spec, name)
+        if why:  # an image or audio pathway has no next-token head to sample from
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
         try:
             params = messages.sampling_from_options(request.sampling)
         except ValueError as e:
@@ -167,6 +170,60 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             events.close()  # closes the session on every module, also on cancel
+
+    def Infer(self, request, context):
+        field = request.WhichOneof("input")
+        if field is None:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "input: one of tensor, image, wav, text is needed"
+            )
+        if request.session_id:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "session_id: sessions (pathways that act, issue 20) are not served yet; "
+                "leave it empty",
+            )
+        outputs = {
+            gateway_pb2.InferRequest.OUTPUT_HEAD: "head",
+            gateway_pb2.InferRequest.OUTPUT_EMBEDDING: "embedding",
+        }
+        if request.output not in outputs:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"output: unknown value {request.output}"
+            )
+        try:
+            value = getattr(request, field)
+            if field == "tensor":
+                value = codec.decode(value, "tensor")
+            name, x = infer.prepare(
+                self.executor.spec,
+                self.executor.served,
+                request.pathway,
+                field,
+                value,
+                self.tokenizer,
+            )
+            with self.executor.deadline(context.time_remaining()):
+                res = infer.run(self.executor, name, x, outputs[request.output], request.top_k)
+        except RemoteError as e:
+            context.abort(e.code, str(e))
+        except infer.InferError as e:
+            context.abort(grpc.StatusCode[e.status], str(e))
+        except ValueError as e:  # the tensor's encoding (codec)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return _infer_response(res)
+
+
+def _infer_response(res: infer.Result) -> gateway_pb2.InferResponse:
+    out = gateway_pb2.InferResponse(pathway=res.pathway)
+    if res.kind == "classification":
+        for classes, probs in zip(res.classes, res.probabilities):
+            out.classification.items.add(classes=classes, probabilities=probs)
+    elif res.kind == "transcript":
+        out.transcript.texts.extend(res.texts)
+    else:
+        codec.encode(res.embedding, "float32", out=out.embedding)
+    return out
 
 
 class GatewayServer:

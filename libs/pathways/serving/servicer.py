@@ -245,7 +245,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                 f"input has {x.shape[1]} positions but module "
                 f"{self.engine.name!r} max_seq_len is {self.engine.max_seq_len}"
             )
-        out = self.engine.forward(x)
+        out = self.engine.forward(x, causal=not request.bidirectional)
         return module_pb2.ForwardResponse(output=self._tensor(out, request.output_dtype))
 
     def _steps(self, steps, b: int) -> np.ndarray:

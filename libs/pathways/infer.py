@@ -1,0 +1,274 @@
+"""Stateless inference on a pathway, the same in one process and through the services: an input
+(an encoded image, a WAV, a text, a tensor) checked against what the pathway's first module
+reads, every module's stateless step with the pathway's attention mask (`Executor.forward`),
+and the head's result (class probabilities) or the pooled hidden state (an embedding).
+
+The gateway's `Infer` runs this over a `RemoteExecutor`, `pathways classify --checkpoint` over a
+`LocalExecutor`. Errors are `InferError`s whose message names the field and the values; their
+`status` is the gRPC status name the gateway answers with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import wave
+from collections.abc import Collection
+
+import numpy as np
+
+from pathways.executor.base import Executor
+from pathways.spec import PathwaySpec
+
+MAX_BATCH = 256  # inputs per request
+OUTPUTS = ("head", "embedding")
+# What a pathway reads, by the request field that carries it (for choosing a pathway).
+READS = {"image": "image", "wav": "audio", "text": "tokens"}
+
+
+class InferError(ValueError):
+    """A request that cannot run: the message names the field and the values."""
+
+    status = "INVALID_ARGUMENT"
+
+
+class UnknownPathway(InferError):
+    status = "NOT_FOUND"
+
+
+class WrongPathway(InferError):
+    """The pathway exists but does not compute what was asked (a text pathway asked to
+    classify, an image pathway asked to generate)."""
+
+    status = "FAILED_PRECONDITION"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """One request's result: exactly one of the fields is set (by `kind`)."""
+
+    pathway: str
+    kind: str  # "classification", "transcript" or "embedding"
+    classes: list[list[int]] | None = None  # per input, most likely first
+    probabilities: list[list[float]] | None = None  # the same order
+    texts: list[str] | None = None
+    embedding: np.ndarray | None = None  # (B, d_model) float32
+
+
+def generation_error(spec: PathwaySpec, pathway: str) -> str | None:
+    """Why `pathway` cannot generate text (None when it can): generation needs tokens in and
+    next-token logits out."""
+    p = spec.pathway(pathway)
+    first, last = spec.modules[p.modules[0]], spec.modules[p.modules[-1]]
+    reads, outputs = first.input_contract[0], last.output_contract[0]
+    if reads == "tokens" and outputs == "logits":
+        return None
+    return (
+        f"pathway {pathway!r} reads {reads} ({p.modules[0]!r}, {first.kind}) and outputs "
+        f"{outputs} ({p.modules[-1]!r}, {last.kind}): only a pathway from tokens to next-token "
+        "logits generates text; use Infer (`pathways classify` / `transcribe`) for this one"
+    )
+
+
+def choose_pathway(spec: PathwaySpec, served: Collection[str], name: str, field: str) -> str:
+    """The pathway a request runs: `name`, or when empty the first served pathway whose first
+    module reads what `field` carries (a tensor: the spec's default pathway)."""
+    if name:
+        if name not in served:
+            known = ", ".join(p for p in spec.pathways if p in served)
+            raise UnknownPathway(f"unknown pathway {name!r}; served: {known}")
+        return name
+    if field not in READS:
+        default = spec.default_pathway
+        if default not in served:
+            raise UnknownPathway(f"the default pathway {default!r} is not served; name one")
+        return default
+    for p in spec.pathways.values():
+        if p.name in served and spec.modules[p.modules[0]].input_contract[0] == READS[field]:
+            return p.name
+    raise UnknownPathway(f"{field}: no served pathway reads {READS[field]} input; name one")
+
+
+def decode_image(data: bytes, cfg) -> np.ndarray:
+    """A PNG or JPEG as (1, H, W, C) float32 in [0, 1] (8-bit values / 255, 16-bit / 65535),
+    refused unless its size and channels are the image embedding's `cfg`."""
+    import imageio.v3 as iio  # pillow's codecs
+
+    if not data:
+        raise InferError("image: empty (expected the bytes of a PNG or JPEG file)")
+    try:
+        pixels = np.asarray(iio.imread(data))
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the caller's bytes
+        raise InferError(f"image: not a readable PNG or JPEG ({len(data)} bytes): {e}") from None
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    if pixels.ndim != 3:
+        raise InferError(f"image: expected one still image; got an array of shape {pixels.shape}")
+    h, w, c = pixels.shape
+    if (h, w) != (cfg.image_size, cfg.image_size):
+        raise InferError(
+            f"image: {w}x{h} pixels, but the pathway reads {cfg.image_size}x{cfg.image_size} "
+            "(image_embedding image_size; images are not resized)"
+        )
+    if c != cfg.channels:
+        raise InferError(
+            f"image: {c} channel(s), but the pathway reads {cfg.channels} (image_embedding "
+            "channels; 1 is grayscale, 3 RGB: convert the image first)"
+        )
+    if pixels.dtype == np.uint8:
+        scale = 255.0
+    elif pixels.dtype == np.uint16:
+        scale = 65535.0
+    else:
+        raise InferError(f"image: pixels of type {pixels.dtype}; expected 8 or 16 bits")
+    return (pixels.astype(np.float32) / scale)[None]
+
+
+def decode_wav(data: bytes, cfg) -> np.ndarray:
+    """A WAV (PCM, mono, 16-bit, at the audio embedding's sample rate) as (1, N) float32 in
+    [-1, 1); refused with the field and values named otherwise (nothing is resampled)."""
+    if not data:
+        raise InferError("wav: empty (expected the bytes of a WAV file)")
+    try:
+        with wave.open(io.BytesIO(data)) as w:
+            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
+            frames = w.readframes(w.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise InferError(f"wav: not a readable PCM WAV file ({len(data)} bytes): {e}") from None
+    if channels != 1:
+        raise InferError(f"wav: {channels} channels; expected 1 (mono)")
+    if width != 2:
+        raise InferError(f"wav: {8 * width}-bit samples; expected 16-bit PCM")
+    if rate != cfg.sample_rate:
+        raise InferError(
+            f"wav: sample rate {rate} Hz, but the pathway reads {cfg.sample_rate} Hz "
+            "(audio_embedding sample_rate; audio is not resampled)"
+        )
+    samples = np.frombuffer(frames, "<i2").astype(np.float32) / 32768.0
+    return samples[None]
+
+
+def check_inputs(x: np.ndarray, spec: PathwaySpec, pathway: str, field: str = "tensor"):
+    """`x` as the pathway's first module reads it, batch first, else InferError naming `field`,
+    the shape or dtype it has and the one the module wants."""
+    p = spec.pathway(pathway)
+    name = p.modules[0]
+    cfg = spec.modules[name]
+    reads, size = cfg.input_contract
+    where = f"module {name!r} ({cfg.kind})"
+    x = np.asarray(x)
+    if x.ndim == 0 or not 1 <= x.shape[0] <= MAX_BATCH:
+        raise InferError(
+            f"{field}: a batch of 1 to {MAX_BATCH} inputs (first axis) is needed; got shape "
+            f"{list(x.shape)}"
+        )
+    if reads == "tokens":
+        if x.dtype != np.int32 or x.ndim != 2:
+            raise InferError(
+                f"{field}: {where} reads int32 tokens of shape (B, T); got {x.dtype} "
+                f"{list(x.shape)}"
+            )
+        if not 1 <= x.shape[1] <= p.max_seq_len:
+            raise InferError(
+                f"{field}: {x.shape[1]} tokens; pathway {pathway!r} takes 1 to {p.max_seq_len}"
+            )
+        bad = x[(x < 0) | (x >= size)]
+        if bad.size:
+            raise InferError(f"{field}: token id {int(bad[0])} outside [0, {size}) ({where})")
+        return x
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InferError(f"{field}: {where} reads float32 {reads}; got {x.dtype}")
+    x = x.astype(np.float32)
+    if reads == "image":
+        want = (cfg.image_size, cfg.image_size, cfg.channels)
+        if x.shape[1:] != want:
+            raise InferError(
+                f"{field}: {where} reads images of shape (B, {', '.join(map(str, want))}); "
+                f"got {list(x.shape)}"
+            )
+    elif reads == "audio":
+        least = cfg.win_length  # one log-mel frame
+        if x.ndim != 2 or not least <= x.shape[1] <= cfg.max_samples:
+            raise InferError(
+                f"{field}: {where} reads waveforms of shape (B, N) with {least} <= N <= "
+                f"{cfg.max_samples} samples at {cfg.sample_rate} Hz; got {list(x.shape)}"
+            )
+    elif reads == "hidden":
+        if x.ndim != 3 or x.shape[2] != size or not 1 <= x.shape[1] <= p.max_seq_len:
+            raise InferError(
+                f"{field}: {where} reads activations of shape (B, T <= {p.max_seq_len}, "
+                f"{size}); got {list(x.shape)}"
+            )
+    if not np.isfinite(x).all():
+        raise InferError(f"{field}: has NaN or infinite values")
+    return x
+
+
+def prepare(
+    spec: PathwaySpec, served: Collection[str], pathway: str, field: str, value, tokenizer=None
+) -> tuple[str, np.ndarray]:
+    """(the pathway to run, its checked inputs) for a request carrying `value` in `field`:
+    "image" (PNG/JPEG bytes), "wav" (WAV bytes), "text" (a string; needs the tokenizer) or
+    "tensor" (an array)."""
+    name = choose_pathway(spec, served, pathway, field)
+    first_name = spec.pathway(name).modules[0]
+    first = spec.modules[first_name]
+    reads = first.input_contract[0]
+    if field in READS and READS[field] != reads:
+        raise WrongPathway(
+            f"{field}: pathway {name!r} reads {reads} ({first_name!r}, {first.kind}), "
+            f"not {READS[field]}"
+        )
+    if field == "image":
+        x = decode_image(value, first)
+    elif field == "wav":
+        x = decode_wav(value, first)
+    elif field == "text":
+        ids = tokenizer.encode(value) if value else []
+        if not ids:
+            raise InferError("text: empty")
+        x = np.asarray([ids], np.int32)
+    else:
+        x = np.asarray(value)
+    return name, check_inputs(x, spec, name, field)
+
+
+def run(
+    executor: Executor, pathway: str, inputs: np.ndarray, output: str = "head", top_k: int = 0
+) -> Result:
+    """Checked inputs (`check_inputs`) through the pathway: the head's result, or with
+    `output="embedding"` the last hidden state before the head, mean-pooled over positions."""
+    spec = executor.spec
+    if output not in OUTPUTS:
+        raise InferError(f"output must be one of {', '.join(OUTPUTS)}; got {output!r}")
+    if top_k < 0:
+        raise InferError(f"top_k must be >= 0 (0: every class); got {top_k}")
+    p = spec.pathway(pathway)
+    if output == "embedding":
+        if len(p.modules) < 2:
+            raise WrongPathway(f"pathway {pathway!r} has no modules before its head")
+        hidden = executor.forward(pathway, inputs, head=False)  # (B, T, D)
+        return Result(pathway, "embedding", embedding=hidden.mean(axis=1).astype(np.float32))
+    head = spec.modules[p.modules[-1]]
+    outputs = head.output_contract[0]
+    if outputs != "classes":
+        raise WrongPathway(
+            f"pathway {pathway!r} ends in {p.modules[-1]!r} ({head.kind}), which outputs "
+            f"{outputs}, not classes: "
+            + (
+                "use Generate for text, or output embedding"
+                if outputs == "logits"
+                else "it has no stateless result; ask for output embedding"
+            )
+        )
+    logits = np.asarray(executor.forward(pathway, inputs), np.float64)  # (B, classes)
+    z = np.exp(logits - logits.max(-1, keepdims=True))
+    probs = (z / z.sum(-1, keepdims=True)).astype(np.float32)
+    k = probs.shape[1] if top_k == 0 else min(top_k, probs.shape[1])
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    return Result(
+        pathway,
+        "classification",
+        classes=order.astype(int).tolist(),
+        probabilities=np.take_along_axis(probs, order, 1).tolist(),
+    )

@@ -10,7 +10,7 @@ import sys
 from pathways import checkpoint as ckpt
 from pathways import transport
 from pathways.serving import auth
-from pathways.serving.gateway import GatewayServer
+from pathways.serving.gateway import MAX_PROMPT_BYTES, GatewayServer
 
 
 def parse_modules(values: list[str]) -> dict[str, list[str]]:
@@ -110,7 +110,16 @@ def main(argv: list[str] | None = None) -> int:
         help="a plaintext port serving GET /metrics in Prometheus' format (0: none; env "
         "PATHWAYS_METRICS_PORT)",
     )
+    p.add_argument(
+        "--max-prompt-bytes",
+        type=int,
+        default=int(os.environ.get("PATHWAYS_MAX_PROMPT_BYTES", str(MAX_PROMPT_BYTES))),
+        help="longest prompt accepted, in UTF-8 bytes, checked before tokenizing (env "
+        "PATHWAYS_MAX_PROMPT_BYTES)",
+    )
     args = p.parse_args(argv)
+    if args.max_prompt_bytes < 1:
+        p.error(f"--max-prompt-bytes must be >= 1; got {args.max_prompt_bytes}")
     if not 0 <= args.metrics_port < 65536:
         p.error(f"--metrics-port must be in [0, 65535]; got {args.metrics_port}")
     allowed = args.allow_module_address or [
@@ -168,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             health_port=args.health_port,
             checkpoint=args.checkpoint,
             metrics_port=args.metrics_port,
+            max_prompt_bytes=args.max_prompt_bytes,
         ).serve_forever()
     finally:
         if watcher is not None:

@@ -21,6 +21,7 @@ from pathways import codec, transport
 from pathways.pipeline.schedule import SCHEDULES, stage_ops
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.errors import DeadlineExceeded, InvalidArgument, ServingError
+from pathways.serving.limits import LimitExceeded, check_count
 from pathways.v1 import training_pb2, training_pb2_grpc
 
 _POLL_S = 0.5  # how often a waiting step checks that its caller is still there
@@ -38,19 +39,46 @@ class Inbox:
     """Tensors delivered for RunStep steps, keyed (step, gradient, micro-batch).
 
     A delivery may come before the step starts here (the neighbour is ahead); a taker waits for
-    it. `abort()` wakes every taker with Aborted (Reset after a failed step elsewhere).
+    it. `abort()` wakes every taker with Aborted (Reset after a failed step elsewhere). What it
+    holds is bounded: at most `max_bytes` of tensors and `max_items` deliveries (a step's
+    activations and gradients, a few steps ahead); past that a delivery is refused
+    (RESOURCE_EXHAUSTED naming max_inbox_mb).
     """
 
-    def __init__(self):
+    def __init__(self, max_bytes: int | None = None, max_items: int | None = None):
         self._cv = threading.Condition()
         self._items: dict[tuple[int, bool, int], np.ndarray | None] = {}
         self._generation = 0
         self._reason = ""
+        self.max_bytes, self.max_items = max_bytes, max_items
+        self.bytes = 0
 
     def put(self, step: int, gradient: bool, mb: int, value) -> None:
+        n = 0 if value is None else int(value.nbytes)
         with self._cv:
-            self._items[(step, gradient, mb)] = value
+            key = (step, gradient, mb)
+            old = self._items.get(key)
+            held = self.bytes - (0 if old is None else int(old.nbytes))
+            if self.max_bytes is not None and held + n > self.max_bytes:
+                raise LimitExceeded(
+                    f"the inbox of deliveries holds {held} bytes; {n} more would exceed "
+                    f"max_inbox_mb = {self.max_bytes / 2**20:g} (--max-inbox-mb)"
+                )
+            if self.max_items is not None and key not in self._items:
+                if len(self._items) >= self.max_items:
+                    raise LimitExceeded(
+                        f"the inbox of deliveries holds {len(self._items)} tensors, its limit "
+                        f"(4 x max_micro_batches); deliveries for steps nobody runs are refused"
+                    )
+            self._items[key] = value
+            self.bytes = held + n
             self._cv.notify_all()
+
+    def _pop(self, key):
+        value = self._items.pop(key)
+        if value is not None:
+            self.bytes -= int(value.nbytes)
+        return value
 
     def take(self, step: int, gradient: bool, mb: int, deadline: float | None, alive=None):
         """Waits for a delivery; `alive()` false (the caller went away) aborts the wait."""
@@ -69,18 +97,19 @@ class Inbox:
                         f"deadline exceeded waiting for the {what} of micro-batch {mb}"
                     )
                 self._cv.wait(_POLL_S if left is None else min(left, _POLL_S))
-            return self._items.pop(key)
+            return self._pop(key)
 
     def keep_only(self, step: int) -> None:
         """Drops deliveries of other steps (left over from a step that failed elsewhere)."""
         with self._cv:
             for key in [k for k in self._items if k[0] != step]:
-                del self._items[key]
+                self._pop(key)
 
     def abort(self) -> None:
         with self._cv:
             self._generation += 1
             self._items.clear()
+            self.bytes = 0
             self._cv.notify_all()
 
 
@@ -129,14 +158,17 @@ class Peers:
         return _Sender(stub, address, timeout)
 
 
-def check_request(req: training_pb2.RunStepRequest) -> None:
-    """Bad plans get INVALID_ARGUMENT naming the field, before anything runs."""
+def check_request(req: training_pb2.RunStepRequest, max_micro_batches: int | None = None) -> None:
+    """Bad plans get INVALID_ARGUMENT naming the field, before anything runs (and before anything
+    sized by micro_batches is allocated)."""
     if req.schedule not in SCHEDULES:
         raise InvalidArgument(
             f"schedule must be one of {', '.join(SCHEDULES)}; got {req.schedule!r}"
         )
     if req.micro_batches < 1:
         raise InvalidArgument(f"micro_batches must be >= 1; got {req.micro_batches}")
+    if max_micro_batches is not None:
+        check_count(req.micro_batches, max_micro_batches, "micro_batches", "max_micro_batches")
     if req.stages < 1 or not 0 <= req.stage < req.stages:
         raise InvalidArgument(f"stage {req.stage} is outside [0, stages = {req.stages})")
     first, last = req.stage == 0, req.stage == req.stages - 1
@@ -167,9 +199,10 @@ def run_step(
     check_targets,
     deadline: float | None,
     alive=None,
+    max_micro_batches: int | None = None,
 ) -> training_pb2.RunStepResponse:
     """Runs this stage's ops of step `req.step`; sends outputs and input gradients onwards."""
-    check_request(req)
+    check_request(req, max_micro_batches)
     k, i, n = req.stages, req.stage, req.micro_batches
     first, last = i == 0, i == k - 1
     inputs = [check_input(codec.decode(t, f"inputs[{m}]"), m) for m, t in enumerate(req.inputs)]
@@ -231,11 +264,13 @@ def run_step(
     )
 
 
-def deliver(request_iterator, inbox: Inbox) -> training_pb2.DeliverResponse:
+def deliver(request_iterator, inbox: Inbox, decode=codec.decode) -> training_pb2.DeliverResponse:
+    """Puts each delivered tensor in `inbox`; `decode(tensor, field)` (the server's: bounded in
+    elements) turns it into an array."""
     for req in request_iterator:
         value = None
         if req.HasField("tensor"):
             field = "gradient" if req.gradient else "activation"
-            value = codec.decode(req.tensor, f"{field} of micro-batch {req.micro_batch}")
+            value = decode(req.tensor, f"{field} of micro-batch {req.micro_batch}")
         inbox.put(req.step, req.gradient, req.micro_batch, value)
     return training_pb2.DeliverResponse()

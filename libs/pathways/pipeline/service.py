@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 
 import jax
@@ -13,6 +14,7 @@ from pathways.pipeline import peer
 from pathways.pipeline.stage import LocalStage
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from pathways.serving.limits import LimitExceeded
 from pathways.serving.server import AddOn, Mount
 from pathways.train import make_optimizer
 from pathways.transport import rpc
@@ -25,12 +27,27 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     """Wraps the served module's runtime in a LocalStage: the same code as local training."""
 
     def __init__(
-        self, engine: ModuleEngine, serving, peer_options=(), tls=None, roots: paths.Roots = None
+        self,
+        engine: ModuleEngine,
+        serving,
+        peer_options=(),
+        tls=None,
+        roots: paths.Roots = None,
+        settings=None,
     ):
+        """`settings`: the module server's (`ModuleServerSettings`), whose limits bound the
+        calls here (None: unbounded, in-process use only)."""
         self.engine = engine
         # Where Save/Load may read and write (None: anywhere; in-process use only).
         self.roots = roots
-        self.inbox = peer.Inbox()  # RunStep deliveries from the neighbouring stages
+        self.settings = settings
+        self.max_micro_batches = settings.max_micro_batches if settings else None
+        # RunStep deliveries from the neighbouring stages (bounded on a server).
+        self.inbox = (
+            peer.Inbox(int(settings.max_inbox_mb * 2**20), 4 * settings.max_micro_batches)
+            if settings
+            else peer.Inbox()
+        )
         self.peers = peer.Peers(list(peer_options), tls)  # the server's own certificate
         # Latency metrics and the request counter are the module server's, shared with serving.
         self.metrics, self.count_request = serving.metrics, serving.count_request
@@ -47,10 +64,41 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             )
         return self.stage
 
+    def _decode(self, t, field: str) -> np.ndarray:
+        """A tensor of this module's inputs or gradients, refused before decoding when it holds
+        more than max_call_tokens positions of the module's widest side."""
+        if self.settings is not None:
+            cfg = self.engine.cfg
+            width = max(
+                1, *(d for k, d in (cfg.input_contract, cfg.output_contract) if k != "tokens")
+            )
+            n = math.prod(max(0, d) for d in t.shape)
+            limit = self.settings.max_call_tokens
+            if n > limit * width:
+                raise LimitExceeded(
+                    f"{field} has {n} elements, over max_call_tokens = {limit} positions of "
+                    f"{width} (--max-call-tokens / PATHWAYS_MAX_CALL_TOKENS)"
+                )
+        return codec.decode(t, field)
+
     def _input(self, t, field: str, rows: int | None = None) -> np.ndarray:
-        x = codec.decode(t, field)
+        x = self._decode(t, field)
         self.engine.check_input(x, field, rows)
+        self._admit(x, field)
         return x
+
+    def _admit(self, x: np.ndarray, field: str) -> None:
+        """Training inputs within max_call_tokens, and their shape within the program cap."""
+        if self.settings is None:
+            return
+        rows, positions = x.shape[:2]
+        limit = self.settings.max_call_tokens
+        if rows * positions > limit:
+            raise LimitExceeded(
+                f"{field} has {rows} rows x {positions} positions, over max_call_tokens = "
+                f"{limit} (--max-call-tokens / PATHWAYS_MAX_CALL_TOKENS)"
+            )
+        self.engine.programs.admit(("training step", x.shape, x.dtype.str))
 
     def _targets(self, request) -> np.ndarray | None:
         kind = self.engine.kind
@@ -64,7 +112,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             raise InvalidArgument(
                 f"targets are required by {kind.name} module {self.engine.name!r}"
             )
-        t = codec.decode(request.targets, "targets")
+        t = self._decode(request.targets, "targets")
         x_shape = tuple(request.input.shape)[:2]
         if t.dtype != np.int32 or t.shape != x_shape:
             raise InvalidArgument(
@@ -110,7 +158,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                     f"micro_batch {request.micro_batch} has no forward pending on "
                     f"module {self.engine.name!r}"
                 )
-            g = codec.decode(request.grad, "grad")
+            g = self._decode(request.grad, "grad")
             if g.dtype != np.float32:
                 raise InvalidArgument(f"grad must be float32; got {g.dtype}")
             g_x = st.backward(request.micro_batch, g)
@@ -130,6 +178,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def RunStep(self, request, context):
         def check_input(x, m):
             self.engine.check_input(x, f"input of micro-batch {m}", None)
+            self._admit(x, f"input of micro-batch {m}")
             return x
 
         def check_targets(t, m):
@@ -147,11 +196,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 check_targets,
                 transport.deadline(context),
                 context.is_active,
+                self.max_micro_batches,
             )
 
     @rpc
     def Deliver(self, request_iterator, context):
-        return peer.deliver(request_iterator, self.inbox)
+        return peer.deliver(request_iterator, self.inbox, self._decode)
 
     @rpc
     def Apply(self, request, context):
@@ -225,7 +275,8 @@ SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 def _mount(server, m: Mount) -> None:
     training_pb2_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(m.engine, m.servicer, m.channel_options, m.tls, m.roots), server
+        TrainingServicer(m.engine, m.servicer, m.channel_options, m.tls, m.roots, m.settings),
+        server,
     )
 
 

@@ -20,6 +20,7 @@ from pathways.executor.base import bucket
 from pathways.runtime import ModuleRuntime
 from pathways.sampling import SamplingBatch
 from pathways.serving.errors import InvalidArgument
+from pathways.serving.limits import ProgramCap
 from pathways.serving.sessions import ServerSession
 
 
@@ -63,6 +64,8 @@ class ModuleEngine:
         if self.kind.has_cache and slots:
             self._grow(slots)
         self.max_seq_len = getattr(cfg, "max_seq_len", 0)
+        # Distinct shapes this engine has compiled (a module server caps them; in-process: none).
+        self.programs = ProgramCap(None)
 
     # ---- the slot pool -----------------------------------------------------------------------
     def take(self, n: int) -> np.ndarray:
@@ -94,9 +97,26 @@ class ModuleEngine:
         first `window` positions; the pool is updated in place), or the stateless forward for
         kinds without a cache."""
         if self.cache is None:
+            self.programs.admit(("forward", x.shape, x.dtype.str))
             return self.rt.step(x, positions)[0]
+        n = None if slots is None else len(slots)
+        self.programs.admit(("step", x.shape, x.dtype.str, positions.shape, n, window))
         y, self.cache = self.rt.step(x, positions, self.cache, slots, window=window)
         return y
+
+    def activation_bytes(self, rows: int, positions: int, window: int = 0) -> int:
+        """An estimate of the memory one step of `rows` x `positions` allocates while it runs
+        (float32 activations a few times the width, attention scores against `window` cached
+        positions, a head's logits); what the memory budget reserves for a call."""
+        cfg = self.cfg
+        widths = [d for k, d in (cfg.input_contract, cfg.output_contract) if k != "tokens"]
+        width = max(widths or [getattr(cfg, "d_model", 1)])
+        n = rows * positions
+        total = n * width * 4 * 16  # residual stream, q/k/v, the MLP's 4x hidden, copies
+        total += n * max(window, positions) * getattr(cfg, "n_heads", 0) * 4 * 2
+        if self.kind.is_head:
+            total += rows * cfg.output_contract[1] * 4 * 4  # logits, probabilities, sort
+        return total
 
     @property
     def kv_bytes(self) -> int:
@@ -237,6 +257,7 @@ class ModuleEngine:
         else:
             tp = t
         positions = np.broadcast_to(np.arange(tp, dtype=np.int32), (bp, tp))
+        self.programs.admit(("stateless forward", x.shape, x.dtype.str))
         try:
             out = self.rt.forward(self.rt.state, x, positions, causal=causal)
         except ValueError as e:  # a kind's own shape check (images), raised while tracing
@@ -246,6 +267,7 @@ class ModuleEngine:
 
     def _head(self, x, last, sampling: SamplingBatch, steps, want_logits):
         s = sampling
+        self.programs.admit(("head", x.shape, x.dtype.str))
         out, logits = self.rt.serve_head(
             x,
             np.asarray(last, np.int32),

@@ -17,11 +17,16 @@ from pathways import generate as gen
 from pathways import metrics as prom
 from pathways.executor.remote import RemoteExecutor
 from pathways.executor.replicas import RemoteError, ReplicaSource
-from pathways.serving import auth
+from pathways.serving import auth, limits
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
 
 log = logging.getLogger(__name__)
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+# Longest prompt accepted, in UTF-8 bytes, checked before tokenizing (a pathway's max_seq_len
+# bounds its tokens after); the gateway's --max-prompt-bytes / PATHWAYS_MAX_PROMPT_BYTES.
+MAX_PROMPT_BYTES = 256 * 1024
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -31,9 +36,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         tokenizer,
         addresses: auth.AddressPolicy,
         checkpoint: str | None = None,
+        max_prompt_bytes: int = MAX_PROMPT_BYTES,
     ):
         self.executor, self.tokenizer = executor, tokenizer
         self.addresses = addresses  # what AddModule may dial
+        self.max_prompt_bytes = max_prompt_bytes
         # The catalog's measurements and the chat template are read from the checkpoint.
         self.checkpoint = checkpoint
         template = chat.load(checkpoint)
@@ -147,6 +154,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except ValueError as e:
             record.status = "INVALID_ARGUMENT"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
+        size = len(request.prompt.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            record.status = "INVALID_ARGUMENT"
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt has {size} bytes, over the gateway's max_prompt_bytes = "
+                f"{self.max_prompt_bytes} (--max-prompt-bytes)",
+            )
         # As generate.stream counts it (an empty prompt starts from end-of-text).
         prompt_tokens = max(1, len(self.tokenizer.encode(request.prompt)))
         events = gen.stream(self.executor, name, [request.prompt], self.tokenizer, params)
@@ -244,6 +259,7 @@ class GatewayServer:
         health_port: int = 0,
         checkpoint: str | None = None,
         metrics_port: int = 0,
+        max_prompt_bytes: int = MAX_PROMPT_BYTES,
     ):
         """`keys`: the API keys callers must present (None: no keys, every caller is admin;
         logged). `allowed_addresses`: "host:port" patterns AddModule may dial (None: the
@@ -269,6 +285,9 @@ class GatewayServer:
             own = endpoints if isinstance(endpoints, dict) else {}
             allowed_addresses = [a for addrs in own.values() for a in addrs]
         interceptors = [auth.KeyInterceptor(keys)] if keys is not None else []
+        # Generations hold a handler thread each; a few always stay for health and short calls.
+        self.streams = limits.StreamSlots(workers, max(2, workers // 8), [f"/{SERVICE}/Generate"])
+        interceptors.insert(0, self.streams)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(workers),
             options=transport.server_options(max_message_mb),
@@ -276,7 +295,11 @@ class GatewayServer:
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
             GatewayServicer(
-                self.executor, tokenizer, auth.AddressPolicy(allowed_addresses), checkpoint
+                self.executor,
+                tokenizer,
+                auth.AddressPolicy(allowed_addresses),
+                checkpoint,
+                max_prompt_bytes,
             ),
             self.server,
         )

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from pathways import checkpoint as ckpt
 from pathways import codec, cpu, paths, telemetry, transport
 from pathways.modules import registry
+from pathways.serving import limits
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
@@ -27,6 +28,14 @@ from pathways.v1 import module_pb2, module_pb2_grpc
 
 log = logging.getLogger(__name__)
 SERVICE = module_pb2.DESCRIPTOR.services_by_name["ModuleService"].full_name
+# Calls that hold a handler thread for as long as their client keeps them open (or wait on other
+# servers): limits.StreamSlots keeps threads free of them.
+STREAMING_METHODS = (
+    f"/{SERVICE}/DecodeStream",
+    "/pathways.v1.TrainingService/Steps",
+    "/pathways.v1.TrainingService/RunStep",
+    "/pathways.v1.TrainingService/Deliver",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +49,7 @@ class Mount:
     channel_options: list
     tls: transport.TLSConfig
     roots: paths.Roots
+    settings: ModuleServerSettings  # the server's limits apply to the add-on's calls too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +94,15 @@ class ModuleServer:
         self.cfg = spec.modules[settings.module]
         self.tls = settings.tls()
         transport.announce(self.tls, f"module server {settings.module!r}")
+        # Streaming calls never take the last threads: health, reflection and unary calls
+        # always find one (limits.StreamSlots).
+        self.streams = limits.StreamSlots(
+            settings.workers, settings.stream_reserve(), STREAMING_METHODS
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(settings.workers),
             options=transport.server_options(settings.max_message_mb),
-            interceptors=telemetry.server_interceptors(),
+            interceptors=[self.streams, *telemetry.server_interceptors()],
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -126,19 +141,30 @@ class ModuleServer:
         s = self.settings
         engine = ModuleEngine(s.module, self.cfg, None, slot_count(self.cfg, s), weights=s.weights)
         engine.rt.state = ckpt.load_module(s.checkpoint, s.module, engine.rt.state)
+        engine.programs = limits.ProgramCap(s.max_programs)
         table = SessionTable(slot_count(self.cfg, s), s.session_ttl_s)
-        self.servicer = ModuleServicer(engine, table, s.max_batch, s.batch_wait_ms / 1e3)
+        self.budget = limits.MemoryBudget(s.memory_budget_mb)
+        self.budget.check_start()  # the weights and the KV cache fit the budget
+        self.servicer = ModuleServicer(
+            engine, table, s.max_batch, s.batch_wait_ms / 1e3, s.max_call_tokens, self.budget
+        )
         module_pb2_grpc.add_ModuleServiceServicer_to_server(self.servicer, self.server)
         # Add-ons share the port and the served module's engine (training: the same weights).
         for a in self.add_ons:
             options = transport.grpc_options(s.max_message_mb)
-            a.add(self.server, Mount(engine, self.servicer, options, self.tls, s.roots()))
+            a.add(self.server, Mount(engine, self.servicer, options, self.tls, s.roots(), s))
         self.server.start()
         warm_up(self.servicer)
         # One copy of the weights while only serving (training through this server or its
         # stateless Forward rebuild the float32 parameters, exactly, on first use).
         if engine.rt.compact():
             cpu.release_free_memory()
+        log.info(
+            "module %s: %.0f MiB resident of its %s",
+            s.module,
+            limits.resident_bytes() / 2**20,
+            self.budget.describe(),
+        )
         self.servicer.count_request(reset=True)  # warm-up calls are not traffic
         self.servicer.ready = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import threading
 import time
 
+import grpc
 import numpy as np
 
 from pathways import codec, messages, transport
 from pathways.config import to_dict
+from pathways.executor.base import bucket
 from pathways.sampling import SamplingBatch
 from pathways.serving.batcher import Batcher
 from pathways.serving.engine import ModuleEngine, Step
 from pathways.serving.errors import InvalidArgument, ServingError, Unavailable
+from pathways.serving.limits import LimitExceeded, MemoryBudget
 from pathways.serving.sessions import SessionTable
 from pathways.telemetry import ModuleMetrics
 from pathways.transport import rpc
@@ -44,9 +49,18 @@ def _failed(e: BaseException) -> module_pb2.GroupStepResult:
 
 class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
     def __init__(
-        self, engine: ModuleEngine, table: SessionTable, max_batch: int, batch_wait_s: float
+        self,
+        engine: ModuleEngine,
+        table: SessionTable,
+        max_batch: int,
+        batch_wait_s: float,
+        max_call_tokens: int | None = None,
+        budget: MemoryBudget | None = None,
     ):
+        """`max_call_tokens`: rows x positions one Prefill or Forward may carry; `budget`: the
+        server's memory budget, reserved around each Prefill and Forward (None: unbounded)."""
         self.engine, self.table = engine, table
+        self.max_call_tokens, self.budget = max_call_tokens, budget
         self.metrics = ModuleMetrics(engine.name, lambda: len(table), lambda: engine.kv_bytes)
         self.batcher = Batcher(engine.decode, max_batch, batch_wait_s, self.metrics.batch)
         self.ready = False
@@ -60,6 +74,36 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
     def _check_ready(self):
         if not self.ready:
             raise Unavailable(f"module {self.engine.name!r} is loading or shutting down")
+
+    def decode_input(self, t, field: str) -> np.ndarray:
+        """A request tensor decoded, refused first when it holds more elements than
+        max_call_tokens rows x positions of this module's input allow (a decoded int8 or
+        bfloat16 tensor is 4x or 2x its bytes)."""
+        if self.max_call_tokens is not None:
+            kind, dim = self.engine.cfg.input_contract
+            per_token = 1 if kind == "tokens" else max(1, dim)
+            n = math.prod(max(0, d) for d in t.shape)
+            if n > self.max_call_tokens * per_token:
+                raise LimitExceeded(
+                    f"{field} has {n} elements, over max_call_tokens = {self.max_call_tokens} "
+                    f"positions of {per_token} (--max-call-tokens / PATHWAYS_MAX_CALL_TOKENS)"
+                )
+        return codec.decode(t, field)
+
+    def check_tokens(self, rows: int, positions: int, field: str) -> None:
+        """rows x positions of one call within max_call_tokens (RESOURCE_EXHAUSTED naming it)."""
+        if self.max_call_tokens is not None and rows * positions > self.max_call_tokens:
+            raise LimitExceeded(
+                f"{field} has {rows} rows x {positions} positions = {rows * positions}, over "
+                f"max_call_tokens = {self.max_call_tokens} (--max-call-tokens / "
+                f"PATHWAYS_MAX_CALL_TOKENS)"
+            )
+
+    def reserve(self, rows: int, positions: int, window: int, what: str):
+        """The memory budget held for one step of rows x positions (a no-op without one)."""
+        if self.budget is None:
+            return contextlib.nullcontext()
+        return self.budget.reserve(self.engine.activation_bytes(rows, positions, window), what)
 
     @rpc
     def Describe(self, request, context):
@@ -116,9 +160,15 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         self._check_ready()
         s = self.table.acquire(request.session_id)
         try:
-            x = codec.decode(request.input, "input")
+            x = self.decode_input(request.input, "input")
             self.engine.check_input(x, "input", s.batch_size)
             b, t = x.shape[:2]
+            if t > s.max_seq_len:
+                raise InvalidArgument(
+                    f"input has {t} positions; the session's max_seq_len is {s.max_seq_len}"
+                )
+            tp = max(bucket(t, limit=s.max_seq_len, minimum=8), t)  # as the engine pads
+            self.check_tokens(b, tp, "input (padded)")
             lengths = _rows(request.lengths, "lengths", b, 1, t)
             # Bounded before adding: int32 starts near 2**31 would wrap and pass the check.
             starts = _rows(request.starts, "starts", b, 0, s.max_seq_len)
@@ -130,10 +180,13 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                     f"session's max_seq_len {s.max_seq_len}"
                 )
             steps = self._steps(request.steps, b)
-            out, logits = self.batcher.call(
-                lambda: self.engine.prefill(s, x, starts, lengths, steps, request.return_logits),
-                transport.deadline(context),
-            )
+            with self.reserve(b, tp, int(end.max()), "Prefill"):
+                out, logits = self.batcher.call(
+                    lambda: self.engine.prefill(
+                        s, x, starts, lengths, steps, request.return_logits
+                    ),
+                    transport.deadline(context),
+                )
             return self._encode(module_pb2.PrefillResponse(), out, logits, request.output_dtype)
         finally:
             self.table.release(s)
@@ -144,6 +197,12 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
 
     def DecodeStream(self, request_iterator, context):
         for req in request_iterator:
+            if len(req.group) > self.table.capacity:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"group has {len(req.group)} steps; a step per session of at most "
+                    f"{self.table.capacity} (the server's session capacity)",
+                )
             if req.group:
                 yield module_pb2.DecodeStreamResponse(group=self._decode_group(req.group, context))
                 continue
@@ -164,7 +223,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
 
     def _step(self, request, s) -> tuple[Step, int]:
         """A decode request's checked inputs (bad ones raise with the field and value)."""
-        x = codec.decode(request.input, "input")
+        x = self.decode_input(request.input, "input")
         self.engine.check_input(x, "input", s.batch_size, t=1)
         b = x.shape[0]
         positions = _rows(request.positions, "positions", b, 0, s.max_seq_len - 1)
@@ -245,7 +304,12 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                 f"input has {x.shape[1]} positions but module "
                 f"{self.engine.name!r} max_seq_len is {self.engine.max_seq_len}"
             )
-        out = self.engine.forward(x, causal=not request.bidirectional)
+        b, t = x.shape[:2]
+        bp = bucket(b, limit=1 << 30, minimum=1)  # as the engine pads (at most)
+        tp = max(bucket(t, limit=self.engine.max_seq_len or 1 << 30, minimum=8), t)
+        self.check_tokens(bp, tp, "input (padded)")
+        with self.reserve(bp, tp, tp, "Forward"):
+            out = self.engine.forward(x, causal=not request.bidirectional)
         return module_pb2.ForwardResponse(output=self._tensor(out, request.output_dtype))
 
     def _steps(self, steps, b: int) -> np.ndarray:

@@ -26,7 +26,10 @@ class ModuleServerSettings:
     batch_wait_ms: float = 2.0
     max_message_mb: float = 64.0  # bigger requests get RESOURCE_EXHAUSTED from gRPC itself
     grace_s: float = 5.0  # in-flight calls get this long to finish on SIGTERM
-    workers: int = 128  # gRPC handler threads: each open decode stream (session) holds one
+    # gRPC handler threads: each open decode stream (session) holds one. Streaming calls may hold
+    # all but max(2, workers // 8) of them (limits.StreamSlots); the rest stay for health,
+    # reflection and short calls.
+    workers: int = 128
     # XLA compute threads (see pathways.cpu); 0: one per CPU the process may use. Servers that
     # share a machine's cores should split them (`launcher` does).
     cpu_threads: int = 0
@@ -46,6 +49,16 @@ class ModuleServerSettings:
     # Directories TrainingService.Save/Load may touch (os.pathsep-separated); "": the
     # checkpoint's directory, the one holding it, and the working directory (paths.Roots.around).
     path_roots: str = ""
+    # Bounds on what one request may cost (limits.py); each violation is answered with
+    # INVALID_ARGUMENT or RESOURCE_EXHAUSTED naming the setting.
+    max_call_tokens: int = 65536  # rows x positions of one Prefill, Forward or training tensor
+    max_micro_batches: int = 256  # TrainingService.RunStep micro_batches
+    max_inbox_mb: float = 256.0  # RunStep deliveries held for steps that have not taken them
+    max_programs: int = 512  # distinct compiled shapes (programs) per server
+    # Resident memory (weights, KV cache, programs) plus the estimated activations of the calls
+    # in flight; a call that would exceed it is refused, a server over it at start does not
+    # start. 0: 90 % of the machine's (or cgroup's) memory.
+    memory_budget_mb: float = 0.0
 
     def __post_init__(self):
         if not self.checkpoint or not self.module:
@@ -53,14 +66,28 @@ class ModuleServerSettings:
                 "a module server needs --checkpoint/PATHWAYS_CHECKPOINT and "
                 "--module/PATHWAYS_MODULE"
             )
-        for name in ("max_slots", "max_rows", "max_batch", "workers"):
+        for name in (
+            "max_slots",
+            "max_rows",
+            "max_batch",
+            "max_call_tokens",
+            "max_micro_batches",
+            "max_programs",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {self.weights!r}")
+        if self.workers < 3:
+            raise ValueError(
+                f"workers must be >= 3 (two stay free for health and short calls), got "
+                f"{self.workers!r}"
+            )
+        if self.memory_budget_mb < 0:
+            raise ValueError(f"memory_budget_mb must be >= 0, got {self.memory_budget_mb!r}")
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads!r}")
-        for name in ("kv_cache_mb", "session_ttl_s", "max_message_mb"):
+        for name in ("kv_cache_mb", "session_ttl_s", "max_message_mb", "max_inbox_mb"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.path_roots:
@@ -78,6 +105,10 @@ class ModuleServerSettings:
                 "a module server needs exactly one of --tls-dir/PATHWAYS_TLS_DIR (a directory "
                 "with ca.crt, tls.crt, tls.key) and --insecure/PATHWAYS_INSECURE=1 (plaintext)"
             )
+
+    def stream_reserve(self) -> int:
+        """Handler threads streaming calls never take (see limits.StreamSlots)."""
+        return max(2, self.workers // 8)
 
     def roots(self) -> paths.Roots:
         """Where Save/Load may read and write (PathError, a ValueError, for a bad list)."""

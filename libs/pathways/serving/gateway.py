@@ -250,7 +250,7 @@ class GatewayServer:
         port: int = 0,
         host: str = "127.0.0.1",
         wire_dtype: str = "float32",
-        workers: int = 32,
+        workers: int = 128,  # generations in flight: all but max(2, workers // 8)
         max_message_mb: float = 64.0,
         lockstep_wait_s: float = 0.02,
         tls: transport.TLSConfig | None = None,

@@ -104,6 +104,15 @@ def channel(ch):
     return intercept_channel(ch, client_interceptor())
 
 
+def aio_interceptors() -> list:
+    """Client interceptors for grpc.aio channels: a span per call, carrying the trace context."""
+    if not _state.get("tracing"):
+        return []
+    from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
+    return list(aio_client_interceptors())
+
+
 def tracer():
     return trace.get_tracer("pathways")
 

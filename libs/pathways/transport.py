@@ -163,6 +163,26 @@ def channel(
     return grpc.secure_channel(address, creds, options=opts)
 
 
+def aio_channel(
+    address: str,
+    options: Sequence[tuple[str, object]] = (),
+    tls: TLSConfig | None = None,
+    interceptors: Sequence[object] = (),
+) -> grpc.aio.Channel:
+    """`channel`'s asyncio twin (grpc.aio), with the same TLS rules."""
+    tls = default() if tls is None else tls
+    icpt = list(interceptors) or None
+    if tls.insecure:
+        return grpc.aio.insecure_channel(address, options=list(options), interceptors=icpt)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca, private_key=tls.key, certificate_chain=tls.cert
+    )
+    opts = list(options)
+    if tls.server_name:
+        opts.append(("grpc.ssl_target_name_override", tls.server_name))
+    return grpc.aio.secure_channel(address, creds, options=opts, interceptors=icpt)
+
+
 def add_port(
     server: grpc.Server,
     address: str,

@@ -12,6 +12,7 @@ from flax import nnx
 
 from pathways import kernels, sharding
 from pathways import modules as mod
+from pathways import weights as weights_lib
 from pathways.modules import registry
 from pathways.sampling import sample
 
@@ -20,8 +21,9 @@ class ModuleRuntime:
     """One module's parameters and its jitted, functional entry points (no nnx.jit graph mode).
 
     `state` holds the parameters as trained and saved; `serving_state` is what sessions (prefill
-    and decode) compute with: the same parameters with linear kernels packed for the native
-    matmul in `weights`' dtype ("float32", or "bfloat16" to read half the bytes per token).
+    and decode) compute with: the same parameters stored as `weights` says ("float32";
+    "bfloat16" or "int8" for a half or a quarter of the bytes, see `pathways.weights`), with
+    linear kernels packed for the native matmul where that backend is used.
     It is rebuilt on first use after `state` changes. `native=False` keeps XLA's dot (for
     comparisons; None uses the native kernel wherever it builds, see `pathways.kernels`).
 
@@ -41,7 +43,12 @@ class ModuleRuntime:
         native: bool | None = None,
         mesh=None,
     ):
-        kernels.check_weights(weights)
+        weights_lib.check(weights)
+        if weights == "int8" and mesh is not None:
+            raise ValueError(
+                f"module {name!r}: int8 weights are not supported on a tensor-parallel mesh "
+                f"(use float32 or bfloat16)"
+            )
         self.name, self.cfg, self.weights, self.native = name, cfg, weights, native
         self.kind = registry.of(cfg)  # resolved once: callers ask it, never compare names
         # A tensor-parallel mesh (`pathways.sharding`): parameters and cache are placed by the
@@ -55,8 +62,11 @@ class ModuleRuntime:
 
     @property
     def state(self):
-        if self._state is None:  # dropped by compact(): rebuild from the packed copy, exactly
-            self._state = kernels.unpack_state(self._serving, self._template)
+        if self._state is None:  # dropped by compact(): rebuild from the serving copy
+            if self.weights == "float32":  # exactly (native-packed float32 kernels)
+                self._state = kernels.unpack_state(self._serving, self._template)
+            else:  # what bfloat16 / int8 hold (see compact)
+                self._state = weights_lib.restore(self._serving, self._template)
         return self._state
 
     @state.setter
@@ -69,16 +79,21 @@ class ModuleRuntime:
         self._state, self._serving, self._flat = state, None, None
 
     def compact(self) -> bool:
-        """Keeps one copy of the weights: drops the float32 parameters when the serving copy
-        holds them exactly (float32 weights, packed), halving a serving process's weight memory.
-        `state` rebuilds them on first use (training, checkpoints, stateless forward)."""
+        """Keeps one copy of the weights, for a process that only serves: drops the float32
+        parameters when a serving copy differs from them — packed float32 kernels (exact), or
+        bfloat16/int8 storage (then `state` becomes what the serving copy holds, no longer the
+        checkpoint's float32 values: a module server started to train keeps float32 weights).
+        `state` rebuilds them on first use (training, checkpoints)."""
         serving = self.serving_state
-        packed = any(
-            getattr(a, "ndim", 0) != getattr(b, "ndim", 0)
-            for a, b in zip(jax.tree.leaves(serving), jax.tree.leaves(self._state))
-        )
-        if self.weights != "float32" or not packed or self.mesh is not None:
+        if self.mesh is not None:
             return False
+        if self.weights == "float32":
+            packed = any(
+                getattr(a, "ndim", 0) != getattr(b, "ndim", 0)
+                for a, b in zip(jax.tree.leaves(serving), jax.tree.leaves(self._state))
+            )
+            if not packed:
+                return False
         self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._state)
         self._state = None
         return True
@@ -86,7 +101,10 @@ class ModuleRuntime:
     @property
     def serving_state(self):
         if self._serving is None:
-            self._serving = kernels.pack_state(self._state, self.weights, self.native_ops)
+            if self.native_ops and self.weights in kernels.WEIGHTS:
+                self._serving = kernels.pack_state(self._state, self.weights, True)
+            else:
+                self._serving = weights_lib.store(self._state, self.weights)
             if self.mesh is not None:  # bfloat16-rounded copies go where the parameters are
                 self._serving = sharding.place(self._serving, self.placement)
             self._flat = None

@@ -111,9 +111,10 @@ def generate_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, help="gateway deadline in seconds")
     p.add_argument(
         "--weights",
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "int8"],
         default="float32",
-        help="local: weights to decode with (bfloat16 reads half the bytes per token)",
+        help="local: how the weights are stored while decoding (bfloat16: half the bytes, "
+        "int8: about a quarter)",
     )
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)

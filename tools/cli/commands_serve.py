@@ -24,9 +24,10 @@ def register(sub) -> None:
     p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache pool per server")
     p.add_argument(
         "--weights",
-        choices=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "int8"],
         default=None,
-        help="weights module servers decode with (default float32; bfloat16 reads half the bytes)",
+        help="how module servers store the weights they serve (default float32; bfloat16 holds "
+        "half the bytes, int8 about a quarter; see pathways.weights)",
     )
     p.add_argument(
         "--log-dir",

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pathways import weights
 from pathways.config import one_of, positive_int, positive_number
 from pathways.modules import registry
 from pathways.modules.kind import Kind
@@ -48,7 +49,8 @@ class Embedding(nnx.Module):
             self.positions = nnx.Embed(cfg.max_seq_len, cfg.d_model, embedding_init=init, rngs=rngs)
 
     def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array) -> jax.Array:
-        h_btd = self.tokens(tokens_bt)
+        # The table may be a bfloat16 serving copy (`pathways.weights`): widen only the rows read.
+        h_btd = weights.lookup(self.tokens.embedding[...], tokens_bt)
         if self.cfg.positions == "learned":
             # Padding positions may be out of range (== max_seq_len); clip, they are masked later.
             pos = jnp.clip(positions_bt, 0, self.cfg.max_seq_len - 1)

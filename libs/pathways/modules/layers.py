@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathways import backends
+from pathways import backends, weights
 
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -34,7 +34,10 @@ class Dense(nnx.Linear):
     def __call__(self, x):
         kernel = self.kernel[...]
         if kernel.ndim != 3:
-            return super().__call__(x)
+            if kernel.dtype == jnp.float32:
+                return super().__call__(x)
+            y = weights.matmul(x, kernel)  # a bfloat16 or int8 serving copy (`pathways.weights`)
+            return y if self.bias is None else y + self.bias[...]
         prefill = x.ndim >= 3 and x.shape[-2] > 1
         y = backends.op("packed_matmul")(x, kernel, self.out_features, tiles=prefill)
         return y if self.bias is None else y + self.bias[...]

@@ -7,7 +7,7 @@ import dataclasses
 import os
 
 from pathways import paths, transport
-from pathways.kernels import WEIGHTS
+from pathways.weights import STORAGE as WEIGHTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +33,9 @@ class ModuleServerSettings:
     # XLA compute threads (see pathways.cpu); 0: one per CPU the process may use. Servers that
     # share a machine's cores should split them (`launcher` does).
     cpu_threads: int = 0
-    # What decode steps compute with: "float32" weights, or "bfloat16" (half the bytes read per
-    # token, float32 arithmetic; logits move by ~1e-2). Training always uses float32.
+    # How the served weights are stored (pathways.weights): "float32", "bfloat16" (half the
+    # bytes) or "int8" (about a quarter); float32 arithmetic either way (logits move by ~1e-2).
+    # The float32 copy is then dropped: a server started to train should keep float32.
     weights: str = "float32"
     # TLS (see pathways.transport): a directory with ca.crt, tls.crt and tls.key; clients must
     # present a certificate of that CA. Plaintext needs `insecure`; one of the two is required.

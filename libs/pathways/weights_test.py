@@ -1,0 +1,116 @@
+"""Serving weight storage: bfloat16 and int8 copies hold what they say, cost what they say, and
+a pathway served from them decodes like the float32 one within the rounding they imply."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pathways import spec as spec_lib
+from pathways import weights
+from pathways.executor.local import LocalExecutor
+from pathways.runtime import ModuleRuntime
+from pathways.sampling import SamplingParams
+
+
+def _spec():
+    return spec_lib.from_dict(
+        {
+            "modules": {
+                "embed": {"kind": "embedding", "vocab_size": 300, "d_model": 64, "max_seq_len": 32},
+                "attn": {
+                    "kind": "attention",
+                    "d_model": 64,
+                    "n_layers": 2,
+                    "n_heads": 4,
+                    "d_ff": 192,  # 64 rows widened per loop step: 192 = 3 chunks
+                    "max_seq_len": 32,
+                },
+                "head": {"kind": "decoding", "d_model": 64, "vocab_size": 300},
+            },
+            "pathways": {"p": ["embed", "attn", "head"]},
+        }
+    )
+
+
+def test_int8_kernel_round_trip_and_products():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(100, 37)).astype(np.float32)  # 100 rows: chunks of 50
+    w[:, 3] = 0.0  # an all-zero column keeps scale 1, values 0
+    q = weights.quantize_int8(w)
+    assert q.dtype == jnp.int8 and q.shape == (104, 37)
+    back = np.asarray(weights.dense_kernel(q))
+    step = np.abs(w).max(axis=0) / 127
+    assert np.all(np.abs(back - w) <= step / 2 + 1e-7)  # within half a step per column
+    assert np.all(back[:, 3] == 0)
+    x = rng.normal(size=(2, 5, 100)).astype(np.float32)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(weights.matmul)(x, q)), x @ back, rtol=1e-5, atol=1e-4
+    )
+    bf = jnp.asarray(w).astype(jnp.bfloat16)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(weights.matmul)(x, bf)),
+        x @ np.asarray(bf.astype(jnp.float32)),
+        rtol=1e-5,
+        atol=1e-4,
+    )
+    assert weights._chunk(100) == 50 and weights._chunk(97) == 1 and weights._chunk(2048) == 64
+
+
+@pytest.mark.parametrize(
+    ("storage", "share", "tol"), [("bfloat16", 0.52, 0.05), ("int8", 0.3, 0.1)]
+)
+def test_a_pathway_served_from_reduced_weights(storage, share, tol):
+    spec = _spec()
+    ref = LocalExecutor(spec, seed=1)
+    states = {m: ref.state(m) for m in spec.modules}
+    ex = LocalExecutor(spec, states, weights=storage)
+    prompts = [[5, 9, 200, 17, 3], [42, 7]]
+
+    def run(e):
+        s = e.open_session("p", [SamplingParams()] * 2)
+        r = e.prefill(s, prompts, return_logits=True)
+        logits = [r.logits]
+        for _ in range(4):
+            r = e.decode(s, r.tokens, return_logits=True)
+            logits.append(r.logits)
+        e.close_session(s)
+        return np.stack(logits, 1)
+
+    want, got = run(ref), run(ex)
+    # Logits of this random model have spread ~1: rounding moves them by a few hundredths.
+    assert np.max(np.abs(got - want)) < tol * np.abs(want).max()
+    assert np.max(np.abs(got - want)) > 0  # really a different copy
+    for m in ("attn", "head"):  # kernels dominate; norms and biases stay float32
+        rt = ex.runtimes[m]
+        full, stored = weights.nbytes(rt.state), weights.nbytes(rt.serving_state)
+        assert stored <= share * full, (m, stored, full)
+    # The token table is held as bfloat16 for both; learned positions stay float32.
+    rt = ex.runtimes["embed"]
+    assert weights.nbytes(rt.serving_state) == weights.nbytes(rt.state) - 300 * 64 * 2
+
+
+def test_compact_keeps_only_the_reduced_copy():
+    spec = _spec()
+    cfg = spec.modules["attn"]
+    from pathways import modules as mod
+
+    rt = ModuleRuntime("attn", cfg, mod.build(cfg, seed=0), weights="int8")
+    full = weights.nbytes(rt.state)
+    assert rt.compact()
+    assert rt._state is None
+    state = rt.state  # what the int8 copy holds, as float32, in the original shapes
+    assert weights.nbytes(state) == full
+    for leaf in jax.tree.leaves(state):
+        assert leaf.dtype == jnp.float32
+    f32 = ModuleRuntime("attn", cfg, mod.build(cfg, seed=0))
+    assert not f32.compact()  # nothing to drop: the float32 state is what it serves
+
+
+def test_bad_storage_is_refused():
+    with pytest.raises(ValueError, match="weights must be one of float32, bfloat16, int8"):
+        weights.check("float16")
+    with pytest.raises(ValueError, match="weights must be one of"):
+        LocalExecutor(_spec(), weights="int4")

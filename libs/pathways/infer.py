@@ -1,7 +1,7 @@
 """Stateless inference on a pathway, the same in one process and through the services: an input
 (an encoded image, a WAV, a text, a tensor) checked against what the pathway's first module
 reads, every module's stateless step with the pathway's attention mask (`Executor.forward`),
-and the head's result (class probabilities) or the pooled hidden state (an embedding).
+and the head's result (class probabilities, a CTC transcript) or the pooled hidden state (an embedding).
 
 The gateway's `Infer` runs this over a `RemoteExecutor`, `pathways classify --checkpoint` over a
 `LocalExecutor`. Errors are `InferError`s whose message names the field and the values; their
@@ -11,8 +11,6 @@ The gateway's `Infer` runs this over a `RemoteExecutor`, `pathways classify --ch
 from __future__ import annotations
 
 import dataclasses
-import io
-import wave
 from collections.abc import Collection
 
 import numpy as np
@@ -96,8 +94,13 @@ def decode_image(data: bytes, cfg) -> np.ndarray:
 
     if not data:
         raise InferError("image: empty (expected the bytes of a PNG or JPEG file)")
+    data = bytes(data)
+    if not data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+        raise InferError(
+            f"image: not a readable PNG or JPEG ({len(data)} bytes starting {data[:8]!r})"
+        )
     try:
-        pixels = np.asarray(iio.imread(data))
+        pixels = np.asarray(iio.imread(data, plugin="pillow"))
     except Exception as e:  # noqa: BLE001 - any decoder failure is the caller's bytes
         raise InferError(f"image: not a readable PNG or JPEG ({len(data)} bytes): {e}") from None
     if pixels.ndim == 2:
@@ -125,26 +128,22 @@ def decode_image(data: bytes, cfg) -> np.ndarray:
 
 
 def decode_wav(data: bytes, cfg) -> np.ndarray:
-    """A WAV (PCM, mono, 16-bit, at the audio embedding's sample rate) as (1, N) float32 in
-    [-1, 1); refused with the field and values named otherwise (nothing is resampled)."""
+    """A WAV file (mono; PCM 8/16/32-bit or float 32-bit, `audio.decode_wav`) at the audio
+    embedding's sample rate as (1, N) float32 in [-1, 1]; refused with the field and values
+    named otherwise (nothing is resampled or mixed down)."""
+    from pathways import audio
+
     if not data:
         raise InferError("wav: empty (expected the bytes of a WAV file)")
     try:
-        with wave.open(io.BytesIO(data)) as w:
-            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
-            frames = w.readframes(w.getnframes())
-    except (wave.Error, EOFError) as e:
-        raise InferError(f"wav: not a readable PCM WAV file ({len(data)} bytes): {e}") from None
-    if channels != 1:
-        raise InferError(f"wav: {channels} channels; expected 1 (mono)")
-    if width != 2:
-        raise InferError(f"wav: {8 * width}-bit samples; expected 16-bit PCM")
+        samples, rate = audio.decode_wav(bytes(data))
+    except ValueError as e:  # names the header, channels or sample format
+        raise InferError(f"wav: {e}") from None
     if rate != cfg.sample_rate:
         raise InferError(
             f"wav: sample rate {rate} Hz, but the pathway reads {cfg.sample_rate} Hz "
             "(audio_embedding sample_rate; audio is not resampled)"
         )
-    samples = np.frombuffer(frames, "<i2").astype(np.float32) / 32768.0
     return samples[None]
 
 
@@ -191,8 +190,11 @@ def check_inputs(x: np.ndarray, spec: PathwaySpec, pathway: str, field: str = "t
         if x.ndim != 2 or not least <= x.shape[1] <= cfg.max_samples:
             raise InferError(
                 f"{field}: {where} reads waveforms of shape (B, N) with {least} <= N <= "
-                f"{cfg.max_samples} samples at {cfg.sample_rate} Hz; got {list(x.shape)}"
+                f"{cfg.max_samples} samples ({cfg.max_samples / cfg.sample_rate:.2f} s at "
+                f"{cfg.sample_rate} Hz); got {list(x.shape)}"
             )
+        if np.isfinite(x).all():  # zero-padded to max_samples, as in training (one program)
+            x = np.pad(x, ((0, 0), (0, cfg.max_samples - x.shape[1])))
     elif reads == "hidden":
         if x.ndim != 3 or x.shape[2] != size or not 1 <= x.shape[1] <= p.max_seq_len:
             raise InferError(
@@ -251,6 +253,12 @@ def run(
         return Result(pathway, "embedding", embedding=hidden.mean(axis=1).astype(np.float32))
     head = spec.modules[p.modules[-1]]
     outputs = head.output_contract[0]
+    if outputs == "characters":  # a CTC head: greedy decoding of each input's frames
+        from pathways.modules.ctc import greedy_decode
+
+        scores = np.asarray(executor.forward(pathway, inputs), np.float64)  # (B, T, symbols)
+        texts = [head.decode(greedy_decode(s)) for s in scores]
+        return Result(pathway, "transcript", texts=texts)
     if outputs != "classes":
         raise WrongPathway(
             f"pathway {pathway!r} ends in {p.modules[-1]!r} ({head.kind}), which outputs "

@@ -57,6 +57,16 @@ def _in_process(checkpoint: str, pathway: str, field: str, data: bytes, top_k: i
     from pathways.executor.local import LocalExecutor
 
     spec, tok = ckpt.load_spec(checkpoint)
+    if field == "wav":  # the speech pathway's own in-process path
+        from pathways.transcribe import Transcriber
+
+        name = infer.choose_pathway(spec, spec.pathways, pathway, field)
+        first = spec.modules[spec.pathway(name).modules[0]]
+        if first.input_contract[0] != "audio":
+            raise ValueError(f"pathway {name!r} reads {first.input_contract[0]}, not audio")
+        wave = infer.decode_wav(data, first)[0]
+        text = Transcriber(checkpoint, name).transcribe(wave, first.sample_rate)
+        return infer.Result(name, "transcript", texts=[text])
     ex = LocalExecutor(spec)
     name, x = infer.prepare(spec, spec.pathways, pathway, field, data, tok)
     missing = [m for m in spec.pathway(name).modules if not ckpt.has_module(checkpoint, m)]

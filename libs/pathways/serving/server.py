@@ -207,8 +207,14 @@ class _Ctx:
 
 
 def warm_up(svc: ModuleServicer) -> None:
-    """Compiles prefill (8 positions) and a one-row decode step through the real handlers."""
+    """Compiles prefill (8 positions) and a one-row decode step through the real handlers, for
+    modules that generation steps (tokens or hidden states in, hidden states or next-token
+    logits out). Image and audio embeddings and pooling heads only run stateless Forward calls,
+    whose shapes are the callers'; they compile on first use."""
     e, ctx = svc.engine, _Ctx()
+    (reads, _), (writes, _) = e.cfg.input_contract, e.cfg.output_contract
+    if reads not in ("tokens", "hidden") or writes not in ("hidden", "logits"):
+        return
     svc.ready = True
     try:
         sid = svc.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), ctx).session_id

@@ -1,6 +1,7 @@
 """Transcriber: checks its input (sample rate, shape, length, values) with errors naming them,
 decodes a pathway's CTC outputs greedily or by beam, and reads a checkpoint as it was trained."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -10,6 +11,7 @@ from pathways.executor.local import LocalExecutor
 from pathways.modules.ctc import greedy_decode
 from pathways.runtime import composite_forward
 from pathways.tokenizers import ByteTokenizer
+from pathways.train import LocalTrainer, TrainConfig
 from pathways.transcribe import Transcriber
 
 SPEC = spec_lib.from_dict(
@@ -120,3 +122,82 @@ def test_pathway_must_be_a_speech_one():
         Transcriber(ex, "nope")
     with pytest.raises(ValueError, match="beam must be a non-negative integer"):
         Transcriber(ex, beam=-1)
+
+
+# Training a speech pathway through the Trainer: fused and pipelined alike (the data set needs
+# espeak-ng; a small one: 27 words, 48 training utterances).
+TRAIN_SPEC = spec_lib.from_dict(
+    {
+        "modules": {
+            "frames": {
+                "kind": "audio_embedding",
+                "sample_rate": 16000,
+                "max_samples": 16000,
+                "d_model": 16,
+                "n_mels": 20,
+            },
+            "attn": {
+                "kind": "attention",
+                "d_model": 16,
+                "n_layers": 1,
+                "n_heads": 2,
+                "max_seq_len": 32,
+            },
+            "chars": {"kind": "ctc", "d_model": 16},
+        },
+        "pathways": {"speech": ["frames", "attn", "chars"]},
+    }
+)
+TRAIN_CFG = TrainConfig(
+    steps=25, batch_size=8, seq_len=25, lr=1e-2, warmup=2, eval_every=25, save_every=25
+)
+
+
+@pytest.fixture(scope="module")
+def small_speech(tmp_path_factory):
+    from pathways.datasets import speech
+
+    if not speech.espeak_available():
+        pytest.skip("espeak-ng is not installed (Debian package espeak-ng; .ci/run installs it)")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PATHWAYS_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    speech.speech.cache_clear()
+    yield speech.speech(train_per_word=2, test_per_word=1, unseen_per_word=1, vocabulary=27)
+    speech.speech.cache_clear()
+    mp.undo()
+
+
+def _rel_err(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    diff = max(float(np.abs(np.asarray(x) - np.asarray(y)).max()) for x, y in zip(la, lb))
+    return diff / max(float(np.abs(np.asarray(y)).max()) for y in lb)
+
+
+def test_a_few_steps_lower_the_ctc_loss_fused_and_pipelined_alike(tmp_path, small_speech):
+    small_speech.check_pathway(TRAIN_SPEC, "speech")
+    runs = {}
+    for engine in ("fused", "pipeline"):
+        ex = LocalExecutor(TRAIN_SPEC, seed=4)
+        trainer = LocalTrainer(
+            ex, "speech", TRAIN_CFG, small_speech, tmp_path / engine, ByteTokenizer(), engine=engine
+        )
+        runs[engine] = (ex, trainer.run())
+    (fused_ex, fused), (pipe_ex, piped) = runs["fused"], runs["pipeline"]
+    first, last = fused[0]["loss"], np.mean([r["loss"] for r in fused[-3:]])
+    assert last < 0.7 * first, (first, last)
+    np.testing.assert_allclose([r["loss"] for r in piped], [r["loss"] for r in fused], rtol=1e-4)
+    for name in TRAIN_SPEC.pathway("speech").modules:
+        assert _rel_err(pipe_ex.state(name), fused_ex.state(name)) <= 1e-3, name
+    # The executor's loss (bidirectional, as trained) is the eval loss the trainer recorded.
+    evals = [
+        small_speech.batch(i, 8, 0, TRAIN_CFG.seed, split="eval")
+        for i in range(TRAIN_CFG.eval_batches)
+    ]
+    loss = np.mean([fused_ex.loss("speech", x, y) for x, y in evals])
+    assert loss == pytest.approx(fused[-1]["eval_loss"], rel=1e-5)
+    # The transcriber reads what was trained: a string per held-out utterance, in the alphabet.
+    u = small_speech.splits["test"]
+    texts = Transcriber(fused_ex).transcribe_many([u.wave(i) for i in range(4)], 16000)
+    assert len(texts) == 4 and all(
+        set(t) <= set(TRAIN_SPEC.modules["chars"].alphabet) for t in texts
+    )

@@ -143,6 +143,11 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     def Forward(self, request, context):
         with self._lock:
             st = self._stage()
+            if request.micro_batch in st.pending:
+                raise FailedPrecondition(
+                    f"micro_batch {request.micro_batch} already has a forward pending on module "
+                    f"{self.engine.name!r} (its backward, or Reset, first)"
+                )
             x = self._input(request.input, "input")
             y = st.forward(request.micro_batch, x, self._targets(request))
             if self.engine.kind.is_head:
@@ -161,7 +166,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             g = self._decode(request.grad, "grad")
             if g.dtype != np.float32:
                 raise InvalidArgument(f"grad must be float32; got {g.dtype}")
-            g_x = st.backward(request.micro_batch, g)
+            try:
+                g_x = st.backward(request.micro_batch, g)
+            except (TypeError, ValueError) as e:  # a gradient of the wrong shape
+                raise InvalidArgument(f"grad: {e}") from None
             resp = training_pb2.TrainBackwardResponse()
             if g_x is not None:
                 codec.encode(np.asarray(g_x), out=resp.grad_input)

@@ -10,7 +10,6 @@ counters end in `_total`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 import threading
@@ -25,7 +24,6 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _UNITS = {"s": "_seconds", "ms": "_milliseconds", "By": "_bytes"}
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RATES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-ROWS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class PrometheusReader(MetricReader):
@@ -199,20 +197,11 @@ class _Generation:
 
 
 class HttpMetrics:
-    """The HTTP front: requests by route and status, latency, time to first token, tokens/s,
-    streams in flight."""
+    """The HTTP front's completions: time to first token, tokens/s, tokens, streams in flight.
+    (Requests by route and status and their latency are FastAPI's own OTel HTTP metrics.)"""
 
     def __init__(self):
         meter = metrics.get_meter("pathways.http")
-        self.requests = meter.create_counter(
-            "pathways.http.requests", description="HTTP requests by route and status"
-        )
-        self.latency = meter.create_histogram(
-            "pathways.http.request.duration",
-            unit="s",
-            description="HTTP request: arrival to the response's last byte",
-            explicit_bucket_boundaries_advisory=SECONDS,
-        )
         self.ttft = meter.create_histogram(
             "pathways.http.time_to_first_token",
             unit="s",
@@ -231,20 +220,15 @@ class HttpMetrics:
             "pathways.http.active_streams", description="completions in flight"
         )
 
-    @contextlib.contextmanager
-    def stream(self, model: str):
-        """Around one completion: yields a `_Generation`-like recorder."""
-        rec = _HttpGeneration(self, model)
-        try:
-            yield rec
-        finally:
-            rec.finish()
+    def start(self, model: str) -> _HttpGeneration:
+        """One completion's recorder: `token()` per token sent, then `finish()`."""
+        return _HttpGeneration(self, model)
 
 
 class _HttpGeneration:
     def __init__(self, m: HttpMetrics, model: str):
         self.m, self.attrs = m, {"model": model}
-        self.t0, self.first, self.n = time.perf_counter(), None, 0
+        self.t0, self.first, self.n, self.done = time.perf_counter(), None, 0, False
         m.active.add(1, self.attrs)
 
     def token(self, count: int = 1) -> None:
@@ -254,7 +238,9 @@ class _HttpGeneration:
         self.n += count
 
     def finish(self) -> None:
-        end = time.perf_counter()
+        if self.done:
+            return
+        self.done, end = True, time.perf_counter()
         self.m.active.add(-1, self.attrs)
         if self.n:
             self.m.tokens.add(self.n, self.attrs)

@@ -135,7 +135,10 @@ class ModuleMetrics:
             "pathways.module.latency", unit="ms", description="module rpc latency by method"
         )
         self._batch = meter.create_histogram(
-            "pathways.module.batch_size", unit="{row}", description="rows per decode batch"
+            "pathways.module.batch_size",
+            unit="{row}",
+            description="rows per decode batch",
+            explicit_bucket_boundaries_advisory=(1, 2, 4, 8, 16, 32, 64, 128),
         )
         attrs = self._attrs
         meter.create_observable_gauge(

@@ -55,7 +55,33 @@ def register(sub) -> None:
         help="pool processes of the coordinator worker, i.e. jobs or job tasks at once "
         "(default 1; `train --parallel diloco --workers K` needs K + 1)",
     )
+    p.add_argument(
+        "--no-http",
+        action="store_true",
+        help="no HTTP front (default: the OpenAI-compatible HTTP API beside the gateway)",
+    )
+    p.add_argument(
+        "--http-port", type=int, default=None, help="the HTTP front's port (default: a free one)"
+    )
+    p.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="no /metrics side ports on module servers and the gateway (default: each serves "
+        "Prometheus metrics on a free port, printed at start)",
+    )
     p.set_defaults(func=cmd_up)
+    h = sub.add_parser(
+        "http-front",
+        help="run the OpenAI-compatible HTTP front over a gateway (foreground)",
+        description="Serves /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings "
+        "and /metrics over a gRPC gateway. TLS towards the gateway as for `generate --gateway`: "
+        "the local deployment's certificate for its gateway, else PATHWAYS_TLS_DIR or "
+        "PATHWAYS_INSECURE=1. Callers' `Authorization: Bearer KEY` goes to the gateway.",
+    )
+    from pathways.http import server as http_server
+
+    http_server.add_args(h)
+    h.set_defaults(func=cmd_http_front)
 
 
 def parse_replicas(values: list[str], modules) -> dict[str, int]:
@@ -80,6 +106,8 @@ def cmd_up(args) -> int:
         raise ValueError(f"--coordinator-processes must be >= 1; got {args.coordinator_processes}")
     extra = ["--kv-cache-mb", str(args.kv_cache_mb)] if args.kv_cache_mb else []
     extra += ["--weights", args.weights] if args.weights else []
+    if args.http_port is not None and not 0 < args.http_port < 65536:
+        raise ValueError(f"--http-port must be in [1, 65535]; got {args.http_port}")
     log_dir = args.log_dir or local.state_file().parent / "logs"
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,6 +120,9 @@ def cmd_up(args) -> int:
         coordinator=not args.no_coordinator,
         worker_concurrency=args.coordinator_processes,
         secure_dir=None if args.insecure else local.state_file().parent,
+        http_front=not args.no_http,
+        http_port=args.http_port,
+        metrics=not args.no_metrics,
     )
     n = sum(replicas.get(m, 1) for m in dep.modules)
     if args.insecure:
@@ -101,7 +132,7 @@ def cmd_up(args) -> int:
             file=sys.stderr,
         )
     print(
-        f"starting {n} module server(s), a gateway"
+        f"starting {n} module server(s), a gateway{'' if args.no_http else ', an HTTP front'}"
         f"{'' if args.no_coordinator else ', a broker and a coordinator worker'} "
         f"(logs: {log_dir})...",
         file=sys.stderr,
@@ -113,6 +144,10 @@ def cmd_up(args) -> int:
         if dep.broker is not None:
             print(f"  {'broker':<16} {dep.broker.shown_url}", file=sys.stderr)
         print(f"gateway {dep.gateway}", flush=True)
+        if dep.http is not None:
+            print(f"http {dep.http.url}/v1  (OpenAI-compatible)", flush=True)
+        for name, url in dep.metrics_urls.items():
+            print(f"  metrics {name:<16} {url}", file=sys.stderr)
         print(f"try: pathways generate --gateway {dep.gateway} --prompt 'def '", file=sys.stderr)
         while not done.wait(1.0):
             dead = dep.dead()
@@ -153,4 +188,13 @@ def generate_via_gateway(args) -> int:
             sys.stdout.write("\n")
             raise ValueError(f"gateway {gw.address}: {e.code().name}: {e.details()}") from None
     sys.stdout.write("\n")
+    return 0
+
+
+def cmd_http_front(args) -> int:
+    """`pathways http-front`: the HTTP front in this process until SIGTERM/Ctrl-C."""
+    from pathways.http import server as http_server
+
+    settings = http_server.settings_from_args(args)
+    http_server.run(settings, args.host, args.port)
     return 0

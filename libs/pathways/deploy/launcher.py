@@ -138,6 +138,7 @@ def _serving(stub, service: str) -> bool:
 MODULE_SERVER = "services.module_server.main"
 GATEWAY = "services.gateway.main"
 COORDINATOR_WORKER = "services.coordinator.main"
+HTTP_FRONT = "services.http_front.main"
 
 
 class Process:
@@ -291,6 +292,43 @@ def start_worker(
     return Process("coordinator", argv, None, env, log, label="coordinator worker")
 
 
+def start_http_front(
+    gateway: str,
+    env=None,
+    log=None,
+    port: int | None = None,
+    tls: transport.TLSConfig | None = None,
+) -> Process:
+    """The OpenAI-compatible HTTP front over `gateway` on `port` (None: a free one), reaching
+    the gateway with `tls` (None: plaintext). Ready when `wait_http_ready` says so."""
+    port = free_port() if port is None else port
+    argv = [HTTP_FRONT, "--gateway", gateway, "--port", str(port)]
+    p = Process("http-front", argv, port, _with_tls(env, tls), log, label="http front")
+    p.url = f"http://127.0.0.1:{port}"
+    return p
+
+
+def wait_http_ready(proc: Process, timeout: float = 60.0, also: list[Process] = ()) -> None:
+    """Blocks until `proc`'s GET /readyz answers 200 (its gateway is SERVING); StartupError
+    when it (or one of `also`) exits, or after `timeout`."""
+    import urllib.error
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while True:
+        for p in [proc, *also]:
+            p.check()
+        try:
+            with urllib.request.urlopen(f"{proc.url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > end:
+            raise StartupError(f"{proc.label} at {proc.url} not ready after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
 def stop_all(procs: list[Process]) -> None:
     """SIGTERM to all first, so they drain in parallel; then wait for (or kill) each."""
     for p in procs:
@@ -314,8 +352,12 @@ class Fleet:
         module_args: list[str] = (),
         identities: certs.Identities | None = None,
         gateway_args: list[str] = (),
+        metrics: bool = False,
     ):
+        """`metrics`: every module server and the gateway serve GET /metrics on a free side
+        port (`metrics_urls`: process name -> URL)."""
         self.checkpoint, self.modules = str(checkpoint), modules
+        self.metrics, self.metrics_urls = metrics, {}
         # Each service's certificate (None: every process in plaintext); this process checks
         # their health as the local user's client.
         self.identities = identities or certs.Identities(None)
@@ -348,7 +390,13 @@ class Fleet:
                 tls = self.identities.tls(certs.module_identity(m))
                 self.servers[m] = [
                     start_module(
-                        self.checkpoint, m, env, self.log, self.module_args, replica=i, tls=tls
+                        self.checkpoint,
+                        m,
+                        env,
+                        self.log,
+                        [*self.module_args, *self._metrics_args(m if i == 0 else f"{m}.{i}")],
+                        replica=i,
+                        tls=tls,
                     )
                     for i in range(self.replicas.get(m, 1))
                 ]
@@ -360,7 +408,7 @@ class Fleet:
                     self.endpoints,
                     self.env,
                     self.log,
-                    self.gateway_args,
+                    [*self.gateway_args, *self._metrics_args("gateway")],
                     tls=self.identities.tls(certs.GATEWAY),
                 )
                 wait_all_healthy([self.gateway], timeout, also=also, tls=self.client_tls)
@@ -368,6 +416,13 @@ class Fleet:
             self.stop()
             raise
         return self
+
+    def _metrics_args(self, name: str) -> list[str]:
+        if not self.metrics:
+            return []
+        port = free_port()
+        self.metrics_urls[name] = f"http://127.0.0.1:{port}/metrics"
+        return ["--metrics-port", str(port)]
 
     def stop(self) -> None:
         procs = [p for ps in self.servers.values() for p in ps]

@@ -87,11 +87,18 @@ class LocalDeployment:
         coordinator: bool = True,
         worker_concurrency: int = 1,
         secure_dir: str | Path | None = None,
+        http_front: bool = False,
+        http_port: int | None = None,
+        metrics: bool = False,
     ):
         """`secure_dir`: where the deployment keeps its CA and service certificates (`tls/`),
         the gateway's hashed API keys (`api-keys.json`) and the local user's admin key
         (`client.key`, owner-only); every process then talks mutual TLS and the gateway asks
-        for keys. None: plaintext and no keys (tests on loopback; `--insecure`)."""
+        for keys. None: plaintext and no keys (tests on loopback; `--insecure`).
+        `http_front`: also the OpenAI-compatible HTTP front over the gateway, on `http_port`
+        (None: a free port); it reaches the gateway with its own certificate (`http-front`).
+        `metrics`: module servers and the gateway serve GET /metrics on side ports (the HTTP
+        front always does, on its own port)."""
         from pathways import certs
         from pathways import checkpoint as ckpt
 
@@ -104,6 +111,8 @@ class LocalDeployment:
         self.log = Path(log_dir) if log_dir is not None else None
         self.coordinator, self.worker_concurrency = coordinator, worker_concurrency
         self.fleet = None
+        self.with_http, self.http_port, self.http = http_front, http_port, None
+        self.metrics = metrics
         self.broker = None
         self.worker = None
         self.secure_dir = None if secure_dir is None else Path(secure_dir)
@@ -145,6 +154,14 @@ class LocalDeployment:
         return self.fleet.gateway.address
 
     @property
+    def metrics_urls(self) -> dict[str, str]:
+        """Process name -> its /metrics URL (the HTTP front's included)."""
+        urls = dict(self.fleet.metrics_urls) if self.fleet is not None else {}
+        if self.http is not None:
+            urls["http-front"] = f"{self.http.url}/metrics"
+        return urls
+
+    @property
     def train_modules(self) -> dict[str, str]:
         """The replica of each module that trains (the first): module -> host:port."""
         return {m: addrs[0] for m, addrs in self.fleet.endpoints.items()}
@@ -173,13 +190,26 @@ class LocalDeployment:
                 module_args=self.module_args,
                 identities=self.identities,
                 gateway_args=self._gateway_args(),
+                metrics=self.metrics,
             )
             self.fleet.start(timeout, also=[self.worker] if self.worker else [])
+            if self.with_http:
+                from pathways.deploy.launcher import start_http_front, wait_http_ready
+
+                self.http = start_http_front(
+                    self.gateway,
+                    log=self.log,
+                    port=self.http_port,
+                    tls=self.identities.tls("http-front"),
+                )
+                wait_http_ready(self.http, timeout, also=[self.worker] if self.worker else [])
             if self.worker is not None:
                 self.worker.check()
             write(
                 {
                     "gateway": self.gateway,
+                    "http": self.http.url if self.http is not None else None,
+                    "metrics": self.metrics_urls,
                     "broker": self.broker.url if self.broker else None,
                     "modules": self.fleet.endpoints,
                     "train_modules": self.train_modules,
@@ -229,6 +259,8 @@ class LocalDeployment:
         ]
         if self.fleet.gateway is not None and self.fleet.gateway.proc.poll() is not None:
             out.append("gateway")
+        if self.http is not None and self.http.proc.poll() is not None:
+            out.append("http-front")
         if self.worker is not None and self.worker.proc.poll() is not None:
             out.append("coordinator-worker")
         return out
@@ -237,6 +269,8 @@ class LocalDeployment:
         remove()
         if self.worker is not None and self.worker.proc.poll() is None:
             self.worker.proc.terminate()  # first, so it drains while the servers stop
+        if self.http is not None:
+            self.http.stop()  # before the gateway, whose streams it holds
         if self.fleet is not None:
             self.fleet.stop()
         if self.worker is not None:

@@ -1,0 +1,65 @@
+"""Running the HTTP front: flags and environment -> Settings -> uvicorn (graceful on SIGTERM)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pathways import client, transport
+
+ENV_GATEWAY = "PATHWAYS_GATEWAY"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gateway",
+        default=os.environ.get(ENV_GATEWAY),
+        metavar="HOST:PORT",
+        help=f"the gRPC gateway (env {ENV_GATEWAY}; default: the running `pathways up`'s)",
+    )
+    p.add_argument("--host", default=os.environ.get("PATHWAYS_HTTP_HOST", "127.0.0.1"))
+    p.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PATHWAYS_HTTP_PORT", "8000")),
+        help="HTTP port (env PATHWAYS_HTTP_PORT; default 8000)",
+    )
+    p.add_argument(
+        "--max-body-kb",
+        type=int,
+        default=int(os.environ.get("PATHWAYS_HTTP_MAX_BODY_KB", "1024")),
+        help="larger request bodies get 413 (env PATHWAYS_HTTP_MAX_BODY_KB; default 1024)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=float(os.environ.get("PATHWAYS_HTTP_TIMEOUT_S", "300")),
+        help="deadline of each gateway call in seconds (default 300)",
+    )
+
+
+def settings_from_args(args, tls: transport.TLSConfig | None = None):
+    """Settings from parsed flags; TLS towards the gateway as `pathways.client.target` finds it
+    (the local deployment's certificate for its gateway, else PATHWAYS_TLS_DIR /
+    PATHWAYS_INSECURE), unless `tls` is given. The front never uses a key of its own."""
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in [1, 65535]; got {args.port}")
+    if args.max_body_kb <= 0:
+        raise ValueError(f"--max-body-kb must be > 0; got {args.max_body_kb}")
+    from pathways.http.app import Settings
+
+    t = client.target(args.gateway, api_key="", tls=tls)
+    return Settings(
+        t.address, t.tls, max_body_bytes=args.max_body_kb * 1024, timeout_s=args.timeout
+    )
+
+
+def run(settings, host: str, port: int) -> None:
+    """Serves `settings` (an app.Settings) until SIGTERM/SIGINT."""
+    import uvicorn
+
+    from pathways.http.app import create_app
+
+    app = create_app(settings)
+    print(f"http front serving on http://{host}:{port} (gateway {settings.gateway})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -1,0 +1,443 @@
+"""The OpenAI-compatible HTTP front against a real secured deployment (what `pathways up` runs:
+module servers, gateway and HTTP front as processes, mutual TLS, API keys), driven with the
+official `openai` package, httpx for what the SDK hides (headers, raw SSE, disconnects), curl
+for the README's examples, and prometheus_client's parser for /metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pathways import certs, chat, client, transport
+from pathways import generate as gen
+from pathways.deploy.local import LocalDeployment
+from pathways.sampling import SamplingParams
+from pathways.serving import auth
+from pathways.serving.testing import make_checkpoint
+from pathways.tokenizers import ByteTokenizer
+from pathways.v1 import module_pb2, module_pb2_grpc
+
+pytestmark = pytest.mark.slow
+READER = auth.new_key()  # role generate
+SLOTS = 2  # KV-cache slots per attention server: capacity is reached on purpose
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+@pytest.fixture(scope="module")
+def dep(tmp_path_factory):
+    home, ckpt = tmp_path_factory.mktemp("home"), tmp_path_factory.mktemp("ckpt")
+    ex = make_checkpoint(ckpt)
+    auth.KeyStore([auth.hashed("reader", "generate", READER)]).save(home / "api-keys.json")
+    saved = os.environ.get("PATHWAYS_HOME")
+    os.environ["PATHWAYS_HOME"] = str(home)  # the state file `pathways generate` reads
+    try:
+        with LocalDeployment(
+            ckpt,
+            coordinator=False,
+            secure_dir=home,
+            http_front=True,
+            metrics=True,
+            module_args=["--max-slots", str(SLOTS)],
+        ) as d:
+            yield {
+                "d": d,
+                "ex": ex,
+                "home": home,
+                "url": d.http.url,
+                "tls": transport.TLSConfig.from_dir(home / "tls" / certs.CLIENT),
+            }
+    finally:
+        if saved is None:
+            os.environ.pop("PATHWAYS_HOME", None)
+        else:
+            os.environ["PATHWAYS_HOME"] = saved
+
+
+def _oa(dep, key: str = READER) -> openai.OpenAI:
+    return openai.OpenAI(base_url=dep["url"] + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _local(ex, prompt: str, n: int, stop=()) -> str:
+    params = SamplingParams(temperature=0.0, max_new_tokens=n, stop=tuple(stop))
+    return gen.generate(ex, "tiny", [prompt], ByteTokenizer(), params)[0].text
+
+
+def _post(dep, path: str, body, key: str | None = READER, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
+    return httpx.post(dep["url"] + path, json=body, headers=headers, timeout=120, **kw)
+
+
+def _scrape(url: str) -> dict:
+    text = httpx.get(url, timeout=10).text
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _value(fams: dict, family: str, sample: str, **labels) -> float:
+    return sum(
+        s.value
+        for s in fams[family].samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+def test_models_list_one_entry_per_pathway_with_the_catalog(dep):
+    models = {m.id: m for m in _oa(dep).models.list()}
+    assert set(models) == {"tiny", "tiny-shallow"}
+    tiny = models["tiny"].model_extra["pathway"]
+    assert tiny["modules"] == ["embed", "attn-0", "attn-1", "head"]
+    assert tiny["max_context"] == 256 and tiny["tokens_per_s"] is None
+    shallow = models["tiny-shallow"].model_extra["pathway"]
+    assert 0 < shallow["parameters"] < tiny["parameters"]
+    assert tiny["weight_bytes"] == 4 * tiny["parameters"]  # float32
+    assert _oa(dep).models.retrieve("tiny-shallow").id == "tiny-shallow"
+
+
+def test_greedy_completion_equals_the_gateway_the_cli_and_the_local_pathway(dep, capsys):
+    from tools.cli.main import main
+
+    prompt, n = "def main():", 12
+    r = _oa(dep).completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
+    text = r.choices[0].text
+    assert text == _local(dep["ex"], prompt, n)
+    assert r.choices[0].finish_reason == "length" and r.object == "text_completion"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), n)
+    with client.Client(dep["d"].gateway, api_key=READER, tls=dep["tls"]) as c:
+        assert c.complete(prompt, max_tokens=n).text == text
+    capsys.readouterr()
+    argv = ["generate", "--gateway", dep["d"].gateway, "--prompt", prompt]
+    assert main([*argv, "--max-tokens", str(n), "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == prompt + text + "\n"
+
+
+def test_streamed_chat_equals_the_whole_chat_through_the_default_template(dep):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    oa = _oa(dep)
+    whole = oa.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=10, temperature=0
+    )
+    chunks = list(
+        oa.chat.completions.create(
+            model="tiny",
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert reasons[-1] == whole.choices[0].finish_reason and set(reasons[:-1]) == {None}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == whole.usage.prompt_tokens
+    prompt = chat.DEFAULT.render(messages)
+    assert whole.usage.prompt_tokens == len(prompt)
+    assert streamed == _local(dep["ex"], prompt, 10, chat.DEFAULT.stop)
+    # The raw stream is server-sent events ending with [DONE].
+    body = {"model": "tiny", "messages": messages, "max_tokens": 3, "stream": True}
+    with httpx.stream(
+        "POST",
+        dep["url"] + "/v1/chat/completions",
+        json=body,
+        timeout=60,
+        headers={"Authorization": f"Bearer {READER}"},
+    ) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_stop_sequences_end_the_text_before_them(dep):
+    oa = _oa(dep)
+    full = oa.completions.create(model="tiny", prompt="x = ", max_tokens=24, temperature=0)
+    text = full.choices[0].text
+    stop = text[6:8]  # a piece from the middle of the greedy text
+    cut = oa.completions.create(
+        model="tiny", prompt="x = ", max_tokens=24, temperature=0, stop=[stop, "\u2603"]
+    )
+    assert cut.choices[0].text == text[: text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+
+
+def test_the_same_seed_gives_the_same_sampled_text(dep):
+    oa = _oa(dep)
+
+    def sample(seed):
+        kw = dict(model="tiny", prompt="def ", max_tokens=20, temperature=1.0, top_p=0.95)
+        return oa.completions.create(seed=seed, **kw).choices[0].text
+
+    a, b, c = sample(7), sample(7), sample(8)
+    assert a == b and a != c
+
+
+def test_embeddings_are_the_gateways_pooled_hidden_states(dep):
+    r = _oa(dep).embeddings.create(model="tiny", input=["hello", "def f():"])
+    assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 128
+    with client.Client(dep["d"].gateway, api_key=READER, tls=dep["tls"]) as c:
+        want = c.embed("def f():", pathway="tiny").vector
+    assert max(abs(a - b) for a, b in zip(r.data[1].embedding, want)) < 1e-6
+    assert r.data[0].embedding != r.data[1].embedding
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"prompt": "x", "n": 2}, "n"),
+        ({"prompt": "x", "temperature": 2.5}, "temperature"),
+        ({"prompt": "x", "top_p": 0}, "top_p"),
+        ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "x", "seed": -1}, "seed"),
+        ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"prompt": "x", "logprobs": 3}, "logprobs"),
+        ({"prompt": "x", "frobnicate": 1}, "frobnicate"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "x", "max_tokens": 300}, "prompt"),  # beyond the 256-token context
+        ({"model": "", "prompt": "x"}, "model"),
+    ],
+)
+def test_bad_parameters_get_400_naming_the_field(dep, body, param):
+    r = _post(dep, "/v1/completions", {"model": "tiny", **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert "Retry-After" not in r.headers
+
+
+def test_chat_messages_are_checked(dep):
+    r = _post(dep, "/v1/chat/completions", {"model": "tiny", "messages": [{"role": "robot"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    with pytest.raises(openai.BadRequestError) as e:
+        _oa(dep).chat.completions.create(model="tiny", messages=[], max_tokens=2)
+    assert e.value.body["param"] == "messages"
+
+
+def test_auth_size_and_model_errors(dep):
+    with pytest.raises(openai.AuthenticationError) as e:
+        _oa(dep, "pwk_wrong").completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert e.value.status_code == 401 and "unknown API key" in e.value.message
+    r = _post(dep, "/v1/completions", {"model": "tiny", "prompt": "x"}, key=None)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.get(dep["url"] + "/v1/models", headers={"Authorization": "Basic abc"})
+    assert r.status_code == 401
+    with pytest.raises(openai.NotFoundError) as e:
+        _oa(dep).completions.create(model="no-such", prompt="x", max_tokens=2)
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    assert (
+        httpx.get(
+            dep["url"] + "/v1/models/no-such", headers={"Authorization": f"Bearer {READER}"}
+        ).status_code
+        == 404
+    )
+    big = {"model": "tiny", "prompt": "x" * (1 << 20)}  # the body limit is 1 MiB
+    r = _post(dep, "/v1/completions", big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    r = httpx.post(
+        dep["url"] + "/v1/completions",
+        content=b"{nope",
+        timeout=30,
+        headers={"Authorization": f"Bearer {READER}"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+
+
+def test_429_with_retry_after_only_when_the_servers_are_at_capacity(dep):
+    """Fill attn-0's KV-cache slots with sessions of our own (the deployment's client
+    certificate), then ask: 429 and Retry-After; free them: served again."""
+    address = dep["d"].fleet.endpoints["attn-0"][0]
+    ch = transport.channel(address, tls=dep["tls"])
+    stub = module_pb2_grpc.ModuleServiceStub(ch)
+    sids = []
+    try:
+        for _ in range(SLOTS):
+            sids.append(
+                stub.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), timeout=10).session_id
+            )
+        with pytest.raises(grpc.RpcError) as e:
+            stub.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), timeout=10)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        r = _post(dep, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 429, r.text
+        assert int(r.headers["Retry-After"]) >= 1
+        assert r.json()["error"]["code"] == "servers_at_capacity"
+        with pytest.raises(openai.RateLimitError):
+            _oa(dep).chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+            )
+    finally:
+        for sid in sids:
+            stub.CloseSession(module_pb2.CloseSessionRequest(session_id=sid), timeout=10)
+        ch.close()
+    r = _post(dep, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+
+
+def test_a_client_that_goes_away_cancels_the_generation_and_frees_the_session(dep):
+    gw, attn = dep["d"].metrics_urls["gateway"], dep["d"].metrics_urls["attn-0"]
+    family = "pathways_gateway_generations"
+
+    def cancelled():
+        fams = _scrape(gw)
+        return _value(fams, family, family + "_total", code="CANCELLED") if family in fams else 0
+
+    before = cancelled()
+    for i in range(SLOTS + 1):  # more streams than slots: each must free its session
+        body = {"model": "tiny", "prompt": "def ", "max_tokens": 240, "stream": True}
+        with httpx.stream(
+            "POST",
+            dep["url"] + "/v1/completions",
+            json=body,
+            timeout=60,
+            headers={"Authorization": f"Bearer {READER}"},
+        ) as r:
+            assert r.status_code == 200
+            next(ln for ln in r.iter_lines() if ln.startswith("data: "))
+        end = time.monotonic() + 15  # 240 tokens take far longer than this here
+        while cancelled() < before + i + 1 and time.monotonic() < end:
+            time.sleep(0.2)
+        assert cancelled() == before + i + 1
+    end = time.monotonic() + 15
+    while time.monotonic() < end:
+        sessions = _value(
+            _scrape(attn),
+            "pathways_module_active_sessions",
+            "pathways_module_active_sessions",
+            module="attn-0",
+        )
+        if sessions == 0:
+            break
+        time.sleep(0.2)
+    assert sessions == 0
+
+
+def _readme_curls() -> list[str]:
+    lines, out, cur = README.read_text().splitlines(), [], None
+    for ln in lines:
+        s = ln.strip()
+        if cur is not None:
+            cur += " " + s.rstrip("\\").strip()
+            if not s.endswith("\\"):
+                out.append(cur)
+                cur = None
+        elif s.startswith("curl "):
+            if s.endswith("\\"):
+                cur = s.rstrip("\\").strip()
+            else:
+                out.append(s)
+    return out
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl")
+def test_the_readme_curl_examples_run(dep):
+    curls = _readme_curls()
+    assert len(curls) >= 3, curls
+    env = {**os.environ, "PATHWAYS_HTTP": dep["url"], "PATHWAYS_API_KEY": READER}
+    for cmd in curls:
+        p = subprocess.run(
+            ["bash", "-c", cmd], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert p.returncode == 0, (cmd, p.stderr)
+        out = p.stdout.strip()
+        if "stream" in cmd:
+            events = [ln for ln in out.splitlines() if ln]
+            assert events[-1] == "data: [DONE]", (cmd, out)
+            json.loads(events[0][len("data: ") :])
+        else:
+            data = json.loads(out)
+            assert "error" not in data and data.get("object") in (
+                "list",
+                "text_completion",
+                "chat.completion",
+            ), (cmd, out)
+
+
+def test_metrics_after_traffic(dep):
+    urls = dep["d"].metrics_urls
+    _oa(dep).completions.create(model="tiny", prompt="def ", max_tokens=8, temperature=0)
+    front = _scrape(urls["http-front"])
+    ok = _value(
+        front,
+        "http_server_request_duration_seconds",
+        "http_server_request_duration_seconds_count",
+        http_route="/v1/completions",
+        http_response_status_code="200",
+    )
+    assert ok >= 3
+    assert (
+        _value(
+            front,
+            "http_server_request_duration_seconds",
+            "http_server_request_duration_seconds_count",
+            http_response_status_code="429",
+        )
+        >= 1
+    )
+    ttft = "pathways_http_time_to_first_token_seconds"
+    n, total = _value(front, ttft, ttft + "_count"), _value(front, ttft, ttft + "_sum")
+    assert n >= 3 and 0 < total / n < 60
+    rate = "pathways_http_tokens_per_second"
+    assert 0 < _value(front, rate, rate + "_sum") / _value(front, rate, rate + "_count") < 1e5
+    assert (
+        _value(
+            front,
+            "pathways_http_completion_tokens",
+            "pathways_http_completion_tokens_total",
+            model="tiny",
+        )
+        >= 8
+    )
+    assert _value(front, "pathways_http_active_streams", "pathways_http_active_streams") == 0
+    gw = _scrape(urls["gateway"])
+    assert (
+        _value(gw, "pathways_gateway_generations", "pathways_gateway_generations_total", code="OK")
+        >= 3
+    )
+    assert (
+        _value(
+            gw,
+            "pathways_gateway_generations",
+            "pathways_gateway_generations_total",
+            code="RESOURCE_EXHAUSTED",
+        )
+        >= 1
+    )
+    t = "pathways_gateway_time_to_first_token_seconds"
+    assert 0 < _value(gw, t, t + "_sum") / _value(gw, t, t + "_count") < 60
+    assert (
+        _value(gw, "pathways_gateway_active_generations", "pathways_gateway_active_generations")
+        == 0
+    )
+    attn = _scrape(urls["attn-0"])
+    lat = "pathways_module_latency_milliseconds"
+    decodes = _value(attn, lat, lat + "_count", module="attn-0", method="Decode")
+    decodes += _value(attn, lat, lat + "_count", module="attn-0", method="DecodeGroup")
+    assert decodes >= 7
+    assert (
+        _value(
+            attn,
+            "pathways_module_kv_cache_bytes",
+            "pathways_module_kv_cache_bytes",
+            module="attn-0",
+        )
+        > 0
+    )
+    batch = "pathways_module_batch_size"
+    assert _value(attn, batch, batch + "_count", module="attn-0") >= 1
+    assert _value(attn, batch, batch + "_bucket", module="attn-0", le="+Inf") == _value(
+        attn, batch, batch + "_count", module="attn-0"
+    )
+    head = _scrape(urls["head"])
+    assert "pathways_module_active_sessions" in head
+    assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", urls["embed"])

@@ -150,3 +150,27 @@ class Transcriber:
         """The texts of several waveforms, computed in batches."""
         checked = [self.check(w, sample_rate) for w in waveforms]
         return [self.decode(lp) for lp in self.log_probs(checked)]
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions of characters."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
+
+
+def error_rates(hypotheses: list[str], references: list[str]) -> dict:
+    """Character error rate (edits over reference characters, summed over utterances) and word
+    accuracy (the share of utterances transcribed exactly)."""
+    if len(hypotheses) != len(references) or not references:
+        raise ValueError(
+            f"need as many hypotheses as references, at least one; got {len(hypotheses)} "
+            f"and {len(references)}"
+        )
+    edits = sum(edit_distance(h, r) for h, r in zip(hypotheses, references))
+    chars = sum(len(r) for r in references)
+    exact = sum(h == r for h, r in zip(hypotheses, references))
+    return {"cer": edits / max(chars, 1), "word_accuracy": exact / len(references)}

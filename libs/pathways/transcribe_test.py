@@ -201,3 +201,17 @@ def test_a_few_steps_lower_the_ctc_loss_fused_and_pipelined_alike(tmp_path, smal
     assert len(texts) == 4 and all(
         set(t) <= set(TRAIN_SPEC.modules["chars"].alphabet) for t in texts
     )
+
+
+def test_edit_distance_and_error_rates():
+    from pathways.transcribe import edit_distance, error_rates
+
+    assert edit_distance("kitten", "sitting") == 3
+    assert edit_distance("", "abc") == 3 and edit_distance("abc", "") == 3
+    assert edit_distance("flaw", "lawn") == 2 and edit_distance("same", "same") == 0
+    r = error_rates(["about", "abve", ""], ["about", "above", "air"])
+    assert r["cer"] == pytest.approx((0 + 1 + 3) / 13) and r["word_accuracy"] == pytest.approx(
+        1 / 3
+    )
+    with pytest.raises(ValueError, match="as many hypotheses as references"):
+        error_rates(["a"], ["a", "b"])

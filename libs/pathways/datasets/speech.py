@@ -123,6 +123,9 @@ class SpeechData:
     alphabet: str
     sample_rate: int = SAMPLE_RATE
     name: str = "speech"
+    # Training batches play each word at a random speed in [1 - p, 1 + p] (resampled: duration,
+    # pitch and formants scale together, as a shorter or longer vocal tract would).
+    speed_perturb: float = 0.1
 
     def texts(self, split: str) -> list[str]:
         return [self.words[i] for i in self.splits[split].word]
@@ -136,12 +139,18 @@ class SpeechData:
         return out
 
     def waves(self, idx: np.ndarray, split: str, shift_seed=None) -> np.ndarray:
-        """(B, max_samples) float32; with `shift_seed`, each word starts at a random offset."""
+        """(B, max_samples) float32; with `shift_seed`, each word is played at a random speed
+        (`speed_perturb`) and starts at a random offset."""
         u = self.splits[split]
         out = np.zeros((len(idx), self.max_samples), np.float32)
         rng = None if shift_seed is None else np.random.default_rng(shift_seed)
         for n, i in enumerate(idx):
             w = u.wave(i)
+            if rng is not None and self.speed_perturb:
+                p = self.speed_perturb
+                speed = max(rng.uniform(1 - p, 1 + p), len(w) / self.max_samples)
+                w = audio.resample(w, round(self.sample_rate * speed), self.sample_rate)
+                w = w[: self.max_samples]
             at = 0 if rng is None else int(rng.integers(0, self.max_samples - len(w) + 1))
             out[n, at : at + len(w)] = w
         return out

@@ -98,7 +98,10 @@ def decode(t: tensor_pb2.Tensor, field: str = "tensor") -> np.ndarray:
             f"{field}.data has {len(data)} bytes but dtype {NAMES[dt]} and "
             f"shape {list(shape)} need {want}"
         )
-    a = np.frombuffer(data, np_dtype).reshape(shape)
+    try:
+        a = np.frombuffer(data, np_dtype).reshape(shape)
+    except ValueError as e:  # e.g. an empty tensor whose other sizes overflow numpy's index
+        raise CodecError(f"{field}.shape {list(shape)} cannot be an array: {e}") from None
     if dt == DType.DTYPE_INT8_BLOCK:
         return _dequantize(a, t, field)
     if dt == DType.DTYPE_BFLOAT16:

@@ -76,3 +76,11 @@ def test_int8_block_size_from_the_wire_is_bounded_and_never_expanded_past_the_ax
     t.block_size = 1 << 30  # a 191-byte message once made a server allocate 1 GB this way
     with pytest.raises(codec.CodecError, match=r"block_size must be in \[1, 65536\]"):
         codec.decode(t, "input")
+
+
+def test_an_empty_tensor_with_sizes_numpy_cannot_index_is_a_codec_error():
+    """Found by tools/bench/fuzz.py: a ValueError from numpy came back as INTERNAL."""
+    for dtype in (tensor_pb2.DType.DTYPE_FLOAT32, tensor_pb2.DType.DTYPE_INT8_BLOCK):
+        t = tensor_pb2.Tensor(dtype=dtype, shape=[11778206] * 3 + [0], block_size=3)
+        with pytest.raises(codec.CodecError, match=r"input.shape \[11778206, .*cannot be an"):
+            codec.decode(t, "input")

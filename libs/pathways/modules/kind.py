@@ -37,10 +37,12 @@ class Kind:
         name: the spec's `kind:` value (equal to the config's `kind` field).
         config: the frozen config dataclass; `input_contract` / `output_contract` give
             (activation name, size): "tokens" (int32 (B, T) ids < size), "image" (float
-            (B, H, W, size channels)), "hidden" (float (B, T, size)), "logits" (float
-            (B, T, size): next-token scores) or "classes" (float (B, size)). A config may also
-            have `output_length`: the fixed number of positions it outputs (an image's patches),
-            checked against the `max_seq_len` of the modules after it.
+            (B, H, W, size channels)), "audio" (float (B, samples) at size Hz), "hidden" (float
+            (B, T, size)), "logits" (float (B, T, size): next-token scores), "classes" (float
+            (B, size)) or "characters" (float (B, T, size): per-position CTC scores). A config
+            may also have `output_length`: the most positions it outputs (an image's patches,
+            the frames of the longest waveform), checked against the `max_seq_len` of the
+            modules after it.
         module: the NNX module class, `module(cfg, rngs)`.
         is_head: maps hidden states to logits, has `loss`, and ends a pathway (samples).
         empty_cache: `(cfg, slots) -> cache` for kinds that keep a per-session cache (a pytree

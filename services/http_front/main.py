@@ -28,23 +28,16 @@ def main(argv: list[str] | None = None) -> int:
         help=f"plaintext towards the gateway (env {transport.ENV_INSECURE}=1)",
     )
     args = p.parse_args(argv)
+    args.tls_server_name = os.environ.get(transport.ENV_SERVER_NAME, "")
     if bool(args.tls_dir) == args.insecure:
         p.error("give exactly one of --tls-dir DIR (TLS) and --insecure (plaintext)")
     if not args.gateway:
         p.error(f"--gateway HOST:PORT (or {server.ENV_GATEWAY}) is required")
     try:
-        tls = (
-            transport.TLSConfig.plaintext()
-            if args.insecure
-            else transport.TLSConfig.from_dir(
-                args.tls_dir, os.environ.get(transport.ENV_SERVER_NAME, "")
-            )
-        )
-        settings = server.settings_from_args(args, tls)
-    except ValueError as e:
+        server.check_args(args)
+        server.serve(args)
+    except ValueError as e:  # TLS files that cannot be read, bad values: one line, exit 2
         p.error(str(e))
-    transport.announce(tls, "http front (towards the gateway)")
-    server.run(settings, args.host, args.port)
     return 0
 
 

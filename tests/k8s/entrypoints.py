@@ -28,9 +28,11 @@ from urllib.parse import urlparse
 import celery
 
 from pathways import checkpoint
+from pathways.http import server as http_server
 from pathways.serving import server
 from services.coordinator import main as coordinator_main
 from services.gateway import main as gateway_main
+from services.http_front import main as http_front_main
 from services.module_server import main as module_server_main
 
 # Image name (`.../NAME:TAG`) -> the module its PEX runs (services/*/BUILD, pex_binary entry_point).
@@ -38,12 +40,14 @@ IMAGES = {
     "module-server": module_server_main,
     "gateway": gateway_main,
     "coordinator": coordinator_main,
+    "http-front": http_front_main,
 }
 # Per entry point: the call it makes right after parsing its settings, (owner, attribute).
 STOPS = {
     module_server_main.__name__: (server, "serve"),  # serve(settings)
     gateway_main.__name__: (checkpoint, "load_spec"),  # after every flag and env read
     coordinator_main.__name__: (celery.Celery, "worker_main"),  # the app is configured
+    http_front_main.__name__: (http_server, "serve"),  # serve(args): flags and env parsed
 }
 # The host's own settings must not stand in for a missing one in the manifest.
 HOST_PREFIXES = ("PATHWAYS_", "CELERY_")
@@ -224,6 +228,10 @@ def check_workloads(docs: list[dict[str, Any]]) -> dict[str, Started]:
         elif started.entry == gateway_main.__name__:
             (checkpoint,) = started.args
             assert checkpoint in mounts, f"{name}: checkpoint {checkpoint} is not mounted"
+        elif started.entry == http_front_main.__name__:
+            (args,) = started.args
+            assert args.port == ports["http"], f"{name}: listens on {args.port}"
+            assert args.tls_dir in mounts, f"{name}: TLS directory {args.tls_dir} is not mounted"
         elif started.entry == coordinator_main.__name__:
             url = urlparse(started.broker_url or "")
             svc = services.get(url.hostname or "")

@@ -116,6 +116,7 @@ def test_a_spec_with_unusual_module_names_renders_valid_manifests(tmp_path):
         "lm-head",
         "pathways-gateway",
         "pathways-coordinator",
+        "pathways-http-front",
     }
     assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"team-a"}
 

@@ -138,6 +138,11 @@ def _needed(docs, pods: dict[str, Pod]) -> list[tuple[Pod, Pod, int, str]]:
     (coordinator,) = (p for p in pods.values() if p.component == "coordinator")
     listen = {m.name: entrypoints.start(m.container, m.namespace).args[0].port for m in modules}
     out = []
+    for front in (p for p in pods.values() if p.component == "http-front"):
+        gw_port = int(
+            entrypoints.start(front.container, front.namespace).args[0].gateway.split(":")[1]
+        )
+        out.append((front, gateway, gw_port, "OpenAI API: GatewayService calls (pathways.client)"))
     for m in modules:
         port = listen[m.name]
         out.append((gateway, m, port, "generation: ModuleService calls (executor.remote)"))
@@ -210,6 +215,23 @@ def test_nothing_else_reaches_modules_or_the_broker(rendered):
     assert not allowed(policies, pods["pathways-gateway"], broker, broker.ports["redis"])
     assert not allowed(policies, pods["embed"], broker, broker.ports["redis"])
     assert not allowed(policies, broker, pods["embed"], pods["embed"].ports["grpc"])
+
+
+def test_prometheus_may_scrape_the_metrics_ports_and_nothing_else(rendered):
+    _, pods, policies = rendered
+    prometheus = Pod("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, {})
+    other = Pod("other", "monitoring", {"app.kubernetes.io/name": "grafana"}, {})
+    scraped = [p for p in pods.values() if "metrics" in p.ports or p.component == "http-front"]
+    assert {p.component for p in scraped} == {"module", "gateway", "http-front"}
+    for p in scraped:
+        port = p.ports.get("metrics", p.ports.get("http"))
+        assert allowed(policies, prometheus, p, port), p.name
+        if p.component == "module":
+            assert not allowed(policies, other, p, port)
+            assert not allowed(policies, prometheus, p, p.ports["grpc"])
+    front = next(p for p in pods.values() if p.component == "http-front")
+    gateway = next(p for p in pods.values() if p.component == "gateway")
+    assert allowed(policies, front, gateway, gateway.ports["grpc"])
 
 
 def test_every_policy_selects_a_workload(rendered):

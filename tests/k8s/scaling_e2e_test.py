@@ -37,8 +37,13 @@ NAMESPACE = "pathways-e2e"
 NODE = "process-node"
 IMAGES = {"module-server": "services.module_server.main", "gateway": "services.gateway.main"}
 # The gateway runs outside the cluster (a kubeconfig, not a service account) and generation needs
-# no coordinator or broker: their workloads are not applied; everything else is.
-NOT_APPLIED = {("gateway", "Deployment"), ("coordinator", "Deployment"), ("broker", "StatefulSet")}
+# no coordinator, broker or HTTP front: their workloads are not applied; everything else is.
+NOT_APPLIED = {
+    ("gateway", "Deployment"),
+    ("coordinator", "Deployment"),
+    ("broker", "StatefulSet"),
+    ("http-front", "Deployment"),
+}
 
 
 def _kubectl(kubeconfig: str, *args: str) -> str:

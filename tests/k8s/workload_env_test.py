@@ -25,7 +25,14 @@ def test_rendered_env_is_what_the_code_reads(overlay):
     docs = kustomize(REPO / "k8s" / "overlays" / overlay)
     started = entrypoints.check_workloads(docs)
     modules = {"embed", "attn-0", "attn-1", "head"}
-    assert set(started) == modules | {"pathways-gateway", "pathways-coordinator"}
+    assert set(started) == modules | {
+        "pathways-gateway",
+        "pathways-coordinator",
+        "pathways-http-front",
+    }
+    # The HTTP front dials the gateway's Service on its gRPC port.
+    (front_args,) = started["pathways-http-front"].args
+    assert front_args.gateway == "pathways-gateway:50051" and not front_args.insecure
     assert started["pathways-coordinator"].broker_url == "redis://pathways-broker:6379/0"
     assert "PATHWAYS_BROKER_URL" in started["pathways-coordinator"].reads
     # The CPU limit, rounded up, becomes the module server's XLA thread count.

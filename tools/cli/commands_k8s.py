@@ -32,7 +32,7 @@ def register(sub) -> None:
     r.add_argument(
         "--image-registry",
         default=render.DEFAULT_REGISTRY,
-        help="prefix of the module-server/gateway/coordinator images (default: %(default)s)",
+        help="prefix of the module-server/gateway/coordinator/http-front images (default: %(default)s)",
     )
     r.add_argument("--namespace", default=render.DEFAULT_NAMESPACE)
     r.add_argument("--out", required=True, help="directory for the base (stale modules removed)")

@@ -34,7 +34,7 @@ def test_render_writes_a_base(tmp_path, capsys):
     )
     assert sorted(p.name for p in (out / "modules").iterdir()) == ["embed.yaml", "head.yaml"]
     assert "reg.test/pw/module-server:latest" in (out / "modules" / "head.yaml").read_text()
-    assert "wrote 10 files for 2 modules" in capsys.readouterr().out
+    assert "wrote 11 files for 2 modules" in capsys.readouterr().out
 
 
 def test_render_rejects_a_bad_checkpoint_uri(tmp_path, capsys):

@@ -38,14 +38,20 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def settings_from_args(args, tls: transport.TLSConfig | None = None):
-    """Settings from parsed flags; TLS towards the gateway as `pathways.client.target` finds it
-    (the local deployment's certificate for its gateway, else PATHWAYS_TLS_DIR /
-    PATHWAYS_INSECURE), unless `tls` is given. The front never uses a key of its own."""
+def check_args(args) -> None:
     if not 0 < args.port < 65536:
         raise ValueError(f"--port must be in [1, 65535]; got {args.port}")
     if args.max_body_kb <= 0:
         raise ValueError(f"--max-body-kb must be > 0; got {args.max_body_kb}")
+    if args.timeout <= 0:
+        raise ValueError(f"--timeout must be > 0; got {args.timeout}")
+
+
+def settings_from_args(args, tls: transport.TLSConfig | None = None):
+    """Settings from parsed flags; TLS towards the gateway as `pathways.client.target` finds it
+    (the local deployment's certificate for its gateway, else PATHWAYS_TLS_DIR /
+    PATHWAYS_INSECURE), unless `tls` is given. The front never uses a key of its own."""
+    check_args(args)
     from pathways.http.app import Settings
 
     t = client.target(args.gateway, api_key="", tls=tls)
@@ -63,3 +69,14 @@ def run(settings, host: str, port: int) -> None:
     app = create_app(settings)
     print(f"http front serving on http://{host}:{port} (gateway {settings.gateway})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def serve(args) -> None:
+    """services/http_front: TLS towards the gateway from --tls-dir or --insecure (exactly one),
+    then `run`."""
+    if args.insecure:
+        tls = transport.TLSConfig.plaintext()
+    else:
+        tls = transport.TLSConfig.from_dir(args.tls_dir, args.tls_server_name)
+    transport.announce(tls, "http front (towards the gateway)")
+    run(settings_from_args(args, tls), args.host, args.port)

@@ -63,10 +63,13 @@ def _deployment(
             str(pods.SHUTDOWN_GRACE_S),
             "--health-port",
             str(pods.HEALTH_PORT),
+            "--metrics-port",
+            str(pods.METRICS_PORT),
         ],
         "ports": [
             {"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"},
             pods.health_port(),
+            pods.metrics_port(),
         ],
         # XLA would size its thread pool by the node's CPUs, not the pod's limit: as many compute
         # threads as the limit allows (rounded up), no more.
@@ -96,7 +99,7 @@ def _deployment(
         container,
         volumes,
         grace_s=pods.SHUTDOWN_GRACE_S + pods.EXIT_MARGIN_S,
-        pod_annotations={"pathways.dev/checkpoint": checkpoint_uri},
+        pod_annotations={"pathways.dev/checkpoint": checkpoint_uri, **pods.scrape()},
     )
 
 

@@ -15,9 +15,18 @@ MODULE_NAME_ANNOTATION = "pathways.dev/module-name"  # the spec's own spelling, 
 GATEWAY = "pathways-gateway"
 COORDINATOR = "pathways-coordinator"
 BROKER = "pathways-broker"
+HTTP_FRONT = "pathways-http-front"
 DISCOVERY_ACCOUNT = "pathways-discovery"
 RESERVED = frozenset(
-    {GATEWAY, COORDINATOR, BROKER, DISCOVERY_ACCOUNT, "pathways-spec", "pathways-modules"}
+    {
+        GATEWAY,
+        COORDINATOR,
+        BROKER,
+        HTTP_FRONT,
+        DISCOVERY_ACCOUNT,
+        "pathways-spec",
+        "pathways-modules",
+    }
 )
 
 _MAX = 63  # Service names are DNS-1035 labels

@@ -22,10 +22,15 @@ BROKER_ENV = "PATHWAYS_BROKER_URL"  # what pathways.coordinator.app reads (not C
 #   module -> module       TrainingService.Deliver: activations and gradients sent straight to the
 #                          neighbouring stage's server (pipeline.peer)
 #   coordinator -> broker  Celery's broker and result backend (coordinator.app)
+#   prometheus -> module   scrapes of GET /metrics on the metrics side port (pathways.metrics), from
+#                          pods labelled pods.SCRAPER_LABELS in any namespace
+# The gateway and the HTTP front take no policy: they are the API (users, and http-front ->
+# gateway, reach them from anywhere).
 INGRESS = {
     "module": (("gateway", "coordinator", "module"), pods.GRPC_PORT),
     "broker": (("coordinator",), BROKER_PORT),
 }
+SCRAPED = ("module",)  # isolated components whose metrics port Prometheus may reach
 POLICY_NAMES = {"module": "pathways-modules", "broker": names.BROKER}
 
 
@@ -61,6 +66,8 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
         "k8s",
         "--health-port",
         str(pods.HEALTH_PORT),
+        "--metrics-port",
+        str(pods.METRICS_PORT),
     ]
     container = {
         "name": "gateway",
@@ -75,6 +82,7 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
         "ports": [
             {"name": "grpc", "containerPort": pods.GRPC_PORT, "protocol": "TCP"},
             pods.health_port(),
+            pods.metrics_port(),
         ],
         "resources": {
             "requests": {"cpu": "250m", "memory": "512Mi"},
@@ -93,6 +101,7 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
         volumes,
         account=names.DISCOVERY_ACCOUNT,
         grace_s=pods.GATEWAY_GRACE_S + pods.EXIT_MARGIN_S,
+        pod_annotations=pods.scrape(),
     )
     service = {
         "apiVersion": "v1",
@@ -112,6 +121,101 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
         },
     }
     return [deployment, service]
+
+
+HTTP_FRONT_GRACE_S = 5  # uvicorn's timeout_graceful_shutdown (pathways.http.server)
+
+
+def http_front(image: str) -> list[dict[str, Any]]:
+    """HTTP front Deployment + Service + HPA + PDB: the OpenAI-compatible API, a client of the
+    gateway's Service (TLS with the gateway's CA; callers' API keys are passed on). Stateless:
+    it scales on CPU. /metrics on its own port."""
+    tls_volume = {
+        "name": "tls",
+        "secret": {"secretName": pods.TLS_SECRETS["http-front"], "defaultMode": 0o440},
+    }
+    tls_mount = {"name": "tls", "mountPath": pods.TLS_DIR, "readOnly": True}
+    tmp = {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}
+    http = {"httpGet": {"path": "/healthz", "port": "http"}}
+    ready = {"httpGet": {"path": "/readyz", "port": "http"}}
+    container = {
+        "name": "http-front",
+        "image": image,
+        "args": [
+            "--gateway",
+            f"{names.GATEWAY}:{pods.GRPC_PORT}",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(pods.HTTP_PORT),
+        ],
+        # The gateway's certificate is checked against the Service name it dials.
+        "env": [{"name": "PATHWAYS_TLS_DIR", "value": pods.TLS_DIR}],
+        "ports": [{"name": "http", "containerPort": pods.HTTP_PORT, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": "250m", "memory": "256Mi"},
+            "limits": {"cpu": "1", "memory": "512Mi"},
+        },
+        "startupProbe": {**http, "periodSeconds": 2, "timeoutSeconds": 2, "failureThreshold": 30},
+        # Not ready while the gateway does not answer: Services route to fronts that can serve.
+        "readinessProbe": {**ready, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
+        "livenessProbe": {**http, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+        "securityContext": pods.container_security(),
+        "volumeMounts": [tls_mount, {"name": "tmp", "mountPath": "/tmp"}],
+    }
+    meta = _meta(names.HTTP_FRONT, "http-front")
+    selector = _selector("http-front")
+    deployment = pods.deployment(
+        meta,
+        selector,
+        container,
+        [tls_volume, tmp],
+        grace_s=HTTP_FRONT_GRACE_S + pods.EXIT_MARGIN_S,
+        pod_annotations=pods.scrape(pods.HTTP_PORT),
+    )
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {
+            "selector": selector,
+            "ports": [
+                {
+                    "name": "http",
+                    "port": 80,
+                    "targetPort": "http",
+                    "protocol": "TCP",
+                    "appProtocol": "http",
+                }
+            ],
+        },
+    }
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": meta,
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": meta["name"]},
+            "minReplicas": 1,
+            "maxReplicas": 4,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 70},
+                    },
+                }
+            ],
+        },
+    }
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta,
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+    return [deployment, service, hpa, pdb]
 
 
 def coordinator(
@@ -275,6 +379,15 @@ def network_policies() -> list[dict[str, Any]]:
                 }
             }
         ]
+        ingress = [{"from": clients, "ports": [{"protocol": "TCP", "port": port}]}]
+        if component in SCRAPED:
+            scrapers = {
+                "namespaceSelector": {},
+                "podSelector": {"matchLabels": pods.SCRAPER_LABELS},
+            }
+            ingress.append(
+                {"from": [scrapers], "ports": [{"protocol": "TCP", "port": pods.METRICS_PORT}]}
+            )
         return {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
@@ -282,7 +395,7 @@ def network_policies() -> list[dict[str, Any]]:
             "spec": {
                 "podSelector": {"matchLabels": _selector(component)},
                 "policyTypes": ["Ingress"],
-                "ingress": [{"from": clients, "ports": [{"protocol": "TCP", "port": port}]}],
+                "ingress": ingress,
             },
         }
 

@@ -10,6 +10,13 @@ GRPC_PORT = 50051
 # Kubelet's gRPC probes cannot speak TLS: module servers and the gateway answer grpc.health.v1
 # (and nothing else) in plaintext on this second port (`--health-port`).
 HEALTH_PORT = 50052
+# Prometheus: module servers and the gateway serve GET /metrics in plaintext on this side port
+# (`--metrics-port`); the HTTP front serves it on its own port. Pods carry the usual
+# prometheus.io/* annotations (SCRAPE), and the network policies admit scrapes from pods labelled
+# SCRAPER_LABELS in any namespace.
+METRICS_PORT = 9464
+HTTP_PORT = 8000
+SCRAPER_LABELS = {"app.kubernetes.io/name": "prometheus"}
 # Each workload's certificate: a Secret with cert-manager's keys (tls.crt, tls.key, ca.crt), e.g.
 # made by a cert-manager Certificate of that name, or `pathways certs` + kubectl create secret.
 TLS_DIR = "/var/run/pathways/tls"
@@ -17,6 +24,8 @@ TLS_SECRETS = {
     "module": "pathways-module-tls",
     "gateway": "pathways-gateway-tls",
     "coordinator": "pathways-coordinator-tls",
+    # Only its CA is used: it dials the gateway's Service, whose certificate must name it.
+    "http-front": "pathways-http-front-tls",
 }
 # The name module servers' certificates are checked against (clients dial pod IPs found by
 # discovery, which no certificate holds): module certificates need it as a DNS name.
@@ -158,6 +167,20 @@ def tls(component: str) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, 
 
 def health_port() -> dict[str, Any]:
     return {"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}
+
+
+def metrics_port(port: int = METRICS_PORT) -> dict[str, Any]:
+    return {"name": "metrics", "containerPort": port, "protocol": "TCP"}
+
+
+def scrape(port: int = METRICS_PORT) -> dict[str, str]:
+    """Pod annotations that point Prometheus' kubernetes_sd (annotation-based configs) at
+    /metrics on `port`."""
+    return {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(port),
+        "prometheus.io/path": "/metrics",
+    }
 
 
 def namespace_env() -> dict[str, Any]:

@@ -15,7 +15,12 @@ from pathways.spec import PathwaySpec
 
 DEFAULT_REGISTRY = "registry.example.com/pathways"
 DEFAULT_NAMESPACE = "pathways"
-IMAGES = {"module": "module-server", "gateway": "gateway", "coordinator": "coordinator"}
+IMAGES = {
+    "module": "module-server",
+    "gateway": "gateway",
+    "coordinator": "coordinator",
+    "http_front": "http-front",
+}
 
 
 class _Dumper(yaml.SafeDumper):
@@ -41,8 +46,8 @@ def render(
     Args:
       spec: the pathway spec; each module becomes a Deployment named after it (DNS-sanitised).
       checkpoint_uri: `pvc://CLAIM[/SUBPATH]` or `file:///PATH`, mounted read-only at /checkpoint.
-      image_registry: prefix of the `module-server`, `gateway` and `coordinator` images (tag
-        `latest`; overlays set real tags with kustomize `images:`).
+      image_registry: prefix of the `module-server`, `gateway`, `coordinator` and `http-front`
+        images (tag `latest`; overlays set real tags with kustomize `images:`).
       namespace: set on every object by the kustomization.
       training_uri: `pvc://CLAIM[/SUBPATH]` or `file:///PATH`, mounted read-write at /training
         in the coordinator and module pods, which write training jobs' output there.
@@ -63,6 +68,7 @@ def render(
         )
         files[f"modules/{dns[module]}.yaml"] = to_yaml(objs)
     files["gateway.yaml"] = to_yaml(platform.gateway(image["gateway"], checkpoint_uri))
+    files["http-front.yaml"] = to_yaml(platform.http_front(image["http_front"]))
     files["coordinator.yaml"] = to_yaml(
         platform.coordinator(image["coordinator"], checkpoint_uri, training_uri)
     )
@@ -85,6 +91,7 @@ def render(
             "network-policies.yaml",
             "broker.yaml",
             "gateway.yaml",
+            "http-front.yaml",
             "coordinator.yaml",
             *sorted(f for f in files if f.startswith("modules/")),
         ],

@@ -86,7 +86,11 @@ def test_each_module_gets_deployment_service_hpa_pdb():
         "30",
         "--health-port",
         "50052",
+        "--metrics-port",
+        "9464",
     ]
+    assert {"name": "metrics", "containerPort": 9464, "protocol": "TCP"} in c["ports"]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9464"
     # Kubelet's probes cannot speak TLS: a plaintext port answers health only.
     assert c["readinessProbe"]["grpc"] == {"port": 50052, "service": ""}
     assert c["livenessProbe"]["grpc"] == {"port": 50052, "service": ""}
@@ -108,7 +112,9 @@ def test_each_module_gets_deployment_service_hpa_pdb():
         "containers"
     ][0]["args"]
     # The gateway discovers replicas from the module Services' Endpoints (no fixed addresses).
-    assert gateway_args[-4:-2] == ["--discover", "k8s"] and "--module" not in gateway_args
+    i = gateway_args.index("--discover")
+    assert gateway_args[i : i + 2] == ["--discover", "k8s"] and "--module" not in gateway_args
+    assert gateway_args[-2:] == ["--metrics-port", "9464"]
 
 
 def test_adding_a_module_adds_its_deployment_and_nothing_else_changes():
@@ -199,7 +205,7 @@ def test_network_policies_admit_the_traffic_of_training_and_serving():
     }
 
     def sources(name):
-        (rule,) = policies[name]["ingress"]
+        rule = policies[name]["ingress"][0]
         (peer,) = rule["from"]
         (port,) = rule["ports"]
         (component,) = (
@@ -212,3 +218,28 @@ def test_network_policies_admit_the_traffic_of_training_and_serving():
     # Modules send activations and gradients to each other when a job trains through them.
     assert sources("pathways-modules") == ({"gateway", "coordinator", "module"}, 50051)
     assert sources("pathways-broker") == ({"coordinator"}, 6379)
+    # Prometheus (pods labelled app.kubernetes.io/name=prometheus, any namespace) scrapes the
+    # modules' metrics port; the broker has no metrics.
+    (scrape,) = policies["pathways-modules"]["ingress"][1:]
+    assert scrape["from"] == [
+        {
+            "namespaceSelector": {},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+        }
+    ]
+    assert scrape["ports"] == [{"protocol": "TCP", "port": 9464}]
+    assert len(policies["pathways-broker"]["ingress"]) == 1
+
+
+def test_http_front_is_a_client_of_the_gateway_service():
+    objs = _by_kind(_docs(render.render(spec_lib.from_dict(SPEC)), "http-front.yaml"))
+    c = objs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:2] == ["--gateway", "pathways-gateway:50051"]
+    assert c["env"] == [{"name": "PATHWAYS_TLS_DIR", "value": "/var/run/pathways/tls"}]
+    assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert objs["Service"]["spec"]["ports"][0]["targetPort"] == "http"
+    assert objs["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == (
+        "pathways-http-front"
+    )
+    assert objs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1

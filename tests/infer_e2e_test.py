@@ -7,6 +7,7 @@ refusals are checked in process by libs/pathways/infer_test.py.)"""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import grpc
 import imageio.v3 as iio
@@ -20,8 +21,12 @@ from pathways.classify import Classifier
 from pathways.datasets.digits import digits
 from pathways.deploy.local import LocalDeployment
 from pathways.executor.local import LocalExecutor
+from pathways.pipeline.client import remote_stages
+from pathways.pipeline.runner import run_step
+from pathways.pipeline.stage import LocalStage
 from pathways.serving import auth
 from pathways.tokenizers import ByteTokenizer
+from pathways.train import PipelineEngine, TrainConfig, make_optimizer
 from pathways.transcribe import Transcriber
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc
 from tools.cli.main import main
@@ -261,3 +266,35 @@ def test_cli_classify_and_transcribe(deployment, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], (argv, err)
+
+
+def test_training_through_the_services_uses_the_pathways_mask(deployment):
+    """Last in the file: it changes the servers' weights. A few pipeline steps of the digits
+    pathway through the module servers (images in, labels as the head's targets) give the
+    losses and gradients of the same steps in this process with the bidirectional mask (a
+    server training with a causal mask would not: checked below, so the test can fail)."""
+    dep, _, ex, path = deployment
+    cfg = TrainConfig(steps=3, warmup=1, lr=1e-2, batch_size=8, seq_len=16)
+    data = digits()
+    batches = [data.batch(s, 8, 16, seed=0) for s in range(3)]
+    spec, _ = ckpt.load_spec(path)
+    addresses = {m: dep.fleet.endpoints[m][0] for m in spec.pathway("digits").modules}
+    tls = transport.TLSConfig.from_dir(Path(os.environ["PATHWAYS_HOME"]) / "tls" / certs.CLIENT)
+    stages = remote_stages(spec, "digits", addresses, cfg, tls=tls)
+    try:
+        engine = PipelineEngine(stages, 2, "1f1b")
+        outs = [engine.step(x, y) for x, y in batches]
+    finally:
+        for st in stages:
+            st.close()
+
+    def local(causal: bool) -> list[float]:
+        fresh = LocalExecutor(spec)
+        for m in spec.pathway("digits").modules:
+            fresh.set_state(m, ckpt.load_module(path, m, fresh.state(m)))
+        chain = fresh.chain("digits")
+        st = [LocalStage(rt, make_optimizer(cfg), causal=causal) for rt in chain]
+        return [run_step(st, x, y, 2, "1f1b")["loss"] for x, y in batches]
+
+    assert [o["loss"] for o in outs] == pytest.approx(local(causal=False), rel=1e-5)
+    assert [o["loss"] for o in outs] != pytest.approx(local(causal=True), rel=1e-3)

@@ -50,12 +50,13 @@ class RemoteStage:
                 f"{e.code().name}: {e.details()}"
             ) from None
 
-    def configure(self, cfg: TrainConfig, frozen: bool = False) -> int:
+    def configure(self, cfg: TrainConfig, frozen: bool = False, causal: bool = True) -> int:
+        """Starts a training run on the server; `causal`: the pathway's attention mask."""
         opt = messages.optimizer_config(cfg)
-        r = self._call(
-            "Configure",
-            training_pb2.ConfigureRequest(module=self.name, optimizer=opt, frozen=frozen),
+        req = training_pb2.ConfigureRequest(
+            module=self.name, optimizer=opt, frozen=frozen, bidirectional=not causal
         )
+        r = self._call("Configure", req)
         if r.kind != self.kind:
             raise RemoteStageError(
                 f"module {self.name!r} at {self.address} is {r.kind}, but "
@@ -234,9 +235,10 @@ def remote_stages(
             f"no module service address for {', '.join(missing)} of pathway " f"{pathway!r}"
         )
     stages = [RemoteStage(m, spec.modules[m].kind, addresses[m], tls=tls) for m in chain]
+    causal = spec.pathway(pathway).causal  # each server trains with the pathway's mask
     try:
         for st in stages:
-            st.configure(cfg, frozen=st.name in frozen)
+            st.configure(cfg, frozen=st.name in frozen, causal=causal)
     except Exception:
         for st in stages:
             st.close()

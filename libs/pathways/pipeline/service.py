@@ -113,14 +113,18 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 f"targets are required by {kind.name} module {self.engine.name!r}"
             )
         t = self._decode(request.targets, "targets")
-        x_shape = tuple(request.input.shape)[:2]
-        if t.dtype != np.int32 or t.shape != x_shape:
+        outputs, vocab = self.engine.cfg.output_contract
+        # What the head's loss reads: next tokens (B, T) for logits; labels (B,) for classes,
+        # label sequences (B, L) for a CTC head: one row per input either way.
+        x_shape = tuple(request.input.shape)[:2] if outputs == "logits" else None
+        rows = int(request.input.shape[0]) if request.input.shape else -1
+        if t.dtype != np.int32 or (t.shape != x_shape if x_shape else t.shape[:1] != (rows,)):
+            want = list(x_shape) if x_shape else f"({rows}, ...)"
             raise InvalidArgument(
-                f"targets must be int32 of shape {list(x_shape)}; got " f"{t.dtype} {list(t.shape)}"
+                f"targets must be int32 of shape {want}; got {t.dtype} {list(t.shape)}"
             )
-        vocab = self.engine.cfg.output_contract[1]
         if ((t < 0) | (t >= vocab)).any():
-            raise InvalidArgument(f"targets has a token id outside [0, {vocab})")
+            raise InvalidArgument(f"targets has an id outside [0, {vocab}) ({outputs})")
         return t
 
     @rpc
@@ -135,7 +139,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             raise InvalidArgument(f"optimizer.{e}") from None
         self.inbox.abort()  # a step left waiting by a driver that died must not block a new run
         with self._lock:
-            self.stage = LocalStage(self.engine.rt, make_optimizer(cfg), frozen=request.frozen)
+            self.stage = LocalStage(
+                self.engine.rt,
+                make_optimizer(cfg),
+                frozen=request.frozen,
+                causal=not request.bidirectional,
+            )
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.engine.rt.state))
         return training_pb2.ConfigureResponse(kind=self.engine.kind.name, parameters=n)
 

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.slow
 READER = auth.new_key()  # role generate
 SLOTS = 2  # KV-cache slots per attention server: capacity is reached on purpose
 README = Path(__file__).resolve().parents[1] / "README.md"
+DASHBOARD = Path(__file__).resolve().parents[1] / "k8s" / "grafana-dashboard.json"
 
 
 @pytest.fixture(scope="module")
@@ -441,3 +442,8 @@ def test_metrics_after_traffic(dep):
     head = _scrape(urls["head"])
     assert "pathways_module_active_sessions" in head
     assert re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", urls["embed"])
+    # Every series the Grafana dashboard queries is one these processes emit.
+    emitted = {s.name for fams in (front, gw, attn, head) for f in fams.values() for s in f.samples}
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    queried = {m for e in exprs for m in re.findall(r"\b(?:pathways|http_server)_[a-z_]+", e)}
+    assert len(queried) >= 10 and queried <= emitted, queried - emitted

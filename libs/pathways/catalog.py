@@ -69,3 +69,64 @@ def entry(spec, name: str, measured: dict[str, dict[str, Any]] | None = None) ->
         "tokens_per_s": number("tokens_per_s"),
         "eval_loss": number("eval_loss"),
     }
+
+
+def measure(
+    executor, pathway: str, tokenizer, data, *, tokens: int = 32, seq_len: int = 64
+) -> dict:
+    """Measures `pathway` in this process (LocalExecutor): `tokens_per_s` of one greedy session
+    (a 4-token prompt, prefill included, after an untimed run that compiles) and `eval_loss`
+    (mean cross-entropy, nats, on `data`'s eval split: evaluation.eval_loss, 4 batches of 8)."""
+    import time
+
+    from pathways import evaluation
+    from pathways.generate import greedy_ids
+
+    if tokens < 1:
+        raise ValueError(f"tokens must be >= 1; got {tokens}")
+    p = executor.spec.pathway(pathway)
+    prompt = (tokenizer.encode("def ") or [0])[:4]
+    tokens = min(tokens, p.max_seq_len - len(prompt))
+    greedy_ids(executor, pathway, prompt, tokens)  # compiles
+    t0 = time.perf_counter()
+    greedy_ids(executor, pathway, prompt, tokens)
+    rate = tokens / (time.perf_counter() - t0)
+    loss = evaluation.eval_loss(executor, pathway, data, seq_len=min(seq_len, p.max_seq_len - 1))
+    return {"tokens_per_s": rate, "eval_loss": loss, "decode_tokens": tokens, "seq_len": seq_len}
+
+
+class NoPathway(ValueError):
+    """No pathway meets the constraints; `param` names the constraint that ruled the last out."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def choose(pathways, max_ms_per_token: float | None = None, max_parameters: int | None = None):
+    """The best of `pathways` (objects with name, parameters, tokens_per_s, eval_loss) that meets
+    the constraints: the lowest measured eval loss, else (none measured) the most parameters.
+    A latency bound admits only pathways whose tokens/s was measured."""
+    fits, why = [], None
+    for p in pathways:
+        if max_parameters is not None and p.parameters > max_parameters:
+            why = why or "max_parameters"
+            continue
+        if max_ms_per_token is not None and (
+            not p.tokens_per_s or 1e3 / p.tokens_per_s > max_ms_per_token
+        ):
+            why = "max_ms_per_token"
+            continue
+        fits.append(p)
+    if not fits:
+        seen = "; ".join(
+            f"{p.name}: {p.parameters:,} parameters, "
+            + (f"{1e3 / p.tokens_per_s:.1f} ms/token" if p.tokens_per_s else "not measured")
+            for p in pathways
+        )
+        param = why or "model"
+        raise NoPathway(f"no pathway meets the constraints ({seen})", param)
+    measured = [p for p in fits if p.eval_loss is not None]
+    if measured:
+        return min(measured, key=lambda p: (p.eval_loss, p.parameters))
+    return max(fits, key=lambda p: p.parameters)

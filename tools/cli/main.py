@@ -7,6 +7,7 @@ import os
 import sys
 
 from tools.cli import (
+    commands_catalog,
     commands_certs,
     commands_demo,
     commands_hf,
@@ -23,6 +24,7 @@ COMMAND_MODULES = [
     commands_demo,
     commands_local,
     commands_serve,
+    commands_catalog,
     commands_infer,
     commands_pathways,
     commands_jobs,

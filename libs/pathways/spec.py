@@ -37,8 +37,9 @@ class Pathway:
 
 
 def default_mask(first: ModuleConfig) -> str:
-    """The mask of a pathway that declares none: causal when it reads tokens."""
-    return "causal" if first.input_contract[0] == "tokens" else "bidirectional"
+    """The mask of a pathway that declares none: causal when it reads tokens or observations
+    (a time step sees the steps before it), bidirectional otherwise (an image, an utterance)."""
+    return "causal" if first.input_contract[0] in ("tokens", "observation") else "bidirectional"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,6 +212,11 @@ def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
                 f"pathway {name!r}: vocab mismatch: embedding {chain[0]!r} has "
                 f"vocab_size {emb_vocab} but decoding {chain[-1]!r} has {head_vocab}"
             )
+    if last.output_contract[0] == "actions" and first.input_contract[0] != "observation":
+        raise SpecError(
+            f"pathway {name!r}: {chain[-1]!r} ({last.kind}) outputs actions but "
+            f"{chain[0]!r} ({first.kind}) reads {first.input_contract[0]}, not observations"
+        )
     limits = {m: modules[m].max_seq_len for m in chain if hasattr(modules[m], "max_seq_len")}
     fixed = getattr(first, "output_length", None)  # e.g. an image's number of patches
     if fixed is not None:

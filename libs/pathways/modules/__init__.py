@@ -11,6 +11,7 @@ from pathways.config import ConfigError, from_dict
 
 # Importing the built-in kinds registers them.
 from pathways.modules import registry
+from pathways.modules.action import ActionConfig
 from pathways.modules.attention import AttentionConfig
 from pathways.modules.audio_embedding import AudioEmbeddingConfig
 from pathways.modules.classification import ClassificationConfig
@@ -19,6 +20,7 @@ from pathways.modules.decoding import DecodingConfig
 from pathways.modules.embedding import EmbeddingConfig
 from pathways.modules.image_embedding import ImageEmbeddingConfig
 from pathways.modules.kind import Kind
+from pathways.modules.observation_embedding import ObservationEmbeddingConfig
 
 # Any registered kind's config; these are built in.
 ModuleConfig = (
@@ -29,6 +31,8 @@ ModuleConfig = (
     | ClassificationConfig
     | AudioEmbeddingConfig
     | CtcConfig
+    | ObservationEmbeddingConfig
+    | ActionConfig
     | Any
 )
 
@@ -56,6 +60,7 @@ __all__ = [
     "build",
     "config_from_dict",
     "registry",
+    "ActionConfig",
     "AttentionConfig",
     "AudioEmbeddingConfig",
     "ClassificationConfig",
@@ -63,4 +68,5 @@ __all__ = [
     "DecodingConfig",
     "EmbeddingConfig",
     "ImageEmbeddingConfig",
+    "ObservationEmbeddingConfig",
 ]

@@ -93,7 +93,7 @@ def grid_expert(grid_hw3: np.ndarray) -> int:
 
 # Reacher-v5 (gymnasium/envs/mujoco/assets/reacher.xml): two links of 0.1 and 0.11 m in the
 # plane; observation: cos q (2), sin q (2), target x y, joint velocities (2), fingertip -
-# target (x, y, z).
+# target (x, y): 10 floats.
 LINKS = (0.1, 0.11)
 KP, KD = 4.0, 0.3  # PD gains on joint angles (rad) and velocities (rad/s) -> action in [-1, 1]
 

@@ -40,10 +40,30 @@ def register(sub) -> None:
         help="plaintext gRPC and no API keys (default: a private CA, a certificate per service "
         "and an admin API key under the run directory, mutual TLS between every process)",
     )
+    p.add_argument(
+        "--task",
+        choices=["text", "vision", "speech"],
+        default="text",
+        help="text: the tiny language model (default); vision: digits (examples/digits.yaml), "
+        "classified through the gateway; speech: spoken words (examples/multitask.yaml's speech "
+        "pathway; needs espeak-ng), transcribed through the gateway",
+    )
+    p.add_argument(
+        "--examples",
+        type=int,
+        default=0,
+        help="vision/speech: test examples sent through the gateway (0: the whole test split)",
+    )
     p.set_defaults(func=cmd_demo)
 
 
 def cmd_demo(args) -> int:
+    if args.task != "text":
+        if args.local:
+            raise ValueError("--local runs the text demo only; drop it for --task " + args.task)
+        from tools.cli import demo_tasks
+
+        return demo_tasks.run(args)
     if args.local:
         from tools.cli.commands_local import build_args, cmd_generate, cmd_train
 

@@ -10,6 +10,9 @@ from pathways.config import positive_int, unknown_fields
 from pathways.pipeline.schedule import SCHEDULES
 
 ENGINES = ("fused", "pipeline", "services")
+# Library data sets a job can train on instead of text (`pathways.datasets`): labelled images,
+# spoken words.
+DATASETS = ("digits", "speech")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +21,7 @@ class JobRequest:
     out: str  # checkpoint directory: resumed if it already holds this job's run
     pathway: str | None = None
     data: tuple[str, ...] = ()  # text files/folders; empty means the standard library sources
+    dataset: str = ""  # instead of text: a library data set (DATASETS) the pathway reads
     max_data_mb: float = 4.0
     steps: int = 300
     batch_size: int = 16
@@ -37,6 +41,11 @@ class JobRequest:
     def __post_init__(self):
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
+        if self.dataset and self.dataset not in DATASETS:
+            raise ValueError(
+                f"dataset must be one of {', '.join(DATASETS)} (or empty: text); "
+                f"got {self.dataset!r}"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"schedule must be one of {', '.join(SCHEDULES)}; " f"got {self.schedule!r}"

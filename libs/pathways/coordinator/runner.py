@@ -23,21 +23,40 @@ def train_config(req: JobRequest) -> TrainConfig:
     return TrainConfig(**given)
 
 
+def library_dataset(name: str):
+    """A data set of `pathways.datasets` by its job name (JobRequest.dataset), with its default
+    split (the speech set is generated with espeak-ng on first use and cached)."""
+    if name == "digits":
+        from pathways.datasets.digits import digits
+
+        return digits()
+    if name == "speech":
+        from pathways.datasets.speech import speech
+
+        return speech()
+    raise ValueError(f"unknown data set {name!r}")
+
+
 def build_trainer(req: JobRequest) -> Trainer:
     spec = spec_lib.load(req.spec)
     pathway = req.pathway or spec.default_pathway
     spec.pathway(pathway)
-    texts = data_lib.read_texts(
-        list(req.data) or data_lib.default_corpus_paths(), int(req.max_data_mb * 1e6)
-    )
-    if (req.out_path / "spec.yaml").exists():
-        _, tok = ckpt.load_spec(req.out_path)
-    elif spec.tokenizer.get("kind") == "bpe":
-        vocab = spec.modules[spec.pathway(pathway).modules[0]].input_contract[1]
-        tok = tokenizers.BpeTokenizer.train(texts, vocab)
+    if req.dataset:
+        data = library_dataset(req.dataset)
+        data.check_pathway(spec, pathway)  # names modules and sizes that do not fit
+        tok = tokenizers.ByteTokenizer()  # kept with the checkpoint; the data is not text
     else:
-        tok = tokenizers.ByteTokenizer()
-    data = data_lib.TokenData.build(texts, tok)
+        texts = data_lib.read_texts(
+            list(req.data) or data_lib.default_corpus_paths(), int(req.max_data_mb * 1e6)
+        )
+        if (req.out_path / "spec.yaml").exists():
+            _, tok = ckpt.load_spec(req.out_path)
+        elif spec.tokenizer.get("kind") == "bpe":
+            vocab = spec.modules[spec.pathway(pathway).modules[0]].input_contract[1]
+            tok = tokenizers.BpeTokenizer.train(texts, vocab)
+        else:
+            tok = tokenizers.ByteTokenizer()
+        data = data_lib.TokenData.build(texts, tok)
     cfg = train_config(req)
     if req.engine == "services":
         from pathways.pipeline.client import remote_stages

@@ -1,0 +1,291 @@
+"""`pathways demo --task vision|speech`: the text demo's shape for a non-text pathway.
+
+Starts a local deployment of the task's example spec (every module its own server, a gateway, a
+broker and a coordinator worker), trains the pathway through the module services as a coordinator
+job on the library's data set, then sends held-out examples through the gateway's Infer (the
+request path `pathways classify` / `transcribe` take), prints a summary with the metric and
+writes a plot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tools.cli.commands_local import EXAMPLES
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    spec: str  # under examples/
+    pathway: str
+    dataset: str  # JobRequest.dataset
+    batch_size: int
+    lr: float
+
+
+TASKS = {
+    "vision": Task("digits.yaml", "digits", "digits", 32, 3e-3),
+    "speech": Task("multitask.yaml", "speech", "speech", 32, 2e-3),
+}
+
+
+def initial_checkpoint(directory: Path, task: Task) -> None:
+    """Randomly initialised weights of the task's pathway (made once)."""
+    from pathways import checkpoint as ckpt
+    from pathways import spec as spec_lib
+    from pathways import tokenizers
+    from pathways.executor.local import LocalExecutor
+
+    if (directory / "spec.yaml").exists():
+        return
+    spec = spec_lib.load(EXAMPLES / task.spec)
+    ex = LocalExecutor(spec, seed=0)
+    ckpt.save_spec(directory, spec, tokenizers.ByteTokenizer())
+    for name in spec.pathway(task.pathway).modules:
+        ckpt.save_module(directory, name, ex.state(name))
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    from pathways.coordinator.app import make_app
+    from pathways.coordinator.client import JobClient
+    from pathways.coordinator.jobs import JobRequest
+    from pathways.deploy.local import LocalDeployment
+    from tools.cli.commands_demo import follow
+
+    task = TASKS[args.task]
+    if args.steps <= 0:
+        raise ValueError(f"--steps must be a positive integer, got {args.steps}")
+    if args.micro_batches <= 0 or task.batch_size % args.micro_batches:
+        raise ValueError(
+            f"--micro-batches must divide the batch of {task.batch_size}, "
+            f"got {args.micro_batches}"
+        )
+    if args.examples < 0:
+        raise ValueError(f"--examples must be >= 0 (0: the whole test split), got {args.examples}")
+    data = _data(task)  # before any process starts: the speech set may need generating
+    out = Path(args.out).absolute() / args.task
+    out.mkdir(parents=True, exist_ok=True)
+    trained = out / "checkpoint"
+    serve_from = trained if (trained / "train" / "meta.json").exists() else out / "init"
+    initial_checkpoint(out / "init", task)
+    log_dir = out / "logs"
+
+    def on_signal(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    t_start = time.time()
+    dep = LocalDeployment(serve_from, log_dir=log_dir, secure_dir=None if args.insecure else out)
+    print(
+        f"starting a local deployment: {len(dep.modules)} module servers "
+        f"({', '.join(dep.modules)}), a gateway, a broker and a coordinator worker "
+        f"(logs: {log_dir})",
+        file=sys.stderr,
+    )
+    job = client = None
+    try:
+        dep.start()
+        client = JobClient(make_app(dep.broker.url))
+        req = JobRequest(
+            spec=str(EXAMPLES / task.spec),
+            out=str(trained),
+            pathway=task.pathway,
+            dataset=task.dataset,
+            steps=args.steps,
+            batch_size=task.batch_size,
+            seq_len=_max_seq_len(task),  # not used by these data sets; must fit the pathway
+            lr=task.lr,
+            eval_every=max(1, args.steps // 10),
+            save_every=max(1, args.steps // 4),
+            engine="services",
+            schedule=args.schedule,
+            micro_batches=args.micro_batches,
+            modules={m: a for m, a in dep.train_modules.items() if m in dep.modules},
+        )
+        job = client.submit(req)
+        print(
+            f"training job {job}: pathway {task.pathway!r} on {task.dataset} through the module "
+            f"services, {args.schedule} over {args.micro_batches} micro-batches",
+            file=sys.stderr,
+        )
+        final = follow(client, job, req.steps, tqdm)
+        if final["state"] != "SUCCESS":
+            raise ValueError(f"training job {final['state'].lower()}: {final.get('error', '')}")
+        publish = getattr(dep, "publish", None)
+        if publish is not None:  # servers train a copy; served weights change by Publish only
+            publish(trained)
+        print(f"\n{args.task}: sending test examples through the gateway's Infer", file=sys.stderr)
+        t0 = time.perf_counter()
+        results = _infer(dep, task, data, args.examples)
+        infer_s = time.perf_counter() - t0
+        plot = out / f"{task.dataset}_predictions.png"
+        _plot(task, data, results, plot)
+        local = _in_process(task, data, trained, len(results))
+        _summary(task, data, results, local, final, plot, infer_s, time.time() - t_start)
+        return 0
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the job and every process...", file=sys.stderr)
+        if job is not None and client is not None:
+            try:
+                client.cancel(job)
+                client.follow(job, timeout=60)
+            except Exception as e:  # noqa: BLE001 - shutting down regardless
+                print(f"(job did not stop cleanly: {e})", file=sys.stderr)
+        return 130
+    finally:
+        dep.stop()
+
+
+def _max_seq_len(task: Task) -> int:
+    from pathways import spec as spec_lib
+
+    return spec_lib.load(EXAMPLES / task.spec).pathway(task.pathway).max_seq_len
+
+
+def _data(task: Task):
+    from pathways.coordinator.runner import library_dataset
+
+    return library_dataset(task.dataset)
+
+
+def _infer(dep, task: Task, data, n: int) -> list:
+    """Predictions for the first `n` test examples through the gateway: digits as PNG files
+    (what `pathways classify` sends), utterances as WAV files (`pathways transcribe`)."""
+    import imageio.v3 as iio
+
+    from pathways import audio
+    from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+    from tools.cli import connect
+
+    gw = connect.gateway(dep.gateway)
+    out = []
+    with gw.channel() as ch:
+        stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+        for i in range(min(n or 1 << 30, _test_size(task, data))):
+            if task.dataset == "digits":
+                pixels = (data.test_images[i, ..., 0] * 255).round().astype(np.uint8)
+                field = {"image": iio.imwrite("<bytes>", pixels, extension=".png")}
+            else:
+                wave = data.waves(np.array([i]), "test")[0]
+                field = {"wav": audio.encode_wav(wave, data.sample_rate)}
+            r = stub.Infer(
+                gateway_pb2.InferRequest(pathway=task.pathway, top_k=1, **field),
+                timeout=60,
+                metadata=gw.metadata,
+            )
+            if r.WhichOneof("result") == "classification":
+                item = r.classification.items[0]
+                out.append((int(item.classes[0]), float(item.probabilities[0])))
+            else:
+                out.append(r.transcript.texts[0])
+    return out
+
+
+def _test_size(task: Task, data) -> int:
+    return len(data.test_labels) if task.dataset == "digits" else len(data.texts("test"))
+
+
+def _truth(task: Task, data, n: int) -> list:
+    if task.dataset == "digits":
+        return [int(y) for y in data.test_labels[:n]]
+    return data.texts("test")[:n]
+
+
+def _cer(pred: str, truth: str) -> float:
+    """Character error rate of one transcript (edit distance / reference length)."""
+    row = list(range(len(truth) + 1))
+    for i, p in enumerate(pred, 1):
+        prev, row[0] = row[0], i
+        for j, t in enumerate(truth, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (p != t))
+    return row[-1] / max(1, len(truth))
+
+
+def _in_process(task: Task, data, checkpoint: Path, n: int) -> list:
+    """The same test examples through the trained checkpoint in this process (the summary
+    compares: a difference would mean the servers do not serve what was trained)."""
+    if task.dataset == "digits":
+        from pathways.classify import Classifier
+        from pathways.transcribe import load_executor
+
+        ex = load_executor(checkpoint, task.pathway)
+        return Classifier(ex, task.pathway).predict(data.test_images[:n]).tolist()
+    from pathways.transcribe import Transcriber
+
+    waves = data.waves(np.arange(n), "test")
+    return Transcriber(str(checkpoint), task.pathway).transcribe_many(list(waves), data.sample_rate)
+
+
+def _summary(task, data, results, local, final, plot, infer_s, seconds) -> None:
+    import json
+
+    truth = _truth(task, data, len(results))
+    metrics = Path(final["out"]) / "metrics.jsonl"
+    first = json.loads(metrics.read_text().splitlines()[0])["loss"]
+    print("\nsummary", file=sys.stderr)
+    print(
+        f"  loss           {first:.3f} (step 1) -> {final['loss']:.3f} (step {final['step']}); "
+        f"eval {final['eval_loss']:.3f}"
+    )
+    if task.dataset == "digits":
+        right = sum(p == t for (p, _), t in zip(results, truth))
+        same = sum(p == q for (p, _), q in zip(results, local))
+        print(
+            f"  accuracy       {right / len(results):.2%} of {len(results)} test digits, "
+            f"classified through the gateway (PNG files); in this process "
+            f"{np.mean(np.asarray(local) == truth):.2%}, {same} of {len(results)} answers equal"
+        )
+    else:
+        cer = np.mean([_cer(p, t) for p, t in zip(results, truth)])
+        words = np.mean([p == t for p, t in zip(results, truth)])
+        same = sum(p == q for p, q in zip(results, local))
+        print(
+            f"  speech         CER {cer:.2%}, words right {words:.2%} of {len(results)} "
+            f"held-out utterances, transcribed through the gateway (WAV files); "
+            f"{same} of {len(results)} transcripts equal in this process"
+        )
+    print(
+        f"  serving        {infer_s / len(results) * 1e3:.1f} ms per request (mean, one at a time)"
+    )
+    print(f"  loss plot      {final['loss_png']}")
+    print(f"  predictions    {plot}")
+    print(f"  checkpoint     {final['out']}  (total {seconds:.0f} s)")
+
+
+def _plot(task: Task, data, results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    truth = _truth(task, data, len(results))
+    if task.dataset == "digits":
+        n = min(len(results), 32)
+        fig, axes = plt.subplots(4, 8, figsize=(8, 4.6))
+        for i, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if i >= n:
+                continue
+            (p, prob), t = results[i], truth[i]
+            ax.imshow(data.test_images[i, ..., 0], cmap="gray_r", vmin=0, vmax=1)
+            ax.set_title(f"{p} ({prob:.0%})", fontsize=8, color="black" if p == t else "red")
+        fig.suptitle("digits through the gateway: prediction (probability); red = wrong")
+    else:
+        n = min(len(results), 20)
+        fig, ax = plt.subplots(figsize=(7, 0.3 * n + 1))
+        ax.axis("off")
+        for i in range(n):
+            ok = results[i] == truth[i]
+            ax.text(0, 1 - i / n, f"{truth[i]!r} -> {results[i]!r}", color="black" if ok else "red")
+        fig.suptitle("held-out speakers through the gateway: word -> transcript")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -19,7 +19,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pathways import certs, chat, client, transport
+from pathways import catalog, certs, chat, client, transport
 from pathways import generate as gen
 from pathways.deploy.local import LocalDeployment
 from pathways.sampling import SamplingParams
@@ -55,6 +55,7 @@ def dep(tmp_path_factory):
                 "d": d,
                 "ex": ex,
                 "home": home,
+                "ckpt": ckpt,
                 "url": d.http.url,
                 "tls": transport.TLSConfig.from_dir(home / "tls" / certs.CLIENT),
             }
@@ -74,9 +75,9 @@ def _local(ex, prompt: str, n: int, stop=()) -> str:
     return gen.generate(ex, "tiny", [prompt], ByteTokenizer(), params)[0].text
 
 
-def _post(dep, path: str, body, key: str | None = READER, **kw) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-    return httpx.post(dep["url"] + path, json=body, headers=headers, timeout=120, **kw)
+def _post(dep, path: str, body, key: str | None = READER, headers=None) -> httpx.Response:
+    headers = {**({"Authorization": f"Bearer {key}"} if key is not None else {}), **(headers or {})}
+    return httpx.post(dep["url"] + path, json=body, headers=headers, timeout=120)
 
 
 def _scrape(url: str) -> dict:
@@ -362,6 +363,40 @@ def test_the_readme_curl_examples_run(dep):
                 "text_completion",
                 "chat.completion",
             ), (cmd, out)
+
+
+def test_model_auto_routes_to_the_best_pathway_within_the_bounds(dep):
+    """Measurements as `pathways bench-pathways` stores them in the checkpoint (values written
+    here): the gateway's catalog carries them, the front routes `model: "auto"` by them."""
+    catalog.write_measured(dep["ckpt"], "tiny", {"tokens_per_s": 50.0, "eval_loss": 2.0})
+    catalog.write_measured(dep["ckpt"], "tiny-shallow", {"tokens_per_s": 100.0, "eval_loss": 3.0})
+    try:
+        oa = _oa(dep)
+        listed = {m.id: m.model_extra["pathway"] for m in oa.models.list()}
+        assert listed["tiny"]["tokens_per_s"] == 50.0 and listed["tiny"]["eval_loss"] == 2.0
+        r = oa.completions.create(model="auto", prompt="x", max_tokens=2, temperature=0)
+        assert r.model == "tiny"  # the lowest eval loss
+        r = oa.completions.create(
+            model="auto", prompt="x", max_tokens=2, extra_body={"max_ms_per_token": 15}
+        )
+        assert r.model == "tiny-shallow"  # tiny takes 20 ms per token
+        chat_body = {"model": "auto", "messages": [{"role": "user", "content": "x"}]}
+        limit = str(listed["tiny"]["parameters"] - 1)
+        r = _post(
+            dep,
+            "/v1/chat/completions",
+            {**chat_body, "max_tokens": 2},
+            headers={"X-Pathways-Max-Parameters": limit},
+        )
+        assert r.status_code == 200 and r.json()["model"] == "tiny-shallow"
+        r = _post(dep, "/v1/completions", {"model": "auto", "prompt": "x", "max_ms_per_token": 1})
+        assert r.status_code == 400
+        assert r.json()["error"]["param"] == "max_ms_per_token"
+        assert r.json()["error"]["code"] == "no_pathway_meets_constraints"
+        r = _post(dep, "/v1/completions", {"model": "tiny", "prompt": "x", "max_parameters": 5})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_parameters"
+    finally:
+        (dep["ckpt"] / catalog.MEASURED).unlink()
 
 
 def test_metrics_after_traffic(dep):

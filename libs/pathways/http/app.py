@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pathways import chat, client, metrics, telemetry, transport
+from pathways import catalog, chat, client, metrics, telemetry, transport
 from pathways.http import params
 from pathways.http.errors import APIError, bad, from_gateway
 
@@ -140,10 +140,20 @@ class Front:
             for p in cat.pathways
         ]
 
+    async def route(self, bounds: dict, key: str) -> str:
+        """`model: "auto"`: the pathway catalog.choose picks within `bounds`."""
+        cat = await self._call(self.gw.catalog(api_key=key), "model")
+        try:
+            return catalog.choose(cat.pathways, **bounds).name
+        except catalog.NoPathway as e:
+            raise bad(e.param, str(e), code="no_pathway_meets_constraints") from None
+
     async def generate(self, g: params.Generation, prompt: str, key: str, kind: str, param: str):
         """A completion ("text_completion") or chat completion ("chat.completion"), whole or as
         server-sent events. The first token (or the gateway's error) is awaited before the
         response starts, so failures keep their status."""
+        if g.model == "auto":
+            g = dataclasses.replace(g, model=await self.route(g.route, key))
         rec = self.m.start(g.model)
         tokens = self.gw.generate(
             prompt, pathway=g.model, timeout=self.s.timeout_s, api_key=key, **g.sampling
@@ -226,10 +236,11 @@ class Front:
             if kind == "chat":
                 yield chunk("", None, role=True)
             while tok is not None:
-                if tok.token_id >= 0:
+                if tok.token_id >= 0:  # one event per token, its text "" mid-character
                     n += 1
                     rec.token()
-                if tok.text:
+                    yield chunk(tok.text, None)
+                elif tok.text:
                     yield chunk(tok.text, None)
                 if tok.finish_reason:
                     yield chunk(None if kind == "chat" else "", FINISH.get(tok.finish_reason))
@@ -320,6 +331,7 @@ def create_app(settings: Settings) -> FastAPI:
         key = _key(request)
         body = await _body(request, settings.max_body_bytes)
         g = params.generation(body, params.COMPLETION_FIELDS, settings.completion_tokens)
+        g = dataclasses.replace(g, route=params.route(body, request.headers))
         return await front.generate(g, params.prompt(body), key, "text", "prompt")
 
     @app.post("/v1/chat/completions")
@@ -327,6 +339,7 @@ def create_app(settings: Settings) -> FastAPI:
         key = _key(request)
         body = await _body(request, settings.max_body_bytes)
         g = params.generation(body, params.CHAT_FIELDS, None)
+        g = dataclasses.replace(g, route=params.route(body, request.headers))
         template = await front.template(key)
         try:
             prompt = template.render(body.get("messages"))

@@ -30,7 +30,12 @@ NEUTRAL = {
     "metadata": (None, {}),
 }
 COMMON = {"model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "seed"}
-COMMON |= {"stop", "n", "user", "top_k"}
+COMMON |= {"stop", "n", "user", "top_k", "max_ms_per_token", "max_parameters"}
+# `model: "auto"`: the best pathway within these bounds (body fields, or these headers).
+ROUTE_HEADERS = {
+    "max_ms_per_token": "x-pathways-max-ms-per-token",
+    "max_parameters": "x-pathways-max-parameters",
+}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 
@@ -39,11 +44,12 @@ CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 class Generation:
     """One validated completion request."""
 
-    model: str
+    model: str  # a pathway, or "auto" (see `route`)
     stream: bool
     include_usage: bool
     sampling: dict[str, Any]  # pathways.client.request's keyword arguments
     user: str | None
+    route: dict[str, float | int | None] = dataclasses.field(default_factory=dict)
 
 
 def _number(body, name, default, lo=None, hi=None, lo_open=False):
@@ -137,6 +143,30 @@ def generation(body: Any, allowed: set[str], default_max_tokens: int | None) -> 
         "max_tokens": max_tokens,
     }
     return Generation(model, bool(stream), include_usage, sampling, user)
+
+
+def route(body: dict, headers) -> dict[str, float | int | None]:
+    """`model: "auto"`'s bounds from the body (`max_ms_per_token`, `max_parameters`) or the
+    x-pathways-* headers; 400 naming the field for a bad value, or for a bound without auto."""
+    out: dict[str, float | int | None] = {}
+    for name, header in ROUTE_HEADERS.items():
+        v = body.get(name)
+        if v is None and headers.get(header) is not None:
+            raw = headers.get(header)
+            try:
+                v = float(raw) if name == "max_ms_per_token" else int(raw)
+            except ValueError:
+                raise bad(name, f"header {header} must be a number; got {raw!r}") from None
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
+            raise bad(name, f"must be a positive number; got {v!r}")
+        if name == "max_parameters" and not float(v).is_integer():
+            raise bad(name, f"must be an integer; got {v!r}")
+        out[name] = float(v) if name == "max_ms_per_token" else int(v)
+    if out and body.get("model") != "auto":
+        raise bad(next(iter(out)), 'applies only with model: "auto"')
+    return out
 
 
 def prompt(body: dict) -> str:

@@ -32,7 +32,7 @@ def test_every_rpc_answers_random_and_adversarial_requests(target):
                  "Forward", "TrainConfigure", "TrainForward", "TrainBackward", "Steps", "RunStep",
                  "Deliver", "Apply", "Evaluate", "Save", "Load", "Reset", "Generate",
                  "ListPathways", "AddModule", "SetPathway", "RemovePathway", "Infer",
-                 "HealthCheck"):  # fmt: skip
+                 "Publish", "GatewayPublish", "HealthCheck"):  # fmt: skip
         assert name in rpcs, name
     for name in ("OpenSession", "Prefill", "Generate", "HealthCheck", "TrainConfigure"):
         assert s["per_rpc"][name].get("OK", 0) > 0, (name, s["per_rpc"][name])

@@ -8,10 +8,11 @@ import json
 import os
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pathways import certs, transport
+from pathways import certs, codec, transport
 from pathways.deploy.local import LocalDeployment
 from pathways.serving import auth
 from pathways.serving.testing import make_checkpoint
@@ -153,7 +154,7 @@ def test_training_save_and_load_stay_under_the_servers_directories(deployment, t
     outside = tmp_path.parents[2] / "pathways-victim"  # above the run and checkpoint directories
     link = dep.checkpoint + "/escape"
     os.symlink(outside, link)
-    tls = transport.TLSConfig.from_dir(home / "tls" / certs.CLIENT)
+    tls = dep.identities.tls(certs.COORDINATOR)  # the coordinator trains; users do not
     with transport.channel(dep.fleet.endpoints["head"][0], tls=tls) as ch:
         stub = training_pb2_grpc.TrainingServiceStub(ch)
         for call, req in [
@@ -172,3 +173,98 @@ def test_training_save_and_load_stay_under_the_servers_directories(deployment, t
             stub.Save(training_pb2.SaveRequest(directory=dep.checkpoint + "/run"), timeout=10)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert not outside.exists()
+
+
+def test_training_answers_only_service_certificates_and_never_changes_served_weights(
+    deployment, tmp_path
+):
+    """TrainingService once trained the served weights in place, for any caller: now it trains
+    a copy of its own for service certificates only, and the served weights change only through
+    the gateway's admin Publish."""
+    from pathways.v1 import training_pb2, training_pb2_grpc
+
+    dep, home = deployment
+    admin = (home / "client.key").read_text().strip()
+    address = dep.fleet.endpoints["head"][0]
+    user = transport.TLSConfig.from_dir(home / "tls" / certs.CLIENT)
+    with transport.channel(address, tls=user) as ch:  # the local user's certificate
+        configure = training_pb2.ConfigureRequest(
+            module="head",
+            optimizer=training_pb2.OptimizerConfig(lr=0.5, steps=10, warmup=1, clip=1.0),
+        )
+        with pytest.raises(grpc.RpcError) as e:
+            training_pb2_grpc.TrainingServiceStub(ch).Configure(configure, timeout=10)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "answers only to service certificates" in e.value.details()
+        assert "certificate is client" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:  # nor may it publish to the module server
+            module_pb2_grpc.ModuleServiceStub(ch).Publish(
+                module_pb2.PublishRequest(from_training=True), timeout=10
+            )
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    ch, gw = _gateway(dep, home)
+    gen = gateway_pb2.GenerateRequest(
+        pathway="tiny", prompt="def ", sampling=gateway_pb2.SamplingOptions(max_new_tokens=8)
+    )
+
+    def text():
+        md = auth.client_metadata(admin)
+        return "".join(r.text for r in gw.Generate(gen, timeout=60, metadata=md))
+
+    try:
+        before = text()
+        coordinator = dep.identities.tls(certs.COORDINATOR)
+        with transport.channel(address, tls=coordinator) as tch:
+            stub = training_pb2_grpc.TrainingServiceStub(tch)
+            stub.Configure(configure, timeout=30)
+            rng = np.random.default_rng(0)
+            x = codec.encode(rng.standard_normal((2, 8, 128)).astype(np.float32))
+            targets = codec.encode(rng.integers(0, 257, (2, 8)).astype(np.int32))
+            for _ in range(3):
+                stub.Forward(
+                    training_pb2.TrainForwardRequest(micro_batch=0, input=x, targets=targets),
+                    timeout=30,
+                )
+                one = codec.encode(np.array(1.0, np.float32))  # d loss / d loss, at the head
+                stub.Backward(
+                    training_pb2.TrainBackwardRequest(micro_batch=0, grad=one), timeout=30
+                )
+                stub.Apply(training_pb2.ApplyRequest(), timeout=30)
+        assert text() == before  # trained, but not served
+        publish = gateway_pb2.PublishModulesRequest(modules=["head"], from_training=True)
+        code, msg = _code(gw.Publish, publish, GENERATE_KEY)
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        assert "Publish needs role 'admin'" in msg
+        assert text() == before
+        r = gw.Publish(publish, timeout=120, metadata=auth.client_metadata(admin))
+        assert list(r.published) == [f"head@{address}"]
+        assert text() != before  # the head's trained copy (lr 0.5) is served now
+        # Back to the checkpoint's weights (a training run's checkpoint publishes the same way).
+        again = gateway_pb2.PublishModulesRequest(modules=["head"], checkpoint=dep.checkpoint)
+        gw.Publish(again, timeout=120, metadata=auth.client_metadata(admin))
+        assert text() == before
+        bad = gateway_pb2.PublishModulesRequest(checkpoint="/etc")
+        code, msg = _code(gw.Publish, bad, admin)
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "outside the allowed" in msg
+    finally:
+        ch.close()
+
+
+def test_training_service_is_off_unless_the_server_is_started_for_training(deployment):
+    from pathways.deploy import launcher
+    from pathways.v1 import training_pb2, training_pb2_grpc
+
+    dep, home = deployment
+    proc = launcher.start_module(dep.checkpoint, "head", {"PATHWAYS_CPU_THREADS": "1"})
+    try:
+        launcher.wait_healthy(proc.address, proc, 300, tls=transport.TLSConfig.plaintext())
+        with transport.channel(proc.address, tls=transport.TLSConfig.plaintext()) as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                training_pb2_grpc.TrainingServiceStub(ch).Reset(
+                    training_pb2.ResetRequest(), timeout=10
+                )
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # Serving itself is there.
+            module_pb2_grpc.ModuleServiceStub(ch).Describe(module_pb2.DescribeRequest(), timeout=10)
+    finally:
+        proc.stop()

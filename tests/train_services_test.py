@@ -28,7 +28,7 @@ CFG = TrainConfig(steps=20, warmup=1, lr=1e-2, batch_size=8, seq_len=16)
 def fleet(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ckpt")
     make_checkpoint(directory)
-    with Fleet(str(directory), MODULES, gateway=False) as f:
+    with Fleet(str(directory), MODULES, gateway=False, module_args=["--training"]) as f:
         yield f, directory
 
 

@@ -1,5 +1,6 @@
-"""Module server: hosts one module of a checkpoint as pathways.v1.ModuleService, and trains it in
-place as pathways.v1.TrainingService on the same port."""
+"""Module server: hosts one module of a checkpoint as pathways.v1.ModuleService and, started with
+--training, trains a copy of it as pathways.v1.TrainingService on the same port (the served
+weights change only through ModuleService.Publish)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="module_server", description=__doc__)
     settings.add_args(p)
     try:
-        server.serve(settings.from_args(p.parse_args(argv)), add_ons=[training.ADD_ON])
+        s = settings.from_args(p.parse_args(argv))
+        # TrainingService only on a server started to train (--training / PATHWAYS_TRAINING=1).
+        server.serve(s, add_ons=[training.ADD_ON] if s.training else [])
     except (NotFound, FileNotFoundError, ValueError) as e:
         print(f"module_server: error: {e}", file=sys.stderr)
         return 2

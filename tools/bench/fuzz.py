@@ -63,7 +63,7 @@ BUDGET_MB = 1500  # each module server's --memory-budget-mb
 SERVER_ARGS = [
     "--memory-budget-mb", str(BUDGET_MB), "--max-programs", "48", "--max-call-tokens", "1024",
     "--max-micro-batches", "8", "--max-inbox-mb", "4", "--session-ttl-s", "10",
-    "--workers", "16", "--max-slots", "16",
+    "--workers", "16", "--max-slots", "16", "--training",
 ]  # fmt: skip
 # Codes that mean the server failed, never the client.
 SERVER_FAULTS = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -200,9 +200,15 @@ def module_call(draw, target: Target):
     m = draw(st.sampled_from(MODULES))
     stub = module_pb2_grpc.ModuleServiceStub(target.channels[m])
     rpc = draw(st.sampled_from(["Describe", "OpenSession", "Prefill", "Decode", "DecodeStream",
-                                "CloseSession", "Forward"]))  # fmt: skip
+                                "CloseSession", "Forward", "Publish"]))  # fmt: skip
     if rpc == "Describe":
         return m, rpc, stub.Describe, module_pb2.DescribeRequest()
+    if rpc == "Publish":
+        req = module_pb2.PublishRequest(
+            checkpoint=draw(st.one_of(st.just(""), st.just(str(target.roots)), TEXT)),
+            from_training=draw(st.booleans()),
+        )
+        return m, rpc, stub.Publish, req
     if rpc == "OpenSession" and draw(st.booleans()):  # a valid one
         b = draw(st.sampled_from([1, 2]))
         req = module_pb2.OpenSessionRequest(
@@ -378,7 +384,7 @@ def training_call(draw, target: Target):
 def gateway_call(draw, target: Target):
     stub = gateway_pb2_grpc.GatewayServiceStub(target.channels["gateway"])
     rpc = draw(st.sampled_from(["Generate", "ListPathways", "AddModule", "SetPathway",
-                                "RemovePathway", "Infer"]))  # fmt: skip
+                                "RemovePathway", "Infer", "Publish"]))  # fmt: skip
     names = st.one_of(st.sampled_from(["fz", "fz2", "../x", "", "micro2"]), TEXT)
     if rpc == "Generate" and draw(st.booleans()):  # a valid one
         opts = gateway_pb2.SamplingOptions(
@@ -407,6 +413,13 @@ def gateway_call(draw, target: Target):
         return "gateway", rpc, stub.Generate, req
     if rpc == "ListPathways":
         return "gateway", rpc, stub.ListPathways, gateway_pb2.ListPathwaysRequest()
+    if rpc == "Publish":
+        req = gateway_pb2.PublishModulesRequest(
+            modules=draw(st.lists(st.one_of(st.sampled_from(MODULES), TEXT), max_size=2)),
+            checkpoint=draw(st.one_of(st.just(""), st.just(str(target.roots)), TEXT)),
+            from_training=draw(st.booleans()),
+        )
+        return "gateway", "GatewayPublish", stub.Publish, req
     if rpc == "AddModule":
         addrs = st.lists(st.one_of(st.sampled_from(list(target.addresses.values())), TEXT),
                          max_size=3)  # fmt: skip

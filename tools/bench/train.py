@@ -38,7 +38,12 @@ def services_engine(spec_path: Path, spec, pathway, cfg, n_micro, schedule, stac
         directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-train-"))
         make_checkpoint(directory, spec_path)
         cache["fleet"] = stack.enter_context(
-            Fleet(directory, list(spec.pathway(pathway).modules), gateway=False)
+            Fleet(
+                directory,
+                list(spec.pathway(pathway).modules),
+                gateway=False,
+                module_args=["--training"],
+            )
         )
     addresses = {m: a[0] for m, a in cache["fleet"].endpoints.items()}
     return PipelineEngine(remote_stages(spec, pathway, addresses, cfg), n_micro, schedule)

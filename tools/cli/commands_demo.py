@@ -63,7 +63,7 @@ def cmd_demo(args) -> int:
             raise ValueError("--local runs the text demo only; drop it for --task " + args.task)
         from tools.cli import demo_tasks
 
-        return demo_tasks.run(args)
+        return demo_tasks.run(args, follow)
     if args.local:
         from tools.cli.commands_local import build_args, cmd_generate, cmd_train
 
@@ -188,6 +188,13 @@ def run_distributed(args) -> int:
         final = follow(client, job, req.steps, tqdm)
         if final["state"] != "SUCCESS":
             raise ValueError(f"training job {final['state'].lower()}: " f"{final.get('error', '')}")
+        # The servers trained copies of their weights: serve what they learnt (the admin step
+        # that changes served weights; the job's final checkpoint holds the same weights).
+        published = dep.publish(trained)
+        print(
+            f"\npublished the trained checkpoint to {len(published)} module servers",
+            file=sys.stderr,
+        )
         print("\ngenerating through the gateway from the trained modules:\n", file=sys.stderr)
         generate_via_gateway(
             build_args(

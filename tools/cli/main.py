@@ -16,6 +16,7 @@ from tools.cli import (
     commands_k8s,
     commands_local,
     commands_pathways,
+    commands_publish,
     commands_serve,
 )
 
@@ -27,6 +28,7 @@ COMMAND_MODULES = [
     commands_catalog,
     commands_infer,
     commands_pathways,
+    commands_publish,
     commands_jobs,
     commands_k8s,
     commands_hf,

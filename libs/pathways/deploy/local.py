@@ -90,6 +90,7 @@ class LocalDeployment:
         http_front: bool = False,
         http_port: int | None = None,
         metrics: bool = False,
+        training: bool = True,
     ):
         """`secure_dir`: where the deployment keeps its CA and service certificates (`tls/`),
         the gateway's hashed API keys (`api-keys.json`) and the local user's admin key
@@ -98,7 +99,9 @@ class LocalDeployment:
         `http_front`: also the OpenAI-compatible HTTP front over the gateway, on `http_port`
         (None: a free port); it reaches the gateway with its own certificate (`http-front`).
         `metrics`: module servers and the gateway serve GET /metrics on side ports (the HTTP
-        front always does, on its own port)."""
+        front always does, on its own port). `training`: module servers start with --training
+        (TrainingService on a copy of the weights, for jobs through the services; what they
+        learn is served after `publish`)."""
         from pathways import certs
         from pathways import checkpoint as ckpt
 
@@ -108,6 +111,8 @@ class LocalDeployment:
         if not self.modules:
             raise ValueError(f"checkpoint {self.checkpoint} has no module weights")
         self.replicas, self.module_args = dict(replicas or {}), list(module_args)
+        if training and "--training" not in self.module_args:
+            self.module_args.append("--training")
         self.log = Path(log_dir) if log_dir is not None else None
         self.coordinator, self.worker_concurrency = coordinator, worker_concurrency
         self.fleet = None
@@ -160,6 +165,31 @@ class LocalDeployment:
         if self.http is not None:
             urls["http-front"] = f"{self.http.url}/metrics"
         return urls
+
+    def publish(self, checkpoint: str | Path | None = None, modules=(), timeout: float = 300):
+        """Admin: every replica of `modules` (none: all) serves the weights of `checkpoint`, or
+        (None) of its training copy, through the gateway's Publish (with the local user's key).
+        Returns the "module@address" published."""
+        from pathways import transport
+        from pathways.serving import auth
+        from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+
+        tls = (
+            transport.TLSConfig.plaintext()
+            if self.client_tls_dir is None
+            else transport.TLSConfig.from_dir(self.client_tls_dir)
+        )
+        key = self.api_key_file.read_text().strip() if self.api_key_file is not None else None
+        req = gateway_pb2.PublishModulesRequest(
+            modules=list(modules),
+            checkpoint="" if checkpoint is None else str(Path(checkpoint).absolute()),
+            from_training=checkpoint is None,
+        )
+        with transport.channel(self.gateway, tls=tls) as ch:
+            r = gateway_pb2_grpc.GatewayServiceStub(ch).Publish(
+                req, timeout=timeout, metadata=auth.client_metadata(key)
+            )
+        return list(r.published)
 
     @property
     def train_modules(self) -> dict[str, str]:

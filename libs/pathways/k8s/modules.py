@@ -87,6 +87,10 @@ def _deployment(
             *tls_env,  # mutual TLS: its certificate, and the name peers' are checked against
             # TrainingService.Save/Load write and read training runs there, nowhere else.
             {"name": "PATHWAYS_PATH_ROOTS", "value": pods.TRAINING_DIR},
+            # Jobs train through module servers (TrainingService on a copy of the weights, for
+            # the coordinator's and other module servers' certificates); what they learn is
+            # served after an admin's `pathways publish`.
+            {"name": "PATHWAYS_TRAINING", "value": "1"},
         ],
         "resources": RESOURCES_WITH_CACHE if kind.has_cache else RESOURCES_WITHOUT_CACHE,
         **pods.grpc_probes(),

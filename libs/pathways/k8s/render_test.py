@@ -67,6 +67,7 @@ def test_each_module_gets_deployment_service_hpa_pdb():
         {"name": "PATHWAYS_TLS_DIR", "value": "/var/run/pathways/tls"},
         {"name": "PATHWAYS_TLS_SERVER_NAME", "value": "pathways-module"},
         {"name": "PATHWAYS_PATH_ROOTS", "value": "/training"},  # Save/Load confined there
+        {"name": "PATHWAYS_TRAINING", "value": "1"},  # jobs train through module servers
     ]
     tls = next(v for v in pod["volumes"] if v["name"] == "tls")
     assert tls["secret"]["secretName"] == "pathways-module-tls"

@@ -6,12 +6,15 @@ import logging
 import math
 import threading
 
+import grpc
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pathways import codec, messages, paths, transport
 from pathways.pipeline import peer
 from pathways.pipeline.stage import LocalStage
+from pathways.serving import auth
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from pathways.serving.limits import LimitExceeded
@@ -35,9 +38,17 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         roots: paths.Roots = None,
         settings=None,
     ):
-        """`settings`: the module server's (`ModuleServerSettings`), whose limits bound the
-        calls here (None: unbounded, in-process use only)."""
-        self.engine = engine
+        """`engine`: the served module's; training runs on a copy of its weights of its own (an
+        engine without a cache), so served weights change only through ModuleService.Publish.
+        `settings`: the module server's (`ModuleServerSettings`), whose limits bound the calls
+        here and whose `training_peers` may call (None: unbounded, anyone; in-process use)."""
+        self.serving_engine = engine
+        self.engine = _training_copy(engine)
+        self.peers_policy = (
+            auth.PeerPolicy(settings.training_peers.split(","), "TrainingService")
+            if settings
+            else None
+        )
         # Where Save/Load may read and write (None: anywhere; in-process use only).
         self.roots = roots
         self.settings = settings
@@ -56,6 +67,11 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         # Calls for one module arrive in schedule order from one client thread; the lock keeps
         # a stray concurrent caller from interleaving with them.
         self._lock = threading.Lock()
+
+    def _check_peer(self, context) -> None:
+        why = self.peers_policy.refusal(context) if self.peers_policy is not None else None
+        if why:
+            raise PermissionDenied(why)
 
     def _stage(self) -> LocalStage:
         if self.stage is None:
@@ -129,6 +145,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Configure(self, request, context):
+        self._check_peer(context)
         if request.module != self.engine.name:
             raise NotFound(
                 f"this server hosts module {self.engine.name!r}, not " f"{request.module!r}"
@@ -150,6 +167,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Forward(self, request, context):
+        self._check_peer(context)
         with self._lock:
             st = self._stage()
             if request.micro_batch in st.pending:
@@ -165,6 +183,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Backward(self, request, context):
+        self._check_peer(context)
         with self._lock:
             st = self._stage()
             if request.micro_batch not in st.pending:
@@ -185,6 +204,9 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             return resp
 
     def Steps(self, request_iterator, context):
+        why = self.peers_policy.refusal(context) if self.peers_policy is not None else None
+        if why:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, why)
         for req in request_iterator:
             if req.WhichOneof("op") == "forward":
                 yield training_pb2.StepResponse(forward=self.Forward(req.forward, context))
@@ -193,6 +215,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def RunStep(self, request, context):
+        self._check_peer(context)
+
         def check_input(x, m):
             self.engine.check_input(x, f"input of micro-batch {m}", None)
             self._admit(x, f"input of micro-batch {m}")
@@ -218,10 +242,12 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Deliver(self, request_iterator, context):
+        self._check_peer(context)
         return peer.deliver(request_iterator, self.inbox, self._decode)
 
     @rpc
     def Apply(self, request, context):
+        self._check_peer(context)
         with self._lock:
             st = self._stage()
             if st.pending:
@@ -243,6 +269,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Evaluate(self, request, context):
+        self._check_peer(context)
         x = self._input(request.input, "input")
         y = self._stage().evaluate(x, self._targets(request))
         if self.engine.kind.is_head:
@@ -261,6 +288,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Save(self, request, context):
+        self._check_peer(context)
         directory = self._directory(request.directory)
         with self._lock:
             self._stage().save(directory)
@@ -268,6 +296,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Load(self, request, context):
+        self._check_peer(context)
         directory = self._directory(request.directory)
         self.inbox.abort()  # as Configure: resuming never waits on a dead driver's step
         with self._lock:
@@ -280,6 +309,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     @rpc
     def Reset(self, request, context):
+        self._check_peer(context)
         self.inbox.abort()  # first: a RunStep waiting on a neighbour holds the lock
         with self._lock:
             if self.stage is not None:
@@ -290,14 +320,23 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 SERVICE = training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name
 
 
+def _training_copy(engine: ModuleEngine) -> ModuleEngine:
+    """An engine (no cache) over a copy of `engine`'s weights, for training: its updates donate
+    their buffers, which must not be the served ones."""
+    copy = jax.tree.map(lambda a: jnp.array(a, copy=True), engine.rt.state)
+    train = ModuleEngine(engine.name, engine.cfg, copy)
+    train.programs = engine.programs  # one cap on compiled shapes per server
+    return train
+
+
 def _mount(server, m: Mount) -> None:
-    training_pb2_grpc.add_TrainingServiceServicer_to_server(
-        TrainingServicer(m.engine, m.servicer, m.channel_options, m.tls, m.roots, m.settings),
-        server,
-    )
+    servicer = TrainingServicer(m.engine, m.servicer, m.channel_options, m.tls, m.roots, m.settings)
+    # ModuleService.Publish(from_training) serves what this copy has learnt.
+    m.servicer.training_state = lambda: servicer.engine.rt.state
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)
 
 
-# The module trains in place through TrainingService (same port, same weights): the module
-# server's entry point mounts it (services/module_server).
+# A module server started with --training mounts TrainingService (same port, its own copy of the
+# weights): services/module_server.
 ADD_ON = AddOn(SERVICE, _mount)
 __all__ = ["ADD_ON", "SERVICE", "TrainingServicer"]

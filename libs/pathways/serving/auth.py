@@ -202,3 +202,34 @@ class AddressPolicy:
             f"address {address!r} is not allowed for AddModule (allowed: {allowed}; the gateway's "
             f"--allow-module-address)"
         )
+
+
+def peer_names(context) -> list[str] | None:
+    """The common names of the client certificate of a call over TLS (mutual TLS: every client
+    of a module server has one); None for a plaintext call (an --insecure server)."""
+    ctx = context.auth_context() or {}
+    if b"ssl" not in ctx.get("transport_security_type", []):  # plaintext says b"insecure"
+        return None
+    return [v.decode("utf-8", "replace") for v in ctx.get("x509_common_name", [])]
+
+
+class PeerPolicy:
+    """Which service certificates (common names, shell-style patterns: `coordinator`,
+    `module-*`) may make a call. Plaintext calls pass: a server runs without TLS only when
+    started with --insecure, which says at start that anyone may call it."""
+
+    def __init__(self, patterns: Sequence[str], what: str):
+        self.patterns = [p.strip() for p in patterns if p.strip()]
+        self.what = what
+
+    def refusal(self, context) -> str | None:
+        """None when the caller may, else why not (for PERMISSION_DENIED)."""
+        names = peer_names(context)
+        if names is None:
+            return None
+        if any(fnmatch.fnmatchcase(n, p) for n in names for p in self.patterns):
+            return None
+        return (
+            f"{self.what} answers only to service certificates ({', '.join(self.patterns)}); "
+            f"the caller's certificate is {', '.join(names) or 'unnamed'}"
+        )

@@ -120,6 +120,48 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
         )
 
+    def Publish(self, request, context):
+        """Admin: every replica of the named modules (none: all) serves new weights, from a
+        checkpoint or from its training copy (ModuleService.Publish, asked with the gateway's
+        certificate: the only one module servers take it from)."""
+        from pathways.v1 import module_pb2_grpc
+
+        modules = list(request.modules) or list(self.executor.replicas)
+        for i, m in enumerate(modules):
+            try:
+                names.check(m, f"modules[{i}]")
+            except ValueError as e:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        unknown = [m for m in modules if m not in self.executor.replicas]
+        if unknown:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no replicas of module(s) {', '.join(unknown)} at this gateway",
+            )
+        if request.from_training == bool(request.checkpoint):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "give exactly one of checkpoint and from_training"
+            )
+        req = module_pb2.PublishRequest(
+            checkpoint=request.checkpoint, from_training=request.from_training
+        )
+        published = []
+        for m in modules:
+            for address in self.executor.replicas[m].source.replicas(m):
+                try:
+                    with transport.channel(address, tls=self.executor.tls) as ch:
+                        module_pb2_grpc.ModuleServiceStub(ch).Publish(req, timeout=300)
+                except grpc.RpcError as e:
+                    done = ", ".join(published) or "none"
+                    context.abort(
+                        e.code(),
+                        f"module {m!r} at {address}: {e.code().name}: {e.details()} "
+                        f"(published before: {done})",
+                    )
+                published.append(f"{m}@{address}")
+        log.info("published %s from %s", ", ".join(published), request.checkpoint or "training")
+        return gateway_pb2.PublishModulesResponse(published=published)
+
     def RemovePathway(self, request, context):
         if request.name not in self.executor.spec.pathways:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown pathway {request.name!r}")

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from pathways import checkpoint as ckpt
 from pathways import codec, cpu, paths, telemetry, transport
 from pathways.modules import registry
-from pathways.serving import limits
+from pathways.serving import auth, limits
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
@@ -148,6 +148,9 @@ class ModuleServer:
         self.servicer = ModuleServicer(
             engine, table, s.max_batch, s.batch_wait_ms / 1e3, s.max_call_tokens, self.budget
         )
+        # The served weights change only through Publish, asked by the gateway (admin key).
+        self.servicer.publishers = auth.PeerPolicy(s.publishers.split(","), "Publish")
+        self.servicer.roots = s.roots()
         module_pb2_grpc.add_ModuleServiceServicer_to_server(self.servicer, self.server)
         # Add-ons share the port and the served module's engine (training: the same weights).
         for a in self.add_ons:

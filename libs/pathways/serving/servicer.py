@@ -18,7 +18,14 @@ from pathways.executor.base import bucket
 from pathways.sampling import SamplingBatch
 from pathways.serving.batcher import Batcher
 from pathways.serving.engine import ModuleEngine, Step
-from pathways.serving.errors import InvalidArgument, ServingError, Unavailable
+from pathways.serving.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    ServingError,
+    Unavailable,
+)
 from pathways.serving.limits import LimitExceeded, MemoryBudget
 from pathways.serving.sessions import SessionTable
 from pathways.telemetry import ModuleMetrics
@@ -61,6 +68,12 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         server's memory budget, reserved around each Prefill and Forward (None: unbounded)."""
         self.engine, self.table = engine, table
         self.max_call_tokens, self.budget = max_call_tokens, budget
+        # Publish: who may call it (auth.PeerPolicy; None: anyone, in-process use), where its
+        # checkpoints may be read (paths.Roots; None: anywhere), and the training copy's
+        # weights when TrainingService is mounted (set by it).
+        self.publishers = None
+        self.roots = None
+        self.training_state = None
         self.metrics = ModuleMetrics(engine.name, lambda: len(table), lambda: engine.kv_bytes)
         self.batcher = Batcher(engine.decode, max_batch, batch_wait_s, self.metrics.batch)
         self.ready = False
@@ -311,6 +324,65 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         with self.reserve(bp, tp, tp, "Forward"):
             out = self.engine.forward(x, causal=not request.bidirectional)
         return module_pb2.ForwardResponse(output=self._tensor(out, request.output_dtype))
+
+    @rpc
+    def Publish(self, request, context):
+        """Replaces the served weights: from a checkpoint (the module's config there must equal
+        the served one) or from this server's training copy."""
+        import jax
+
+        from pathways import checkpoint as ckpt
+        from pathways import paths
+
+        self._check_ready()
+        e = self.engine
+        why = self.publishers.refusal(context) if self.publishers is not None else None
+        if why:
+            raise PermissionDenied(why)
+        if request.from_training == bool(request.checkpoint):
+            raise InvalidArgument("give exactly one of checkpoint and from_training")
+        if request.from_training:
+            if self.training_state is None:
+                raise FailedPrecondition(
+                    f"module {e.name!r}: this server has no training copy (start it with "
+                    f"--training)"
+                )
+            import jax.numpy as jnp
+
+            # A copy: training donates its buffers to its next update.
+            state = jax.tree.map(lambda a: jnp.array(a, copy=True), self.training_state())
+            source = "its training copy"
+        else:
+            directory = request.checkpoint
+            if self.roots is not None:
+                try:
+                    directory = str(self.roots.check(directory, "checkpoint"))
+                except paths.PathError as err:
+                    raise PermissionDenied(str(err)) from None
+            try:
+                spec, _ = ckpt.load_spec(directory)
+            except OSError as err:
+                raise NotFound(f"checkpoint {request.checkpoint!r}: {err}") from None
+            except ValueError as err:
+                raise InvalidArgument(f"checkpoint {request.checkpoint!r}: {err}") from None
+            cfg = spec.modules.get(e.name)
+            if cfg is None or not ckpt.has_module(directory, e.name):
+                raise NotFound(f"checkpoint {request.checkpoint!r} has no module {e.name!r}")
+            if cfg != e.cfg:
+                raise FailedPrecondition(
+                    f"checkpoint {request.checkpoint!r}: module {e.name!r} has another config "
+                    f"than the served one ({cfg} != {e.cfg})"
+                )
+            state = ckpt.load_module(directory, e.name, e.rt.state)
+            source = f"checkpoint {directory}"
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+        e.rt.state = state
+        if e.rt.compact():  # one copy of the weights while serving, as at start
+            from pathways import cpu
+
+            cpu.release_free_memory()
+        log.info("module %s: now serving the weights of %s", e.name, source)
+        return module_pb2.PublishResponse(parameters=n)
 
     def _steps(self, steps, b: int) -> np.ndarray:
         if not self.engine.kind.is_head:

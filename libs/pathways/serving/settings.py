@@ -60,6 +60,13 @@ class ModuleServerSettings:
     # in flight; a call that would exceed it is refused, a server over it at start does not
     # start. 0: 90 % of the machine's (or cgroup's) memory.
     memory_budget_mb: float = 0.0
+    # TrainingService is mounted only on a server started to train (issue 17); it trains a copy
+    # of the weights of its own, and answers only to these service certificates (common-name
+    # patterns, comma-separated). The served weights change only through ModuleService.Publish,
+    # which answers only to `publishers` (the gateway, whose Publish needs an admin key).
+    training: bool = False
+    training_peers: str = "coordinator,module,module-*"  # k8s: module; `up`: module-<name>
+    publishers: str = "gateway"
 
     def __post_init__(self):
         if not self.checkpoint or not self.module:

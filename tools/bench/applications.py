@@ -194,10 +194,135 @@ def speech(args) -> list[dict]:
     return rows
 
 
+TASKS = ("text", "digits", "speech")
+
+
+def _sharing_tasks(args):
+    """Per task: (data, TrainConfig, metric name, metric of an executor)."""
+    from pathways import data as data_lib
+
+    tok = ByteTokenizer()
+    text = data_lib.TokenData.build(
+        data_lib.read_texts(data_lib.default_corpus_paths(), args.text_bytes), tok
+    )
+    vision_data = digits()
+    spoken = dataclasses.replace(
+        speech_data.speech(train_per_word=args.train_per_word), speed_perturb=args.speed_perturb
+    )
+
+    def cfg(steps, batch, seq, lr):
+        return TrainConfig(
+            steps=steps,
+            batch_size=batch,
+            seq_len=seq,
+            lr=lr,
+            warmup=min(100, steps // 10),
+            weight_decay=args.weight_decay,
+            eval_every=steps,
+            save_every=steps,
+            eval_batches=16,
+        )
+
+    def text_loss(ex, trainer):
+        return trainer.eval_loss()
+
+    def digit_accuracy(ex, trainer):
+        return Classifier(ex, "digits").accuracy(vision_data.test_images, vision_data.test_labels)
+
+    def speech_cer(ex, trainer):
+        u = spoken.splits["test"]
+        hyps = Transcriber(ex, "speech").transcribe_many(
+            [u.wave(i) for i in range(len(u))], spoken.sample_rate
+        )
+        return error_rates(hyps, spoken.texts("test"))["cer"]
+
+    s = args.sharing_steps
+    return {
+        "text": (text, cfg(s, 16, 128, 2e-3), "eval loss", text_loss),
+        "digits": (vision_data, cfg(s, 64, 16, 2e-3), "test accuracy", digit_accuracy),
+        "speech": (spoken, cfg(s, 32, 25, 2e-3), "CER held-out speakers", speech_cer),
+    }
+
+
+def _train_in_turn(ex, tasks, names, out, trainable=None) -> tuple[dict, float]:
+    """Trains `names` on one executor, one step of each in turn; returns trainers and seconds."""
+    trainers = {
+        n: LocalTrainer(
+            ex,
+            n,
+            tasks[n][1],
+            tasks[n][0],
+            Path(out) / n,
+            ByteTokenizer(),
+            trainable=None if trainable is None else trainable[n],
+        )
+        for n in names
+    }
+    t0 = time.perf_counter()
+    for step in range(1, max(t.cfg.steps for t in trainers.values()) + 1):
+        for t in trainers.values():
+            t.run(should_stop=lambda t=t, s=step: t.step >= s)
+    return trainers, time.perf_counter() - t0
+
+
+def sharing(args) -> list[dict]:
+    """Each task alone on the multi-task spec's modules vs all three through the shared
+    attention modules, and vision and speech trained on frozen attention after text."""
+    spec = spec_lib.load(args.sharing_spec)
+    tasks = _sharing_tasks(args)
+    for name in ("digits", "speech"):
+        tasks[name][0].check_pathway(spec, name)
+    rows = []
+
+    def params(ex, names):
+        modules = {m for n in names for m in spec.pathway(n).modules}
+        return sum(ex.runtimes[m].param_count() for m in modules)
+
+    def record(setting, ex, trainers, seconds, names):
+        for n in names:
+            value = tasks[n][3](ex, trainers[n])
+            rows.append(
+                {
+                    "task": n,
+                    "setting": setting,
+                    "metric": tasks[n][2],
+                    "value": value,
+                    "steps": trainers[n].cfg.steps,
+                    "params": params(ex, names),
+                    "train_seconds": seconds,
+                }
+            )
+            print(f"{setting}: {n} {tasks[n][2]} {value:.4f} ({seconds:.0f} s)", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="bench-sharing-") as out:
+        alone = {}
+        for n in TASKS:
+            ex = LocalExecutor(spec, seed=0)
+            trainers, seconds = _train_in_turn(ex, tasks, [n], Path(out) / "alone")
+            record("alone", ex, trainers, seconds, [n])
+            alone[n] = (ex, trainers)
+        ex = LocalExecutor(spec, seed=0)
+        trainers, seconds = _train_in_turn(ex, tasks, TASKS, Path(out) / "shared")
+        record("shared", ex, trainers, seconds, TASKS)
+        # Frozen: the text model's attention modules stay as text training left them; vision
+        # and speech train only their own embedding and head through them.
+        ex, text_trainers = alone["text"]
+        own = {
+            n: {m for m in spec.pathway(n).modules if m not in spec.pathway("text").modules}
+            for n in ("digits", "speech")
+        }
+        trainers, seconds = _train_in_turn(
+            ex, tasks, ["digits", "speech"], Path(out) / "frozen", trainable=own
+        )
+        trainers["text"] = text_trainers["text"]
+        record("frozen attention (after text)", ex, trainers, seconds, TASKS)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--tasks", nargs="+", choices=["vision", "speech"], default=["vision", "speech"]
+        "--tasks", nargs="+", choices=["vision", "speech", "sharing"], default=["vision", "speech"]
     )
     ap.add_argument("--spec", default=str(ROOT / "examples/digits.yaml"))
     ap.add_argument("--pathway", default=None)
@@ -218,6 +343,9 @@ def main() -> None:
     ap.add_argument("--train-per-word", type=int, default=32)
     ap.add_argument("--speed-perturb", type=float, default=0.1)
     ap.add_argument("--beam", type=int, default=8)
+    ap.add_argument("--sharing-spec", default=str(ROOT / "examples/multitask.yaml"))
+    ap.add_argument("--sharing-steps", type=int, default=1500)
+    ap.add_argument("--text-bytes", type=int, default=2_000_000)
     ap.add_argument("--out", default=None, help="JSON path (default: a dated file in results/)")
     args = ap.parse_args()
     rows, summary = [], {}
@@ -251,6 +379,20 @@ def main() -> None:
             )
         }
         rows += speech_rows
+    if "sharing" in args.tasks:
+        sharing_rows = sharing(args)
+        print_table(
+            sharing_rows,
+            [
+                ("task", "task", ""),
+                ("setting", "setting", ""),
+                ("metric", "metric", ""),
+                ("value", "value", ".4f"),
+                ("params", "params", "d"),
+                ("train_seconds", "train s", ".1f"),
+            ],
+        )
+        rows += sharing_rows
     out = args.out or dated_path(ROOT / "tools/bench/results", "applications")
     print(f"wrote {write_json(out, 'applications', rows, summary=summary, args=vars(args))}")
 

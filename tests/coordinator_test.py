@@ -138,6 +138,24 @@ def test_bad_spec_and_unreadable_data_fail_with_a_clear_error(coordinator, tmp_p
     assert worker.poll() is None  # the worker survives bad jobs
 
 
+def test_jobs_read_and_write_only_under_the_workers_job_roots(coordinator, tmp_path):
+    """A job once read and wrote any path the worker could: out, data and spec must now lie
+    under PATHWAYS_JOB_ROOTS (default: the worker's working and temporary directories)."""
+    client, worker = coordinator
+    outside = Path("/var/pathways-victim")
+    for job, field in [
+        (small_job(outside / "out"), "out"),
+        (small_job(tmp_path / "c", data=("/etc/passwd",)), "data[0]"),
+        (small_job(tmp_path / "d", spec="/etc/hostname"), "spec"),
+    ]:
+        st = client.follow(client.submit(job), timeout=120)
+        assert st["state"] == "FAILURE", st
+        assert f"{field} " in st["error"] and "is outside the allowed directories" in st["error"]
+        assert "PATHWAYS_JOB_ROOTS" in st["error"]
+    assert not outside.exists() and not (tmp_path / "c").exists()
+    assert worker.poll() is None
+
+
 def test_job_request_validation_names_the_field():
     with pytest.raises(ValueError, match="batch_size 6 is not divisible into micro_batches 4"):
         JobRequest(spec="s.yaml", out="o", batch_size=6, micro_batches=4)

@@ -7,7 +7,6 @@ refusals are checked in process by libs/pathways/infer_test.py.)"""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import grpc
 import imageio.v3 as iio
@@ -279,7 +278,7 @@ def test_training_through_the_services_uses_the_pathways_mask(deployment):
     batches = [data.batch(s, 8, 16, seed=0) for s in range(3)]
     spec, _ = ckpt.load_spec(path)
     addresses = {m: dep.fleet.endpoints[m][0] for m in spec.pathway("digits").modules}
-    tls = transport.TLSConfig.from_dir(Path(os.environ["PATHWAYS_HOME"]) / "tls" / certs.CLIENT)
+    tls = dep.identities.tls(certs.COORDINATOR)  # TrainingService takes service certificates
     stages = remote_stages(spec, "digits", addresses, cfg, tls=tls)
     try:
         engine = PipelineEngine(stages, 2, "1f1b")

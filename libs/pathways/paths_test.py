@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +40,36 @@ def test_settings_and_defaults(tmp_path):
         paths.Roots.parse("/")
     with pytest.raises(paths.PathError, match="no path roots"):
         paths.Roots.parse("")
+
+
+def test_job_roots_default_and_setting(tmp_path, monkeypatch):
+    import dataclasses
+    import tempfile
+
+    monkeypatch.chdir(tmp_path)
+    roots = paths.job_roots({})
+    assert roots.roots == (tmp_path.resolve(), Path(os.path.realpath(tempfile.gettempdir())))
+    roots = paths.job_roots({paths.ENV_JOB_ROOTS: str(tmp_path / "runs")})
+
+    @dataclasses.dataclass
+    class Req:
+        spec: str
+        out: str
+        data: tuple = ()
+        student_spec: object = None
+
+    ok = Req(str(tmp_path / "runs" / "s.yaml"), str(tmp_path / "runs" / "o"), (), {"a": 1})
+    paths.check_job(ok, roots)
+    for bad, field in [
+        (Req(ok.spec, "/etc/x"), "out"),
+        (Req(ok.spec, ok.out, (ok.out, "/etc/passwd")), "data[1]"),
+        (Req(str(tmp_path / "s.yaml"), ok.out), "spec"),
+    ]:
+        with pytest.raises(paths.PathError, match=rf"^{re.escape(field)} .* PATHWAYS_JOB_ROOTS"):
+            paths.check_job(bad, roots)
+
+
+def test_a_nul_character_is_a_path_error(tmp_path):
+    """Found by tools/bench/fuzz.py: os.path.realpath's ValueError came back as INTERNAL."""
+    with pytest.raises(paths.PathError, match="contains a NUL character"):
+        paths.Roots.of([tmp_path]).check("a\0b", "checkpoint")

@@ -148,7 +148,12 @@ def run_distributed(args) -> int:
             "API keys",
             file=sys.stderr,
         )
-    dep = LocalDeployment(serve_from, log_dir=log_dir, secure_dir=None if args.insecure else out)
+    dep = LocalDeployment(
+        serve_from,
+        log_dir=log_dir,
+        secure_dir=None if args.insecure else out,
+        job_roots=[EXAMPLES],  # the job reads the example spec
+    )
     print(
         f"starting a local deployment: {len(dep.modules)} module servers "
         f"({', '.join(dep.modules)}), a gateway, a broker and a coordinator worker "

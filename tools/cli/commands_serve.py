@@ -99,6 +99,7 @@ def parse_replicas(values: list[str], modules) -> dict[str, int]:
 def cmd_up(args) -> int:
     from pathways.deploy import local
     from pathways.deploy.local import LocalDeployment
+    from tools.cli.commands_local import EXAMPLES
 
     spec, _ = ckpt.load_spec(args.checkpoint)
     replicas = parse_replicas(args.replicas, spec.modules)
@@ -123,6 +124,7 @@ def cmd_up(args) -> int:
         http_front=not args.no_http,
         http_port=args.http_port,
         metrics=not args.no_metrics,
+        job_roots=[EXAMPLES],  # `train --remote` may name the example specs
     )
     n = sum(replicas.get(m, 1) for m in dep.modules)
     if args.insecure:

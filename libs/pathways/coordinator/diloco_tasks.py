@@ -36,9 +36,11 @@ def _pool_processes(app) -> int | None:
 @shared_task(bind=True, name="pathways.diloco")
 def diloco(self, request: dict) -> dict:
     """Runs (or resumes) a DiLoCo job, reporting each round as the task's PROGRESS state."""
+    from pathways import paths
     from pathways.parallel.diloco_job import DiLoCoRequest, DiLoCoRun
 
     req = DiLoCoRequest.from_dict(request)
+    paths.check_job(req)  # before anything is read or written
     redis = self.app.backend.client
     job_id = self.request.id
 

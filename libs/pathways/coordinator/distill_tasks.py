@@ -27,12 +27,20 @@ def _where(task) -> dict:
     }
 
 
+def _checked(req):
+    """The request, once its paths are under the worker's job roots (paths.check_job)."""
+    from pathways import paths
+
+    paths.check_job(req)
+    return req
+
+
 @shared_task(bind=True, name="pathways.distill.record")
 def record(self, request: dict) -> dict:
     """Records the teacher's boundaries into the request's store (no-op if it is complete)."""
     from pathways.distill.job import DistillRequest, ensure_store
 
-    return {**ensure_store(DistillRequest.from_dict(request)), **_where(self)}
+    return {**ensure_store(_checked(DistillRequest.from_dict(request))), **_where(self)}
 
 
 @shared_task(bind=True, name="pathways.distill.module")
@@ -41,7 +49,7 @@ def train_module(self, request: dict, position: int) -> dict:
     started = time.time()  # before the imports: a cold pool process pays for jax here
     from pathways.distill.job import DistillRequest, train_position
 
-    out = train_position(DistillRequest.from_dict(request), position)
+    out = train_position(_checked(DistillRequest.from_dict(request)), position)
     return {**out, "started": started, **_where(self)}
 
 
@@ -51,7 +59,7 @@ def train_baseline(self, request: dict) -> dict:
     from pathways.distill.job import DistillRequest
     from pathways.distill.job import train_baseline as run
 
-    return {**run(DistillRequest.from_dict(request)), **_where(self)}
+    return {**run(_checked(DistillRequest.from_dict(request))), **_where(self)}
 
 
 @shared_task(bind=True, name="pathways.distill.assemble")
@@ -59,5 +67,5 @@ def assemble(self, results: list[dict], request: dict) -> dict:
     """Chord callback: assembles the student checkpoint and evaluates it end to end."""
     from pathways.distill.job import DistillRequest, assemble_and_evaluate
 
-    out = assemble_and_evaluate(DistillRequest.from_dict(request), results)
+    out = assemble_and_evaluate(_checked(DistillRequest.from_dict(request)), results)
     return {**out, "tasks": results, "assembled_by": _where(self)}

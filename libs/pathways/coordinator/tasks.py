@@ -21,7 +21,10 @@ JOBS_KEY = "pathways:jobs"
 def train(self, request: dict) -> dict:
     """Runs (or resumes) a training job, reporting progress as the task's PROGRESS state."""
     req = JobRequest.from_dict(request)
+    from pathways import paths
     from pathways.coordinator.plot import plot_losses
+
+    paths.check_job(req)  # before anything is read or written
     from pathways.coordinator.runner import build_trainer
 
     redis = self.app.backend.client

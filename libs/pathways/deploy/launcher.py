@@ -282,13 +282,14 @@ def start_worker(
     queues: str | None = None,
     log=None,
     tls: transport.TLSConfig | None = None,
+    env: dict[str, str] | None = None,
 ):
     """A coordinator (Celery) worker on `broker_url`; `tls`: its settings towards the module
-    servers (None: plaintext)."""
+    servers (None: plaintext); `env`: more of its environment (e.g. PATHWAYS_JOB_ROOTS)."""
     argv = [COORDINATOR_WORKER, "--loglevel=WARNING", f"--concurrency={concurrency}"]
     if queues:
         argv += ["--queues", queues]
-    env = _with_tls({"PATHWAYS_BROKER_URL": broker_url}, tls)
+    env = _with_tls({**(env or {}), "PATHWAYS_BROKER_URL": broker_url}, tls)
     return Process("coordinator", argv, None, env, log, label="coordinator worker")
 
 

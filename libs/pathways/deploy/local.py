@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from pathways.paths import ENV_JOB_ROOTS
 
 
 def state_file() -> Path:
@@ -91,6 +94,7 @@ class LocalDeployment:
         http_port: int | None = None,
         metrics: bool = False,
         training: bool = True,
+        job_roots: Sequence[str | Path] = (),
     ):
         """`secure_dir`: where the deployment keeps its CA and service certificates (`tls/`),
         the gateway's hashed API keys (`api-keys.json`) and the local user's admin key
@@ -101,7 +105,9 @@ class LocalDeployment:
         `metrics`: module servers and the gateway serve GET /metrics on side ports (the HTTP
         front always does, on its own port). `training`: module servers start with --training
         (TrainingService on a copy of the weights, for jobs through the services; what they
-        learn is served after `publish`)."""
+        learn is served after `publish`). `job_roots`: directories the coordinator's jobs may
+        read and write besides the working directory, the checkpoint's, the one holding it, the
+        log and secure directories (PATHWAYS_JOB_ROOTS of its worker; e.g. where specs ship)."""
         from pathways import certs
         from pathways import checkpoint as ckpt
 
@@ -113,6 +119,7 @@ class LocalDeployment:
         self.replicas, self.module_args = dict(replicas or {}), list(module_args)
         if training and "--training" not in self.module_args:
             self.module_args.append("--training")
+        self.job_roots = list(job_roots)
         self.log = Path(log_dir) if log_dir is not None else None
         self.coordinator, self.worker_concurrency = coordinator, worker_concurrency
         self.fleet = None
@@ -166,6 +173,13 @@ class LocalDeployment:
             urls["http-front"] = f"{self.http.url}/metrics"
         return urls
 
+    def worker_roots(self) -> str:
+        """PATHWAYS_JOB_ROOTS of the coordinator worker (see `job_roots`)."""
+        ckpt = Path(self.checkpoint).absolute()
+        dirs = [Path.cwd(), ckpt, ckpt.parent, self.log, self.secure_dir, *self.job_roots]
+        keep = [str(Path(d).absolute()) for d in dirs if d is not None]
+        return os.pathsep.join(d for d in dict.fromkeys(keep) if Path(d) != Path(Path(d).anchor))
+
     def publish(self, checkpoint: str | Path | None = None, modules=(), timeout: float = 300):
         """Admin: every replica of `modules` (none: all) serves the weights of `checkpoint`, or
         (None) of its training copy, through the gateway's Publish (with the local user's key).
@@ -211,6 +225,7 @@ class LocalDeployment:
                     concurrency=self.worker_concurrency,
                     log=self.log,
                     tls=self.identities.tls(certs.COORDINATOR),
+                    env={ENV_JOB_ROOTS: self.worker_roots()},
                 )
             self.fleet = Fleet(
                 self.checkpoint,

@@ -7,6 +7,7 @@ import time
 from concurrent import futures
 
 import grpc
+import httpx
 import pytest
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
@@ -93,4 +94,49 @@ def test_generate_trace_spans_every_module_process(tmp_path):
                 "pathways.module.batch_size",
             } <= names
     finally:
+        server.stop(0)
+
+
+def test_a_trace_continues_from_an_http_caller_through_the_front_to_every_module(tmp_path):
+    """A caller's W3C traceparent on an HTTP request: the HTTP front's, the gateway's and every
+    module server's spans of that request carry the caller's trace id."""
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(receiver, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    env = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",
+    }
+    local = testing.make_checkpoint(tmp_path / "ckpt")
+    modules = list(local.spec.pathway("tiny").modules)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    front = None
+    try:
+        with launcher.Fleet(str(tmp_path / "ckpt"), modules, env=env) as fleet:
+            front = launcher.start_http_front(fleet.gateway.address, env=env)
+            launcher.wait_http_ready(front)
+            r = httpx.post(
+                front.url + "/v1/completions",
+                json={"model": "tiny", "prompt": "hi", "max_tokens": 3},
+                headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+                timeout=60,
+            )
+            assert r.status_code == 200, r.text
+            want = {"pathways-http-front", "pathways-gateway"}
+            want |= {f"pathways-module-{m}" for m in modules}
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                with receiver.lock:
+                    in_trace = {svc for svc, s in receiver.spans if s.trace_id.hex() == trace_id}
+                if want <= in_trace:
+                    break
+                time.sleep(0.5)
+            assert want <= in_trace, f"processes in the caller's trace: {sorted(in_trace)}"
+    finally:
+        if front is not None:
+            front.stop()
         server.stop(0)

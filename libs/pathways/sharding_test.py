@@ -151,3 +151,43 @@ def test_mesh_settings_are_checked():
             sharding.parse_mesh(bad)
     with pytest.raises(ValueError, match="mesh tp=16 needs 16 devices; 8 cpu"):
         sharding.make_mesh(16)
+
+
+def test_sharded_module_servers_equal_the_local_executor(tmp_path):
+    """Every module its own server with --mesh tp=4 (they inherit this process's 8 host
+    devices): generation through them equals the unsharded local executor."""
+    from pathways import checkpoint as ckpt
+    from pathways import tokenizers
+    from pathways.deploy import launcher
+    from pathways.executor.remote import RemoteExecutor
+    from pathways.serving.settings import ModuleServerSettings
+
+    spec = _spec(256)
+    ref = LocalExecutor(spec, seed=3)
+    ckpt.save_spec(tmp_path, spec, tokenizers.ByteTokenizer())
+    for m in spec.modules:
+        ckpt.save_module(tmp_path, m, ref.state(m))
+    prompts = [[5, 9, 200, 17, 3, 1, 2], [42, 7, 8]]
+    want_tokens, want_logits = _generate(ref, prompts)
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PATHWAYS_CPU_THREADS": "1"}
+    with launcher.Fleet(
+        str(tmp_path),
+        list(spec.modules),
+        gateway=False,
+        env=env,
+        log=str(tmp_path / "logs"),
+        module_args=["--mesh", "tp=4"],
+    ) as fleet:
+        ex = RemoteExecutor(spec, fleet.endpoints)
+        got_tokens, got_logits = _generate(ex, prompts)
+        ex.close()
+    for m in spec.modules:  # each server says how it split its module
+        text = next((tmp_path / "logs").glob(f"*{m}*.log")).read_text()
+        assert f"module {m}: split over tp=4" in text, text[-2000:]
+    np.testing.assert_array_equal(got_tokens, want_tokens)
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+
+    # A mesh setting is checked before anything loads.
+    for bad, message in (("tp=x", "mesh must look like tp=N"), ("tp=2", "int8 is not supported")):
+        with pytest.raises(ValueError, match=message):
+            ModuleServerSettings("c", "m", insecure=True, mesh=bad, weights="int8")

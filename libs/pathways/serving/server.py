@@ -16,7 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pathways import checkpoint as ckpt
-from pathways import codec, cpu, paths, telemetry, transport
+from pathways import codec, cpu, paths, sharding, telemetry, transport
 from pathways.modules import registry
 from pathways.serving import auth, limits
 from pathways.serving.engine import ModuleEngine
@@ -139,8 +139,18 @@ class ModuleServer:
     def start(self) -> None:
         """Starts answering (health NOT_SERVING), loads weights, warms up, then SERVING."""
         s = self.settings
-        engine = ModuleEngine(s.module, self.cfg, None, slot_count(self.cfg, s), weights=s.weights)
+        mesh = sharding.make_mesh(sharding.parse_mesh(s.mesh)) if s.mesh else None
+        engine = ModuleEngine(
+            s.module, self.cfg, None, slot_count(self.cfg, s), weights=s.weights, mesh=mesh
+        )
         engine.rt.state = ckpt.load_module(s.checkpoint, s.module, engine.rt.state)
+        if mesh is not None:
+            log.info(
+                "module %s: split over %s; %s",
+                s.module,
+                s.mesh,
+                "; ".join(engine.rt.placement.notes) or "every array split",
+            )
         engine.programs = limits.ProgramCap(s.max_programs)
         table = SessionTable(slot_count(self.cfg, s), s.session_ttl_s)
         self.budget = limits.MemoryBudget(s.memory_budget_mb)

@@ -37,6 +37,10 @@ class ModuleServerSettings:
     # bytes) or "int8" (about a quarter); float32 arithmetic either way (logits move by ~1e-2).
     # The float32 copy is then dropped: a server started to train should keep float32.
     weights: str = "float32"
+    # A tensor-parallel mesh, "tp=N": the module's weights and KV cache split over N devices
+    # (pathways.sharding; on CPU, N host devices need
+    # XLA_FLAGS=--xla_force_host_platform_device_count=N). "": one device.
+    mesh: str = ""
     # TLS (see pathways.transport): a directory with ca.crt, tls.crt and tls.key; clients must
     # present a certificate of that CA. Plaintext needs `insecure`; one of the two is required.
     tls_dir: str = ""
@@ -86,6 +90,17 @@ class ModuleServerSettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {self.weights!r}")
+        if self.training and self.weights != "float32":
+            raise ValueError(
+                f"weights {self.weights} drops the float32 copy that training needs: a server "
+                f"started with training keeps weights float32"
+            )
+        if self.mesh:
+            from pathways import sharding
+
+            sharding.parse_mesh(self.mesh)  # "mesh must look like tp=N ..."
+            if self.weights == "int8":
+                raise ValueError("weights int8 is not supported with a mesh (float32 or bfloat16)")
         if self.workers < 3:
             raise ValueError(
                 f"workers must be >= 3 (two stay free for health and short calls), got "

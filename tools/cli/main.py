@@ -17,6 +17,7 @@ from tools.cli import (
     commands_local,
     commands_pathways,
     commands_publish,
+    commands_robotics,
     commands_serve,
 )
 
@@ -27,6 +28,7 @@ COMMAND_MODULES = [
     commands_serve,
     commands_catalog,
     commands_infer,
+    commands_robotics,
     commands_pathways,
     commands_publish,
     commands_jobs,

@@ -15,8 +15,10 @@ from typing import Any
 import yaml
 
 from pathways import names
+from pathways import placement as placement_lib
 from pathways.config import ConfigError, to_dict
 from pathways.modules import ModuleConfig, config_from_dict, registry
+from pathways.placement import ModulePlacement
 
 
 class SpecError(ValueError):
@@ -48,6 +50,8 @@ class PathwaySpec:
     pathways: dict[str, Pathway]
     tokenizer: dict[str, Any] = dataclasses.field(default_factory=lambda: {"kind": "byte"})
     plugins: tuple[str, ...] = ()  # Python modules that register the kinds of outside modules
+    # Where modules run in Kubernetes (accelerators, nodes; `pathways.placement`); none: CPU.
+    placement: dict[str, ModulePlacement] = dataclasses.field(default_factory=dict)
 
     def pathway(self, name: str) -> Pathway:
         if name not in self.pathways:
@@ -66,11 +70,17 @@ class PathwaySpec:
             if mask != default_mask(self.modules[p.modules[0]]):
                 pathways[p.name]["mask"] = mask
         plugins = {"plugins": list(self.plugins)} if self.plugins else {}
+        placement = (
+            {"placement": {m: p.to_dict() for m, p in self.placement.items()}}
+            if self.placement
+            else {}
+        )
         return {
             **plugins,
             "tokenizer": dict(self.tokenizer),
             "modules": {n: to_dict(c) for n, c in self.modules.items()},
             "pathways": pathways,
+            **placement,
         }
 
     def dump(self, path: str | Path) -> None:
@@ -113,7 +123,9 @@ def load(path: str | Path) -> PathwaySpec:
 def from_dict(data: Any, source: str = "spec") -> PathwaySpec:
     if not isinstance(data, dict):
         raise SpecError(f"{source}: top level must be a mapping with 'modules' and 'pathways'")
-    unknown = sorted(set(data) - {"modules", "pathways", "tokenizer", "name", "plugins"})
+    unknown = sorted(
+        set(data) - {"modules", "pathways", "tokenizer", "name", "plugins", "placement"}
+    )
     if unknown:
         raise SpecError(f"{source}: unknown top-level key(s) {', '.join(unknown)}")
     plugins = data.get("plugins") or []
@@ -146,8 +158,16 @@ def from_dict(data: Any, source: str = "spec") -> PathwaySpec:
     tokenizer = data.get("tokenizer") or {"kind": "byte"}
     if not isinstance(tokenizer, dict) or tokenizer.get("kind") not in ("byte", "bpe"):
         raise SpecError(f"{source}: tokenizer.kind must be 'byte' or 'bpe', got {tokenizer!r}")
+    try:
+        placed = placement_lib.parse(data.get("placement"), modules)
+    except placement_lib.PlacementError as e:
+        raise SpecError(f"{source}: {e}") from None
     return PathwaySpec(
-        modules=modules, pathways=pathways, tokenizer=dict(tokenizer), plugins=tuple(plugins)
+        modules=modules,
+        pathways=pathways,
+        tokenizer=dict(tokenizer),
+        plugins=tuple(plugins),
+        placement=placed,
     )
 
 

@@ -30,6 +30,8 @@ def _with(
     data = spec.to_dict()
     if modules is not None:
         data["modules"] = modules
+        if "placement" in data:  # a module dropped from the table takes its placement along
+            data["placement"] = {m: p for m, p in data["placement"].items() if m in modules}
     # The declared limit is dropped: it is recomputed from the modules now on the chain.
     data["pathways"][pathway] = list(chain)
     return from_dict(data)

@@ -6,6 +6,7 @@ from typing import Any
 
 from pathways.k8s import names, pods
 from pathways.modules.kind import Kind
+from pathways.placement import ModulePlacement
 
 # Starting points; overlays patch them for real model sizes. Modules that keep a per-session
 # cache (attention's KV cache) hold it per replica and do most of the work per token.
@@ -26,15 +27,20 @@ def module_objects(
     image: str,
     checkpoint_uri: str,
     training_uri: str = pods.DEFAULT_TRAINING_URI,
+    placement: ModulePlacement | None = None,
 ) -> list[dict[str, Any]]:
     """The objects that run and expose `module` (the spec's name) of `kind`; the server mounts
-    the training volume, where it saves its part of a checkpoint when a job trains through it."""
+    the training volume, where it saves its part of a checkpoint when a job trains through it.
+    `placement` (the spec's entry for the module): accelerators, nodes, resources, image."""
     name = names.dns_name(module)
     labels = names.labels("module", module)
     selector = {names.APP_LABEL: names.APP, names.MODULE_LABEL: name}
     meta = {"name": name, "labels": labels, "annotations": {names.MODULE_NAME_ANNOTATION: module}}
     return [
-        _deployment(meta, selector, module, kind, image, checkpoint_uri, training_uri),
+        _placed(
+            _deployment(meta, selector, module, kind, image, checkpoint_uri, training_uri),
+            placement,
+        ),
         _service(meta, selector),
         _hpa(meta),
         _pdb(meta, selector),
@@ -105,6 +111,33 @@ def _deployment(
         grace_s=pods.SHUTDOWN_GRACE_S + pods.EXIT_MARGIN_S,
         pod_annotations={"pathways.dev/checkpoint": checkpoint_uri, **pods.scrape()},
     )
+
+
+def _placed(deployment: dict[str, Any], placement: ModulePlacement | None) -> dict[str, Any]:
+    """The module's Deployment where its placement says: accelerators as extended resources
+    (whole devices: limits only, which Kubernetes copies to requests), a tensor-parallel mesh
+    over them when there are several (PATHWAYS_MESH), node selector, tolerations, CPU and memory
+    (request = limit), and the image built for the device."""
+    if placement is None:
+        return deployment
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    resources = {k: dict(v) for k, v in container["resources"].items()}
+    for field in ("cpu", "memory"):
+        if getattr(placement, field):
+            resources["requests"][field] = resources["limits"][field] = getattr(placement, field)
+    if placement.accelerator:
+        resources["limits"][placement.accelerator] = placement.count
+    container["resources"] = resources
+    if placement.mesh:
+        container["env"].append({"name": "PATHWAYS_MESH", "value": placement.mesh})
+    if placement.image:
+        container["image"] = placement.image
+    if placement.node_selector:
+        pod["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        pod["tolerations"] = [dict(t) for t in placement.tolerations]
+    return deployment
 
 
 def _service(meta, selector) -> dict[str, Any]:

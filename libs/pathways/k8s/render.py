@@ -64,7 +64,12 @@ def render(
     files: dict[str, str] = {}
     for module, cfg in spec.modules.items():
         objs = module_objs.module_objects(
-            module, kinds.of(cfg), image["module"], checkpoint_uri, training_uri
+            module,
+            kinds.of(cfg),
+            image["module"],
+            checkpoint_uri,
+            training_uri,
+            placement=spec.placement.get(module),
         )
         files[f"modules/{dns[module]}.yaml"] = to_yaml(objs)
     files["gateway.yaml"] = to_yaml(platform.gateway(image["gateway"], checkpoint_uri))

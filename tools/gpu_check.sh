@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The library on a GPU: unit tests of the model code with JAX on CUDA, the local decode benchmark,
-# weight storage and whole-pathway decode (GPT-2 small, 1.1 B). For a lent accelerator machine whose image has jax[cuda], flax and optax; results go
-# to $OUT (or ./gpu-check). Generated protos are not needed by these tests.
+# weight storage and whole-pathway decode (GPT-2 small, 1.1 B). For a lent accelerator machine
+# whose image has jax[cuda], flax and optax; results go to $OUT (or ./gpu-check). Generated protos are not needed by these tests.
 set -uo pipefail
 OUT="${OUT:-gpu-check}"
 mkdir -p "$OUT"

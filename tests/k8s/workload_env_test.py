@@ -33,7 +33,10 @@ def test_rendered_env_is_what_the_code_reads(overlay):
     # The HTTP front dials the gateway's Service on its gRPC port.
     (front_args,) = started["pathways-http-front"].args
     assert front_args.gateway == "pathways-gateway:50051" and not front_args.insecure
-    assert started["pathways-coordinator"].broker_url == "redis://pathways-broker:6379/0"
+    # The broker's password (a stand-in for the Secret's value) joins its URL.
+    assert started["pathways-coordinator"].broker_url == (
+        "redis://:secret-pathways-broker-password@pathways-broker:6379/0"
+    )
     assert "PATHWAYS_BROKER_URL" in started["pathways-coordinator"].reads
     # The CPU limit, rounded up, becomes the module server's XLA thread count.
     for d in docs:

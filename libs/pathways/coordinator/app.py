@@ -7,16 +7,24 @@ import os
 from celery import Celery
 
 BROKER_ENV = "PATHWAYS_BROKER_URL"
+# The broker's password when the URL holds none (Kubernetes: from a Secret).
+PASSWORD_ENV = "PATHWAYS_BROKER_PASSWORD"
 DEFAULT_QUEUE = "pathways"
 
 
-def broker_url(explicit: str | None = None) -> str:
-    url = explicit or os.environ.get(BROKER_ENV)
+def broker_url(explicit: str | None = None, env=os.environ) -> str:
+    url = explicit or env.get(BROKER_ENV)
     if not url:
         raise ValueError(
             f"no broker: pass --broker URL or set {BROKER_ENV} (e.g. "
             f"redis://127.0.0.1:6379/0); `pathways up` starts an embedded one"
         )
+    password = env.get(PASSWORD_ENV, "")
+    scheme, sep, rest = url.partition("://")
+    if password and sep and "@" not in rest.split("/", 1)[0]:
+        from urllib.parse import quote
+
+        url = f"{scheme}://:{quote(password, safe='')}@{rest}"
     return url
 
 

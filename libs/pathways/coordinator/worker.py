@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from pathways import transport
+from pathways import paths, transport
 from pathways.coordinator.app import DEFAULT_QUEUE, make_app
 
 
@@ -26,6 +26,11 @@ def main(argv: list[str] | None = None) -> None:
         server_name = os.environ.get(transport.ENV_SERVER_NAME, "")
     except transport.TLSError as e:
         ap.error(str(e))
+    try:  # where jobs may read and write, checked now rather than at the first job
+        roots = paths.job_roots()
+    except paths.PathError as e:
+        ap.error(f"{paths.ENV_JOB_ROOTS}: {e}")
+    print(f"coordinator worker: jobs read and write under {roots}")
     if insecure:
         transport.announce(transport.TLSConfig.plaintext(), "coordinator worker")
     elif server_name:

@@ -10,8 +10,20 @@ from pathways.k8s import names, pods
 BROKER_IMAGE = "docker.io/valkey/valkey:8.1"
 BROKER_PORT = 6379
 BROKER_USER = 999  # the image's `valkey` user
-BROKER_URL = f"redis://{names.BROKER}:{BROKER_PORT}/0"
 BROKER_ENV = "PATHWAYS_BROKER_URL"  # what pathways.coordinator.app reads (not Celery's own names)
+# The broker's password: key `password` of this Secret (`kubectl create secret generic
+# pathways-broker --from-literal=password=...`), given to the broker and to the coordinator
+# (pathways.coordinator.app puts it into the URL).
+BROKER_SECRET = "pathways-broker"
+BROKER_PASSWORD_ENV = "PATHWAYS_BROKER_PASSWORD"
+BROKER_URL = f"redis://{names.BROKER}:{BROKER_PORT}/0"  # the password joins it from the env
+
+
+def broker_password_env(name: str = BROKER_PASSWORD_ENV) -> dict[str, Any]:
+    """An env entry holding the broker's password from its Secret."""
+    ref = {"secretKeyRef": {"name": BROKER_SECRET, "key": "password"}}
+    return {"name": name, "valueFrom": ref}
+
 
 # Every connection the code opens between Pathways pods, as destination -> (sources, port); the
 # network policies admit exactly these (tests/k8s/network_policies_test.py checks the rendered
@@ -233,7 +245,16 @@ def coordinator(
         # The worker's one required setting (pathways.coordinator.app), broker and result backend
         # at once; jobs carry their own spec and output paths.
         # Its certificate is its client certificate at the module servers.
-        "env": [{"name": BROKER_ENV, "value": BROKER_URL}, *tls_env],
+        "env": [
+            broker_password_env(),
+            {"name": BROKER_ENV, "value": BROKER_URL},
+            # Jobs read specs and data and write checkpoints only there (paths.check_job).
+            {
+                "name": "PATHWAYS_JOB_ROOTS",
+                "value": ":".join([pods.TRAINING_DIR, pods.CHECKPOINT_DIR, pods.SPEC_DIR]),
+            },
+            *tls_env,
+        ],
         "resources": {
             "requests": {"cpu": "250m", "memory": "512Mi"},
             "limits": {"cpu": "1", "memory": "1Gi"},
@@ -261,8 +282,9 @@ def broker() -> list[dict[str, Any]]:
     container = {
         "name": "valkey",
         "image": BROKER_IMAGE,
-        # Append-only file: queued tasks survive a restart. Protected mode would refuse every
-        # non-loopback client; the broker NetworkPolicy admits only Pathways pods instead.
+        # Append-only file: queued tasks survive a restart. A password (from the Secret) and the
+        # broker NetworkPolicy, which admits only the coordinator; protected mode would refuse
+        # every non-loopback client.
         "args": [
             "valkey-server",
             "--appendonly",
@@ -271,6 +293,15 @@ def broker() -> list[dict[str, Any]]:
             "/data",
             "--protected-mode",
             "no",
+            "--requirepass",
+            f"$({BROKER_PASSWORD_ENV})",
+        ],
+        # valkey-cli (the readiness probe) authenticates with VALKEYCLI_AUTH (REDISCLI_AUTH in
+        # older releases).
+        "env": [
+            broker_password_env(),
+            broker_password_env("VALKEYCLI_AUTH"),
+            broker_password_env("REDISCLI_AUTH"),
         ],
         "ports": [{"name": "redis", "containerPort": BROKER_PORT, "protocol": "TCP"}],
         "resources": {

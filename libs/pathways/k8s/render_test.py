@@ -194,7 +194,13 @@ def test_training_output_has_its_own_writable_volume():
 def test_coordinator_gets_the_broker_url_the_worker_reads():
     c = _pod_spec(render.render(spec_lib.from_dict(SPEC)), "coordinator.yaml")["containers"][0]
     # pathways.coordinator.app reads PATHWAYS_BROKER_URL (tests/k8s/workload_env_test.py runs it).
-    assert c["env"][0] == {"name": "PATHWAYS_BROKER_URL", "value": "redis://pathways-broker:6379/0"}
+    password = {"secretKeyRef": {"name": "pathways-broker", "key": "password"}}
+    assert c["env"][0] == {"name": "PATHWAYS_BROKER_PASSWORD", "valueFrom": password}
+    assert c["env"][1] == {"name": "PATHWAYS_BROKER_URL", "value": "redis://pathways-broker:6379/0"}
+    assert c["env"][2] == {
+        "name": "PATHWAYS_JOB_ROOTS",
+        "value": "/training:/checkpoint:/etc/pathways",
+    }
     # Its certificate is its client certificate at the module servers.
     assert {"name": "PATHWAYS_TLS_DIR", "value": "/var/run/pathways/tls"} in c["env"]
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -125,6 +126,15 @@ def test_up_serves_generates_trains_and_stops_cleanly(cli, tmp_path):
         line = up.stdout.readline()
         assert line.startswith("gateway 127.0.0.1:"), (line, up.stderr.read()[-3000:])
         address = line.split()[1]
+        # The OpenAI-compatible HTTP front beside it (its dependencies are in the PEX too).
+        http_line = up.stdout.readline()
+        assert http_line.startswith("http http://127.0.0.1:"), http_line
+        key = (cli.work / "home" / "client.key").read_text().strip()
+        models = httpx.get(
+            http_line.split()[1] + "/models", headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+        assert models.status_code == 200, models.text
+        assert {m["id"] for m in models.json()["data"]} == {"tiny", "tiny-shallow"}
         state_file = cli.work / "home" / "deployment.json"
         state = json.loads(state_file.read_text())
         # The broker asks for a password; the state file that holds its URL is the owner's only.

@@ -246,11 +246,47 @@ def test_the_checker_sees_a_missing_rule():
     pods = _pods(docs)
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     for p in policies:
-        for rule in p["spec"]["ingress"]:
-            for peer in rule["from"]:
+        for rule in p["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
                 for e in peer["podSelector"].get("matchExpressions", []):
                     if e["key"] == COMPONENT:
                         e["values"] = [v for v in e["values"] if v != "module"]
     embed, attn = pods["embed"], pods["attn-0"]
     assert allowed(policies, pods["pathways-gateway"], attn, attn.ports["grpc"])
     assert not allowed(policies, embed, attn, attn.ports["grpc"])
+
+
+def test_pods_open_connections_only_where_the_code_goes(rendered):
+    """Egress: each Pathways pod reaches the components it dials (checked above), the cluster's
+    DNS, OTLP collectors and (the gateway) the Kubernetes API; nothing else, e.g. not a database
+    in the namespace or a service on the internet."""
+    docs, pods, policies = rendered
+    needed = {(s.name, d.name, port) for s, d, port, _ in _needed(docs, pods)}
+    ns = pods["pathways-gateway"].namespace
+    dns = Pod("coredns", "kube-system", {"k8s-app": "kube-dns"}, {})
+    elsewhere = [
+        Pod("database", ns, {"app": "postgres"}, {}),
+        Pod("internet", "outside", {}, {}),
+    ]
+    opened = []
+    for src in pods.values():
+        for dst in [*elsewhere, *pods.values()]:
+            for port in (22, 80, 5432, 6379, 8080, 50051, 50052, 9464):
+                if src.name == dst.name or (src.name, dst.name, port) in needed:
+                    continue
+                ingress_open = dst in elsewhere or not any(
+                    "Ingress" in _types(p) and _selects(p["spec"]["podSelector"], dst.labels)
+                    for p in policies
+                )
+                # Only egress is judged here (destinations without ingress policies).
+                if ingress_open and allowed(policies, src, dst, port):
+                    opened.append(f"{src.name} -> {dst.name}:{port}")
+        assert allowed(policies, src, dns, 53), src.name  # names resolve
+    assert not opened, "egress allows connections nothing makes:\n" + "\n".join(opened)
+    api = Pod("kube-apiserver", "default", {}, {})
+    assert allowed(policies, pods["pathways-gateway"], api, 443)  # discovery watches Endpoints
+    assert not allowed(policies, pods["embed"], api, 443)
+    collector = Pod("otel-collector", "observability", {}, {})
+    assert allowed(policies, pods["embed"], collector, 4317)
+    broker = next(p for p in pods.values() if p.component == "broker")
+    assert not allowed(policies, broker, collector, 4317)  # the broker dials nothing

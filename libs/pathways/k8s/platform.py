@@ -36,14 +36,28 @@ def broker_password_env(name: str = BROKER_PASSWORD_ENV) -> dict[str, Any]:
 #   coordinator -> broker  Celery's broker and result backend (coordinator.app)
 #   prometheus -> module   scrapes of GET /metrics on the metrics side port (pathways.metrics), from
 #                          pods labelled pods.SCRAPER_LABELS in any namespace
-# The gateway and the HTTP front take no policy: they are the API (users, and http-front ->
-# gateway, reach them from anywhere).
+# The gateway is the API: its gRPC port (and its plaintext health port) take connections from
+# anywhere, its metrics port only from Prometheus. The HTTP front takes no ingress policy.
 INGRESS = {
     "module": (("gateway", "coordinator", "module"), pods.GRPC_PORT),
     "broker": (("coordinator",), BROKER_PORT),
 }
-SCRAPED = ("module",)  # isolated components whose metrics port Prometheus may reach
-POLICY_NAMES = {"module": "pathways-modules", "broker": names.BROKER}
+SCRAPED = ("module", "gateway")  # components whose metrics port only Prometheus may reach
+POLICY_NAMES = {"module": "pathways-modules", "broker": names.BROKER, "gateway": names.GATEWAY}
+# Egress: every Pathways pod opens connections only to the components the code dials (the
+# connections above, from the source's side), to the cluster's DNS, to OpenTelemetry collectors
+# (OTLP ports, when OTEL_* exporters are configured) and, the gateway only, to the Kubernetes
+# API (its replica discovery watches Endpoints; the API server is no pod, so by port).
+EGRESS = {
+    "module": (("module", pods.GRPC_PORT),),  # TrainingService.Deliver to the neighbour
+    "coordinator": (("module", pods.GRPC_PORT), ("broker", BROKER_PORT)),
+    "gateway": (("module", pods.GRPC_PORT),),
+    "http-front": (("gateway", pods.GRPC_PORT),),
+    "broker": (),
+}
+DNS_LABELS = {"k8s-app": "kube-dns"}  # CoreDNS/kube-dns pods, in any namespace
+API_SERVER_PORTS = (443, 6443)
+OTLP_PORTS = (4317, 4318)
 
 
 def _meta(name: str, component: str) -> dict[str, Any]:
@@ -396,7 +410,50 @@ def rbac() -> list[dict[str, Any]]:
 
 def network_policies() -> list[dict[str, Any]]:
     """One ingress policy per destination in INGRESS: its pods accept connections only from the
-    Pathways components listed there, only on its port."""
+    Pathways components listed there, only on its port; the gateway's (the API) from anywhere
+    on its gRPC and health ports; one egress policy per component in EGRESS."""
+
+    def tcp(*ports: int) -> list[dict[str, Any]]:
+        return [{"protocol": "TCP", "port": p} for p in ports]
+
+    def scrapers_rule() -> dict[str, Any]:
+        scrapers = {"namespaceSelector": {}, "podSelector": {"matchLabels": pods.SCRAPER_LABELS}}
+        return {"from": [scrapers], "ports": tcp(pods.METRICS_PORT)}
+
+    def gateway_policy() -> dict[str, Any]:
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(POLICY_NAMES["gateway"], "gateway"),
+            "spec": {
+                "podSelector": {"matchLabels": _selector("gateway")},
+                "policyTypes": ["Ingress"],
+                # No `from`: users reach the API from anywhere (API keys decide who may do what).
+                "ingress": [{"ports": tcp(pods.GRPC_PORT, pods.HEALTH_PORT)}, scrapers_rule()],
+            },
+        }
+
+    def egress(component: str) -> dict[str, Any]:
+        rules = [
+            {"to": [{"podSelector": {"matchLabels": _selector(dst)}}], "ports": tcp(port)}
+            for dst, port in EGRESS[component]
+        ]
+        dns = {"namespaceSelector": {}, "podSelector": {"matchLabels": DNS_LABELS}}
+        rules.append({"to": [dns], "ports": [{"protocol": "UDP", "port": 53}, *tcp(53)]})
+        if component != "broker":
+            rules.append({"ports": tcp(*OTLP_PORTS)})
+        if component == "gateway":
+            rules.append({"ports": tcp(*API_SERVER_PORTS)})
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(f"pathways-{component}-egress", component),
+            "spec": {
+                "podSelector": {"matchLabels": _selector(component)},
+                "policyTypes": ["Egress"],
+                "egress": rules,
+            },
+        }
 
     def policy(component: str) -> dict[str, Any]:
         sources, port = INGRESS[component]
@@ -410,15 +467,9 @@ def network_policies() -> list[dict[str, Any]]:
                 }
             }
         ]
-        ingress = [{"from": clients, "ports": [{"protocol": "TCP", "port": port}]}]
+        ingress = [{"from": clients, "ports": tcp(port)}]
         if component in SCRAPED:
-            scrapers = {
-                "namespaceSelector": {},
-                "podSelector": {"matchLabels": pods.SCRAPER_LABELS},
-            }
-            ingress.append(
-                {"from": [scrapers], "ports": [{"protocol": "TCP", "port": pods.METRICS_PORT}]}
-            )
+            ingress.append(scrapers_rule())
         return {
             "apiVersion": "networking.k8s.io/v1",
             "kind": "NetworkPolicy",
@@ -430,4 +481,8 @@ def network_policies() -> list[dict[str, Any]]:
             },
         }
 
-    return [policy(component) for component in INGRESS]
+    return [
+        *(policy(component) for component in INGRESS),
+        gateway_policy(),
+        *(egress(component) for component in EGRESS),
+    ]

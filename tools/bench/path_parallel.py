@@ -13,6 +13,11 @@ the same data, with the same total tokens and the same eval set, in one run:
     diloco-H-int8 the same with int8 pseudo-gradients (one scale per 64 values)
     fault-H       diloco-H with one worker lost (its round's work dropped) in each of 3 rounds; it
                   rejoins the next round with a fresh inner optimizer and its shard's batches again
+    dense-b       one worker, batches of b, S steps: the tokens of one DiPaCo path
+    dipaco-4xH    DiPaCo: 2 x 2 choices of the first two attention modules = 4 paths, each the
+                  size of the dense model, documents routed by k-means (`parallel/dipaco.py`),
+                  S steps of b per path, modules synchronised every H among their paths; eval
+                  sequences each served by the one path they route to
 
 Workers run one after another in this process, with the same arithmetic as the coordinator's
 jobs (`parallel/diloco.py`); a K-worker row's compute time is its measured time / K. Wall time is
@@ -36,7 +41,7 @@ from pathways import data as data_lib
 from pathways import spec as spec_lib
 from pathways import tokenizers
 from pathways.executor.local import LocalExecutor
-from pathways.parallel import diloco
+from pathways.parallel import diloco, dipaco
 from pathways.train import TrainConfig
 from tools.bench.common import dated_path, print_table, write_json
 
@@ -128,6 +133,82 @@ def run_synchronous(setup: Setup, sharded: bool) -> dict:
         "bytes_per_worker": 2 * grad_bytes * a.steps if sharded else 0,
         "exchanges": a.steps if sharded else 0,
         "curve": curve,
+    }
+
+
+def run_dense(setup: Setup) -> dict:
+    """The dense baseline of the DiPaCo rows: one worker, batches of b (not K*b), S steps: as many
+    tokens as each DiPaCo path sees (a quarter of all of them with 4 paths)."""
+    a = setup.args
+    worker = diloco.InnerWorker(
+        setup.ex, setup.pathway, diloco.inner_optimizer("adamw", setup.train_config(a.batch_size))
+    )
+    batches = (setup.data.batch(s, a.batch_size, a.seq_len, a.seed) for s in range(a.steps))
+    t0 = time.perf_counter()
+    params, _, _ = worker.train(dict(setup.init), worker.init_opt(), batches)
+    seconds = time.perf_counter() - t0
+    return {
+        "compute_s": seconds,
+        "bytes_per_worker": 0,
+        "exchanges": 0,
+        "curve": [(a.steps, setup.eval_loss(params))],
+    }
+
+
+def run_dipaco(setup: Setup, h: int) -> dict:
+    """4 paths: the first two attention modules of the pathway, 2 choices each (embedding and
+    head shared by all paths); every copy starts from the dense model's initial parameters
+    (from scratch, no warm-up). Training documents (512 tokens) go to paths by k-means on the
+    frozen initial dense pathway's mean hidden state of their first 64 tokens, balanced; each
+    path trains S steps of batches of b on its documents, modules synchronised every h steps
+    among the paths that use them. Eval: each eval sequence routed (unbalanced) to one path."""
+    a = setup.args
+    attn = [m for m in setup.names if setup.spec.modules[m].kind == "attention"][:2]
+    spec = spec_lib.from_dict(
+        dipaco.grid(setup.spec.to_dict(), setup.pathway, {m: 2 for m in attn})
+    )
+    paths = list(spec.pathways)
+    for n in setup.names:
+        setup.ex.set_state(n, setup.init[n])
+    docs = dipaco.documents(setup.data.train, 512)
+    feats = dipaco.features(setup.ex, setup.pathway, docs, prefix=64)
+    router = dipaco.Router.fit(feats, paths, seed=a.seed)
+    assigned = router.assign_balanced(feats)
+    path_tokens = {p: docs[assigned == i].reshape(-1) for i, p in enumerate(paths)}
+    base = {m: m if m in setup.init else m.rsplit(".", 1)[0] for m in spec.modules}
+    ex = LocalExecutor(spec, {m: setup.init[base[m]] for m in spec.modules})
+    cfg = diloco.DiLoCoConfig(workers=len(paths), inner_steps=h)
+    t0 = time.perf_counter()
+    dipaco.simulate(ex, paths, setup.train_config(a.batch_size), cfg, path_tokens, a.steps // h)
+    seconds = time.perf_counter() - t0
+    # Eval: the same eval batches as every row, each sequence through the path it routes to.
+    total, rows, routed = 0.0, 0, np.zeros(len(paths), int)
+    for i in range(a.eval_batches):
+        x, y = setup.data.batch(i, a.batch_size, a.seq_len, a.seed, split="eval")
+        where = router.route(dipaco.features(setup.ex, setup.pathway, x, prefix=min(64, a.seq_len)))
+        for j, p in enumerate(paths):
+            pick = where == j
+            if pick.any():
+                total += ex.loss(p, x[pick], y[pick]) * int(pick.sum())
+                rows += int(pick.sum())
+                routed[j] += int(pick.sum())
+    path_params = sum(
+        int(np.prod(np.shape(x)))
+        for m in spec.pathway(paths[0]).modules
+        for x in jax.tree.leaves(ex.state(m))
+    )
+    rounds = a.steps // h
+    return {
+        "compute_s": seconds / len(paths),
+        "bytes_per_worker": 2 * 4 * path_params * rounds,
+        "exchanges": rounds,
+        "curve": [(a.steps, total / rows)],
+        "paths": paths,
+        "train_documents_per_path": np.bincount(assigned, minlength=len(paths)).tolist(),
+        "eval_sequences_per_path": routed.tolist(),
+        "total_params": sum(
+            int(np.prod(np.shape(x))) for m in spec.modules for x in jax.tree.leaves(ex.state(m))
+        ),
     }
 
 
@@ -226,6 +307,8 @@ def main() -> None:
     rows.append(
         {"row": f"fault-{mid}", "h": mid, "lost": lose, **run_diloco(setup, mid, lose=lose)}
     )
+    rows.append({"row": "dense-b", **run_dense(setup)})
+    rows.append({"row": f"dipaco-4x{mid}", "h": mid, **run_dipaco(setup, mid)})
 
     for r in rows:
         r["eval_loss"] = r["curve"][-1][1]

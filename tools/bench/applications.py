@@ -344,7 +344,7 @@ def main() -> None:
     ap.add_argument("--speed-perturb", type=float, default=0.1)
     ap.add_argument("--beam", type=int, default=8)
     ap.add_argument("--sharing-spec", default=str(ROOT / "examples/multitask.yaml"))
-    ap.add_argument("--sharing-steps", type=int, default=1500)
+    ap.add_argument("--sharing-steps", type=int, default=1000)
     ap.add_argument("--text-bytes", type=int, default=2_000_000)
     ap.add_argument("--out", default=None, help="JSON path (default: a dated file in results/)")
     args = ap.parse_args()

@@ -148,10 +148,13 @@ def _infer_request(text: str, pathway: str):
     )
 
 
+_EMBEDDING_RESULT = "embedding"  # InferResponse's oneof field (not the module kind)
+
+
 def _embedding(r) -> Embedding:
     from pathways import codec  # numpy and jax's dtypes: only for embeddings
 
-    if r.WhichOneof("result") != "embedding":
+    if r.WhichOneof("result") != _EMBEDDING_RESULT:
         raise GatewayError(
             grpc.StatusCode.INTERNAL, f"Infer returned {r.WhichOneof('result')}, not an embedding"
         )

@@ -19,7 +19,8 @@ from pathways.executor.base import Executor
 from pathways.spec import PathwaySpec
 
 MAX_BATCH = 256  # inputs per request
-OUTPUTS = ("head", "embedding")
+HEAD, EMBEDDING = "head", "embedding"  # outputs (the name "embedding" is not the kind's)
+OUTPUTS = (HEAD, EMBEDDING)
 # What a pathway reads, by the request field that carries it (for choosing a pathway).
 READS = {"image": "image", "wav": "audio", "text": "tokens"}
 
@@ -246,7 +247,7 @@ def run(
     if top_k < 0:
         raise InferError(f"top_k must be >= 0 (0: every class); got {top_k}")
     p = spec.pathway(pathway)
-    if output == "embedding":
+    if output == EMBEDDING:
         if len(p.modules) < 2:
             raise WrongPathway(f"pathway {pathway!r} has no modules before its head")
         hidden = executor.forward(pathway, inputs, head=False)  # (B, T, D)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from pathways import checkpoint as ckpt
 
@@ -99,7 +100,10 @@ def parse_replicas(values: list[str], modules) -> dict[str, int]:
 def cmd_up(args) -> int:
     from pathways.deploy import local
     from pathways.deploy.local import LocalDeployment
-    from tools.cli.commands_local import EXAMPLES
+
+    # The example specs (`train --remote` may name them); computed here, not imported from
+    # commands_local, which imports this module (tools/cli/imports_test: no cycles).
+    examples = Path(__file__).resolve().parents[2] / "examples"
 
     spec, _ = ckpt.load_spec(args.checkpoint)
     replicas = parse_replicas(args.replicas, spec.modules)
@@ -124,7 +128,7 @@ def cmd_up(args) -> int:
         http_front=not args.no_http,
         http_port=args.http_port,
         metrics=not args.no_metrics,
-        job_roots=[EXAMPLES],  # `train --remote` may name the example specs
+        job_roots=[examples],  # `train --remote` may name the example specs
     )
     n = sum(replicas.get(m, 1) for m in dep.modules)
     if args.insecure:

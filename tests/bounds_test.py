@@ -54,7 +54,7 @@ def ckpt(tmp_path_factory):
 def servers(ckpt):
     started = {}
     try:
-        for name in ("embed", "attn"):
+        for name in ("embed", "attn", "head"):
             s = ModuleServer(
                 ModuleServerSettings(ckpt, name, insecure=True, workers=6, **LIMITS),
                 add_ons=[training.ADD_ON],
@@ -225,9 +225,7 @@ def test_training_requests_are_bounded(servers):
         assert msg == "micro_batches = 2147483647 exceeds the server's max_micro_batches = 8"
         # Deliveries for steps nobody runs: bounded in bytes and in count.
         big = codec.encode(np.zeros((1, 256, 32), np.float32))  # 32 KiB each
-        many = (
-            training_pb2.DeliverRequest(step=s, micro_batch=0, tensor=big) for s in range(100)
-        )
+        many = (training_pb2.DeliverRequest(step=s, micro_batch=0, tensor=big) for s in range(100))
         code, msg = _status(stub.Deliver, many)
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_inbox_mb = 1" in msg
         stub.Reset(training_pb2.ResetRequest(), timeout=30)
@@ -284,3 +282,29 @@ def test_health_answers_while_idle_decode_streams_hold_the_threads(servers):
     while srv.streams.active and time.monotonic() < deadline:
         time.sleep(0.05)
     assert srv.streams.active == 0  # every stream's slot came back
+
+
+def test_the_gateway_bounds_prompts_before_tokenizing(servers, ckpt):
+    from pathways import checkpoint
+    from pathways.serving.gateway import MAX_PROMPT_BYTES, GatewayServer
+    from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+
+    spec, tok = checkpoint.load_spec(ckpt)
+    endpoints = {m: [f"127.0.0.1:{s.port}"] for m, s in servers.items()}
+    gw = GatewayServer(spec, tok, endpoints, tls=transport.TLSConfig.plaintext())
+    gw.start()
+    try:
+        with transport.channel(f"127.0.0.1:{gw.port}", tls=transport.TLSConfig.plaintext()) as ch:
+            stub = gateway_pb2_grpc.GatewayServiceStub(ch)
+            opts = gateway_pb2.SamplingOptions(max_new_tokens=2)
+            big = gateway_pb2.GenerateRequest(pathway="micro", prompt="é" * 200_000, sampling=opts)
+            code, msg = _status(stub.Generate, big)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+            assert msg == (
+                f"prompt has 400000 bytes, over the gateway's max_prompt_bytes = "
+                f"{MAX_PROMPT_BYTES} (--max-prompt-bytes)"
+            )
+            ok = gateway_pb2.GenerateRequest(pathway="micro", prompt="ab", sampling=opts)
+            assert _status(stub.Generate, ok) == (None, "")
+    finally:
+        gw.stop(0)

@@ -210,7 +210,13 @@ def test_every_workload_runs_with_the_environment_its_code_reads(api, applied):
         (d["kind"], d["metadata"]["name"]) for d in stored
     }
     workloads = {d["metadata"]["name"]: d for d in stored if d["kind"] != "Service"}
-    assert set(workloads) == {*MODULES, names.GATEWAY, names.COORDINATOR, names.BROKER}
+    assert set(workloads) == {
+        *MODULES,
+        names.GATEWAY,
+        names.HTTP_FRONT,
+        names.COORDINATOR,
+        names.BROKER,
+    }
     for name, d in workloads.items():
         assert (d["status"].get("readyReplicas") or 0) >= 1, f"{name} has no ready replica"
 
@@ -230,4 +236,4 @@ def test_every_workload_runs_with_the_environment_its_code_reads(api, applied):
             assert mounts["checkpoint"]["readOnly"] is True, name
 
     started = entrypoints.check_workloads(stored)
-    assert set(started) == {*MODULES, names.GATEWAY, names.COORDINATOR}
+    assert set(started) == {*MODULES, names.GATEWAY, names.HTTP_FRONT, names.COORDINATOR}

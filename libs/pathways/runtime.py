@@ -63,10 +63,12 @@ class ModuleRuntime:
     @property
     def state(self):
         if self._state is None:  # dropped by compact(): rebuild from the serving copy
-            if self.weights == "float32":  # exactly (native-packed float32 kernels)
-                self._state = kernels.unpack_state(self._serving, self._template)
-            else:  # what bfloat16 / int8 hold (see compact)
-                self._state = weights_lib.restore(self._serving, self._template)
+            # Native-packed kernels back to (K, N) (exact for float32), then what bfloat16 /
+            # int8 storage holds, as float32 (see compact).
+            state = kernels.unpack_state(self._serving, self._template)
+            if self.weights != "float32":
+                state = weights_lib.restore(state, self._template)
+            self._state = state
         return self._state
 
     @state.setter
@@ -102,7 +104,10 @@ class ModuleRuntime:
     def serving_state(self):
         if self._serving is None:
             if self.native_ops and self.weights in kernels.WEIGHTS:
-                self._serving = kernels.pack_state(self._state, self.weights, True)
+                # Linear kernels packed for the native matmul; the token table as `weights`
+                # stores it, as on the XLA path (packed kernels are 3-D: `store` leaves them).
+                packed = kernels.pack_state(self._state, self.weights, True)
+                self._serving = weights_lib.store(packed, self.weights)
             else:
                 self._serving = weights_lib.store(self._state, self.weights)
             if self.mesh is not None:  # bfloat16-rounded copies go where the parameters are

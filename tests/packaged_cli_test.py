@@ -173,13 +173,17 @@ def test_up_serves_generates_trains_and_stops_cleanly(cli, tmp_path):
         bad = cli("generate", "--gateway", address, "--pathway", "nope", "--prompt", "x")
         assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
 
-        # Training through the deployment's module services, under its coordinator.
+        # Training through the deployment's module services, under its coordinator. Jobs read
+        # only under the deployment's roots (here: beside its checkpoint), so the user's spec is
+        # there, as a user's own spec would be; one elsewhere is refused with the roots named.
+        spec = tmp_path / "tiny.yaml"
+        shutil.copy(ROOT / "examples/tiny.yaml", spec)
         run = tmp_path / "run"
         trained = cli(
             "train",
             "--remote",
             "--spec",
-            str(ROOT / "examples/tiny.yaml"),
+            str(spec),
             "--out",
             str(run),
             "--steps",
@@ -202,6 +206,10 @@ def test_up_serves_generates_trains_and_stops_cleanly(cli, tmp_path):
         assert (run / "loss.png").exists() and (run / "train" / "meta.json").exists()
         jobs = cli("jobs", "list")
         assert jobs.returncode == 0 and "SUCCESS" in jobs.stdout and str(run) in jobs.stdout
+        outside = cli(
+            "train", "--remote", "--spec", str(ROOT / "examples/tiny.yaml"), "--out", str(run)
+        )
+        assert outside.returncode != 0 and "outside the allowed directories" in outside.stderr
         unknown = cli("jobs", "status", "no-such-job")
         assert unknown.returncode == 2 and "unknown job 'no-such-job'" in unknown.stderr
         listed = cli("pathways", "list")

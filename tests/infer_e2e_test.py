@@ -194,8 +194,13 @@ BAD = [
     ),
     (
         {"pathway": "digits", "tensor": IMG[None], "session_id": "s"},
-        "INVALID_ARGUMENT",
-        "session_id:",
+        "NOT_FOUND",
+        "session_id: unknown episode 's'",
+    ),
+    (
+        {"pathway": "digits", "tensor": IMG[None], "start_session": True},
+        "FAILED_PRECONDITION",
+        "only a pathway from observations to actions runs episodes",
     ),
 ]
 

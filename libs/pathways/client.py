@@ -297,6 +297,10 @@ class Client(_Base):
             raise GatewayError(e.code(), e.details(), _retry_after(e.trailing_metadata())) from None
         return _embedding(r)
 
+    def episode(self, pathway: str = "", api_key: str | None = None) -> Episode:
+        """An episode of a pathway that acts (`Episode`): one observation in, one action out."""
+        return Episode(self, pathway, api_key)
+
     def close(self) -> None:
         self.channel.close()
 
@@ -305,6 +309,74 @@ class Client(_Base):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Episode:
+    """An episode of a pathway that acts (observations in, actions out), run by the gateway:
+    its window of steps stays in the module servers' KV caches between calls. A policy for
+    `pathways.robotics.policy.rollout` (`reset`, `act`, `close`):
+
+        with Client() as c:
+            ep = c.episode("reacher")
+            action = ep.act(observation)     # one observation (obs_dim floats) -> one action
+            ep.close()
+
+    `reset()` ends the episode; the next `act` starts a new one (as `pathway`, or the first
+    served pathway acting on observations of that size). Actions are an int (a discrete head)
+    or a float32 vector in [-1, 1] (a continuous one)."""
+
+    def __init__(self, client: Client, pathway: str = "", api_key: str | None = None):
+        self.client, self.pathway, self.api_key = client, pathway, api_key
+        self.session_id = ""
+        self.last = None  # the last step's gateway_pb2.Action (values, step)
+
+    def step(self, obs):
+        """The gateway's Action for one observation (choice, values, discrete, step)."""
+        import numpy as np
+
+        from pathways import codec
+
+        req = gateway_pb2.InferRequest(
+            pathway=self.pathway,
+            tensor=codec.encode(np.asarray(obs)),
+            session_id=self.session_id,
+            start_session=not self.session_id,
+        )
+        c = self.client
+        try:
+            r = c.stub.Infer(req, timeout=c.timeout, metadata=c._md(self.api_key))
+        except grpc.RpcError as e:
+            raise GatewayError(e.code(), e.details(), _retry_after(e.trailing_metadata())) from None
+        if r.WhichOneof("result") != "actions" or len(r.actions.items) != 1:
+            raise GatewayError(
+                grpc.StatusCode.INTERNAL, f"Infer returned {r.WhichOneof('result')}, not an action"
+            )
+        self.session_id, self.pathway = r.session_id, r.pathway
+        self.last = r.actions.items[0]
+        return self.last
+
+    def act(self, obs):
+        import numpy as np
+
+        a = self.step(obs)
+        return int(a.choice) if a.discrete else np.asarray(a.values, np.float32)
+
+    def reset(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Ends the episode on the gateway (frees its KV-cache slots); idempotent."""
+        if self.session_id:
+            key, self.session_id = self.session_id, ""
+            c = self.client
+            try:
+                c.stub.Infer(
+                    gateway_pb2.InferRequest(session_id=key, end_session=True),
+                    timeout=c.timeout,
+                    metadata=c._md(self.api_key),
+                )
+            except grpc.RpcError as e:
+                raise GatewayError(e.code(), e.details()) from None
 
 
 class AsyncClient(_Base):

@@ -47,11 +47,16 @@ class Result:
     """One request's result: exactly one of the fields is set (by `kind`)."""
 
     pathway: str
-    kind: str  # "classification", "transcript" or "embedding"
+    kind: str  # "classification", "transcript", "embedding" or "actions"
     classes: list[list[int]] | None = None  # per input, most likely first
     probabilities: list[list[float]] | None = None  # the same order
     texts: list[str] | None = None
     embedding: np.ndarray | None = None  # (B, d_model) float32
+    actions: list | None = None  # per input: an int (discrete) or a float32 vector
+    discrete: bool = False  # with actions: whether the head chooses among actions
+    values: np.ndarray | None = None  # with actions: the head's outputs (B, A)
+    step: int = 0  # in an episode: its steps so far, this one included
+    session_id: str = ""  # the episode (empty outside one)
 
 
 def generation_error(spec: PathwaySpec, pathway: str) -> str | None:
@@ -196,6 +201,13 @@ def check_inputs(x: np.ndarray, spec: PathwaySpec, pathway: str, field: str = "t
             )
         if np.isfinite(x).all():  # zero-padded to max_samples, as in training (one program)
             x = np.pad(x, ((0, 0), (0, cfg.max_samples - x.shape[1])))
+    elif reads == "observation":
+        if x.ndim != 3 or x.shape[2] != size or not 1 <= x.shape[1] <= p.max_seq_len:
+            raise InferError(
+                f"{field}: {where} reads windows of observations of shape (B, T <= "
+                f"{p.max_seq_len}, {size}); got {list(x.shape)} (one observation of an "
+                "episode: start_session / session_id)"
+            )
     elif reads == "hidden":
         if x.ndim != 3 or x.shape[2] != size or not 1 <= x.shape[1] <= p.max_seq_len:
             raise InferError(
@@ -205,6 +217,51 @@ def check_inputs(x: np.ndarray, spec: PathwaySpec, pathway: str, field: str = "t
     if not np.isfinite(x).all():
         raise InferError(f"{field}: has NaN or infinite values")
     return x
+
+
+def check_observation(x, spec: PathwaySpec, pathway: str, field: str = "tensor") -> np.ndarray:
+    """One step's observation of an episode on `pathway` as float32 (obs_dim,) (given as
+    (obs_dim,) or (1, obs_dim)), else InferError naming `field`, what it got and what the
+    pathway's observation embedding reads."""
+    name = spec.pathway(pathway).modules[0]
+    cfg = spec.modules[name]
+    reads, size = cfg.input_contract
+    if reads != "observation":
+        raise WrongPathway(
+            f"pathway {pathway!r} reads {reads} ({name!r}, {cfg.kind}): only a pathway from "
+            "observations to actions runs episodes (session_id / start_session)"
+        )
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InferError(f"{field}: module {name!r} reads float32 observations; got {x.dtype}")
+    if x.shape not in ((size,), (1, size)):
+        raise InferError(
+            f"{field}: one observation of shape ({size},) for pathway {pathway!r} "
+            f"({name!r} obs_dim); got {list(x.shape)}"
+        )
+    x = x.reshape(size).astype(np.float32)
+    if not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x))[0])
+        raise InferError(f"{field}: has NaN or infinite values (first at index {bad})")
+    return x
+
+
+def acting_pathway(spec: PathwaySpec, served: Collection[str], name: str, obs_dim: int) -> str:
+    """The pathway an episode runs on: `name`, or when empty the first served pathway that
+    reads observations of `obs_dim` values and ends in an action head."""
+    if name:
+        return choose_pathway(spec, served, name, "tensor")
+    for p in spec.pathways.values():
+        first, last = spec.modules[p.modules[0]], spec.modules[p.modules[-1]]
+        if (
+            p.name in served
+            and first.input_contract == ("observation", obs_dim)
+            and last.output_contract[0] == "actions"
+        ):
+            return p.name
+    raise UnknownPathway(
+        f"tensor: no served pathway acts on observations of {obs_dim} values; name one"
+    )
 
 
 def prepare(
@@ -260,6 +317,18 @@ def run(
         scores = np.asarray(executor.forward(pathway, inputs), np.float64)  # (B, T, symbols)
         texts = [head.decode(greedy_decode(s)) for s in scores]
         return Result(pathway, "transcript", texts=texts)
+    if outputs == "actions":  # a policy: the action at each window's last step
+        from pathways.modules.action import choose
+
+        out = np.asarray(executor.forward(pathway, inputs))[:, -1]  # (B, A)
+        discrete = getattr(head, "space", "discrete") == "discrete"
+        return Result(
+            pathway,
+            "actions",
+            actions=[choose(o, discrete) for o in out],
+            discrete=discrete,
+            values=out,
+        )
     if outputs != "classes":
         raise WrongPathway(
             f"pathway {pathway!r} ends in {p.modules[-1]!r} ({head.kind}), which outputs "

@@ -10,6 +10,7 @@ import sys
 from pathways import checkpoint as ckpt
 from pathways import transport
 from pathways.serving import auth
+from pathways.serving.episodes import DEFAULT_TTL_S
 from pathways.serving.gateway import MAX_PROMPT_BYTES, GatewayServer
 
 
@@ -117,7 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         help="longest prompt accepted, in UTF-8 bytes, checked before tokenizing (env "
         "PATHWAYS_MAX_PROMPT_BYTES)",
     )
+    p.add_argument(
+        "--session-ttl-s",
+        type=float,
+        default=float(os.environ.get("PATHWAYS_SESSION_TTL_S", str(DEFAULT_TTL_S))),
+        help="an episode of a pathway that acts (Infer with a session) is closed after this "
+        "many seconds without a step (env PATHWAYS_SESSION_TTL_S)",
+    )
     args = p.parse_args(argv)
+    if not args.session_ttl_s > 0:
+        p.error(f"--session-ttl-s must be > 0; got {args.session_ttl_s}")
     if args.max_prompt_bytes < 1:
         p.error(f"--max-prompt-bytes must be >= 1; got {args.max_prompt_bytes}")
     if not 0 <= args.metrics_port < 65536:
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint,
             metrics_port=args.metrics_port,
             max_prompt_bytes=args.max_prompt_bytes,
+            session_ttl_s=args.session_ttl_s,
         ).serve_forever()
     finally:
         if watcher is not None:

@@ -1,5 +1,7 @@
 """`pathways rollout`: episodes of a trained robotics pathway in its simulator, in this process
-(--checkpoint), printing each episode and the success rate, return and control-step latency."""
+(--checkpoint) or through a gateway's episodes (--gateway; default: the local deployment's),
+printing each episode and the success rate, return and control-step latency; `--render` writes a
+GIF of the first episode."""
 
 from __future__ import annotations
 
@@ -12,9 +14,17 @@ def register(sub) -> None:
     p = sub.add_parser(
         "rollout",
         help="run episodes of a robotics pathway (observations -> actions) in its simulator, "
-        "in this process from --checkpoint",
+        "through a gateway (default: `pathways up`'s) or in this process from --checkpoint",
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint holding the pathway")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--checkpoint", help="run in this process from this checkpoint")
+    where.add_argument(
+        "--gateway",
+        help="HOST:PORT of a gateway: every step is one observation in and one action out, the "
+        "episode held on its module servers (default: the local deployment's)",
+    )
+    p.add_argument("--render", metavar="OUT.gif", help="write a GIF of the first episode")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds per step (gateway)")
     p.add_argument("--env", required=True, help="doorkey, fourrooms or reacher (or a gym id)")
     p.add_argument("--episodes", type=int, default=10, help="episodes to run (default 10)")
     p.add_argument("--seed", type=int, default=0, help="first episode seed (then seed+1, ...)")
@@ -63,38 +73,43 @@ def choose_pathway(spec, env_info, name: str) -> str:
 
 
 def cmd_rollout(args) -> int:
-    from pathways import checkpoint as ckpt
-    from pathways.executor.local import LocalExecutor
     from pathways.robotics.envs import Env, info
-    from pathways.robotics.policy import Policy, rollout
+    from pathways.robotics.policy import rollout
+    from pathways.robotics.render import Recorder, write_gif
 
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1; got {args.episodes}")
     if args.window < 0:
         raise ValueError(f"--window must be >= 1 (0: the pathway's max_seq_len); got {args.window}")
+    if args.render and not args.render.lower().endswith(".gif"):
+        raise ValueError(f"--render writes a GIF: name a .gif file; got {args.render!r}")
     env_info = info(args.env)
-    spec, _ = ckpt.load_spec(args.checkpoint)
-    name = choose_pathway(spec, env_info, args.pathway)
-    missing = [m for m in spec.pathway(name).modules if not ckpt.has_module(args.checkpoint, m)]
-    if missing:
-        raise ValueError(
-            f"checkpoint {args.checkpoint} has no weights for module(s) {', '.join(missing)} "
-            f"of pathway {name!r}"
-        )
-    ex = LocalExecutor(spec)
-    for m in spec.pathway(name).modules:
-        ex.set_state(m, ckpt.load_module(args.checkpoint, m, ex.state(m)))
-    policy = Policy(ex, name, window=args.window or None)
-    env = Env(env_info.name)
+    if args.checkpoint:
+        (name, policy, where), done = _in_process(args, env_info), lambda: None
+    else:
+        name, policy, where = _via_gateway(args, env_info)
+        done = policy.client.close
+    env = Env(env_info.name, render_mode="rgb_array" if args.render else None)
+    recorder = Recorder(env) if args.render else None  # a missing GL library: said now
     print(
-        f"pathway {name!r} on {env_info.gym_id}, window {policy.k} (one warm-up episode first, "
-        "not counted)",
+        f"pathway {name!r} on {env_info.gym_id}, {where} (one warm-up episode first, not "
+        "counted)",
         file=sys.stderr,
     )
-    # An untimed warm-up episode compiles the decode and re-prefill programs, so the latency
-    # printed is the control loop's, not the compiler's.
-    rollout(env, policy, [WARM_UP_SEED])
-    result = rollout(env, policy, range(args.seed, args.seed + args.episodes))
+    try:
+        # An untimed warm-up episode compiles the decode and re-prefill programs, so the
+        # latency printed is the control loop's, not the compiler's.
+        rollout(env, policy, [WARM_UP_SEED])
+        result = rollout(
+            env,
+            policy,
+            range(args.seed, args.seed + args.episodes),
+            on_step=recorder.on_step if recorder else None,
+            on_reset=recorder.on_reset if recorder else None,
+        )
+    finally:
+        policy.close()
+        done()
     for e in result.episodes:
         dist = (
             ""
@@ -113,4 +128,94 @@ def cmd_rollout(args) -> int:
     if "mean_final_distance" in s:
         line += f"  mean final distance {s['mean_final_distance']:.4f}"
     print(line + f"  step p50 {s['step_ms_p50']:.2f} ms  p99 {s['step_ms_p99']:.2f} ms")
+    if recorder:
+        write_gif(args.render, recorder.frames)
+        print(
+            f"wrote {args.render} ({len(recorder.frames)} frames, seed {args.seed})",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _in_process(args, env_info):
+    from pathways import checkpoint as ckpt
+    from pathways.executor.local import LocalExecutor
+    from pathways.robotics.policy import Policy
+
+    spec, _ = ckpt.load_spec(args.checkpoint)
+    name = choose_pathway(spec, env_info, args.pathway)
+    missing = [m for m in spec.pathway(name).modules if not ckpt.has_module(args.checkpoint, m)]
+    if missing:
+        raise ValueError(
+            f"checkpoint {args.checkpoint} has no weights for module(s) {', '.join(missing)} "
+            f"of pathway {name!r}"
+        )
+    ex = LocalExecutor(spec)
+    for m in spec.pathway(name).modules:
+        ex.set_state(m, ckpt.load_module(args.checkpoint, m, ex.state(m)))
+    policy = Policy(ex, name, window=args.window or None)
+    return name, policy, f"in this process, window {policy.k}"
+
+
+def _via_gateway(args, env_info):
+    from pathways.client import Client, GatewayError
+
+    if args.window:
+        raise ValueError(
+            "--window is for --checkpoint: a gateway's episodes see their pathway's max_seq_len"
+        )
+    c = Client(args.gateway, timeout=args.timeout)
+    try:
+        served = [p.name for p in c.pathways()]
+    except GatewayError as e:
+        c.close()
+        raise ValueError(f"gateway {c.address}: {e.code.name}: {e.details}") from None
+    if args.pathway and args.pathway not in served:
+        c.close()
+        raise ValueError(
+            f"gateway {c.address} serves no pathway {args.pathway!r}; it serves "
+            f"{', '.join(served)}"
+        )
+    # The pathway named like the task, else the gateway's choice by the observation's size.
+    name = args.pathway or (env_info.name if env_info.name in served else "")
+    return (
+        name or "(the gateway's choice)",
+        _GatewayPolicy(c, name, env_info),
+        (f"through the gateway at {c.address}"),
+    )
+
+
+class _GatewayPolicy:
+    """A gateway episode as a rollout's policy, refusing a pathway whose actions are not the
+    task's; gRPC errors become one line naming the gateway."""
+
+    def __init__(self, client, pathway: str, env_info):
+        self.client, self.env_info = client, env_info
+        self.episode = client.episode(pathway)
+
+    def _call(self, f, *a):
+        from pathways.client import GatewayError
+
+        try:
+            return f(*a)
+        except GatewayError as e:
+            raise ValueError(f"gateway {self.client.address}: {e.code.name}: {e.details}") from None
+
+    def reset(self) -> None:
+        self._call(self.episode.reset)
+
+    def act(self, obs):
+        import numpy as np
+
+        a = self._call(self.episode.step, obs)
+        e = self.env_info
+        if a.discrete != (e.actions == "discrete") or len(a.values) != e.action_size:
+            got = f"{len(a.values)} {'discrete' if a.discrete else 'continuous'}"
+            raise ValueError(
+                f"pathway {self.episode.pathway!r} outputs {got} actions; {e.name} takes "
+                f"{e.action_size} {e.actions} ones (--pathway)"
+            )
+        return int(a.choice) if a.discrete else np.asarray(a.values, np.float32)
+
+    def close(self) -> None:  # the episode (rollout closes its policy); the client stays
+        self._call(self.episode.close)

@@ -1,6 +1,7 @@
 """`pathways rollout --checkpoint`: a trained policy's episodes in its simulator, in-process
 through main(), equal to the library's rollout of the same parameters; bad input is one line."""
 
+import numpy as np
 import pytest
 
 from pathways import checkpoint as ckpt
@@ -117,3 +118,39 @@ def test_a_missing_checkpoint_is_named(capsys, tmp_path):
         capsys, ["rollout", "--checkpoint", str(tmp_path / "nope"), "--env", "reacher"]
     )
     assert code == 2 and "is not a Pathways checkpoint" in err
+
+
+def test_render_writes_a_gif_of_the_first_episode(capsys, checkpoint, tmp_path):
+    import imageio.v3 as iio
+
+    from pathways.robotics import render
+
+    try:
+        render.gl_backend()
+    except render.RenderError as e:
+        pytest.skip(str(e))
+    path, _ = checkpoint
+    gif = tmp_path / "arm.gif"
+    argv = ["rollout", "--checkpoint", str(path), "--env", "reacher", "--pathway", "arm"]
+    code, out, err = _run(capsys, [*argv, "--episodes", "2", "--render", str(gif)])
+    assert code == 0, err
+    frames = iio.imread(gif)
+    assert frames.shape[0] == 51 and frames.shape[-1] == 3  # the first state and 50 steps
+    assert frames[0].std() > 0 and np.abs(frames[-1] - frames[0]).max() > 0  # the arm moved
+    assert f"wrote {gif} (51 frames, seed 0)" in err
+
+
+def test_render_without_a_headless_gl_library_says_what_to_install(
+    capsys, checkpoint, tmp_path, monkeypatch
+):
+    from pathways.robotics import render
+
+    monkeypatch.delenv("MUJOCO_GL", raising=False)
+    monkeypatch.setattr(render.ctypes.util, "find_library", lambda name: None)
+    path, _ = checkpoint
+    argv = ["rollout", "--checkpoint", str(path), "--env", "reacher", "--pathway", "arm"]
+    code, out, err = _run(capsys, [*argv, "--render", str(tmp_path / "a.gif")])
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert "neither EGL" in err and "libosmesa6" in err
+    code, _, err = _run(capsys, [*argv, "--render", str(tmp_path / "a.png")])
+    assert code == 2 and "--render writes a GIF" in err

@@ -274,6 +274,10 @@ class RemoteExecutor:
         counts[0] += req.ByteSize()
         counts[1] += resp.ByteSize()
         if ms.replay is not None:
+            if method == "Prefill" and not any(req.starts):
+                # Every row is written again from position 0 (an episode's full window): what
+                # the session's later steps read no longer depends on the calls before.
+                ms.replay.clear()
             ms.replay.append((method, req))
 
     def _decode_call(self, session: Session, chain: tuple[str, ...], i: int, req):
@@ -319,14 +323,39 @@ class RemoteExecutor:
     # ---- steps -------------------------------------------------------------------------------
     def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
         lens = session.check_prompts(prompts)
-        self.lockstep.leave(session.id)  # a prefill runs alone; decoding sessions go on
         tokens, _, _ = pad_prompts(prompts, session.lengths, session.max_seq_len)
-        x = codec.encode(tokens)
-        resp = None
+        resp = self._prefill(session, tokens, session.lengths.copy(), lens, return_logits)
+        return _result(resp)
+
+    def prefill_inputs(self, session: Session, x, starts=None, *, return_logits: bool = False):
+        """A prefill of what the pathway's first module reads, (B, T, ...) with every row T
+        positions long (an episode's observations), at `starts` (B,) (default: after each row's
+        cached positions; 0 writes a window again from the start, and the session's replay
+        then starts there). Returns the head's (output, logits or None) as they came: a head
+        that is not a next-token one has no tokens to cast them to."""
+        x = forward_input(x)
+        b, t = x.shape[:2]
+        starts = session.lengths.copy() if starts is None else np.asarray(starts, np.int32)
+        if b != session.batch_size or starts.shape != (b,) or t < 1:
+            raise ValueError(
+                f"prefill_inputs got shape {list(x.shape)} and starts {starts.tolist()} for a "
+                f"session of {session.batch_size} rows"
+            )
+        lens = np.full(b, t, np.int32)
+        if int((starts + lens).max()) > session.max_seq_len:
+            raise ValueError(
+                f"max sequence length exceeded: {int((starts + lens).max())} positions > "
+                f"pathway {session.pathway!r} max_seq_len {session.max_seq_len}"
+            )
+        return _raw(self._prefill(session, x, starts, lens, return_logits))
+
+    def _prefill(self, session: Session, x, starts, lens, return_logits: bool):
+        self.lockstep.leave(session.id)  # a prefill runs alone; decoding sessions go on
+        x, resp = codec.encode(x), None
         for m in self._chain(session):
             req = module_pb2.PrefillRequest(
                 input=x,
-                starts=session.lengths.tolist(),
+                starts=starts.tolist(),
                 lengths=lens.tolist(),
                 steps=session.steps.tolist(),
                 output_dtype=self.wire,
@@ -334,14 +363,27 @@ class RemoteExecutor:
             )
             resp = self._call(session, m, "Prefill", req)
             x = resp.output
-        session.lengths += lens
+        session.lengths = starts + lens
         session.steps += 1
-        return _result(resp)
+        return resp
 
     def decode(self, session: Session, tokens, *, return_logits=False):
         tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
+        return _result(self._decode(session, tokens, return_logits))
+
+    def decode_inputs(self, session: Session, x, *, return_logits: bool = False):
+        """One decode step of what the first module reads, (B, 1, ...) (an observation per
+        row), at each row's next position: the head's (output, logits or None) as they came."""
+        x = forward_input(x)
+        if x.shape[:2] != (session.batch_size, 1):
+            raise ValueError(
+                f"decode_inputs needs shape ({session.batch_size}, 1, ...); got {list(x.shape)}"
+            )
+        return _raw(self._decode(session, x, return_logits))
+
+    def _decode(self, session: Session, x, return_logits: bool):
         session.check_room(np.ones(session.batch_size, np.int32))
-        x, resp = codec.encode(tokens), None
+        x, resp = codec.encode(x), None
         chain = tuple(self._chain(session))
         positions, steps = session.lengths.tolist(), session.steps.tolist()  # once per token
         try:
@@ -368,7 +410,7 @@ class RemoteExecutor:
         self.lockstep.done(session.id, chain)
         session.lengths += 1
         session.steps += 1
-        return _result(resp)
+        return resp
 
     # ---- stateless ---------------------------------------------------------------------------
     def forward(self, pathway: str, inputs, *, head: bool = True) -> np.ndarray:
@@ -415,6 +457,11 @@ class RemoteExecutor:
         return self.loss(pathway, inputs, targets), None
 
 
-def _result(resp) -> StepResult:
+def _raw(resp) -> tuple[np.ndarray, np.ndarray | None]:
     logits = codec.decode(resp.logits, "logits") if resp.HasField("logits") else None
-    return StepResult(tokens=codec.decode(resp.output, "output").astype(np.int32), logits=logits)
+    return codec.decode(resp.output, "output"), logits
+
+
+def _result(resp) -> StepResult:
+    out, logits = _raw(resp)
+    return StepResult(tokens=out.astype(np.int32), logits=logits)

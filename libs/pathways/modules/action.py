@@ -119,6 +119,16 @@ class Action(nnx.Module):
         return jnp.clip(out, -1.0, 1.0)
 
 
+def choose(outputs, discrete: bool):
+    """The action one step's outputs (A,) mean, outside JAX (`Action.act` on numpy): the most
+    likely choice (an int), or the mean clipped to [-1, 1] (float32 (A,))."""
+    import numpy as np
+
+    if discrete:
+        return int(np.argmax(outputs))
+    return np.clip(outputs, -1.0, 1.0).astype(np.float32)
+
+
 KIND = registry.register(
     Kind(
         "action",

@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from pathways import codec, messages, transport
+from pathways.executor.base import forward_input
 from pathways.pipeline.runner import PipelineError, split_micro
 from pathways.spec import PathwaySpec
 from pathways.train import TrainConfig
@@ -94,7 +95,7 @@ class RemoteStage:
         req = training_pb2.TrainForwardRequest(micro_batch=mb)
         codec.encode(np.asarray(x), out=req.input)
         if targets is not None:
-            codec.encode(np.asarray(targets, np.int32), out=req.targets)
+            codec.encode(forward_input(targets), out=req.targets)
         r = self._step_call("Forward", req)
         return np.float32(r.loss) if r.WhichOneof("result") == "loss" else codec.decode(r.output)
 
@@ -143,7 +144,7 @@ class RemoteStage:
                     codec.encode(np.asarray(x), out=req.inputs.add())
             if i == k - 1:
                 for t in ts:
-                    codec.encode(np.asarray(t, np.int32), out=req.targets.add())
+                    codec.encode(forward_input(t), out=req.targets.add())
             st.wire_bytes += req.ByteSize()
             calls.append(st._stub.RunStep.future(req, timeout=timeout or st.timeout))
         cv = threading.Condition()
@@ -199,7 +200,7 @@ class RemoteStage:
         req = training_pb2.EvaluateRequest()
         codec.encode(np.asarray(x), out=req.input)
         if targets is not None:
-            codec.encode(np.asarray(targets, np.int32), out=req.targets)
+            codec.encode(forward_input(targets), out=req.targets)
         r = self._call("Evaluate", req)
         return np.float32(r.loss) if r.WhichOneof("result") == "loss" else codec.decode(r.output)
 

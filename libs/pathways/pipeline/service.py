@@ -130,6 +130,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             )
         t = self._decode(request.targets, "targets")
         outputs, vocab = self.engine.cfg.output_contract
+        if outputs == "actions":
+            return self._action_targets(t, tuple(request.input.shape)[:2])
         # What the head's loss reads: next tokens (B, T) for logits; labels (B,) for classes,
         # label sequences (B, L) for a CTC head: one row per input either way.
         x_shape = tuple(request.input.shape)[:2] if outputs == "logits" else None
@@ -141,6 +143,32 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             )
         if ((t < 0) | (t >= vocab)).any():
             raise InvalidArgument(f"targets has an id outside [0, {vocab}) ({outputs})")
+        return t
+
+    def _action_targets(self, t: np.ndarray, x_shape: tuple) -> np.ndarray:
+        """An action head's targets, one per step: chosen actions (B, T) int32 (-1: padding)
+        for a discrete head, action values (B, T, A) float32 (NaN rows: padding) for a
+        continuous one."""
+        cfg = self.engine.cfg
+        if cfg.space == "discrete":
+            if t.dtype != np.int32 or t.shape != x_shape:
+                raise InvalidArgument(
+                    f"targets must be int32 actions of shape {list(x_shape)}; got {t.dtype} "
+                    f"{list(t.shape)}"
+                )
+            if ((t < -1) | (t >= cfg.actions)).any():
+                raise InvalidArgument(
+                    f"targets has an action outside [0, {cfg.actions}) (-1: padding)"
+                )
+            return t
+        want = (*x_shape, cfg.actions)
+        if t.dtype != np.float32 or t.shape != want:
+            raise InvalidArgument(
+                f"targets must be float32 action values of shape {list(want)}; got {t.dtype} "
+                f"{list(t.shape)}"
+            )
+        if np.isinf(t).any():
+            raise InvalidArgument("targets has infinite values (NaN marks padding steps)")
         return t
 
     @rpc

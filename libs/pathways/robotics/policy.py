@@ -1,5 +1,5 @@
-"""Acting in this process: a pathway from observations to actions as a policy whose running
-episode is a session, and rollouts of it in the simulated tasks.
+"""Acting: a pathway from observations to actions as a policy whose running episode is a
+session (in this process, or on module servers), and rollouts of it in the simulated tasks.
 
 A control step is a decode step: the new observation goes through the pathway at the next
 position, attending to the episode's earlier steps in the attention modules' KV caches. The
@@ -19,18 +19,21 @@ import numpy as np
 
 from pathways.executor.base import bucket
 from pathways.executor.local import LocalExecutor
+from pathways.modules.action import choose
 from pathways.robotics.envs import Env, Episode
 
 
 class Policy:
-    """One episode at a time on `pathway` (observations in, an `action` head out) over the
-    executor's module engines: the session holds one KV-cache slot in each attention engine.
+    """One episode at a time on `pathway` (observations in, an `action` head out): in this
+    process over a `LocalExecutor`'s module engines (the session holds one KV-cache slot in each
+    attention engine), or over a `RemoteExecutor`'s module servers (a session on each; the
+    gateway's episodes, `pathways.serving.episodes`). Both take the same steps.
 
     `act(obs)` takes one observation (obs_dim floats) and returns one action (an int, or a
     float32 vector in [-1, 1]); `reset()` starts a new episode (a new session).
     """
 
-    def __init__(self, executor: LocalExecutor, pathway: str, window: int | None = None):
+    def __init__(self, executor, pathway: str, window: int | None = None):
         spec = executor.spec
         p = spec.pathway(pathway)
         first, last = spec.modules[p.modules[0]], spec.modules[p.modules[-1]]
@@ -51,27 +54,28 @@ class Policy:
                 f"got {self.k}"
             )
         self.executor, self.pathway = executor, pathway
-        self.engines = [executor.engines[m] for m in p.modules]
         self.obs_dim = first.input_contract[1]
         self.discrete = getattr(last, "space", "discrete") == "discrete"
         self.max_seq_len = p.max_seq_len
-        self._slots: dict[str, np.ndarray] | None = None
+        remote = hasattr(executor, "prefill_inputs")
+        self._session = (_RemoteSession if remote else _EngineSession)(executor, p)
         self._history: collections.deque = collections.deque(maxlen=self.k)
+        self._steps = 0
+
+    @property
+    def steps(self) -> int:
+        """Observations taken in this episode so far (at most the window's are kept)."""
+        return self._steps
 
     def reset(self) -> None:
         """Ends the current episode's session and opens a new one."""
         self.close()
-        with self.executor._lock:
-            self._slots = {e.name: e.take(1) for e in self.engines if e.kind.has_cache}
+        self._session.open()
         self._history.clear()
+        self._steps = 0
 
     def close(self) -> None:
-        if self._slots is not None:
-            with self.executor._lock:
-                for e in self.engines:
-                    if e.name in self._slots:
-                        e.give(self._slots[e.name])
-            self._slots = None
+        self._session.close()
 
     def check(self, obs) -> np.ndarray:
         """One observation as float32 (obs_dim,), else ValueError naming shape/dtype/values."""
@@ -92,27 +96,94 @@ class Policy:
         """The head's output for this step (action scores or the continuous mean), (A,), with
         the observation appended to the episode."""
         x = self.check(obs)
-        if self._slots is None:
+        if not self._session.is_open:
             self.reset()
         n = len(self._history)
         self._history.append(x)
+        self._steps += 1
         if n < self.k:  # a decode step at the next position
-            xs, positions = x[None, None], np.array([[n]], np.int32)
-        else:  # the window is full: re-prefill the last k steps at positions 0..k-1
-            xs = np.stack(self._history)[None]
-            positions = np.arange(self.k, dtype=np.int32)[None]
-        window = bucket(int(positions.max()) + 1, self.max_seq_len)
-        with self.executor._lock:
-            for e in self.engines:
-                xs = e.step(xs, positions, self._slots.get(e.name), window=window)
-        return np.asarray(xs)[0, -1]
+            return self._session.decode(x[None, None], n)
+        # The window is full: re-prefill the last k steps at positions 0..k-1.
+        return self._session.prefill(np.stack(self._history)[None])
 
     def act(self, obs):
         """The action for one observation: the most likely choice, or the mean in [-1, 1]."""
-        out = self.outputs(obs)
-        if self.discrete:
-            return int(np.argmax(out))
-        return np.clip(out, -1.0, 1.0).astype(np.float32)
+        return choose(self.outputs(obs), self.discrete)
+
+
+class _EngineSession:
+    """An episode's session on a LocalExecutor's engines (their slot pools), one module step
+    after another as module servers run them."""
+
+    def __init__(self, executor, p):
+        self.executor, self.max_seq_len = executor, p.max_seq_len
+        self.engines = [executor.engines[m] for m in p.modules]
+        self.slots: dict[str, np.ndarray] | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.slots is not None
+
+    def open(self) -> None:
+        with self.executor._lock:
+            self.slots = {e.name: e.take(1) for e in self.engines if e.kind.has_cache}
+
+    def close(self) -> None:
+        if self.slots is not None:
+            with self.executor._lock:
+                for e in self.engines:
+                    if e.name in self.slots:
+                        e.give(self.slots[e.name])
+            self.slots = None
+
+    def _run(self, xs, positions) -> np.ndarray:
+        window = bucket(int(positions.max()) + 1, self.max_seq_len)
+        with self.executor._lock:
+            for e in self.engines:
+                xs = e.step(xs, positions, self.slots.get(e.name), window=window)
+        return np.asarray(xs)[0, -1]
+
+    def decode(self, x, position: int) -> np.ndarray:
+        return self._run(x, np.array([[position]], np.int32))
+
+    def prefill(self, xs) -> np.ndarray:
+        return self._run(xs, np.arange(xs.shape[1], dtype=np.int32)[None])
+
+
+class _RemoteSession:
+    """An episode's session on a RemoteExecutor's module servers: a decode step per
+    observation, a prefill from position 0 once the window is full; the head's outputs come
+    back as its logits. A replica lost mid-episode is replaced by replaying the session's calls
+    since its last full window (`RemoteExecutor`)."""
+
+    def __init__(self, executor, p):
+        self.executor, self.pathway = executor, p.name
+        self.session = None
+
+    @property
+    def is_open(self) -> bool:
+        return self.session is not None
+
+    def open(self) -> None:
+        from pathways.sampling import SamplingParams
+
+        self.session = self.executor.open_session(self.pathway, [SamplingParams()])
+
+    def close(self) -> None:
+        if self.session is not None:
+            session, self.session = self.session, None
+            self.executor.close_session(session)
+
+    def decode(self, x, position: int) -> np.ndarray:
+        assert int(self.session.lengths[0]) == position, (self.session.lengths, position)
+        _, logits = self.executor.decode_inputs(self.session, x, return_logits=True)
+        return logits[0]
+
+    def prefill(self, xs) -> np.ndarray:
+        _, logits = self.executor.prefill_inputs(
+            self.session, xs, np.zeros(1, np.int32), return_logits=True
+        )
+        return logits[0]
 
 
 def recompute_outputs(executor: LocalExecutor, pathway: str, episode_obs: np.ndarray, k: int):
@@ -168,13 +239,16 @@ class Rollouts:
         return out
 
 
-def rollout(env: Env | str, policy, seeds, on_step=None) -> Rollouts:
+def rollout(env: Env | str, policy, seeds, on_step=None, on_reset=None) -> Rollouts:
     """Runs one episode per seed with `policy` (anything with `reset()` and `act(obs)`; the
-    experts: `ExpertPolicy`), timing each `act`."""
+    experts: `ExpertPolicy`), timing each `act`; `on_reset(env)` and `on_step(env, action)`
+    see every episode's start and steps."""
     env = Env(env) if isinstance(env, str) else env
     episodes, times = [], []
     for seed in seeds:
         obs = env.reset(int(seed))
+        if on_reset:
+            on_reset(env)
         policy.reset()
         while not env.done:
             t0 = time.perf_counter()

@@ -17,7 +17,9 @@ from pathways import generate as gen
 from pathways import metrics as prom
 from pathways.executor.remote import RemoteExecutor
 from pathways.executor.replicas import RemoteError, ReplicaSource
+from pathways.modules.action import choose
 from pathways.serving import auth, limits
+from pathways.serving.episodes import DEFAULT_TTL_S, Episodes
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
 
 log = logging.getLogger(__name__)
@@ -37,8 +39,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         addresses: auth.AddressPolicy,
         checkpoint: str | None = None,
         max_prompt_bytes: int = MAX_PROMPT_BYTES,
+        session_ttl_s: float = DEFAULT_TTL_S,
     ):
         self.executor, self.tokenizer = executor, tokenizer
+        self.episodes = Episodes(executor, ttl_s=session_ttl_s)  # pathways that act
         self.addresses = addresses  # what AddModule may dial
         self.max_prompt_bytes = max_prompt_bytes
         # The catalog's measurements and the chat template are read from the checkpoint.
@@ -230,16 +234,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def Infer(self, request, context):
         field = request.WhichOneof("input")
+        if field is None and request.end_session and request.session_id:
+            self.episodes.end(request.session_id)
+            return gateway_pb2.InferResponse(session_id=request.session_id)
         if field is None:
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "input: one of tensor, image, wav, text is needed"
             )
-        if request.session_id:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "session_id: sessions (pathways that act, issue 20) are not served yet; "
-                "leave it empty",
-            )
+        if request.session_id or request.start_session:
+            return self._episode_step(request, context, field)
         outputs = {
             gateway_pb2.InferRequest.OUTPUT_HEAD: "head",
             gateway_pb2.InferRequest.OUTPUT_EMBEDDING: "embedding",
@@ -270,10 +273,75 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return _infer_response(res)
 
+    def _episode_step(self, request, context, field):
+        """One observation of an episode in, one action out (`serving.episodes`)."""
+        if request.session_id and request.start_session:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "give session_id (a running episode) or start_session (a new one), not both",
+            )
+        if field != "tensor":
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{field}: an episode's step takes its observation as a tensor",
+            )
+        if request.output != gateway_pb2.InferRequest.OUTPUT_HEAD:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "output: an episode's step returns its action"
+            )
+        spec, key = self.executor.spec, request.session_id
+        try:
+            obs = codec.decode(request.tensor, "tensor")
+            if request.start_session:
+                obs_dim = obs.shape[-1] if obs.ndim else 0
+                name = infer.acting_pathway(spec, self.executor.served, request.pathway, obs_dim)
+                infer.check_observation(obs, spec, name)  # before a session is opened
+                try:
+                    key = self.episodes.start(name)
+                except ValueError as e:  # not a pathway from observations to actions
+                    raise infer.WrongPathway(str(e)) from None
+            else:
+                name = self.episodes.pathway(key)
+                if request.pathway and request.pathway != name:
+                    raise infer.InferError(
+                        f"pathway: episode {key!r} runs on pathway {name!r}, not "
+                        f"{request.pathway!r}"
+                    )
+            x = infer.check_observation(obs, spec, name)
+            with self.executor.deadline(context.time_remaining()):
+                out, discrete, step = self.episodes.step(key, x)
+        except RemoteError as e:
+            context.abort(e.code, str(e))
+        except infer.InferError as e:
+            context.abort(grpc.StatusCode[e.status], str(e))
+        except ValueError as e:  # the tensor's encoding (codec)
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            if request.end_session and key:
+                self.episodes.end(key)
+        res = infer.Result(
+            name,
+            "actions",
+            actions=[choose(out, discrete)],
+            discrete=discrete,
+            values=out[None],
+            step=step,
+            session_id=key,
+        )
+        return _infer_response(res)
+
 
 def _infer_response(res: infer.Result) -> gateway_pb2.InferResponse:
-    out = gateway_pb2.InferResponse(pathway=res.pathway)
-    if res.kind == "classification":
+    out = gateway_pb2.InferResponse(pathway=res.pathway, session_id=res.session_id)
+    if res.kind == "actions":
+        for a, values in zip(res.actions, res.values):
+            out.actions.items.add(
+                choice=a if res.discrete else 0,
+                values=values.tolist() if res.discrete else a.tolist(),
+                discrete=res.discrete,
+                step=res.step,
+            )
+    elif res.kind == "classification":
         for classes, probs in zip(res.classes, res.probabilities):
             out.classification.items.add(classes=classes, probabilities=probs)
     elif res.kind == "transcript":
@@ -302,13 +370,15 @@ class GatewayServer:
         checkpoint: str | None = None,
         metrics_port: int = 0,
         max_prompt_bytes: int = MAX_PROMPT_BYTES,
+        session_ttl_s: float = DEFAULT_TTL_S,
     ):
         """`keys`: the API keys callers must present (None: no keys, every caller is admin;
         logged). `allowed_addresses`: "host:port" patterns AddModule may dial (None: the
         static `endpoints`' own addresses). `health_port`: a plaintext port answering only
         grpc.health.v1 (Kubernetes' probes; 0: none). `checkpoint`: where the pathway catalog's
         measurements and the chat template are read. `metrics_port`: a plaintext port serving
-        GET /metrics (Prometheus; 0: none)."""
+        GET /metrics (Prometheus; 0: none). `session_ttl_s`: an episode of a pathway that acts
+        (Infer with a session) is closed after this long without a step."""
         telemetry.init("pathways-gateway", prometheus=bool(metrics_port))
         self.metrics_host, self.metrics_port, self.metrics_server = host, metrics_port, None
         self.tls = transport.default() if tls is None else tls
@@ -335,16 +405,15 @@ class GatewayServer:
             options=transport.server_options(max_message_mb),
             interceptors=[*interceptors, *telemetry.server_interceptors()],
         )
-        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(
-            GatewayServicer(
-                self.executor,
-                tokenizer,
-                auth.AddressPolicy(allowed_addresses),
-                checkpoint,
-                max_prompt_bytes,
-            ),
-            self.server,
+        self.servicer = GatewayServicer(
+            self.executor,
+            tokenizer,
+            auth.AddressPolicy(allowed_addresses),
+            checkpoint,
+            max_prompt_bytes,
+            session_ttl_s,
         )
+        gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -377,6 +446,7 @@ class GatewayServer:
             self.health_server.stop(None)
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
+        self.servicer.episodes.close()
         self.executor.close()
         telemetry.shutdown()
 

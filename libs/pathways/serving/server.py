@@ -220,31 +220,34 @@ class _Ctx:
 
 
 def warm_up(svc: ModuleServicer) -> None:
-    """Compiles prefill (8 positions) and a one-row decode step through the real handlers, for
-    modules that generation steps (tokens or hidden states in, hidden states or next-token
-    logits out). Image and audio embeddings and pooling heads only run stateless Forward calls,
-    whose shapes are the callers'; they compile on first use."""
+    """Compiles prefill (8 positions; max_seq_len - 1 if fewer) and a one-row decode step
+    through the real handlers, for modules that generation steps (tokens or hidden states in,
+    hidden states or next-token logits out). Image and audio embeddings and pooling heads only
+    run stateless Forward calls, whose shapes are the callers'; they compile on first use."""
     e, ctx = svc.engine, _Ctx()
     (reads, _), (writes, _) = e.cfg.input_contract, e.cfg.output_contract
     if reads not in ("tokens", "hidden") or writes not in ("hidden", "logits"):
         return
     svc.ready = True
+    # 8 positions, fewer in a module with a shorter context (a policy's window of a few steps).
+    n = min(8, e.max_seq_len - 1) if e.max_seq_len else 8
     try:
         sid = svc.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), ctx).session_id
         if e.cfg.input_contract[0] == "tokens":
-            x, step = np.zeros((1, 8), np.int32), np.zeros((1, 1), np.int32)
+            x, step = np.zeros((1, n), np.int32), np.zeros((1, 1), np.int32)
         else:
             d = e.cfg.input_contract[1]
-            x, step = np.zeros((1, 8, d), np.float32), np.zeros((1, 1, d), np.float32)
-        svc.Prefill(
-            module_pb2.PrefillRequest(
-                session_id=sid, input=codec.encode(x), starts=[0], lengths=[8], steps=[0]
-            ),
-            ctx,
-        )
+            x, step = np.zeros((1, n, d), np.float32), np.zeros((1, 1, d), np.float32)
+        if n >= 1:
+            svc.Prefill(
+                module_pb2.PrefillRequest(
+                    session_id=sid, input=codec.encode(x), starts=[0], lengths=[n], steps=[0]
+                ),
+                ctx,
+            )
         svc.Decode(
             module_pb2.DecodeRequest(
-                session_id=sid, input=codec.encode(step), positions=[8], steps=[1]
+                session_id=sid, input=codec.encode(step), positions=[max(n, 0)], steps=[1]
             ),
             ctx,
         )

@@ -1,0 +1,246 @@
+"""Acting through the services: a navigation and a manipulation pathway sharing one attention
+module (two replicas), every module its own server process, a gateway process. An episode through
+the gateway (one observation in, one action out, the window in the servers' KV caches) takes the
+in-process policy's actions; bad observations get INVALID_ARGUMENT naming the field; behaviour
+cloning of continuous actions through the servers gives the in-process losses; a replica killed
+mid-episode changes no action (last: it leaves one replica)."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+
+from pathways import checkpoint as ckpt
+from pathways import codec
+from pathways import spec as spec_lib
+from pathways.client import Client
+from pathways.deploy import launcher
+from pathways.robotics.policy import Policy, rollout
+from pathways.serving import testing
+from pathways.train import TrainConfig
+from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2, module_pb2_grpc
+from tools.cli.main import main
+
+pytestmark = pytest.mark.slow
+K = 6  # the window: episodes below run past it, so later steps re-prefill the last K
+SPEC = {
+    "modules": {
+        "grid": {
+            "kind": "observation_embedding",
+            "observation": "grid",
+            "obs_dim": 1083,
+            "grid_rows": 19,
+            "grid_columns": 19,
+            "frame": "agent",
+            "view": 7,
+            "cell_dim": 5,
+            "conv_channels": 3,
+            "conv_layers": 1,
+            "d_model": 12,
+            "max_seq_len": K,
+        },
+        "arm": {
+            "kind": "observation_embedding",
+            "observation": "vector",
+            "obs_dim": 10,
+            "hidden": 13,
+            "scale": [1, 1, 1, 1, 5, 5, 0.1, 0.1, 20, 20],
+            "d_model": 12,
+            "max_seq_len": K,
+            "init_std": 0.3,
+        },
+        "attn": {"kind": "attention", "d_model": 12, "n_layers": 1, "n_heads": 3, "max_seq_len": K},
+        "moves": {
+            "kind": "action",
+            "d_model": 12,
+            "space": "discrete",
+            "actions": 7,
+            "init_std": 0.5,  # untrained, yet choices far apart: no near-ties to flip
+        },
+        "torques": {
+            "kind": "action",
+            "d_model": 12,
+            "space": "continuous",
+            "actions": 2,
+            "squash": "tanh",
+            "hidden": 13,
+            "init_std": 0.3,
+        },
+    },
+    "pathways": {"fourrooms": ["grid", "attn", "moves"], "reacher": ["arm", "attn", "torques"]},
+}
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    spec = spec_lib.from_dict(SPEC)
+    ex = testing.make_checkpoint(path, spec)
+    fleet = launcher.Fleet(
+        str(path), list(spec.modules), replicas={"attn": 2}, module_args=["--training"]
+    )
+    with fleet:
+        with grpc.insecure_channel(fleet.gateway.address) as ch:
+            yield fleet, gateway_pb2_grpc.GatewayServiceStub(ch), ex, path
+
+
+def _actions(env: str, policy, seed: int):
+    taken = []
+    result = rollout(env, policy, [seed], on_step=lambda e, a: taken.append(a))
+    return result.episodes[0], taken
+
+
+@pytest.mark.parametrize("env, seed", [("fourrooms", 3), ("reacher", 5)])
+def test_an_episode_through_the_gateway_takes_the_in_process_actions(deployment, env, seed):
+    fleet, _, ex, _ = deployment
+    want, want_actions = _actions(env, Policy(ex, env), seed)
+    with Client(fleet.gateway.address) as c:
+        got, got_actions = _actions(env, c.episode(env), seed)
+    assert got.steps == want.steps > K  # past the window: re-prefilled steps too
+    if env == "fourrooms":
+        assert got_actions == want_actions
+        assert len(set(want_actions)) > 1  # not one answer for every step
+    else:
+        np.testing.assert_allclose(np.stack(got_actions), np.stack(want_actions), atol=1e-5)
+    assert got.ret == pytest.approx(want.ret, abs=1e-4)
+
+
+def test_cli_rollout_through_the_gateway_prints_the_in_process_episodes(deployment, capsys):
+    fleet, _, _, path = deployment
+    outs = []
+    for where in (["--gateway", fleet.gateway.address], ["--checkpoint", str(path)]):
+        argv = ["rollout", *where, "--env", "reacher", "--episodes", "2", "--seed", "11"]
+        assert main(argv) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith("seed 11: ") and out[-1].startswith("success rate")
+        outs.append([*out[:-1], out[-1].split("  step p50")[0]])  # latency differs
+    assert outs[0] == outs[1]
+    assert main(["rollout", "--gateway", fleet.gateway.address, "--env", "doorkey"]) == 2
+    err = capsys.readouterr().err
+    assert "no served pathway acts on observations of 192 values" in err, err
+
+
+def _infer(stub, **fields):
+    if isinstance(fields.get("tensor"), np.ndarray):
+        fields["tensor"] = codec.encode(fields["tensor"])
+    return stub.Infer(gateway_pb2.InferRequest(**fields), timeout=60)
+
+
+OBS = np.linspace(-1, 1, 10, dtype=np.float32)
+NAN = OBS.copy()
+NAN[3] = np.nan
+BAD = [
+    # (request fields, status, the message contains)
+    ({"tensor": OBS[:9]}, "NOT_FOUND", "no served pathway acts on observations of 9 values"),
+    ({"tensor": OBS[:9], "pathway": "reacher"}, "INVALID_ARGUMENT", "tensor: one observation"),
+    ({"tensor": np.zeros((2, 10), np.float32)}, "INVALID_ARGUMENT", "got [2, 10]"),
+    ({"tensor": OBS.astype(np.int32)}, "INVALID_ARGUMENT", "tensor: module 'arm' reads float32"),
+    ({"tensor": NAN}, "INVALID_ARGUMENT", "tensor: has NaN or infinite values (first at index 3)"),
+    ({"wav": b"RIFF"}, "INVALID_ARGUMENT", "wav: an episode's step takes its observation"),
+]
+
+
+@pytest.mark.parametrize("fields,code,says", BAD, ids=[b[2][:40] for b in BAD])
+def test_bad_observations_get_a_status_naming_the_field(deployment, fields, code, says):
+    _, stub, _, _ = deployment
+    with pytest.raises(grpc.RpcError) as e:
+        _infer(stub, start_session=True, **fields)
+    assert e.value.code().name == code, e.value.details()
+    assert says in e.value.details(), e.value.details()
+
+
+def test_episodes_refuse_bad_steps_and_go_on_and_end(deployment):
+    fleet, stub, ex, _ = deployment
+    first = _infer(stub, start_session=True, tensor=OBS)
+    key = first.session_id
+    assert first.pathway == "reacher" and key.startswith("ep-")
+    policy = Policy(ex, "reacher")
+    a = first.actions.items[0]
+    assert not a.discrete and a.step == 1
+    np.testing.assert_allclose(a.values, policy.act(OBS), atol=1e-5)
+    for fields, says in (
+        ({"tensor": NAN}, "tensor: has NaN"),
+        ({"tensor": OBS[None, :, None]}, "tensor: one observation of shape (10,)"),
+        ({"tensor": OBS, "pathway": "fourrooms"}, "runs on pathway 'reacher', not 'fourrooms'"),
+        ({"tensor": OBS, "start_session": True}, "not both"),
+    ):
+        with pytest.raises(grpc.RpcError) as e:
+            _infer(stub, session_id=key, **fields)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and says in e.value.details()
+    r = _infer(stub, session_id=key, tensor=-OBS, end_session=True)  # the refused steps: none
+    assert r.actions.items[0].step == 2
+    np.testing.assert_allclose(r.actions.items[0].values, policy.act(-OBS), atol=1e-5)
+    with pytest.raises(grpc.RpcError) as e:
+        _infer(stub, session_id=key, tensor=OBS)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "unknown episode" in e.value.details()
+    # Without a session: a window of observations gives the action at its last step.
+    window = np.stack([OBS, -OBS, OBS * 0.5])[None]
+    r = _infer(stub, pathway="reacher", tensor=window)
+    np.testing.assert_allclose(
+        r.actions.items[0].values, ex.forward("reacher", window)[0, -1], atol=1e-5
+    )
+
+
+def test_continuous_actions_train_through_the_servers_as_in_process(deployment):
+    """Behaviour cloning of torques (float32 targets, NaN on padding steps) through the module
+    servers' TrainingService gives the in-process pipeline's losses (targets were once cast to
+    int32 on the way)."""
+    fleet, _, _, path = deployment
+    spec, _ = ckpt.load_spec(path)
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(3):
+        x = rng.normal(size=(4, K, 10)).astype(np.float32)
+        y = rng.uniform(-1, 1, size=(4, K, 2)).astype(np.float32)
+        y[1, 4:] = np.nan  # an episode that ended: padding steps
+        batches.append((x, y))
+    cfg = TrainConfig(steps=3, warmup=1, lr=1e-2, batch_size=4, seq_len=K)
+    addresses = {m: fleet.endpoints[m][0] for m in spec.pathway("reacher").modules}
+    got = testing.remote_losses(spec, "reacher", addresses, cfg, batches)
+    want = testing.local_losses(path, "reacher", cfg, batches)
+    assert np.isfinite(got).all() and got == pytest.approx(want, rel=1e-5)
+    assert got[-1] < got[0]
+
+
+def _sessions(address: str) -> int:
+    with grpc.insecure_channel(address) as ch:
+        d = module_pb2_grpc.ModuleServiceStub(ch).Describe(module_pb2.DescribeRequest(), timeout=10)
+    return d.sessions
+
+
+def test_a_replica_killed_mid_episode_changes_no_action(deployment):
+    """Last in the file: it kills one of the two attention replicas. The episode's session
+    moves to the other by replaying its calls since its last full window."""
+    fleet, _, ex, _ = deployment
+    _, actions = _actions("reacher", Policy(ex, "reacher"), 21)
+    observations = []
+    rollout("reacher", _Feed(Policy(ex, "reacher"), observations), [21])
+    replicas = fleet.servers["attn"]
+    before = {p.address: _sessions(p.address) for p in replicas}
+    got = []
+    with Client(fleet.gateway.address) as c:
+        episode = c.episode("reacher")
+        for i, obs in enumerate(observations):
+            if i == K + 3:  # the window has been re-prefilled a few times
+                holder = next(p for p in replicas if _sessions(p.address) > before[p.address])
+                holder.kill()
+            got.append(episode.act(obs))
+        episode.close()
+    survivor = next(p for p in replicas if p is not holder)
+    assert _sessions(survivor.address) == before[survivor.address]  # moved there, then closed
+    np.testing.assert_allclose(np.stack(got), np.stack(actions), atol=1e-5)
+
+
+class _Feed:
+    """A policy that records the observations it is shown."""
+
+    def __init__(self, policy, seen: list):
+        self.policy, self.seen = policy, seen
+
+    def reset(self):
+        self.policy.reset()
+
+    def act(self, obs):
+        self.seen.append(obs)
+        return self.policy.act(obs)

@@ -65,7 +65,7 @@ class ModuleRuntime:
         if self._state is None:  # dropped by compact(): rebuild from the serving copy
             # Native-packed kernels back to (K, N) (exact for float32), then what bfloat16 /
             # int8 storage holds, as float32 (see compact).
-            state = kernels.unpack_state(self._serving, self._template)
+            state = kernels.unpack_state(self.serving_state, self._template)
             if self.weights != "float32":
                 state = weights_lib.restore(state, self._template)
             self._state = state
@@ -78,7 +78,7 @@ class ModuleRuntime:
                 self.kind.partition, self.cfg, state, self.mesh, what=f"{self.name}/"
             )
             state = sharding.place(state, self.placement)
-        self._state, self._serving, self._flat = state, None, None
+        self._state, self._servings, self._flats = state, {}, {}
 
     def compact(self) -> bool:
         """Keeps one copy of the weights, for a process that only serves: drops the float32
@@ -102,38 +102,53 @@ class ModuleRuntime:
 
     @property
     def serving_state(self):
-        if self._serving is None:
-            if self.native_ops and self.weights in kernels.WEIGHTS:
+        """The parameters decode steps compute with (see the class docstring)."""
+        return self._serving_copy(self._native_for(prefill=False))
+
+    def _serving_copy(self, native: bool):
+        """The serving parameters with linear kernels packed for the native matmul (`native`)
+        or as XLA's dot takes them. A process keeps both only where the kernels were chosen
+        for one shape class and not the other (`kernels.chosen`: e.g. decode steps but not
+        prefill chunks on some CPUs), so each step computes with the faster one."""
+        if native not in self._servings:
+            if native and self.weights in kernels.WEIGHTS:
                 # Linear kernels packed for the native matmul; the token table as `weights`
                 # stores it, as on the XLA path (packed kernels are 3-D: `store` leaves them).
                 packed = kernels.pack_state(self._state, self.weights, True)
-                self._serving = weights_lib.store(packed, self.weights)
+                serving = weights_lib.store(packed, self.weights)
             else:
-                self._serving = weights_lib.store(self._state, self.weights)
+                serving = weights_lib.store(self._state, self.weights)
             if self.mesh is not None:  # bfloat16-rounded copies go where the parameters are
-                self._serving = sharding.place(self._serving, self.placement)
-            self._flat = None
-        return self._serving
+                serving = sharding.place(serving, self.placement)
+            self._servings[native] = serving
+        return self._servings[native]
 
-    def _serving_flat(self):
-        """(leaves of serving_state, the jitted entry points that take them)."""
-        serving = self.serving_state
-        if self._flat is None:
-            leaves, treedef = jax.tree.flatten(serving)
+    def _serving_flat(self, prefill: bool = False):
+        """(leaves of the serving parameters a step of this kind computes with, the jitted
+        entry points that take them): prefill chunks (more than one position) and decode steps
+        may use different copies (see `_serving_copy`)."""
+        native = self._native_for(prefill)
+        if native not in self._flats:
+            leaves, treedef = jax.tree.flatten(self._serving_copy(native))
             # Packing concatenates vectors that a mesh splits differently: not on a mesh.
             leaves, layout = _pack_small(leaves) if self.mesh is None else (leaves, None)
-            self._flat = leaves, _flat_entry_points(self.graphdef, treedef, layout)
-        return self._flat
+            self._flats[native] = leaves, _flat_entry_points(self.graphdef, treedef, layout)
+        return self._flats[native]
+
+    def _native_for(self, prefill: bool) -> bool:
+        return self.native_ops and kernels.chosen("prefill" if prefill else "decode")
 
     def step(self, x, positions, cache=None, slots=None, *, window: int | None = None, causal=True):
         """The module's step with the serving parameters: (output, cache). With a cache (kinds
         that keep one: prefill or decode of the sessions in `slots`, attending to the first
         `window` positions) the cache is updated in place (donated); without one it is the
         stateless forward (with the call's mask, `causal`) and the cache returned is None."""
-        leaves, jits = self._serving_flat()
+        leaves, jits = self._serving_flat(prefill=x.shape[1] > 1)
         if cache is None:
             return jits.forward(leaves, x, positions, causal=causal), None
-        return jits.step(leaves, x, positions, cache, slots, window=window, native=self.native_ops)
+        return jits.step(
+            leaves, x, positions, cache, slots, window=window, native=self.native_attention
+        )
 
     def serve_head(self, h_btd, last_b, temperature, top_k, top_p, seed, step):
         """The decoding module on each row's position `last_b` of h_btd, then sampling:
@@ -148,6 +163,12 @@ class ModuleRuntime:
         if self.mesh is not None:
             return False
         return kernels.available() if self.native is None else (self.native and kernels.available())
+
+    @property
+    def native_attention(self) -> bool:
+        """Whether a decode step's cache write and attention run as the native op (where the
+        kernels were chosen for decode shapes: `kernels.chosen`)."""
+        return self._native_for(prefill=False)
 
     def module(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state)
@@ -199,7 +220,7 @@ def _jitted(graphdef, to_state) -> SimpleNamespace:
 _FUSED: dict[tuple, Any] = {}
 
 
-def fused_step(chain: list[ModuleRuntime]):
+def fused_step(chain: list[ModuleRuntime], prefill: bool = False):
     """One jitted program for a whole chain's session step (prefill or decode): every module's
     step, then the head's sampling. The modules stay separate (each its own parameters, passed
     as its own flat leaves, and its own KV-cache pool with the session's slots in it: `caches`
@@ -209,10 +230,11 @@ def fused_step(chain: list[ModuleRuntime]):
     module.
 
     Programs are shared by chains of the same modules' entry points (identity of the cached
-    entry-point sets: no hashing of graphdefs per call).
+    entry-point sets: no hashing of graphdefs per call). `prefill`: the program of a prefill
+    chunk, whose modules may compute with other copies of their parameters (`_serving_flat`).
     """
-    jits = tuple(rt._serving_flat()[1] for rt in chain)
-    natives = tuple(rt.native_ops for rt in chain)
+    jits = tuple(rt._serving_flat(prefill)[1] for rt in chain)
+    natives = tuple(rt.native_attention for rt in chain)
     cached = tuple(rt.kind.has_cache for rt in chain)
     key = (tuple(map(id, jits)), natives)  # the sets live as long as the process (cached)
     if key not in _FUSED:

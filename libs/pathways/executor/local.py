@@ -136,8 +136,9 @@ class LocalExecutor:
             if self.fuse:
                 (rows, *settings), draw = self._fixed[session.id]
                 cached = [e for e in engines if e.kind.has_cache]
-                out, logits, new = fused_step([e.rt for e in engines])(
-                    [e.rt._serving_flat()[0] for e in engines],
+                prefill = x.shape[1] > 1
+                out, logits, new = fused_step([e.rt for e in engines], prefill)(
+                    [e.rt._serving_flat(prefill)[0] for e in engines],
                     [e.cache for e in cached],
                     x,
                     pos,

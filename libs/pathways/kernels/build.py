@@ -5,13 +5,17 @@ into one shared library, cached by a hash of the sources, compiler, JAX version 
 registered with XLA as FFI targets, so jitted programs call them like any other op.
 
 `PATHWAYS_KERNELS` picks the implementation:
-  xla    (default) XLA's own ops; the kernels are never built. Measured on an AMD EPYC (AVX2, no
-         AMX) machine the kernels were several times slower than XLA on GPT-2 small, so they are
-         only used when asked for;
-  auto   measured: the kernels are built and a decode-shaped matmul is timed against XLA's
-         on this machine (once; the decision is cached beside the built library); they are
-         used only where they were faster, else XLA's ops (the reason is logged);
-  native the native kernels or an error saying why they cannot be built.
+  auto   (default) measured: on a CPU, the kernels are built and matmuls of each shape class
+         are timed against XLA's on this machine, once (the decision is cached beside the built
+         library, and one process measures while others wait for it): a decode step's (1 and 8
+         rows against GPT-2-sized weights) and a prefill chunk's (128 rows). The kernels then
+         compute the shapes where they were faster, XLA's ops the others; where neither shape
+         gains (or no C++ compiler is found, or JAX computes on an accelerator) everything stays
+         XLA's. Why measure: XLA's CPU dot costs twice as much for 8 rows as for one (the
+         weights are repacked on every call), so batched decode steps only pay with the kernels,
+         while on some CPUs the kernels lose on prefill;
+  xla    XLA's own ops; the kernels are never built;
+  native the native kernels for every shape, or an error saying why they cannot be built.
 `PATHWAYS_AMX=off` keeps bfloat16-weight prefill in float32 arithmetic even where AMX tiles
 exist (e.g. to get the same numbers on machines with and without AMX); default `auto`.
 """
@@ -37,7 +41,11 @@ import jax
 log = logging.getLogger(__name__)
 
 MODES = ("xla", "auto", "native")
-DEFAULT_MODE = "xla"
+DEFAULT_MODE = "auto"
+# Shape classes a decision covers: matmuls of at most MAX_DECODE_ROWS rows (and a decode step's
+# attention against the cache), and larger ones.
+SHAPES = ("decode", "prefill")
+MAX_DECODE_ROWS = 8
 # FFI target name -> the handler symbol in the library
 TARGETS = {
     "pathways_matmul_f32": "PathwaysMatmulF32",
@@ -143,12 +151,24 @@ _lib: ctypes.CDLL | None = None
 
 
 def available() -> bool:
-    """Builds and registers the native kernels once per process; whether they can be used."""
+    """Builds and registers the native kernels once per process; whether they are used here for
+    any shape (see `chosen` for which)."""
     global _loaded
     with _lock:
         if _loaded is None:
             _loaded = _load()
         return _loaded
+
+
+def chosen(shape: str) -> bool:
+    """Whether the kernels compute this shape class (`SHAPES`) here: all with
+    PATHWAYS_KERNELS=native, none with xla, the measured ones with auto."""
+    if shape not in SHAPES:
+        raise ValueError(f"shape must be one of {', '.join(SHAPES)}; got {shape!r}")
+    return available() and _chosen.get(shape, True)
+
+
+_chosen: dict[str, bool] = {}  # auto's decision (absent while measuring: the kernels run)
 
 
 def _load() -> bool:
@@ -158,45 +178,62 @@ def _load() -> bool:
     ok = _load_library()
     if ok and mode() == "auto":
         _loaded = True  # loaded: the measurement below may call the kernels
-        ok = decide(_lib_path)
+        _chosen.update(decide(_lib_path))
+        ok = any(_chosen.values())
     return ok
 
 
 _lib_path: Path | None = None
-# A decode step's matmul: one row against a GPT-2-sized kernel, over more weights than the
-# caches hold (decode streams every weight from memory once per token).
-_PROBE_K, _PROBE_N, _PROBE_LAYERS = 768, 3072, 12
+# Matmuls over more weights than the caches hold (decode streams every weight from memory once
+# per token): GPT-2-sized kernels, `layers` of them per timed pass, for each shape class's rows.
+_PROBE_K, _PROBE_N = 768, 3072
+_PROBES = {"decode": ((1, 8), 12), "prefill": ((128,), 4)}  # shape -> (rows, layers)
 _MARGIN = 1.1  # the kernels must be this much faster to be chosen
 
 
-def decide(lib: Path | None, measure=None) -> bool:
-    """Whether the native kernels are faster than XLA here (PATHWAYS_KERNELS=auto).
+def decide(lib: Path | None, measure=None) -> dict[str, bool]:
+    """For each shape class, whether the native kernels are faster than XLA here
+    (PATHWAYS_KERNELS=auto): {shape: bool}.
 
     Measured once per built library (sources, compiler, CPU flags) and cached beside it as
-    decision.json; `measure() -> (native_s, xla_s)` can be given (tests force a decision).
+    decision.json; one process measures, others started meanwhile wait and read its decision.
+    `measure() -> {shape: (native_s, xla_s)}` can be given (tests force a decision).
     """
     cached = lib.parent / "decision.json" if lib is not None else None
-    if measure is None and cached is not None and cached.exists():
+    if measure is not None or cached is None:
+        return _decide(measure or _measure, None)
+    with open(lib.parent / ".decide.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            return bool(json.loads(cached.read_text())["native"])
-        except (OSError, ValueError, KeyError):
-            pass
-    native_s, xla_s = (measure or _measure)()
-    use = native_s * _MARGIN < xla_s
-    (log.info if use else log.warning)(
-        "native kernels %s: decode-shaped matmul %.3f ms native vs %.3f ms XLA on this machine",
-        "chosen" if use else "not used (slower here)",
-        native_s * 1e3,
-        xla_s * 1e3,
-    )
-    if cached is not None and measure is None:
-        record = {"native": use, "native_s": native_s, "xla_s": xla_s, "margin": _MARGIN}
+            record = json.loads(cached.read_text())
+            return {shape: bool(record["chosen"][shape]) for shape in SHAPES}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # none yet, or an older format: measure
+        return _decide(_measure, cached)
+
+
+def _decide(measure, cached: Path | None) -> dict[str, bool]:
+    times = measure()
+    decision = {}
+    for shape in SHAPES:
+        native_s, xla_s = times[shape]
+        decision[shape] = use = native_s * _MARGIN < xla_s
+        (log.info if use else log.warning)(
+            "native kernels %s for %s-shaped matmuls: %.3f ms native vs %.3f ms XLA here",
+            "chosen" if use else "not used (not faster here)",
+            shape,
+            native_s * 1e3,
+            xla_s * 1e3,
+        )
+    if cached is not None:
+        record = {"chosen": decision, "seconds": times, "margin": _MARGIN}
         cached.write_text(json.dumps(record))
-    return use
+    return decision
 
 
-def _measure() -> tuple[float, float]:
-    """Median seconds of one pass of decode-shaped matmuls: (native, XLA), alternated."""
+def _measure() -> dict[str, tuple[float, float]]:
+    """Median seconds of one pass of each shape class's matmuls: {shape: (native, XLA)},
+    the two alternated."""
     import statistics
     import time
 
@@ -205,20 +242,27 @@ def _measure() -> tuple[float, float]:
     from pathways.kernels.matmul import matmul, pack
 
     rng = np.random.default_rng(0)
-    ws = [rng.standard_normal((_PROBE_K, _PROBE_N), np.float32) for _ in range(_PROBE_LAYERS)]
-    xla_ws = [jax.device_put(w) for w in ws]
-    packed = [pack(w) for w in xla_ws]
-    x = jax.device_put(rng.standard_normal((1, _PROBE_K), np.float32))
     native = jax.jit(lambda x, ps: [matmul(x, p, _PROBE_N) for p in ps])
     xla = jax.jit(lambda x, ws: [x @ w for w in ws])
-    times = {"native": [], "xla": []}
-    for _ in range(7):
-        for name, fn, args in (("native", native, packed), ("xla", xla, xla_ws)):
-            jax.block_until_ready(fn(x, args))  # compiled on the first round
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(x, args))
-            times[name].append(time.perf_counter() - t0)
-    return statistics.median(times["native"][1:]), statistics.median(times["xla"][1:])
+    out = {}
+    for shape, (rows, layers) in _PROBES.items():
+        ws = [rng.standard_normal((_PROBE_K, _PROBE_N), np.float32) for _ in range(layers)]
+        xla_ws = [jax.device_put(w) for w in ws]
+        packed = [pack(w) for w in xla_ws]
+        xs = [jax.device_put(rng.standard_normal((m, _PROBE_K), np.float32)) for m in rows]
+        sides = (("native", native, packed), ("xla", xla, xla_ws))
+        for _, fn, args in sides:
+            for x in xs:
+                jax.block_until_ready(fn(x, args))  # compiled here, not timed
+        times = {"native": [], "xla": []}
+        for _ in range(5):
+            for name, fn, args in sides:
+                t0 = time.perf_counter()
+                for x in xs:
+                    jax.block_until_ready(fn(x, args))
+                times[name].append(time.perf_counter() - t0)
+        out[shape] = (statistics.median(times["native"]), statistics.median(times["xla"]))
+    return out
 
 
 def _load_library() -> bool:

@@ -4,12 +4,12 @@
 // fast weights stream from memory, and XLA's CPU dot reaches ~70 % of what the cache delivers
 // for such shapes (and converts bfloat16 weights to float32 in memory first, so storing them in
 // bfloat16 makes it slower, not faster). Here W is packed as [N / 32, K, 32]: the k-loop of one
-// column panel reads consecutive bytes, 8 rows accumulate in registers per weight load, and
+// column panel reads consecutive bytes, up to 8 rows accumulate in registers per weight load, and
 // bfloat16 weights widen to float32 in registers (they are the upper half of a float32), so
 // bfloat16 weights halve the bytes read. Accumulation is float32.
 //
-// Written with GCC/Clang vector extensions rather than intrinsics: the compiler lowers them to
-// AVX-512, AVX2 or SSE for the machine it builds on (-march=native).
+// Written with GCC/Clang vector extensions rather than intrinsics, at the machine's vector width
+// (-march=native: AVX-512, AVX2 or SSE/NEON; see kLanes below).
 //
 // Prefill with bfloat16 weights (the `_tiles` target: many rows, compute-bound) runs on AMX
 // tiles where the CPU and the OS provide them: activations are rounded to bfloat16, products
@@ -41,31 +41,52 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#ifndef PATHWAYS_AVX2_ROWS
+#define PATHWAYS_AVX2_ROWS 3
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kPanel = 32;  // columns per packed panel: two 16-lane vectors
-constexpr int kMaxRows = 8;     // rows accumulated together (2 * 8 accumulators)
+constexpr int64_t kPanel = 32;  // columns per packed panel
+constexpr int kMaxRows = 8;     // a decode step's rows: above this, prefill paths (AMX tiles)
 // Prefetch this far ahead in a panel: the hardware prefetcher alone left the 154 MB GPT-2 head
 // at ~10 GB/s; 4 KB ahead gave 1.9x for bfloat16 weights (distances of 2-8 KB were within noise).
 constexpr int64_t kAheadBytes = 4096;
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
+// Vectors of the machine's width, and as many rows per pass over a panel as its registers hold
+// (R rows x kVecs accumulators plus the panel's kVecs weight vectors): with AVX-512, 8 rows x 2
+// 16-lane vectors of 32 registers; with AVX2, 16 registers of 8 lanes. The first version used
+// 16-lane vectors everywhere: on AVX2 they spilled to the stack and a GPT-2 decode step ran 5x
+// (1 row) to 20x (8 rows) slower than XLA; a larger row group spills the same way.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kRowGroup = 8;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kRowGroup = PATHWAYS_AVX2_ROWS;
+#else
+constexpr int kLanes = 4;  // SSE, NEON
+constexpr int kRowGroup = 2;
+#endif
+constexpr int kVecs = kPanel / kLanes;
 
-inline v16f Load(const float* p) {
-  v16f v;
+typedef float vf __attribute__((vector_size(kLanes * 4)));
+typedef uint32_t vu __attribute__((vector_size(kLanes * 4)));
+typedef uint16_t vh __attribute__((vector_size(kLanes * 2)));
+
+inline vf Load(const float* p) {
+  vf v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline v16f Load(const uint16_t* p) {  // bfloat16 bits -> float32
-  v16h h;
+inline vf Load(const uint16_t* p) {  // bfloat16 bits -> float32
+  vh h;
   std::memcpy(&h, p, sizeof h);
-  v16u u = __builtin_convertvector(h, v16u) << 16;
-  v16f f;
+  vu u = __builtin_convertvector(h, vu) << 16;
+  vf f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
@@ -73,25 +94,24 @@ inline v16f Load(const uint16_t* p) {  // bfloat16 bits -> float32
 // R rows of x (row stride K) times one packed panel [K, 32] -> columns n0.. of R rows of y.
 template <int R, typename W>
 void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0) {
-  v16f acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = v16f{};
+  vf acc[R][kVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kVecs; ++v) acc[r][v] = vf{};
   constexpr int64_t ahead = kAheadBytes / (kPanel * sizeof(W));
   for (int64_t k = 0; k < k_dim; ++k) {
     __builtin_prefetch(panel + (k + ahead) * kPanel);  // past the end is harmless: no fault
     if (sizeof(W) == 4) __builtin_prefetch(panel + (k + ahead) * kPanel + 16);
-    const v16f w0 = Load(panel + k * kPanel);
-    const v16f w1 = Load(panel + k * kPanel + 16);
+    vf w[kVecs];
+    for (int v = 0; v < kVecs; ++v) w[v] = Load(panel + k * kPanel + v * kLanes);
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * k_dim + k];
-      acc[r][0] += xv * w0;
-      acc[r][1] += xv * w1;
+      for (int v = 0; v < kVecs; ++v) acc[r][v] += xv * w[v];
     }
   }
   const int64_t cols = std::min(kPanel, n_dim - n0);
   for (int r = 0; r < R; ++r) {
     float out[kPanel];
-    std::memcpy(out, &acc[r][0], sizeof(v16f));
-    std::memcpy(out + 16, &acc[r][1], sizeof(v16f));
+    for (int v = 0; v < kVecs; ++v) std::memcpy(out + v * kLanes, &acc[r][v], sizeof(vf));
     std::memcpy(y + r * n_dim + n0, out, cols * sizeof(float));
   }
 }
@@ -99,15 +119,16 @@ void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_di
 template <typename W>
 void Rows(int rows, const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim,
           int64_t n0) {
-  switch (rows) {
+  static_assert(kRowGroup >= 1 && kRowGroup <= 8, "row group of 1 to 8 rows");
+  switch (std::min(rows, kRowGroup)) {
     case 1: return Panel<1>(x, k_dim, panel, y, n_dim, n0);
-    case 2: return Panel<2>(x, k_dim, panel, y, n_dim, n0);
-    case 3: return Panel<3>(x, k_dim, panel, y, n_dim, n0);
-    case 4: return Panel<4>(x, k_dim, panel, y, n_dim, n0);
-    case 5: return Panel<5>(x, k_dim, panel, y, n_dim, n0);
-    case 6: return Panel<6>(x, k_dim, panel, y, n_dim, n0);
-    case 7: return Panel<7>(x, k_dim, panel, y, n_dim, n0);
-    default: return Panel<8>(x, k_dim, panel, y, n_dim, n0);
+    case 2: return Panel<std::min(2, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 3: return Panel<std::min(3, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 4: return Panel<std::min(4, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 5: return Panel<std::min(5, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 6: return Panel<std::min(6, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 7: return Panel<std::min(7, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    default: return Panel<kRowGroup>(x, k_dim, panel, y, n_dim, n0);
   }
 }
 
@@ -118,17 +139,17 @@ template <typename W>
 void Panels(int64_t p0, int64_t p1, const float* x, int64_t m_dim, int64_t k_dim, const W* w,
             float* y, int64_t n_dim) {
   std::vector<float> wide;
-  if (!std::is_same_v<W, float> && m_dim > kMaxRows) wide.resize(k_dim * kPanel);
+  if (!std::is_same_v<W, float> && m_dim > kRowGroup) wide.resize(k_dim * kPanel);
   for (int64_t p = p0; p < p1; ++p) {
     const W* panel = w + p * k_dim * kPanel;
     if (!wide.empty()) {
-      for (int64_t i = 0; i < k_dim * kPanel; i += 16) {
-        const v16f v = Load(panel + i);
+      for (int64_t i = 0; i < k_dim * kPanel; i += kLanes) {
+        const vf v = Load(panel + i);
         std::memcpy(wide.data() + i, &v, sizeof v);
       }
     }
-    for (int64_t m = 0; m < m_dim; m += kMaxRows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, m_dim - m));
+    for (int64_t m = 0; m < m_dim; m += kRowGroup) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, m_dim - m));
       if (wide.empty()) {
         Rows(rows, x + m * k_dim, k_dim, panel, y + m * n_dim, n_dim, p * kPanel);
       } else {

@@ -16,6 +16,9 @@ registered with XLA as FFI targets, so jitted programs call them like any other 
          while on some CPUs the kernels lose on prefill;
   xla    XLA's own ops; the kernels are never built;
   native the native kernels for every shape, or an error saying why they cannot be built.
+`PATHWAYS_KERNELS_MARCH=haswell` (any -march value) builds them for another ISA than this CPU's.
+`PATHWAYS_KERNELS_MARCH=haswell` (any -march value) builds them for another instruction set than
+this CPU's (to measure the AVX2 code on a CPU that also has AVX-512).
 `PATHWAYS_AMX=off` keeps bfloat16-weight prefill in float32 arithmetic even where AMX tiles
 exist (e.g. to get the same numbers on machines with and without AMX); default `auto`.
 """
@@ -54,6 +57,13 @@ TARGETS = {
     "pathways_attend_cached": "PathwaysAttendCached",
 }
 _FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w"]
+
+
+def _flags() -> list[str]:
+    """The compiler's flags; PATHWAYS_KERNELS_MARCH replaces -march=native (e.g. `haswell` to
+    measure the AVX2 code on a CPU that also has AVX-512)."""
+    march = os.environ.get("PATHWAYS_KERNELS_MARCH", "").strip()
+    return [f"-march={march}" if f == "-march=native" and march else f for f in _FLAGS]
 
 
 class KernelError(RuntimeError):
@@ -117,7 +127,7 @@ def _build() -> Path:
                 version,
                 jax.__version__,
                 _cpu_id(),
-                " ".join(_FLAGS),
+                " ".join(_flags()),
             )
         )
     ).hexdigest()[:16]
@@ -136,7 +146,7 @@ def _build() -> Path:
             (out_dir / name).write_bytes(text)
             paths.append(str(out_dir / name))
         tmp = out_dir / f".build-{os.getpid()}.so"
-        cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), *paths, "-o", str(tmp)]
+        cmd = [cxx, *_flags(), "-I", jax.ffi.include_dir(), *paths, "-o", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

@@ -2,8 +2,8 @@
 module (two replicas), every module its own server process, a gateway process. An episode through
 the gateway (one observation in, one action out, the window in the servers' KV caches) takes the
 in-process policy's actions; bad observations get INVALID_ARGUMENT naming the field; behaviour
-cloning of continuous actions through the servers gives the in-process losses; a replica killed
-mid-episode changes no action (last: it leaves one replica)."""
+cloning as coordinator jobs (a real broker and worker) gives the same losses in process and
+through the servers; a replica killed mid-episode changes no action (last: it leaves one)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,16 @@ from pathways import checkpoint as ckpt
 from pathways import codec
 from pathways import spec as spec_lib
 from pathways.client import Client
+from pathways.coordinator import worker
+from pathways.coordinator.app import make_app
+from pathways.coordinator.broker import EmbeddedBroker
+from pathways.coordinator.client import JobClient
+from pathways.coordinator.jobs import JobRequest
 from pathways.deploy import launcher
 from pathways.robotics.policy import Policy, rollout
 from pathways.serving import testing
-from pathways.train import TrainConfig
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2, module_pb2_grpc
+from tests.coordinator_test import final_losses
 from tools.cli.main import main
 
 pytestmark = pytest.mark.slow
@@ -182,25 +187,51 @@ def test_episodes_refuse_bad_steps_and_go_on_and_end(deployment):
     )
 
 
-def test_continuous_actions_train_through_the_servers_as_in_process(deployment):
-    """Behaviour cloning of torques (float32 targets, NaN on padding steps) through the module
-    servers' TrainingService gives the in-process pipeline's losses (targets were once cast to
-    int32 on the way)."""
+def test_behaviour_cloning_jobs_give_the_same_losses_in_process_and_through_the_servers(
+    deployment, tmp_path
+):
+    """Coordinator (Celery) jobs on the Reacher demonstrations (continuous targets, NaN on the
+    padding steps of windows past an episode's end; they were once cast to int32 on the way to
+    the servers): the job through the module servers' TrainingService gives the in-process
+    pipeline job's losses, and they go down. The only training in this file: the servers'
+    training copies start from the checkpoint, as the in-process job does (same seed)."""
     fleet, _, _, path = deployment
     spec, _ = ckpt.load_spec(path)
-    rng = np.random.default_rng(0)
-    batches = []
-    for _ in range(3):
-        x = rng.normal(size=(4, K, 10)).astype(np.float32)
-        y = rng.uniform(-1, 1, size=(4, K, 2)).astype(np.float32)
-        y[1, 4:] = np.nan  # an episode that ended: padding steps
-        batches.append((x, y))
-    cfg = TrainConfig(steps=3, warmup=1, lr=1e-2, batch_size=4, seq_len=K)
-    addresses = {m: fleet.endpoints[m][0] for m in spec.pathway("reacher").modules}
-    got = testing.remote_losses(spec, "reacher", addresses, cfg, batches)
-    want = testing.local_losses(path, "reacher", cfg, batches)
-    assert np.isfinite(got).all() and got == pytest.approx(want, rel=1e-5)
-    assert got[-1] < got[0]
+    common = dict(
+        spec=str(path / "spec.yaml"),
+        pathway="reacher",
+        dataset="reacher",
+        steps=8,
+        batch_size=8,
+        seq_len=K,
+        lr=1e-2,
+        warmup=1,
+        eval_every=4,
+        save_every=4,
+        micro_batches=2,
+    )
+    servers = {m: fleet.endpoints[m][0] for m in spec.pathway("reacher").modules}
+    losses = {}
+    with EmbeddedBroker(workdir=tmp_path / "broker") as broker:
+        proc = worker.spawn(broker.url)
+        try:
+            client = JobClient(make_app(broker.url))
+            for engine, modules in (("pipeline", {}), ("services", servers)):
+                out = tmp_path / engine
+                job = client.submit(
+                    JobRequest(out=str(out), engine=engine, modules=modules, **common)
+                )
+                st = client.follow(job, timeout=300)
+                assert st["state"] == "SUCCESS", st
+                losses[engine] = final_losses(out)
+        finally:
+            worker.stop(proc)
+    local, remote = losses["pipeline"], losses["services"]
+    assert sorted(remote) == list(range(1, 9))
+    assert [remote[s] for s in sorted(remote)] == pytest.approx(
+        [local[s] for s in sorted(local)], rel=1e-5
+    )
+    assert np.mean([remote[7], remote[8]]) < 0.8 * remote[1], remote
 
 
 def _sessions(address: str) -> int:

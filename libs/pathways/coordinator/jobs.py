@@ -11,8 +11,8 @@ from pathways.pipeline.schedule import SCHEDULES
 
 ENGINES = ("fused", "pipeline", "services")
 # Library data sets a job can train on instead of text (`pathways.datasets`): labelled images,
-# spoken words.
-DATASETS = ("digits", "speech")
+# spoken words, expert demonstrations of the robotics tasks (behaviour cloning).
+DATASETS = ("digits", "speech", "doorkey", "fourrooms", "reacher")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,8 @@ def train_config(req: JobRequest) -> TrainConfig:
 
 def library_dataset(name: str):
     """A data set of `pathways.datasets` by its job name (JobRequest.dataset), with its default
-    split (the speech set is generated with espeak-ng on first use and cached)."""
+    split (the speech set is generated with espeak-ng on first use and cached; a robotics
+    task's demonstrations by its expert, likewise)."""
     if name == "digits":
         from pathways.datasets.digits import digits
 
@@ -34,6 +35,10 @@ def library_dataset(name: str):
         from pathways.datasets.speech import speech
 
         return speech()
+    from pathways.datasets import robotics
+
+    if name in robotics.RECIPES:  # expert demonstrations of a task (behaviour cloning)
+        return robotics.demonstrations(name, **robotics.RECIPES[name])
     raise ValueError(f"unknown data set {name!r}")
 
 

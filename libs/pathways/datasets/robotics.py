@@ -34,6 +34,13 @@ NO_ACTION = -1  # a discrete target at a padding step
 SPLIT_SEEDS = {"train": 1_000_000, "eval": 2_000_000}  # episode seeds; tests use 0, 1, 2 ...
 GRID_NOISE_ACTIONS = (0, 1, 2)  # left, right, forward
 REACHER_NOISE_STD = 0.3
+# What each task trains on by default (coordinator jobs with JobRequest.dataset = the task,
+# `pathways demo --task robotics`); tools/bench/robotics.py records the same recipe.
+RECIPES = {
+    "doorkey": {"episodes": 1000, "eval_episodes": 50, "noise": 0.1},
+    "fourrooms": {"episodes": 1000, "eval_episodes": 50, "noise": 0.1},
+    "reacher": {"episodes": 1000, "eval_episodes": 50, "noise": 0.3},
+}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -42,17 +42,20 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--task",
-        choices=["text", "vision", "speech"],
+        choices=["text", "vision", "speech", "robotics"],
         default="text",
         help="text: the tiny language model (default); vision: digits (examples/digits.yaml), "
         "classified through the gateway; speech: spoken words (examples/multitask.yaml's speech "
-        "pathway; needs espeak-ng), transcribed through the gateway",
+        "pathway; needs espeak-ng), transcribed through the gateway; robotics: DoorKey-8x8 "
+        "(examples/robotics.yaml) learnt from its expert, then acted through the gateway (and "
+        "a GIF of an episode)",
     )
     p.add_argument(
         "--examples",
         type=int,
         default=0,
-        help="vision/speech: test examples sent through the gateway (0: the whole test split)",
+        help="vision/speech: test examples sent through the gateway (0: the whole test split); "
+        "robotics: episodes (0: 20)",
     )
     p.set_defaults(func=cmd_demo)
 

@@ -1,10 +1,10 @@
-"""`pathways demo --task vision|speech`: the text demo's shape for a non-text pathway.
+"""`pathways demo --task vision|speech|robotics`: the text demo's shape for a non-text pathway.
 
 Starts a local deployment of the task's example spec (every module its own server, a gateway, a
 broker and a coordinator worker), trains the pathway through the module services as a coordinator
 job on the library's data set, then sends held-out examples through the gateway's Infer (the
 request path `pathways classify` / `transcribe` take), prints a summary with the metric and
-writes a plot.
+writes a plot; a robotics pathway acts in its simulator instead (`demo_robotics`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ TASKS = {
     "speech": Task(
         "multitask.yaml", "speech", "speech", 16, 2e-3, ("--max-call-tokens", str(16 * 16_384))
     ),
+    # Behaviour cloning of the DoorKey-8x8 expert; then episodes acted through the gateway.
+    "robotics": Task("robotics.yaml", "doorkey", "doorkey", 32, 2e-3),
 }
 
 
@@ -138,6 +140,11 @@ def run(args, follow) -> int:
             f"\npublished the trained checkpoint to {len(published)} module servers",
             file=sys.stderr,
         )
+        if args.task == "robotics":  # acting in the simulator, not Infer on a test split
+            from tools.cli import demo_robotics
+
+            demo_robotics.act(dep, task, args.examples or 20, out, trained, final, t_start)
+            return 0
         print(f"\n{args.task}: sending test examples through the gateway's Infer", file=sys.stderr)
         t0 = time.perf_counter()
         results = _infer(dep, task, data, args.examples)

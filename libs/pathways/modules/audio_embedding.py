@@ -69,6 +69,11 @@ class AudioEmbeddingConfig:
             t = math.ceil(t / self.stride)
         return t
 
+    def input_positions(self, n_samples: int) -> int:
+        """What a call of `n_samples` costs in positions (module servers' max_call_tokens):
+        its log-mel frames, the longest sequence the module computes on."""
+        return self.frames(n_samples)
+
     @property
     def output_length(self) -> int:
         """Positions of the longest waveform (checked against the next modules' max_seq_len)."""

@@ -41,6 +41,24 @@ def check_count(value: int, limit: int, field: str, setting: str) -> None:
         raise InvalidArgument(f"{field} = {value} exceeds the server's {setting} = {limit}")
 
 
+def call_positions(cfg, length: int) -> int:
+    """The positions a call of `length` along its input's second axis costs module `cfg`, as
+    max_call_tokens counts them: a kind whose input is not one position per element (audio:
+    samples) says how many positions it computes on (`input_positions`: an audio embedding's
+    log-mel frames, 100 per second at 16 kHz, not 16,000 samples); otherwise `length`."""
+    positions = getattr(cfg, "input_positions", None)
+    return positions(length) if callable(positions) else length
+
+
+def positions_field(cfg, field: str, length: int) -> tuple[int, str]:
+    """(`call_positions`, the field's name saying what they were counted from when not
+    `length` itself), for messages that must name what was counted."""
+    n = call_positions(cfg, length)
+    if n == length:
+        return n, field
+    return n, f"{field} ({length} {cfg.input_contract[0]} values = {n} positions)"
+
+
 class ProgramCap:
     """At most `limit` distinct program shapes (keys) per server; None: no cap (in-process)."""
 

@@ -26,7 +26,7 @@ from pathways.serving.errors import (
     ServingError,
     Unavailable,
 )
-from pathways.serving.limits import LimitExceeded, MemoryBudget
+from pathways.serving.limits import LimitExceeded, MemoryBudget, positions_field
 from pathways.serving.sessions import SessionTable
 from pathways.telemetry import ModuleMetrics
 from pathways.transport import rpc
@@ -320,7 +320,8 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         b, t = x.shape[:2]
         bp = bucket(b, limit=1 << 30, minimum=1)  # as the engine pads (at most)
         tp = max(bucket(t, limit=self.engine.max_seq_len or 1 << 30, minimum=8), t)
-        self.check_tokens(bp, tp, "input (padded)")
+        tp, field = positions_field(self.engine.cfg, "input (padded)", tp)
+        self.check_tokens(bp, tp, field)
         with self.reserve(bp, tp, tp, "Forward"):
             out = self.engine.forward(x, causal=not request.bidirectional)
         return module_pb2.ForwardResponse(output=self._tensor(out, request.output_dtype))

@@ -36,6 +36,8 @@ class RemoteStage:
     ):
         self.name, self.kind, self.address, self.timeout = name, kind, address, timeout
         self.wire_bytes = 0  # protobuf payload bytes sent and received, all calls
+        # The attention mask its calls carry (None: Configure's); see set_causal.
+        self.causal: bool | None = None
         self._stream = None  # (request queue, response iterator) of the current step
         self._channel = transport.channel(address, transport.grpc_options(max_message_mb), tls)
         self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
@@ -58,12 +60,23 @@ class RemoteStage:
             module=self.name, optimizer=opt, frozen=frozen, bidirectional=not causal
         )
         r = self._call("Configure", req)
+        self.causal = causal
         if r.kind != self.kind:
             raise RemoteStageError(
                 f"module {self.name!r} at {self.address} is {r.kind}, but "
                 f"the spec says {self.kind}"
             )
         return r.parameters
+
+    def set_causal(self, causal: bool) -> None:
+        """The attention mask of the pathway the next steps train (every call carries it, so
+        pathways of different masks can train the module in turn); between steps only."""
+        self.causal = causal
+
+    def _mask(self, request):
+        if self.causal is not None:
+            request.bidirectional = not self.causal
+        return request
 
     def _step_call(self, method: str, request):
         """One forward/backward over the step's stream (opened on first use, closed by apply)."""
@@ -92,7 +105,7 @@ class RemoteStage:
             self._stream = None
 
     def forward(self, mb: int, x, targets=None):
-        req = training_pb2.TrainForwardRequest(micro_batch=mb)
+        req = self._mask(training_pb2.TrainForwardRequest(micro_batch=mb))
         codec.encode(np.asarray(x), out=req.input)
         if targets is not None:
             codec.encode(forward_input(targets), out=req.targets)
@@ -139,6 +152,7 @@ class RemoteStage:
                 next=stages[i + 1].address if i < k - 1 else "",
                 previous=stages[i - 1].address if i > 0 else "",
             )
+            st._mask(req)
             if i == 0:
                 for x in xs:
                     codec.encode(np.asarray(x), out=req.inputs.add())
@@ -197,7 +211,7 @@ class RemoteStage:
         return {"grad_norm": self._call("Apply", training_pb2.ApplyRequest()).grad_norm}
 
     def evaluate(self, x, targets=None):
-        req = training_pb2.EvaluateRequest()
+        req = self._mask(training_pb2.EvaluateRequest())
         codec.encode(np.asarray(x), out=req.input)
         if targets is not None:
             codec.encode(forward_input(targets), out=req.targets)

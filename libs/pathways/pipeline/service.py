@@ -17,7 +17,7 @@ from pathways.pipeline.stage import LocalStage
 from pathways.serving import auth
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from pathways.serving.limits import LimitExceeded
+from pathways.serving.limits import LimitExceeded, positions_field
 from pathways.serving.server import AddOn, Mount
 from pathways.train import make_optimizer
 from pathways.transport import rpc
@@ -97,6 +97,17 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 )
         return codec.decode(t, field)
 
+    def _mask(self, request) -> LocalStage:
+        """The stage, with the request's attention mask where it sets one (issue 19: pathways
+        of different masks train this module in turn)."""
+        st = self._stage()
+        if request.HasField("bidirectional"):
+            try:
+                st.set_causal(not request.bidirectional)
+            except ValueError as e:
+                raise FailedPrecondition(str(e)) from None
+        return st
+
     def _input(self, t, field: str, rows: int | None = None) -> np.ndarray:
         x = self._decode(t, field)
         self.engine.check_input(x, field, rows)
@@ -107,7 +118,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         """Training inputs within max_call_tokens, and their shape within the program cap."""
         if self.settings is None:
             return
-        rows, positions = x.shape[:2]
+        rows, length = x.shape[:2]
+        positions, field = positions_field(self.engine.cfg, field, length)
         limit = self.settings.max_call_tokens
         if rows * positions > limit:
             raise LimitExceeded(
@@ -203,6 +215,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                     f"micro_batch {request.micro_batch} already has a forward pending on module "
                     f"{self.engine.name!r} (its backward, or Reset, first)"
                 )
+            st = self._mask(request)
             x = self._input(request.input, "input")
             y = st.forward(request.micro_batch, x, self._targets(request))
             if self.engine.kind.is_head:
@@ -258,7 +271,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         with self._lock:
             return peer.run_step(
                 request,
-                self._stage(),
+                self._mask(request),
                 self.inbox,
                 self.peers,
                 check_input,
@@ -298,8 +311,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     @rpc
     def Evaluate(self, request, context):
         self._check_peer(context)
+        with self._lock:
+            st = self._mask(request)
         x = self._input(request.input, "input")
-        y = self._stage().evaluate(x, self._targets(request))
+        y = st.evaluate(x, self._targets(request))
         if self.engine.kind.is_head:
             return training_pb2.EvaluateResponse(loss=float(y))
         return training_pb2.EvaluateResponse(output=codec.encode(np.asarray(y)))

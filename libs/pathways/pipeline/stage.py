@@ -154,6 +154,16 @@ class LocalStage:
         self._saved[mb] = (x, t) if needs_backward else None
         return self._jits.forward(self.rt.state, x, t)
 
+    def set_causal(self, causal: bool) -> None:
+        """Trains with another attention mask from now on (pathways of different masks sharing
+        this module, one step each in turn); only between steps."""
+        if self._saved:
+            raise ValueError(
+                f"stage {self.name!r}: the mask changes between steps only; micro-batches "
+                f"{self.pending} have a forward pending"
+            )
+        self._jits = _stage_jits(self.rt.graphdef, self.rt.kind.is_head, causal)
+
     @property
     def pending(self) -> list[int]:
         """Micro-batches whose forward ran and whose backward has not yet."""

@@ -65,15 +65,17 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     )
 
 
-def _fused_step(loss_fn, tx, trainable, states, opt_states, inputs, targets):
+def _fused_step(loss_fn, tx, trainable, scales, states, opt_states, inputs, targets):
     loss, grads = jax.value_and_grad(loss_fn)(states, inputs, targets)
     new_states, new_opts = [], []
-    for st, g, o, learns in zip(states, grads, opt_states, trainable):
+    for st, g, o, learns, scale in zip(states, grads, opt_states, trainable, scales):
         if not learns:  # frozen: its gradient is dead code, which XLA drops
             new_states.append(st)
             new_opts.append(o)
             continue
         updates, o = tx.update(g, o, st)
+        if scale != 1.0:  # AdamW's update is lr x (...): scaling it scales this module's lr
+            updates = jax.tree.map(lambda u, s=scale: u * s, updates)
         new_states.append(optax.apply_updates(st, updates))
         new_opts.append(o)
     return new_states, new_opts, loss
@@ -94,10 +96,24 @@ def _check_trainable(names: list[str], trainable) -> set[str]:
     return trainable
 
 
+def _lr_scales(names: list[str], lr_scale: dict[str, float] | None) -> tuple[float, ...]:
+    """Per module of `names`, its learning-rate factor (1 unless `lr_scale` names it)."""
+    lr_scale = lr_scale or {}
+    unknown = sorted(set(lr_scale) - set(names))
+    if unknown:
+        raise ValueError(f"lr_scale names module(s) {', '.join(unknown)} not in the pathway")
+    for name, f in lr_scale.items():
+        if not (isinstance(f, int | float) and f > 0):
+            raise ValueError(f"lr_scale of {name!r} must be > 0 (freeze it instead), got {f!r}")
+    return tuple(float(lr_scale.get(n, 1.0)) for n in names)
+
+
 class FusedEngine:
     """The whole pathway's training step as one jitted program (single process).
 
     `trainable` names the modules that learn (default: all); the others stay frozen.
+    `lr_scale` multiplies the learning rate of the modules it names (e.g. attention modules a
+    task shares with another that should own them: issue 19's task mixing weights).
     """
 
     def __init__(
@@ -106,6 +122,7 @@ class FusedEngine:
         pathway: str,
         tx: optax.GradientTransformation,
         trainable: set[str] | None = None,
+        lr_scale: dict[str, float] | None = None,
     ):
         self.chain = executor.chain(pathway)
         self.names = [rt.name for rt in self.chain]
@@ -116,7 +133,10 @@ class FusedEngine:
         # Stages only as the per-module holders of optimizer state and checkpoint I/O.
         self.stages = [LocalStage(rt, tx, frozen=rt.name not in learns) for rt in self.chain]
         mask = tuple(n in learns for n in self.names)
-        self._step = jax.jit(functools.partial(_fused_step, loss, tx, mask), donate_argnums=(0, 1))
+        scales = _lr_scales(self.names, lr_scale)
+        self._step = jax.jit(
+            functools.partial(_fused_step, loss, tx, mask, scales), donate_argnums=(0, 1)
+        )
         self._loss = jax.jit(loss)
 
     def step(self, inputs, targets) -> dict:
@@ -340,10 +360,13 @@ class LocalTrainer(Trainer):
         n_micro: int = 4,
         schedule: str = "1f1b",
         trainable: set[str] | None = None,
+        lr_scale: dict[str, float] | None = None,
     ):
         tx = make_optimizer(cfg)
         if engine == "fused":
-            eng = FusedEngine(executor, pathway, tx, trainable)
+            eng = FusedEngine(executor, pathway, tx, trainable, lr_scale)
+        elif lr_scale:
+            raise ValueError("lr_scale is supported by the fused engine only")
         elif engine == "pipeline":
             causal = executor.spec.pathway(pathway).causal
             stages = [LocalStage(rt, tx, causal=causal) for rt in executor.chain(pathway)]

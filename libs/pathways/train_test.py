@@ -135,3 +135,32 @@ def test_train_config_validation(kwargs, words):
         TrainConfig(**kwargs)
     for w in words:
         assert w in str(e.value)
+
+
+def test_lr_scale_scales_one_modules_updates(tmp_path):
+    """Issue 19's task mixing weight: lr_scale {attn: 0.5} halves attn's updates (AdamW's update
+    is lr x (...)) and leaves the other modules' exactly as without it."""
+    cfg = TrainConfig(steps=2, batch_size=4, seq_len=15, lr=1e-2, warmup=1, eval_every=2)
+    start = LocalExecutor(SPEC, seed=0)
+    after = {}
+    for name, scale in (("full", None), ("half", {"attn": 0.5})):
+        ex = LocalExecutor(SPEC, seed=0)
+        LocalTrainer(ex, "p", cfg, _data(), tmp_path / name, ByteTokenizer(), lr_scale=scale).run()
+        after[name] = {m: ex.state(m) for m in ("embed", "attn", "head")}
+    for m in ("embed", "head"):
+        jax.tree.map(np.testing.assert_array_equal, after["half"][m], after["full"][m])
+
+    # Within two float32 ulps of the largest of the values the update was added to / gave.
+    def halfway(h, f, p0):
+        h, f, p0 = (np.asarray(a) for a in (h, f, p0))
+        want = np.float64(p0) + 0.5 * (np.float64(f) - np.float64(p0))
+        ulp = np.spacing(np.maximum.reduce([np.abs(h), np.abs(f), np.abs(p0)]))
+        assert (np.abs(h - want) <= 2 * ulp).all()
+
+    jax.tree.map(halfway, after["half"]["attn"], after["full"]["attn"], start.state("attn"))
+    with pytest.raises(ValueError, match=r"lr_scale of 'attn' must be > 0"):
+        LocalTrainer(
+            start, "p", cfg, _data(), tmp_path / "z", ByteTokenizer(), lr_scale={"attn": 0}
+        )
+    with pytest.raises(ValueError, match="lr_scale names module"):
+        LocalTrainer(start, "p", cfg, _data(), tmp_path / "z", ByteTokenizer(), lr_scale={"x": 2})

@@ -12,6 +12,7 @@ from pathways.config import ConfigError, from_dict
 # Importing the built-in kinds registers them.
 from pathways.modules import registry
 from pathways.modules.action import ActionConfig
+from pathways.modules.adapter import AdapterConfig
 from pathways.modules.attention import AttentionConfig
 from pathways.modules.audio_embedding import AudioEmbeddingConfig
 from pathways.modules.classification import ClassificationConfig
@@ -33,6 +34,7 @@ ModuleConfig = (
     | CtcConfig
     | ObservationEmbeddingConfig
     | ActionConfig
+    | AdapterConfig
     | Any
 )
 
@@ -61,6 +63,7 @@ __all__ = [
     "config_from_dict",
     "registry",
     "ActionConfig",
+    "AdapterConfig",
     "AttentionConfig",
     "AudioEmbeddingConfig",
     "ClassificationConfig",

@@ -7,6 +7,8 @@ through the servers; a replica killed mid-episode changes no action (last: it le
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ from tools.cli.main import main
 
 pytestmark = pytest.mark.slow
 K = 6  # the window: episodes below run past it, so later steps re-prefill the last K
+SERVER_TTL_S = 3  # the module servers forget sessions idle this long (a step replays them)
 SPEC = {
     "modules": {
         "grid": {
@@ -83,7 +86,10 @@ def deployment(tmp_path_factory):
     spec = spec_lib.from_dict(SPEC)
     ex = testing.make_checkpoint(path, spec)
     fleet = launcher.Fleet(
-        str(path), list(spec.modules), replicas={"attn": 2}, module_args=["--training"]
+        str(path),
+        list(spec.modules),
+        replicas={"attn": 2},
+        module_args=["--training", "--session-ttl-s", str(SERVER_TTL_S)],
     )
     with fleet:
         with grpc.insecure_channel(fleet.gateway.address) as ch:
@@ -234,6 +240,28 @@ def test_behaviour_cloning_jobs_give_the_same_losses_in_process_and_through_the_
     assert np.mean([remote[7], remote[8]]) < 0.8 * remote[1], remote
 
 
+def test_an_episode_idle_past_the_servers_session_ttl_is_replayed_and_goes_on(deployment):
+    """The module servers expire the episode's sessions while the gateway keeps the episode;
+    the next step finds them gone (NOT_FOUND) and replays the calls since the last full
+    window on each module: the actions stay the in-process ones."""
+    fleet, _, ex, _ = deployment
+    seen, actions = [], []
+    rollout("reacher", _Feed(Policy(ex, "reacher"), seen, actions), [31])
+    servers = [p for ps in fleet.servers.values() for p in ps]
+    before = {p.address: _sessions(p.address) for p in servers}
+    got = []
+    with Client(fleet.gateway.address) as c:
+        episode = c.episode("reacher")
+        for i, obs in enumerate(seen[:20]):
+            if i == K + 2:
+                assert sum(_sessions(p.address) for p in servers) == sum(before.values()) + 3
+                time.sleep(SERVER_TTL_S + 1.5)  # the servers' reapers run every TTL / 4
+                assert {p.address: _sessions(p.address) for p in servers} == before
+            got.append(episode.act(obs))
+        episode.close()
+    np.testing.assert_allclose(np.stack(got), np.stack(actions[:20]), atol=1e-5)
+
+
 def _sessions(address: str) -> int:
     with grpc.insecure_channel(address) as ch:
         d = module_pb2_grpc.ModuleServiceStub(ch).Describe(module_pb2.DescribeRequest(), timeout=10)
@@ -264,14 +292,17 @@ def test_a_replica_killed_mid_episode_changes_no_action(deployment):
 
 
 class _Feed:
-    """A policy that records the observations it is shown."""
+    """A policy that records the observations it is shown (and the actions it takes)."""
 
-    def __init__(self, policy, seen: list):
-        self.policy, self.seen = policy, seen
+    def __init__(self, policy, seen: list, taken: list | None = None):
+        self.policy, self.seen, self.taken = policy, seen, taken
 
     def reset(self):
         self.policy.reset()
 
     def act(self, obs):
         self.seen.append(obs)
-        return self.policy.act(obs)
+        a = self.policy.act(obs)
+        if self.taken is not None:
+            self.taken.append(a)
+        return a

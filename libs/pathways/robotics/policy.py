@@ -99,12 +99,14 @@ class Policy:
         if not self._session.is_open:
             self.reset()
         n = len(self._history)
+        if n < self.k:  # a decode step at the next position
+            out = self._session.decode(x[None, None], n)
+        else:  # the window is full: re-prefill the last k steps at positions 0..k-1
+            out = self._session.prefill(np.stack([*list(self._history)[1:], x])[None])
+        # Only a step that ran joins the episode: a failed one (a remote error) can be retried.
         self._history.append(x)
         self._steps += 1
-        if n < self.k:  # a decode step at the next position
-            return self._session.decode(x[None, None], n)
-        # The window is full: re-prefill the last k steps at positions 0..k-1.
-        return self._session.prefill(np.stack(self._history)[None])
+        return out
 
     def act(self, obs):
         """The action for one observation: the most likely choice, or the mean in [-1, 1]."""

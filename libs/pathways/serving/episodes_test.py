@@ -62,3 +62,27 @@ def test_steps_equal_the_policy_and_idle_episodes_expire():
     assert table.end(a) and not table.end(a) and len(table) == 0
     with pytest.raises(ValueError, match="unknown pathway 'nope'"):
         Episodes(ex).start("nope")
+
+
+def test_a_failed_step_leaves_the_episode_as_it_was():
+    """A step that fails (a remote error after every retry) does not join the episode: the
+    caller may send the observation again and gets what an unbroken episode gives."""
+    ex = LocalExecutor(SPEC, seed=2)
+    table, policy = Episodes(ex), Policy(ex, "arm")
+    key = table.start("arm")
+    obs = np.random.default_rng(1).normal(size=(6, 5)).astype(np.float32)
+    for i, o in enumerate(obs):
+        if i in (1, 4):  # a decode step, then a re-prefill of the full window
+            session = table._episodes[key].policy._session
+            real = {"decode": session.decode, "prefill": session.prefill}
+
+            def fail(*a, **k):
+                raise RuntimeError("replica lost")
+
+            session.decode = session.prefill = fail
+            with pytest.raises(RuntimeError):
+                table.step(key, o)
+            session.decode, session.prefill = real["decode"], real["prefill"]
+        out, _, steps = table.step(key, o)
+        assert steps == i + 1
+        np.testing.assert_allclose(out, policy.outputs(o), atol=1e-6)

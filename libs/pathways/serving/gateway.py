@@ -289,7 +289,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "output: an episode's step returns its action"
             )
-        spec, key = self.executor.spec, request.session_id
+        spec, key, done = self.executor.spec, request.session_id, False
         try:
             obs = codec.decode(request.tensor, "tensor")
             if request.start_session:
@@ -310,6 +310,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             x = infer.check_observation(obs, spec, name)
             with self.executor.deadline(context.time_remaining()):
                 out, discrete, step = self.episodes.step(key, x)
+            done = True
         except RemoteError as e:
             context.abort(e.code, str(e))
         except infer.InferError as e:
@@ -317,7 +318,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except ValueError as e:  # the tensor's encoding (codec)
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
-            if request.end_session and key:
+            # An episode whose first step failed is ended: its id never reached the caller.
+            if key and (request.end_session or (request.start_session and not done)):
                 self.episodes.end(key)
         res = infer.Result(
             name,

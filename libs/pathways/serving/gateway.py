@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -251,7 +252,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"output: unknown value {request.output}"
             )
-        try:
+        with _infer_statuses(context):
             value = getattr(request, field)
             if field == "tensor":
                 value = codec.decode(value, "tensor")
@@ -265,12 +266,6 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
             with self.executor.deadline(context.time_remaining()):
                 res = infer.run(self.executor, name, x, outputs[request.output], request.top_k)
-        except RemoteError as e:
-            context.abort(e.code, str(e))
-        except infer.InferError as e:
-            context.abort(grpc.StatusCode[e.status], str(e))
-        except ValueError as e:  # the tensor's encoding (codec)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return _infer_response(res)
 
     def _episode_step(self, request, context, field):
@@ -291,32 +286,29 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             )
         spec, key, done = self.executor.spec, request.session_id, False
         try:
-            obs = codec.decode(request.tensor, "tensor")
-            if request.start_session:
-                obs_dim = obs.shape[-1] if obs.ndim else 0
-                name = infer.acting_pathway(spec, self.executor.served, request.pathway, obs_dim)
-                infer.check_observation(obs, spec, name)  # before a session is opened
-                try:
-                    key = self.episodes.start(name)
-                except ValueError as e:  # not a pathway from observations to actions
-                    raise infer.WrongPathway(str(e)) from None
-            else:
-                name = self.episodes.pathway(key)
-                if request.pathway and request.pathway != name:
-                    raise infer.InferError(
-                        f"pathway: episode {key!r} runs on pathway {name!r}, not "
-                        f"{request.pathway!r}"
+            with _infer_statuses(context):
+                obs = codec.decode(request.tensor, "tensor")
+                if request.start_session:
+                    obs_dim = obs.shape[-1] if obs.ndim else 0
+                    name = infer.acting_pathway(
+                        spec, self.executor.served, request.pathway, obs_dim
                     )
-            x = infer.check_observation(obs, spec, name)
-            with self.executor.deadline(context.time_remaining()):
-                out, discrete, step = self.episodes.step(key, x)
-            done = True
-        except RemoteError as e:
-            context.abort(e.code, str(e))
-        except infer.InferError as e:
-            context.abort(grpc.StatusCode[e.status], str(e))
-        except ValueError as e:  # the tensor's encoding (codec)
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+                    infer.check_observation(obs, spec, name)  # before a session is opened
+                    try:
+                        key = self.episodes.start(name)
+                    except ValueError as e:  # not a pathway from observations to actions
+                        raise infer.WrongPathway(str(e)) from None
+                else:
+                    name = self.episodes.pathway(key)
+                    if request.pathway and request.pathway != name:
+                        raise infer.InferError(
+                            f"pathway: episode {key!r} runs on pathway {name!r}, not "
+                            f"{request.pathway!r}"
+                        )
+                x = infer.check_observation(obs, spec, name)
+                with self.executor.deadline(context.time_remaining()):
+                    out, discrete, step = self.episodes.step(key, x)
+                done = True
         finally:
             # An episode whose first step failed is ended: its id never reached the caller.
             if key and (request.end_session or (request.start_session and not done)):
@@ -331,6 +323,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             session_id=key,
         )
         return _infer_response(res)
+
+
+@contextlib.contextmanager
+def _infer_statuses(context):
+    """An Infer call's errors as its gRPC status: the servers' (RemoteError), the request's
+    (InferError: INVALID_ARGUMENT, NOT_FOUND, ...), a tensor's encoding (INVALID_ARGUMENT)."""
+    try:
+        yield
+    except RemoteError as e:
+        context.abort(e.code, str(e))
+    except infer.InferError as e:
+        context.abort(grpc.StatusCode[e.status], str(e))
+    except ValueError as e:  # the tensor's encoding (codec)
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
 
 def _infer_response(res: infer.Result) -> gateway_pb2.InferResponse:

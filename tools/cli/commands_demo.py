@@ -26,7 +26,13 @@ def register(sub) -> None:
         "the coordinator, then generate from it via the gateway",
     )
     p.add_argument("--out", default="runs/demo", help="run directory (checkpoints, logs, plot)")
-    p.add_argument("--steps", type=int, default=500, help="training steps (~2-3 min on 2 cores)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps (default 500, ~2-3 min on 2 cores; speech 1,500, ~2.5 min: the "
+        "demo says at start what they reach)",
+    )
     p.add_argument("--micro-batches", type=int, default=4)
     p.add_argument("--schedule", choices=["1f1b", "gpipe"], default="1f1b")
     p.add_argument("--prompt", default="def ")
@@ -61,6 +67,10 @@ def register(sub) -> None:
 
 
 def cmd_demo(args) -> int:
+    if args.steps is None:
+        from tools.cli import demo_tasks
+
+        args.steps = demo_tasks.TASKS[args.task].steps if args.task != "text" else 500
     if args.task != "text":
         if args.local:
             raise ValueError("--local runs the text demo only; drop it for --task " + args.task)

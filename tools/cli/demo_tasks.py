@@ -28,15 +28,34 @@ class Task:
     batch_size: int
     lr: float
     module_args: tuple[str, ...] = ()  # extra module server flags
+    steps: int = 500  # the default of --steps: what gives a meaningful result on 2 cores
+    expect: str = ""  # printed at start: what this many steps reaches, and what more would
 
+
+# Speech: the default that spells words in minutes, measured on the 2-vCPU VM (2026-12-05, load
+# 1-4): 1,000 steps through the services in 91 s gave CER 30.1 %, words 16 %; in process the
+# same recipe reached 19.7 % / 38 % at 1,500 steps and 17.2 % / 46 % at 2,000.
+SPEECH_BATCH, SPEECH_LR, SPEECH_STEPS = 32, 3e-3, 1500
+SPEECH_EXPECT = (
+    "1,500 steps of 32 utterances take about 2.5 minutes on 2 idle cores (10 steps/s here; "
+    "slower on a loaded machine); expect a character error rate near 20 % on held-out speakers, "
+    "about 4 words in 10 spelled right and the rest close ('across' -> 'acrass'). More steps "
+    "spell more words (--steps 3000); BENCHMARKS.md 'Applications: speech' reaches 4.7 % with "
+    "examples/speech.yaml's larger pathway in 3,000 steps (30 minutes)."
+)
 
 TASKS = {
     "vision": Task("digits.yaml", "digits", "digits", 32, 3e-3),
-    # A module server bounds rows x positions per call (max_call_tokens, default 65,536) and
-    # counts a waveform's samples as positions: an evaluation batch of 16 one-second utterances
-    # at 16 kHz is 256,000.
+    # Module servers count a waveform's log-mel frames against max_call_tokens (16 one-second
+    # utterances: 1,568 positions), so the defaults take the evaluation batches.
     "speech": Task(
-        "multitask.yaml", "speech", "speech", 16, 2e-3, ("--max-call-tokens", str(16 * 16_384))
+        "multitask.yaml",
+        "speech",
+        "speech",
+        SPEECH_BATCH,
+        SPEECH_LR,
+        steps=SPEECH_STEPS,
+        expect=SPEECH_EXPECT,
     ),
     # Behaviour cloning of the DoorKey-8x8 expert; then episodes acted through the gateway.
     "robotics": Task("robotics.yaml", "doorkey", "doorkey", 32, 2e-3),
@@ -70,6 +89,8 @@ def run(args, follow) -> int:
     from pathways.deploy.local import LocalDeployment
 
     task = TASKS[args.task]
+    if task.expect:
+        print(f"{args.task}: {task.expect}", file=sys.stderr)
     if args.steps <= 0:
         raise ValueError(f"--steps must be a positive integer, got {args.steps}")
     if args.micro_batches <= 0 or task.batch_size % args.micro_batches:

@@ -18,10 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import statistics
 import tempfile
 import time
 from pathlib import Path
+
+import jax
+import jax.numpy as jnp
 
 from pathways import spec as spec_lib
 from pathways.classify import Classifier
@@ -195,6 +199,32 @@ def speech(args) -> list[dict]:
 
 
 TASKS = ("text", "digits", "speech")
+# Ways for vision and speech to go through the text pathway's attention modules (issue 19):
+# alone: each task its own copy; shared: all three train them, one step of each in turn;
+# frozen / adapters: after text alone, digits and speech train only their own modules
+# (adapters: plus residual bottlenecks after each shared module); weighted and
+# adapters-weighted: all three in turn, digits and speech moving the shared modules at
+# lr x --shared-lr-scale (a task mixing weight), with or without adapters.
+SETTINGS = ("alone", "shared", "frozen", "adapters", "weighted", "adapters-weighted")
+
+
+def _with_adapters(spec, bottleneck: int):
+    """`spec` plus pathways `digits-adapted` and `speech-adapted`: the same modules with an
+    adapter of their own after each module the task shares with text. Added modules come last,
+    so every other module starts from the same parameters as in `spec` (seed + index)."""
+    from pathways.modules.adapter import AdapterConfig
+
+    text = set(spec.pathway("text").modules)
+    for task in ("digits", "speech"):
+        chain = []
+        for m in spec.pathway(task).modules:
+            chain.append(m)
+            if m in text:
+                d = spec.modules[m].output_contract[1]
+                chain.append(f"{task}-adapter-{m}")
+                spec = spec.with_module(chain[-1], AdapterConfig(d_model=d, bottleneck=bottleneck))
+        spec = spec.with_pathway(f"{task}-adapted", chain)
+    return spec
 
 
 def _sharing_tasks(args):
@@ -221,17 +251,20 @@ def _sharing_tasks(args):
             eval_every=steps,
             save_every=steps,
             eval_batches=16,
+            seed=args.sharing_seed,  # the batches (and the text eval windows) it draws
         )
 
     def text_loss(ex, trainer):
         return trainer.eval_loss()
 
     def digit_accuracy(ex, trainer):
-        return Classifier(ex, "digits").accuracy(vision_data.test_images, vision_data.test_labels)
+        return Classifier(ex, trainer.pathway).accuracy(
+            vision_data.test_images, vision_data.test_labels
+        )
 
     def speech_cer(ex, trainer):
         u = spoken.splits["test"]
-        hyps = Transcriber(ex, "speech").transcribe_many(
+        hyps = Transcriber(ex, trainer.pathway).transcribe_many(
             [u.wave(i) for i in range(len(u))], spoken.sample_rate
         )
         return error_rates(hyps, spoken.texts("test"))["cer"]
@@ -244,17 +277,22 @@ def _sharing_tasks(args):
     }
 
 
-def _train_in_turn(ex, tasks, names, out, trainable=None) -> tuple[dict, float]:
-    """Trains `names` on one executor, one step of each in turn; returns trainers and seconds."""
+def _train_in_turn(
+    ex, tasks, names, out, trainable=None, pathways=None, lr_scale=None
+) -> tuple[dict, float]:
+    """Trains tasks `names` on one executor, one step of each in turn (task n through pathway
+    `pathways[n]`, default n); returns trainers and seconds."""
+    pathways, trainable, lr_scale = pathways or {}, trainable or {}, lr_scale or {}
     trainers = {
         n: LocalTrainer(
             ex,
-            n,
+            pathways.get(n, n),
             tasks[n][1],
             tasks[n][0],
             Path(out) / n,
             ByteTokenizer(),
-            trainable=None if trainable is None else trainable[n],
+            trainable=trainable.get(n),
+            lr_scale=lr_scale.get(n),
         )
         for n in names
     }
@@ -266,57 +304,99 @@ def _train_in_turn(ex, tasks, names, out, trainable=None) -> tuple[dict, float]:
 
 
 def sharing(args) -> list[dict]:
-    """Each task alone on the multi-task spec's modules vs all three through the shared
-    attention modules, and vision and speech trained on frozen attention after text."""
-    spec = spec_lib.load(args.sharing_spec)
+    """Each task alone on the multi-task spec's modules vs vision and speech through the text
+    pathway's attention modules in the ways of SETTINGS (those in args.sharing_settings)."""
+    spec = _with_adapters(spec_lib.load(args.sharing_spec), args.adapter_bottleneck)
+    settings = set(args.sharing_settings)
     tasks = _sharing_tasks(args)
     for name in ("digits", "speech"):
         tasks[name][0].check_pathway(spec, name)
+    adapted = {"digits": "digits-adapted", "speech": "speech-adapted"}
+    others = ("digits", "speech")
+    text_modules = set(spec.pathway("text").modules)
     rows = []
 
-    def params(ex, names):
-        modules = {m for n in names for m in spec.pathway(n).modules}
+    def params(ex, pathways):
+        modules = {m for p in pathways for m in spec.pathway(p).modules}
         return sum(ex.runtimes[m].param_count() for m in modules)
 
-    def record(setting, ex, trainers, seconds, names):
-        for n in names:
-            value = tasks[n][3](ex, trainers[n])
+    def record(setting, ex, trainers, seconds):
+        for n, t in trainers.items():
+            value = tasks[n][3](ex, t)
             rows.append(
                 {
                     "task": n,
                     "setting": setting,
+                    "pathway": t.pathway,
                     "metric": tasks[n][2],
                     "value": value,
-                    "steps": trainers[n].cfg.steps,
-                    "params": params(ex, names),
+                    "steps": t.cfg.steps,
+                    "params": params(ex, [x.pathway for x in trainers.values()]),
                     "train_seconds": seconds,
                 }
             )
             print(f"{setting}: {n} {tasks[n][2]} {value:.4f} ({seconds:.0f} s)", flush=True)
 
+    def own(n, pathways):
+        return {m for m in spec.pathway(pathways.get(n, n)).modules if m not in text_modules}
+
     with tempfile.TemporaryDirectory(prefix="bench-sharing-") as out:
-        alone = {}
+        out = Path(out)
         for n in TASKS:
-            ex = LocalExecutor(spec, seed=0)
-            trainers, seconds = _train_in_turn(ex, tasks, [n], Path(out) / "alone")
-            record("alone", ex, trainers, seconds, [n])
-            alone[n] = (ex, trainers)
-        ex = LocalExecutor(spec, seed=0)
-        trainers, seconds = _train_in_turn(ex, tasks, TASKS, Path(out) / "shared")
-        record("shared", ex, trainers, seconds, TASKS)
-        # Frozen: the text model's attention modules stay as text training left them; vision
-        # and speech train only their own embedding and head through them.
-        ex, text_trainers = alone["text"]
-        own = {
-            n: {m for m in spec.pathway(n).modules if m not in spec.pathway("text").modules}
-            for n in ("digits", "speech")
-        }
-        trainers, seconds = _train_in_turn(
-            ex, tasks, ["digits", "speech"], Path(out) / "frozen", trainable=own
-        )
-        trainers["text"] = text_trainers["text"]
-        record("frozen attention (after text)", ex, trainers, seconds, TASKS)
+            if "alone" in settings or (n == "text" and settings & {"frozen", "adapters"}):
+                ex = LocalExecutor(spec, seed=args.sharing_seed)
+                trainers, seconds = _train_in_turn(ex, tasks, [n], out / "alone")
+                record("alone", ex, trainers, seconds)
+                if n == "text":
+                    text_ex, text_trainer = ex, trainers[n]
+        if "shared" in settings:
+            ex = LocalExecutor(spec, seed=args.sharing_seed)
+            record("shared", ex, *_train_in_turn(ex, tasks, TASKS, out / "shared"))
+        # frozen / adapters: the text model's attention stays as text training left it; vision
+        # and speech (each in a fresh copy of the rest) train only their own modules through it.
+        for setting, pathways in (("frozen", {}), ("adapters", adapted)):
+            if setting not in settings:
+                continue
+            ex = LocalExecutor(spec, seed=args.sharing_seed)
+            for m in text_modules:
+                # A copy: training donates (frees) the arrays of every module of its pathway.
+                ex.set_state(m, jax.tree.map(jnp.copy, text_ex.state(m)))
+            trainable = {n: own(n, pathways) for n in others}
+            trainers, seconds = _train_in_turn(
+                ex, tasks, others, out / setting, trainable, pathways
+            )
+            trainers = {"text": text_trainer, **trainers}  # text: as alone, unchanged
+            what = "adapters, frozen" if pathways else "frozen"
+            record(f"{what} attention (after text)", ex, trainers, seconds)
+        weighted = [("weighted", {}), ("adapters-weighted", adapted)]
+        for (setting, pathways), w in itertools.product(weighted, args.shared_lr_scale):
+            if setting not in settings:
+                continue
+            ex = LocalExecutor(spec, seed=args.sharing_seed)
+            per_task = dict(zip(others, w))
+            scale = {
+                n: {
+                    m: per_task[n]
+                    for m in spec.pathway(pathways.get(n, n)).modules
+                    if m in text_modules
+                }
+                for n in others
+            }
+            w = w[0] if w[0] == w[1] else f"{w[0]} (digits), {w[1]} (speech)"
+            trainers, seconds = _train_in_turn(
+                ex, tasks, TASKS, out / setting, pathways=pathways, lr_scale=scale
+            )
+            what = "adapters, " if pathways else ""
+            record(f"{what}shared, digits and speech at lr x {w}", ex, trainers, seconds)
     return rows
+
+
+def _scales(raw: str) -> tuple[float, float]:
+    """'0.3' -> (0.3, 0.3); '0.3:1' -> (0.3, 1.0): digits' and speech's factor."""
+    parts = [float(x) for x in raw.split(":")]
+    if len(parts) not in (1, 2) or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected W or D:S with factors > 0; got {raw!r}")
+    return (parts[0], parts[-1])
 
 
 def main() -> None:
@@ -345,6 +425,19 @@ def main() -> None:
     ap.add_argument("--beam", type=int, default=8)
     ap.add_argument("--sharing-spec", default=str(ROOT / "examples/multitask.yaml"))
     ap.add_argument("--sharing-steps", type=int, default=1000)
+    ap.add_argument(
+        "--sharing-settings", nargs="+", choices=SETTINGS, default=["alone", "shared", "frozen"]
+    )
+    ap.add_argument("--sharing-seed", type=int, default=0, help="initial weights and batches")
+    ap.add_argument("--adapter-bottleneck", type=int, default=16)
+    ap.add_argument(
+        "--shared-lr-scale",
+        type=_scales,
+        nargs="+",
+        default=[(0.1, 0.1)],
+        help="weighted settings: lr factors of the shared modules for digits and speech, one "
+        "per run: W (both) or D:S",
+    )
     ap.add_argument("--text-bytes", type=int, default=2_000_000)
     ap.add_argument("--out", default=None, help="JSON path (default: a dated file in results/)")
     args = ap.parse_args()

@@ -104,3 +104,24 @@ def test_a_failing_stage_fails_the_step_fast_and_leaves_no_state_behind():
     assert all(not st.pending for st in stages)
     # The stages are usable again: a good step runs.
     assert np.isfinite(run_step(stages, inputs, targets, 2)["loss"])
+
+
+def test_a_stage_changes_its_mask_between_steps_only():
+    """Pathways of different masks train a shared module in turn (issue 19): set_causal swaps
+    the stage's programs; the same mask is a no-op, another one with a forward pending is
+    refused (its backward would use the other mask)."""
+    ex = LocalExecutor(SPEC, seed=0)
+    st = LocalStage(ex.runtimes["a0"], make_optimizer(TrainConfig(steps=2, warmup=1)))
+    x = np.random.default_rng(0).standard_normal((2, 5, 24)).astype(np.float32)
+    causal = np.asarray(st.evaluate(x))
+    st.set_causal(False)
+    both_ways = np.asarray(st.evaluate(x))
+    assert not np.allclose(causal[:, 0], both_ways[:, 0])  # the first position now sees the rest
+    st.forward(0, x)
+    st.set_causal(False)  # unchanged: fine mid-step
+    with pytest.raises(ValueError, match=r"between steps only; micro-batches \[0\]"):
+        st.set_causal(True)
+    st.backward(0, np.ones_like(x))
+    st.apply()
+    st.set_causal(True)  # the step is over
+    assert st.causal and not st.pending

@@ -138,6 +138,7 @@ class LocalStage:
         self.name, self.kind = runtime.name, runtime.kind.name
         # A stage fed the pathway's input (tokens, images) has no input gradient to pass back.
         self._takes_tokens = runtime.cfg.input_contract[0] != "hidden"
+        self.causal = causal
         self._jits = _stage_jits(runtime.graphdef, runtime.kind.is_head, causal)
         # The accumulator is not donated: nothing returned has its place (it is zeroed afresh).
         self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1))
@@ -157,11 +158,14 @@ class LocalStage:
     def set_causal(self, causal: bool) -> None:
         """Trains with another attention mask from now on (pathways of different masks sharing
         this module, one step each in turn); only between steps."""
+        if causal == self.causal:
+            return
         if self._saved:
             raise ValueError(
                 f"stage {self.name!r}: the mask changes between steps only; micro-batches "
                 f"{self.pending} have a forward pending"
             )
+        self.causal = causal
         self._jits = _stage_jits(self.rt.graphdef, self.rt.kind.is_head, causal)
 
     @property

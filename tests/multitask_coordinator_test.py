@@ -3,7 +3,7 @@ trained in turn through their shared attention modules as one Celery job, agains
 Redis-protocol broker and a real worker process, in the worker's own stages and through real
 module servers (whose TrainingService takes each call's attention mask): both give the same
 losses per task and round (relative 1e-5: text causal, digits bidirectional through the same
-modules), the text loss falls, and the checkpoint holds every module once. (That every task
+modules, digits' updates of them at half its learning rate), the text loss falls, and the checkpoint holds every module once. (That every task
 learns through the shared modules over more steps: tests/multitask_test.py.)"""
 
 from __future__ import annotations
@@ -49,7 +49,14 @@ def job(tmp_path: Path, out: str, **kw) -> MultiTaskRequest:
         out=str(tmp_path / out),
         tasks=[
             {"pathway": "text", "batch_size": 8, "seq_len": 32},
-            {"pathway": "digits", "dataset": "digits", "batch_size": 8},
+            # Digits moves the shared modules at half its learning rate (a mixing weight:
+            # ApplyRequest.lr_scale through the services).
+            {
+                "pathway": "digits",
+                "dataset": "digits",
+                "batch_size": 8,
+                "lr_scale": {"shared-0": 0.5, "shared-1": 0.5},
+            },
         ],
         data=[str(text)],
         steps=ROUNDS,
@@ -73,6 +80,8 @@ def test_requests_are_checked():
         MultiTaskRequest(
             spec="s", out="o", tasks=[{"pathway": "a"}, {"pathway": "b", "dataset": "x"}]
         )
+    with pytest.raises(ValueError, match=r"tasks\[0\].lr_scale must map module names to factors"):
+        MultiTaskRequest(spec="s", out="o", tasks=[{"pathway": "a", "lr_scale": {"m": 0}}])
     with pytest.raises(ValueError, match="each pathway may be one task only"):
         MultiTaskRequest(spec="s", out="o", tasks=[{"pathway": "a"}, {"pathway": "a"}])
     with pytest.raises(ValueError, match="needs the module service addresses"):

@@ -27,13 +27,16 @@ from pathways.train import PipelineEngine, TrainConfig
 @dataclasses.dataclass(frozen=True)
 class Task:
     """One pathway and its data: `data.batch(step, batch_size, seq_len, seed, split)` gives
-    (inputs, targets) its head's loss reads; `weight` steps of it per round."""
+    (inputs, targets) its head's loss reads; `weight` steps of it per round; `lr_scale`: factors
+    of its updates of some modules (a mixing weight on modules it shares: BENCHMARKS.md
+    "Sharing")."""
 
     pathway: str
     data: object
     batch_size: int
     seq_len: int
     weight: int = 1
+    lr_scale: dict = dataclasses.field(default_factory=dict)
 
 
 def module_configs(spec: PathwaySpec, tasks: list[Task], base: TrainConfig) -> dict:
@@ -78,6 +81,12 @@ class MultiTaskTrainer:
                 raise ValueError(
                     f"task {t.pathway!r}: seq_len {t.seq_len} > the pathway's max_seq_len {limit}"
                 )
+            unknown = sorted(set(t.lr_scale) - set(spec.pathway(t.pathway).modules))
+            if unknown:
+                raise ValueError(
+                    f"task {t.pathway!r}: lr_scale names module(s) {', '.join(unknown)} not in "
+                    f"the pathway"
+                )
             if t.batch_size % n_micro:
                 raise ValueError(
                     f"task {t.pathway!r}: batch_size {t.batch_size} is not divisible into "
@@ -97,6 +106,7 @@ class MultiTaskTrainer:
         causal = self.spec.pathway(task.pathway).causal
         for st in self.engines[task.pathway].stages:
             st.set_causal(causal)
+            st.lr_scale = task.lr_scale.get(st.name, 1.0)
         return self.engines[task.pathway]
 
     def eval_losses(self) -> dict[str, float]:

@@ -3,9 +3,11 @@ modules they share, in this process's stages or through the module services.
 
     MultiTaskRequest(spec=..., out=..., steps=200, engine="services", modules={...}, tasks=[
         {"pathway": "text", "batch_size": 16, "seq_len": 128},
-        {"pathway": "digits", "dataset": "digits", "batch_size": 32, "weight": 1}])
+        {"pathway": "digits", "dataset": "digits", "batch_size": 32,
+         "lr_scale": {"shared-0": 0.1, "shared-1": 0.1}}])
 
-`steps` counts rounds: each round runs `weight` steps of every task in order. The checkpoint in
+`steps` counts rounds: each round runs `weight` steps of every task in order; `lr_scale` scales a
+task's updates of the modules it names (a mixing weight on modules it shares). The checkpoint in
 `out` holds each module once (shared by every pathway using it) with its optimizer state.
 """
 
@@ -20,7 +22,7 @@ from pathways.coordinator.jobs import DATASETS
 from pathways.pipeline.schedule import SCHEDULES
 
 ENGINES = ("pipeline", "services")  # one stage per module: shared by the tasks' pathways
-TASK_FIELDS = ("pathway", "dataset", "batch_size", "seq_len", "weight")
+TASK_FIELDS = ("pathway", "dataset", "batch_size", "seq_len", "weight", "lr_scale")
 
 
 def _task(i: int, raw: Any) -> dict:
@@ -30,7 +32,7 @@ def _task(i: int, raw: Any) -> dict:
     unknown = sorted(set(raw) - set(TASK_FIELDS))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    t = {"dataset": "", "batch_size": 16, "seq_len": 0, "weight": 1, **raw}
+    t = {"dataset": "", "batch_size": 16, "seq_len": 0, "weight": 1, "lr_scale": {}, **raw}
     if not isinstance(t.get("pathway"), str) or not t["pathway"]:
         raise ValueError(f"{where}: pathway is required")
     if t["dataset"] and t["dataset"] not in DATASETS:
@@ -40,6 +42,11 @@ def _task(i: int, raw: Any) -> dict:
         )
     for name in ("batch_size", "weight"):
         positive_int(f"{where}.{name}", t[name])
+    scales = t["lr_scale"]
+    if not isinstance(scales, dict) or not all(
+        isinstance(f, int | float) and not isinstance(f, bool) and f > 0 for f in scales.values()
+    ):
+        raise ValueError(f"{where}.lr_scale must map module names to factors > 0; got {scales!r}")
     if not isinstance(t["seq_len"], int) or t["seq_len"] < 0:
         raise ValueError(f"{where}.seq_len must be >= 0 (0: the pathway's); got {t['seq_len']!r}")
     return t
@@ -157,7 +164,7 @@ def build_multitask(req: MultiTaskRequest):
                 )
             data = data_lib.TokenData.build(texts, tok)
         seq = t["seq_len"] or pathway.max_seq_len
-        tasks.append(Task(t["pathway"], data, t["batch_size"], seq, t["weight"]))
+        tasks.append(Task(t["pathway"], data, t["batch_size"], seq, t["weight"], t["lr_scale"]))
     cfg = req.train_config()
     per_module = module_configs(spec, tasks, cfg)
     if req.engine == "services":

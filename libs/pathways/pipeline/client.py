@@ -38,6 +38,7 @@ class RemoteStage:
         self.wire_bytes = 0  # protobuf payload bytes sent and received, all calls
         # The attention mask its calls carry (None: Configure's); see set_causal.
         self.causal: bool | None = None
+        self.lr_scale = 1.0  # factor of the next updates (ApplyRequest.lr_scale)
         self._stream = None  # (request queue, response iterator) of the current step
         self._channel = transport.channel(address, transport.grpc_options(max_message_mb), tls)
         self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
@@ -208,7 +209,8 @@ class RemoteStage:
 
     def apply(self) -> dict:
         self._end_stream()
-        return {"grad_norm": self._call("Apply", training_pb2.ApplyRequest()).grad_norm}
+        req = training_pb2.ApplyRequest(lr_scale=self.lr_scale)
+        return {"grad_norm": self._call("Apply", req).grad_norm}
 
     def evaluate(self, x, targets=None):
         req = self._mask(training_pb2.EvaluateRequest())

@@ -125,3 +125,28 @@ def test_a_stage_changes_its_mask_between_steps_only():
     st.apply()
     st.set_causal(True)  # the step is over
     assert st.causal and not st.pending
+
+
+def test_lr_scale_scales_a_stages_update():
+    """A task's mixing weight on a shared module (issue 19): lr_scale 0.5 halves the update."""
+    x = np.random.default_rng(1).standard_normal((2, 5, 24)).astype(np.float32)
+    moved = []
+    for scale in (1.0, 0.5):
+        ex = LocalExecutor(SPEC, seed=0)
+        before = jax.tree.map(np.asarray, ex.state("a0"))
+        st = LocalStage(ex.runtimes["a0"], make_optimizer(TrainConfig(steps=4, warmup=1, lr=1e-2)))
+        for _ in range(2):  # the first step of the warm-up has learning rate 0
+            st.lr_scale = scale
+            st.forward(0, x)
+            st.backward(0, np.ones_like(x))
+            st.apply()
+        moved.append(jax.tree.map(lambda a, b: np.float64(a) - b, st.rt.state, before))
+    # Within two float32 ulps of the parameters the deltas were taken from.
+    jax.tree.map(
+        lambda h, f, p: np.testing.assert_array_less(
+            np.abs(h - 0.5 * f), 2 * np.spacing(np.float32(np.abs(p) + np.abs(f))) + 1e-12
+        ),
+        moved[1],
+        moved[0],
+        jax.tree.map(np.asarray, LocalExecutor(SPEC, seed=0).state("a0")),
+    )

@@ -296,6 +296,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                     f"micro-batches {st.pending} still await "
                     f"their backward on module {self.engine.name!r}"
                 )
+            scale = request.lr_scale if request.HasField("lr_scale") else 1.0
+            if not scale > 0:  # NaN too
+                raise InvalidArgument(f"lr_scale must be > 0; got {scale}")
+            st.lr_scale = scale
             grad_norm = st.apply()["grad_norm"]
             self.applied += 1
         # One line per training step in the server's log: how an operator (and the demo test)

@@ -75,8 +75,9 @@ def _backward_frozen(graphdef, is_head, causal, state, x, targets, grad):
     return vjp(grad)[0]
 
 
-def _update(tx, state, opt_state, acc):
+def _update(tx, state, opt_state, acc, scale):
     updates, opt_state = tx.update(acc, opt_state, state)
+    updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)  # x 1: bit-identical
     return optax.apply_updates(state, updates), opt_state, optax.global_norm(acc)
 
 
@@ -139,6 +140,9 @@ class LocalStage:
         # A stage fed the pathway's input (tokens, images) has no input gradient to pass back.
         self._takes_tokens = runtime.cfg.input_contract[0] != "hidden"
         self.causal = causal
+        # Factor of the next updates (the learning rate's): a task's mixing weight on a module
+        # it shares with other tasks (`multitask`); 1 otherwise.
+        self.lr_scale = 1.0
         self._jits = _stage_jits(runtime.graphdef, runtime.kind.is_head, causal)
         # The accumulator is not donated: nothing returned has its place (it is zeroed afresh).
         self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1))
@@ -206,7 +210,8 @@ class LocalStage:
             )
         if self.frozen:
             return {"grad_norm": 0.0}
-        state, self.opt_state, norm = self._upd(self.rt.state, self.opt_state, self._acc)
+        scale = np.float32(self.lr_scale)
+        state, self.opt_state, norm = self._upd(self.rt.state, self.opt_state, self._acc, scale)
         self.rt.state = state
         self._acc = jax.tree.map(jnp.zeros_like, state)
         return {"grad_norm": float(norm)}

@@ -79,6 +79,7 @@ class ModuleRuntime:
             )
             state = sharding.place(state, self.placement)
         self._state, self._servings, self._flats = state, {}, {}
+        self.version = getattr(self, "version", -1) + 1  # callers caching serving leaves compare
 
     def compact(self) -> bool:
         """Keeps one copy of the weights, for a process that only serves: drops the float32
@@ -87,6 +88,9 @@ class ModuleRuntime:
         checkpoint's float32 values: a module server started to train keeps float32 weights).
         `state` rebuilds them on first use (training, checkpoints)."""
         serving = self.serving_state
+        # Where prefill chunks compute with another copy (kernels chosen for decode only),
+        # built now: it is made from the float32 parameters about to be dropped.
+        self.serving_for(prefill=True)
         if self.mesh is not None:
             return False
         if self.weights == "float32":
@@ -134,6 +138,10 @@ class ModuleRuntime:
             leaves, layout = _pack_small(leaves) if self.mesh is None else (leaves, None)
             self._flats[native] = leaves, _flat_entry_points(self.graphdef, treedef, layout)
         return self._flats[native]
+
+    def serving_for(self, prefill: bool):
+        """The serving parameters a prefill chunk (`prefill`) or a decode step computes with."""
+        return self._serving_copy(self._native_for(prefill))
 
     def _native_for(self, prefill: bool) -> bool:
         return self.native_ops and kernels.chosen("prefill" if prefill else "decode")

@@ -63,7 +63,9 @@ def machine() -> dict:
         "platform": platform.platform(),
         "jax_backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],
-        "kernels": kernels.mode(),  # PATHWAYS_KERNELS: xla (default), auto or native
+        "kernels": kernels.mode(),  # PATHWAYS_KERNELS: auto (default), xla or native
+        # The shape classes the native kernels compute here (auto: as measured).
+        "kernels_chosen": {shape: kernels.chosen(shape) for shape in kernels.SHAPES},
     }
 
 

@@ -28,13 +28,17 @@ from tools.bench.common import dated_path, median, print_table, timed, write_jso
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def fused_step_fn(ex: LocalExecutor, pathway: str):
+def fused_step_fn(ex: LocalExecutor, pathway: str, prefill: bool):
     """The whole pathway's cached step (embed -> attention* -> head, greedy) as one jit, written
     by hand: step(params, caches, tokens, positions, last, window=) with `params` the flat list
     of every module's parameter arrays (what a careful hand-written program passes; an
-    nnx.State would cost a Python callback per Variable on every call)."""
+    nnx.State would cost a Python callback per Variable on every call). Returns (step, params):
+    the parameters the executor computes with for a prefill chunk or a decode step, so both
+    sides run on the same backend (native kernels where PATHWAYS_KERNELS chose them)."""
     chain = ex.chain(pathway)
-    treedef = jax.tree.structure([rt.state for rt in chain])
+    copies = [rt.serving_for(prefill) for rt in chain]
+    natives = [rt.native_attention for rt in chain]
+    treedef = jax.tree.structure(copies)
 
     def step(params, caches, tokens, positions, last, window):
         states = jax.tree.unflatten(treedef, params)
@@ -42,10 +46,10 @@ def fused_step_fn(ex: LocalExecutor, pathway: str):
         new_caches = []
         slots = jnp.arange(tokens.shape[0], dtype=jnp.int32)
         ci = 0
-        for rt, st in zip(chain[:-1], states[:-1]):
+        for rt, st, native in zip(chain[:-1], states[:-1], natives):
             m = nnx.merge(rt.graphdef, st)
             if rt.kind.has_cache:
-                x, c = m.step(x, positions, caches[ci], slots, window)
+                x, c = m.step(x, positions, caches[ci], slots, window, native)
                 new_caches.append(c)
                 ci += 1
             else:
@@ -54,7 +58,7 @@ def fused_step_fn(ex: LocalExecutor, pathway: str):
         logits = nnx.merge(chain[-1].graphdef, states[-1])(h)
         return jnp.argmax(logits, -1).astype(jnp.int32), new_caches
 
-    return jax.jit(step, static_argnames="window", donate_argnums=1)
+    return jax.jit(step, static_argnames="window", donate_argnums=1), jax.tree.leaves(copies)
 
 
 def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dict:
@@ -86,16 +90,16 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
         return (lambda: executor.close_session(prefill()[0])), generate
 
     # ---- baseline: one hand-written program for the whole pathway -------------------------------
-    step = fused_step_fn(ex, pathway)
-    states = jax.tree.leaves([rt.state for rt in ex.chain(pathway)])
+    prefill_step, prefill_params = fused_step_fn(ex, pathway, prefill=True)
+    step, states = fused_step_fn(ex, pathway, prefill=False)
     attn = [rt for rt in ex.chain(pathway) if rt.kind.has_cache]
     max_len = p.max_seq_len
     pos_prompt = np.arange(prompt_len, dtype=np.int32)[None]
 
     def base_prefill():
         caches = [rt.kind.empty_cache(rt.cfg, 1) for rt in attn]
-        tok, caches = step(
-            states,
+        tok, caches = prefill_step(
+            prefill_params,
             caches,
             np.array([prompt], np.int32),
             pos_prompt,

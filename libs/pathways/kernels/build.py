@@ -164,6 +164,8 @@ def available() -> bool:
     """Builds and registers the native kernels once per process; whether they are used here for
     any shape (see `chosen` for which)."""
     global _loaded
+    if _loaded is not None:  # decided: no lock (asked on every step)
+        return _loaded
     with _lock:
         if _loaded is None:
             _loaded = _load()

@@ -41,9 +41,6 @@
 
 #include "xla/ffi/api/ffi.h"
 
-#ifndef PATHWAYS_AVX2_ROWS
-#define PATHWAYS_AVX2_ROWS 3
-#endif
 
 namespace ffi = xla::ffi;
 
@@ -55,20 +52,19 @@ constexpr int kMaxRows = 8;     // a decode step's rows: above this, prefill pat
 // at ~10 GB/s; 4 KB ahead gave 1.9x for bfloat16 weights (distances of 2-8 KB were within noise).
 constexpr int64_t kAheadBytes = 4096;
 
-// Vectors of the machine's width, and as many rows per pass over a panel as its registers hold
-// (R rows x kVecs accumulators plus the panel's kVecs weight vectors): with AVX-512, 8 rows x 2
-// 16-lane vectors of 32 registers; with AVX2, 16 registers of 8 lanes. The first version used
-// 16-lane vectors everywhere: on AVX2 they spilled to the stack and a GPT-2 decode step ran 5x
-// (1 row) to 20x (8 rows) slower than XLA; a larger row group spills the same way.
+// Vectors of the machine's width, and as many rows per pass over a panel as its registers hold:
+// R rows x V vectors of accumulators, V weight vectors and a broadcast x. With AVX-512 (32
+// registers of 16 lanes) a pass covers the panel's 32 columns for 8 rows. With AVX2 (16 of 8
+// lanes) one or two rows take the whole panel (4 vectors) in a pass, more rows take it in two
+// halves of 2 vectors for up to 6 rows each. The first version used 16-lane vectors everywhere:
+// on AVX2 they spilled to the stack and a GPT-2 decode step ran 4x (1 row) to 11x (8 rows)
+// slower than now; 3 rows x 4 vectors left the weights as memory operands, loaded 3 times each.
 #if defined(__AVX512F__)
-constexpr int kLanes = 16;
-constexpr int kRowGroup = 8;
+constexpr int kLanes = 16, kRegs = 32, kRowGroup = 8;
 #elif defined(__AVX__)
-constexpr int kLanes = 8;
-constexpr int kRowGroup = PATHWAYS_AVX2_ROWS;
+constexpr int kLanes = 8, kRegs = 16, kRowGroup = 6;
 #else
-constexpr int kLanes = 4;  // SSE, NEON
-constexpr int kRowGroup = 2;
+constexpr int kLanes = 4, kRegs = 16, kRowGroup = 6;  // SSE, NEON
 #endif
 constexpr int kVecs = kPanel / kLanes;
 
@@ -91,29 +87,41 @@ inline vf Load(const uint16_t* p) {  // bfloat16 bits -> float32
   return f;
 }
 
-// R rows of x (row stride K) times one packed panel [K, 32] -> columns n0.. of R rows of y.
-template <int R, typename W>
-void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0) {
-  vf acc[R][kVecs];
+// R rows of x (row stride K) times V vectors of one packed panel [K, 32], its columns c0.. ->
+// the same columns (from n0 + c0) of R rows of y.
+template <int R, int V, typename W>
+void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64_t n_dim,
+          int64_t n0) {
+  vf acc[R][V];
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < kVecs; ++v) acc[r][v] = vf{};
+    for (int v = 0; v < V; ++v) acc[r][v] = vf{};
   constexpr int64_t ahead = kAheadBytes / (kPanel * sizeof(W));
   for (int64_t k = 0; k < k_dim; ++k) {
     __builtin_prefetch(panel + (k + ahead) * kPanel);  // past the end is harmless: no fault
     if (sizeof(W) == 4) __builtin_prefetch(panel + (k + ahead) * kPanel + 16);
-    vf w[kVecs];
-    for (int v = 0; v < kVecs; ++v) w[v] = Load(panel + k * kPanel + v * kLanes);
+    vf w[V];
+    for (int v = 0; v < V; ++v) w[v] = Load(panel + k * kPanel + c0 + v * kLanes);
     for (int r = 0; r < R; ++r) {
       const float xv = x[r * k_dim + k];
-      for (int v = 0; v < kVecs; ++v) acc[r][v] += xv * w[v];
+      for (int v = 0; v < V; ++v) acc[r][v] += xv * w[v];
     }
   }
-  const int64_t cols = std::min(kPanel, n_dim - n0);
+  const int64_t cols = std::min<int64_t>(V * kLanes, n_dim - n0 - c0);
+  if (cols <= 0) return;
   for (int r = 0; r < R; ++r) {
-    float out[kPanel];
-    for (int v = 0; v < kVecs; ++v) std::memcpy(out + v * kLanes, &acc[r][v], sizeof(vf));
-    std::memcpy(y + r * n_dim + n0, out, cols * sizeof(float));
+    float out[V * kLanes];
+    for (int v = 0; v < V; ++v) std::memcpy(out + v * kLanes, &acc[r][v], sizeof(vf));
+    std::memcpy(y + r * n_dim + n0 + c0, out, cols * sizeof(float));
   }
+}
+
+// R rows times one packed panel -> columns n0.. of R rows of y, in as few passes as the
+// registers allow (see kRegs).
+template <int R, typename W>
+void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0) {
+  constexpr int V = (R + 1) * kVecs + 1 <= kRegs ? kVecs : 2;
+  static_assert(R * V + V + 1 <= kRegs, "accumulators and weights fit the registers");
+  for (int c0 = 0; c0 < kPanel; c0 += V * kLanes) Pass<R, V>(x, k_dim, panel, c0, y, n_dim, n0);
 }
 
 template <typename W>

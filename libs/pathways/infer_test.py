@@ -120,7 +120,12 @@ def test_bidirectional_mask_reaches_the_attention_module(ex):
 BAD = [
     ("image", b"", "InferError", "image: empty"),
     ("image", b"not a png", "InferError", "image: not a readable PNG"),
-    ("image", b"\x89PNG\r\n\x1a\ntruncated", "InferError", "image: not a readable PNG or JPEG (17 bytes)"),
+    (
+        "image",
+        b"\x89PNG\r\n\x1a\ntruncated",
+        "InferError",
+        "image: not a readable PNG or JPEG (17 bytes)",
+    ),
     ("image", np.zeros((16, 16), np.uint8), "InferError", "16x16 pixels"),
     ("image", np.zeros((8, 8, 3), np.uint8), "InferError", "3 channel(s)"),
     ("wav", b"RIFF", "InferError", "wav: not a WAV"),

@@ -171,7 +171,8 @@ def decode(arrays: list[np.ndarray], compress: str, like):
         arrays = [a.view(jnp.bfloat16).astype(np.float32) for a in arrays]
     elif compress == "int8":
         arrays = [
-            _dequantize_int8(q, scales, s) for q, scales, s in zip(arrays[::2], arrays[1::2], shapes)
+            _dequantize_int8(q, scales, s)
+            for q, scales, s in zip(arrays[::2], arrays[1::2], shapes)
         ]
     elif compress != "none":
         raise ValueError(f"compress must be one of {', '.join(COMPRESS)}; got {compress!r}")

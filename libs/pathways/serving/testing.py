@@ -29,4 +29,3 @@ def make_checkpoint(
     for name in spec.modules:
         ckpt.save_module(directory, name, ex.state(name))
     return ex
-

@@ -107,7 +107,7 @@ class ModuleRuntime:
     @property
     def serving_state(self):
         """The parameters decode steps compute with (see the class docstring)."""
-        return self._serving_copy(self._native_for(prefill=False))
+        return self.serving_for(prefill=False)
 
     def _serving_copy(self, native: bool):
         """The serving parameters with linear kernels packed for the native matmul (`native`)

@@ -26,7 +26,7 @@ from pathways.sampling import SamplingParams
 from pathways.serving import auth
 from pathways.serving.testing import make_checkpoint
 from pathways.tokenizers import ByteTokenizer
-from pathways.v1 import module_pb2, module_pb2_grpc
+from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2, module_pb2_grpc
 
 pytestmark = pytest.mark.slow
 READER = auth.new_key()  # role generate
@@ -189,9 +189,14 @@ def test_embeddings_are_the_gateways_pooled_hidden_states(dep):
     r = _oa(dep).embeddings.create(model="tiny", input=["hello", "def f():"])
     assert [d.index for d in r.data] == [0, 1] and len(r.data[0].embedding) == 128
     with client.Client(dep["d"].gateway, api_key=READER, tls=dep["tls"]) as c:
-        want = c.embed("def f():", pathway="tiny").vector
-    assert max(abs(a - b) for a, b in zip(r.data[1].embedding, want)) < 1e-6
+        want = c.embed("def f():", pathway="tiny")
+    assert max(abs(a - b) for a, b in zip(r.data[1].embedding, want.vector)) < 1e-6
     assert r.data[0].embedding != r.data[1].embedding
+    # Usage counts the texts' tokens (the byte tokenizer: one per byte).
+    assert want.prompt_tokens == len("def f():")
+    assert (r.usage.prompt_tokens, r.usage.total_tokens) == (13, 13)
+    one = _oa(dep).embeddings.create(model="tiny", input="h\u00e9", encoding_format="base64")
+    assert one.usage.prompt_tokens == 3  # "é" is two UTF-8 bytes
 
 
 @pytest.mark.parametrize(
@@ -253,6 +258,48 @@ def test_auth_size_and_model_errors(dep):
         headers={"Authorization": f"Bearer {READER}"},
     )
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+
+
+def _admin_key(dep) -> str:
+    return dep["d"].api_key_file.read_text().strip()
+
+
+def test_403_for_a_key_whose_role_is_not_enough(dep):
+    """DELETE /v1/models/{id} (OpenAI's model deletion) is the gateway's RemovePathway, which
+    needs an admin key: the reader's generate key gets 403 and the pathway stays; the local
+    admin's key removes it (put back afterwards with SetPathway, for the other tests)."""
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        _oa(dep).models.delete("tiny-shallow")
+    assert e.value.status_code == 403 and e.value.body["type"] == "permission_error"
+    assert "needs role 'admin'" in e.value.message and "'generate'" in e.value.message
+    r = httpx.delete(
+        dep["url"] + "/v1/models/tiny", headers={"Authorization": f"Bearer {READER}"}, timeout=30
+    )
+    assert r.status_code == 403 and "Retry-After" not in r.headers
+    assert {m.id for m in _oa(dep).models.list()} == {"tiny", "tiny-shallow"}
+
+    admin = _oa(dep, _admin_key(dep))
+    with pytest.raises(openai.NotFoundError) as e:
+        admin.models.delete("no-such")
+    assert e.value.body["param"] == "model" and e.value.body["code"] == "model_not_found"
+    modules = admin.models.retrieve("tiny-shallow").model_extra["pathway"]["modules"]
+    try:
+        gone = admin.models.delete("tiny-shallow")
+        assert gone.deleted and gone.id == "tiny-shallow"
+        assert {m.id for m in _oa(dep).models.list()} == {"tiny"}
+        with pytest.raises(openai.NotFoundError):
+            _oa(dep).completions.create(model="tiny-shallow", prompt="x", max_tokens=2)
+    finally:
+        ch = transport.channel(dep["d"].gateway, tls=dep["tls"])
+        try:
+            gateway_pb2_grpc.GatewayServiceStub(ch).SetPathway(
+                gateway_pb2.SetPathwayRequest(name="tiny-shallow", modules=modules),
+                metadata=auth.client_metadata(_admin_key(dep)),
+                timeout=30,
+            )
+        finally:
+            ch.close()
+    assert {m.id for m in _oa(dep).models.list()} == {"tiny", "tiny-shallow"}
 
 
 def test_429_with_retry_after_only_when_the_servers_are_at_capacity(dep):

@@ -136,6 +136,7 @@ class Embedding:
     """A text's embedding: the pathway's last hidden state before its head, mean-pooled."""
 
     vector: list[float]
+    prompt_tokens: int = 0  # the text's tokens (0 from a gateway older than the field)
 
 
 def _infer_request(text: str, pathway: str):
@@ -159,7 +160,7 @@ def _embedding(r) -> Embedding:
             grpc.StatusCode.INTERNAL, f"Infer returned {r.WhichOneof('result')}, not an embedding"
         )
     x = codec.decode(r.embedding, "embedding")  # (1, d_model)
-    return Embedding([float(v) for v in x.reshape(-1)])
+    return Embedding([float(v) for v in x.reshape(-1)], r.prompt_tokens)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,6 +297,17 @@ class Client(_Base):
         except grpc.RpcError as e:
             raise GatewayError(e.code(), e.details(), _retry_after(e.trailing_metadata())) from None
         return _embedding(r)
+
+    def remove_pathway(self, name: str, api_key: str | None = None) -> None:
+        """Admin: the gateway stops serving pathway `name` (streams on it finish)."""
+        try:
+            self.stub.RemovePathway(
+                gateway_pb2.RemovePathwayRequest(name=name),
+                timeout=self.timeout,
+                metadata=self._md(api_key),
+            )
+        except grpc.RpcError as e:
+            raise GatewayError(e.code(), e.details()) from None
 
     def episode(self, pathway: str = "", api_key: str | None = None) -> Episode:
         """An episode of a pathway that acts (`Episode`): one observation in, one action out."""
@@ -435,6 +447,17 @@ class AsyncClient(_Base):
         except grpc.RpcError as e:
             raise GatewayError(e.code(), e.details(), _retry_after(e.trailing_metadata())) from None
         return _embedding(r)
+
+    async def remove_pathway(self, name: str, api_key: str | None = None) -> None:
+        """Admin: see Client.remove_pathway."""
+        try:
+            await self.stub.RemovePathway(
+                gateway_pb2.RemovePathwayRequest(name=name),
+                timeout=self.timeout,
+                metadata=self._md(api_key),
+            )
+        except grpc.RpcError as e:
+            raise GatewayError(e.code(), e.details()) from None
 
     async def close(self) -> None:
         await self.channel.close()

@@ -57,6 +57,7 @@ class Result:
     values: np.ndarray | None = None  # with actions: the head's outputs (B, A)
     step: int = 0  # in an episode: its steps so far, this one included
     session_id: str = ""  # the episode (empty outside one)
+    prompt_tokens: int = 0  # token-id inputs: how many, summed over the batch (usage)
 
 
 def generation_error(spec: PathwaySpec, pathway: str) -> str | None:
@@ -293,6 +294,13 @@ def prepare(
     return name, check_inputs(x, spec, name, field)
 
 
+def token_count(inputs: np.ndarray) -> int:
+    """Tokens in checked inputs: (B, T) token ids count B x T; other inputs (images, waveforms,
+    observations, activations: floating point) count 0."""
+    x = np.asarray(inputs)
+    return int(x.size) if np.issubdtype(x.dtype, np.integer) else 0
+
+
 def run(
     executor: Executor, pathway: str, inputs: np.ndarray, output: str = "head", top_k: int = 0
 ) -> Result:
@@ -308,7 +316,12 @@ def run(
         if len(p.modules) < 2:
             raise WrongPathway(f"pathway {pathway!r} has no modules before its head")
         hidden = executor.forward(pathway, inputs, head=False)  # (B, T, D)
-        return Result(pathway, "embedding", embedding=hidden.mean(axis=1).astype(np.float32))
+        return Result(
+            pathway,
+            "embedding",
+            embedding=hidden.mean(axis=1).astype(np.float32),
+            prompt_tokens=token_count(inputs),
+        )
     head = spec.modules[p.modules[-1]]
     outputs = head.output_contract[0]
     if outputs == "characters":  # a CTC head: greedy decoding of each input's frames

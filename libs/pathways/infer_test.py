@@ -102,6 +102,11 @@ def test_embedding_is_the_mean_of_the_hidden_states_before_the_head(ex):
     hidden = ex.forward("text", x, head=False)
     assert hidden.shape == (1, 5, 24)
     np.testing.assert_allclose(res.embedding, hidden.mean(1), atol=1e-6)
+    assert res.prompt_tokens == 5  # "hello": 5 bytes
+    tokens = np.arange(14, dtype=np.int32).reshape(2, 7)
+    assert infer.run(ex, name, tokens, output="embedding").prompt_tokens == 14
+    img = infer.run(ex, "digits", np.zeros((2, 8, 8, 1), np.float32), output="embedding")
+    assert img.prompt_tokens == 0
 
 
 def test_bidirectional_mask_reaches_the_attention_module(ex):

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP front (FastAPI): /v1/models, /v1/completions,
+"""The OpenAI-compatible HTTP front (FastAPI): /v1/models (DELETE: admin), /v1/completions,
 /v1/chat/completions (server-sent events with `stream`), /v1/embeddings, /metrics, /healthz and
 /readyz. It talks only to the gateway (`pathways.client.AsyncClient`), passing on the caller's
 `Authorization: Bearer KEY`, so the gateway's keys and roles decide. A client that goes away
@@ -260,6 +260,8 @@ class Front:
             *(self._call(self.gw.embed(t, pathway=model, api_key=key), "input") for t in texts)
         )
 
+        tokens = sum(v.prompt_tokens for v in vectors)  # each text's tokens, as Infer read them
+
         def encode(v: list[float]):
             if encoding == "base64":  # little-endian float32, as OpenAI sends it
                 return base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode()
@@ -272,8 +274,7 @@ class Front:
                 for i, v in enumerate(vectors)
             ],
             "model": model,
-            # Infer does not report token counts: usage is unknown here, reported as 0.
-            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 
 
@@ -325,6 +326,13 @@ def create_app(settings: Settings) -> FastAPI:
             param="model",
             code="model_not_found",
         )
+
+    @app.delete("/v1/models/{model}")
+    async def delete_model(model: str, request: Request):
+        """OpenAI's model deletion: the gateway stops serving the pathway (RemovePathway, an
+        admin key's; a generate key gets 403). The checkpoint's weights stay."""
+        await front._call(front.gw.remove_pathway(model, api_key=_key(request)), "model")
+        return {"id": model, "object": "model", "deleted": True}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -62,7 +62,8 @@ def bad(param: str, message: str, code: str | None = "invalid_value") -> APIErro
 
 def from_gateway(e, endpoint_param: str = "prompt") -> APIError:
     """The APIError of a failed gateway call (`pathways.client.GatewayError`). 429 and its
-    Retry-After only for RESOURCE_EXHAUSTED, i.e. the servers at capacity."""
+    Retry-After only for RESOURCE_EXHAUSTED of the servers at capacity; a call over a module
+    server's max_call_tokens is 413."""
     status, kind = STATUS.get(e.code, (500, "server_error"))
     param = code = None
     headers = {}
@@ -74,6 +75,11 @@ def from_gateway(e, endpoint_param: str = "prompt") -> APIError:
         param = e.details[len("sampling: ") :].split(" ", 1)[0].rstrip(":")
     elif e.code == grpc.StatusCode.UNAUTHENTICATED:
         code = "invalid_api_key"
+    elif e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_call_tokens" in e.details:
+        # A module server's size limit on one call (prompt rows x positions), not its capacity:
+        # the same request would fail again, so no 429 / Retry-After.
+        status, kind = 413, "invalid_request_error"
+        param, code = endpoint_param, "request_too_large"
     elif e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         wait = e.retry_after_s if e.retry_after_s else DEFAULT_RETRY_AFTER_S
         headers["Retry-After"] = str(max(1, math.ceil(wait)))

@@ -37,6 +37,16 @@ def test_retry_after_rounds_the_servers_hint_up():
     assert e.status == 403 and e.type == "permission_error" and not e.headers
 
 
+def test_a_call_over_max_call_tokens_is_413_not_429():
+    msg = (
+        "module 'attn-0' at 127.0.0.1:5: RESOURCE_EXHAUSTED: x has 1 rows x 900 positions = "
+        "900, over max_call_tokens = 512 (--max-call-tokens / PATHWAYS_MAX_CALL_TOKENS)"
+    )
+    e = from_gateway(GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, msg), "messages")
+    assert (e.status, e.param, e.code) == (413, "messages", "request_too_large")
+    assert "Retry-After" not in e.headers and "max_call_tokens = 512" in e.message
+
+
 def test_gateway_messages_name_the_field():
     e = from_gateway(GatewayError(grpc.StatusCode.NOT_FOUND, "unknown pathway 'x'; serves: a"))
     assert (e.param, e.code) == ("model", "model_not_found")

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pathways import modules as mod
 from pathways import names, tokenizers
 from pathways import spec as spec_lib
 
@@ -83,6 +84,24 @@ def load_module(directory: str | Path, name: str, like_state):
     state = jax.tree.map(lambda x: x, like_state)  # a copy to fill
     nnx.replace_by_pure_dict(state, pure)
     return state
+
+
+def restore_module(directory: str | Path, name: str, cfg) -> nnx.State:
+    """Module `name`'s parameters (an nnx.State of `cfg`'s module) read straight into the
+    module's abstract shapes (`modules.abstract`): no parameters are initialised first, so the
+    process holds one copy of the weights, not random ones beside the checkpoint's (a module
+    server's start: ~2x the weights before). `modules.from_state(cfg, state)` makes the module."""
+    like = nnx.state(mod.abstract(cfg))
+    path = module_dir(directory, name)
+    try:
+        return load_module(directory, name, like)
+    except (ValueError, KeyError) as e:  # Orbax: a tree of another structure or shape
+        if not path.exists():
+            raise
+        raise ValueError(
+            f"checkpoint {path} does not hold parameters of module {name!r} as configured "
+            f"({type(cfg).__name__}): {e}"
+        ) from None
 
 
 def save_spec(directory: str | Path, spec: spec_lib.PathwaySpec, tokenizer) -> None:

@@ -55,11 +55,27 @@ def build(cfg: ModuleConfig, seed: int = 0) -> nnx.Module:
     return registry.of(cfg).build(cfg, seed)
 
 
+def abstract(cfg: ModuleConfig) -> nnx.Module:
+    """The module for `cfg` with only its parameters' shapes and dtypes (`jax.ShapeDtypeStruct`):
+    nothing is initialised or allocated (`nnx.eval_shape` of `build`). What a checkpoint is
+    restored into, so that a process loading weights never holds random ones beside them."""
+    return nnx.eval_shape(lambda: build(cfg))
+
+
+def from_state(cfg: ModuleConfig, state: nnx.State) -> nnx.Module:
+    """The module for `cfg` holding `state` (e.g. `checkpoint.restore_module`'s arrays, used as
+    they are, not copied); its structure is `abstract(cfg)`'s, so no parameters are built."""
+    graphdef, _ = nnx.split(abstract(cfg))
+    return nnx.merge(graphdef, state)
+
+
 __all__ = [
     "ConfigError",
     "Kind",
     "ModuleConfig",
+    "abstract",
     "build",
+    "from_state",
     "config_from_dict",
     "registry",
     "ActionConfig",

@@ -21,10 +21,12 @@ import pytest
 from pathways import data as data_lib
 from pathways import spec as spec_lib
 from pathways import tokenizers
-from pathways.coordinator import worker
-from pathways.coordinator.app import make_app
-from pathways.coordinator.broker import EmbeddedBroker
-from pathways.coordinator.client import JobClient
+from pathways.coordinator.testing import (
+    cancel_and_resubmit,
+    coordinator,
+    metrics,
+    wait_for_progress,
+)
 from pathways.executor.local import LocalExecutor
 from pathways.parallel import diloco
 from pathways.parallel.diloco_job import DiLoCoRequest, DiLoCoRun
@@ -39,12 +41,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     """An embedded broker and one worker with K + 1 pool processes (the job waits in one)."""
-    with EmbeddedBroker(workdir=tmp_path_factory.mktemp("broker")) as broker:
-        proc = worker.spawn(broker.url, concurrency=K + 1)
-        try:
-            yield JobClient(make_app(broker.url))
-        finally:
-            worker.stop(proc)
+    with coordinator(tmp_path_factory.mktemp("broker"), concurrency=K + 1) as c:
+        yield c
 
 
 def job(out: Path, **kw) -> DiLoCoRequest:
@@ -59,10 +57,6 @@ def job(out: Path, **kw) -> DiLoCoRequest:
     )
     args.update(kw)
     return DiLoCoRequest(**args)
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_params(req: DiLoCoRequest) -> dict:
@@ -117,14 +111,6 @@ def test_h1_plain_averaging_job_equals_synchronous_data_parallel_sgd(client, tmp
     assert mean_losses[-1] < mean_losses[0]  # it did train
 
 
-def wait_for_a_round(client: JobClient, job_id: str) -> dict:
-    deadline = time.monotonic() + 180
-    while (st := client.status(job_id))["state"] != "PROGRESS":
-        assert st["state"] in ("PENDING", "STARTED") and time.monotonic() < deadline, st
-        time.sleep(0.02)
-    return st
-
-
 def assert_same_run(ref: DiLoCoRequest, req: DiLoCoRequest) -> None:
     a, b = metrics(Path(ref.out)), metrics(Path(req.out))
     assert [r["round"] for r in b] == list(range(1, req.rounds + 1))
@@ -147,23 +133,13 @@ def test_job_resumed_from_a_round_checkpoint_equals_an_uninterrupted_one(client,
 
     # Cancelled after a round, then submitted again.
     req = job(tmp_path / "cut", **settings)
-    first = client.submit(req)
-    wait_for_a_round(client, first)
-    client.cancel(first)
-    st = client.follow(first, timeout=120)
-    assert st["state"] == "CANCELLED", st
-    cut = st["round"]
-    assert 1 <= cut < req.rounds
-
-    final = client.follow(client.submit(req), timeout=300)
-    assert final["state"] == "SUCCESS", final
-    assert final["resumed_from"] == cut and final["round"] == req.rounds
+    cancel_and_resubmit(client, req)
     assert_same_run(ref, req)
 
     # The job's own process killed mid-job: Celery redelivers it and it resumes by itself.
     req = job(tmp_path / "killed", **settings)
     killed = client.submit(req)
-    os.kill(wait_for_a_round(client, killed)["pid"], signal.SIGKILL)
+    os.kill(wait_for_progress(client, killed)["pid"], signal.SIGKILL)
     final = client.follow(killed, timeout=300)
     assert final["state"] == "SUCCESS", final
     assert 1 <= final["resumed_from"] < req.rounds

@@ -86,11 +86,13 @@ def job_roots(env=os.environ) -> Roots:
 
 
 def check_job(req, roots: Roots | None = None) -> None:
-    """A job request's paths (`spec`, `out`, `data`, `teacher`, whichever it has) under the
-    worker's job roots; PathError (a ValueError: the job fails with it) names field and path."""
+    """A job request's paths (`spec`, `out`, `data`, `teacher`, `router_checkpoint`, whichever it
+    has) under the worker's job roots; PathError (a ValueError: the job fails with it) names
+    field and path."""
     roots = job_roots() if roots is None else roots
     setting = f"the coordinator worker's {ENV_JOB_ROOTS}"
-    for field in ("spec", "student_spec", "out", "teacher", "store", "baseline"):
+    fields = ("spec", "student_spec", "out", "teacher", "store", "baseline", "router_checkpoint")
+    for field in fields:
         value = getattr(req, field, None)
         if value and isinstance(value, str | Path):  # a distillation's student_spec may be a dict
             roots.check(str(value), field, setting)

@@ -182,16 +182,13 @@ def run_dipaco(setup: Setup, h: int) -> dict:
     dipaco.simulate(ex, paths, setup.train_config(a.batch_size), cfg, path_tokens, a.steps // h)
     seconds = time.perf_counter() - t0
     # Eval: the same eval batches as every row, each sequence through the path it routes to.
-    total, rows, routed = 0.0, 0, np.zeros(len(paths), int)
+    total, routed = 0.0, np.zeros(len(paths), int)
     for i in range(a.eval_batches):
         x, y = setup.data.batch(i, a.batch_size, a.seq_len, a.seed, split="eval")
         where = router.route(dipaco.features(setup.ex, setup.pathway, x, prefix=min(64, a.seq_len)))
-        for j, p in enumerate(paths):
-            pick = where == j
-            if pick.any():
-                total += ex.loss(p, x[pick], y[pick]) * int(pick.sum())
-                rows += int(pick.sum())
-                routed[j] += int(pick.sum())
+        s, per_path = dipaco.routed_loss(ex, paths, where, x, y)
+        total, routed = total + s, routed + per_path
+    rows = int(routed.sum())
     path_params = sum(
         int(np.prod(np.shape(x)))
         for m in spec.pathway(paths[0]).modules

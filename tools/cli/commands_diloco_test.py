@@ -1,5 +1,6 @@
-"""`pathways train --parallel diloco`: bad input exits 2 with one line naming the value (the job
-itself runs in tests/diloco_coordinator_test.py)."""
+"""`pathways train --parallel diloco|dipaco`: bad input exits 2 with one line naming the value
+(the jobs themselves run in tests/diloco_coordinator_test.py and tests/dipaco_coordinator_test.py).
+"""
 
 from __future__ import annotations
 
@@ -25,9 +26,22 @@ BASE = ["train", "--spec", "spec.yaml", "--out", "out", "--broker", "redis://127
             ["--parallel", "diloco", "--steps", "4", "--inner-steps", "2"],
             "cannot reach the coordinator's broker at redis://127.0.0.1:1/0",
         ),
+        (["--parallel", "dipaco"], "--parallel dipaco needs --grid MODULE=N[,MODULE=N...]"),
+        (["--parallel", "dipaco", "--grid", "attn-0"], "--grid must be MODULE=N[,MODULE=N...]"),
+        (
+            ["--parallel", "dipaco", "--grid", "attn-0=2,attn-1=0"],
+            "grid['attn-1'] must be an integer >= 1, got 0",
+        ),
+        (["--parallel", "dipaco", "--workers", "2"], "--workers does not apply to --parallel"),
+        (["--parallel", "diloco", "--grid", "a=2"], "--grid only apply with --parallel dipaco"),
+        (["--doc-len", "64"], "--doc-len only apply with --parallel diloco or dipaco"),
+        (
+            ["--parallel", "dipaco", "--grid", "attn-0=2", "--steps", "4", "--inner-steps", "2"],
+            "cannot reach the coordinator's broker at redis://127.0.0.1:1/0",
+        ),
     ],
 )
-def test_bad_diloco_input_exits_2_with_one_line(capsys, argv, words):
+def test_bad_parallel_input_exits_2_with_one_line(capsys, argv, words):
     code = main([*BASE, *argv])
     out, err = capsys.readouterr()
     assert code == 2 and out == ""

@@ -92,9 +92,11 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
     return 0
 
 
-def submit_diloco_and_follow(args) -> int:
-    """`pathways train --parallel diloco`: submit a DiLoCo job to the coordinator and follow it."""
+def submit_parallel_and_follow(args) -> int:
+    """`pathways train --parallel diloco|dipaco`: submit a DiLoCo or DiPaCo job to the
+    coordinator and follow it."""
     from pathways.parallel.diloco_job import DiLoCoRequest
+    from pathways.parallel.dipaco_job import DiPaCoRequest
 
     given = {
         "workers": args.workers,
@@ -106,19 +108,32 @@ def submit_diloco_and_follow(args) -> int:
         "round_deadline": args.round_deadline,
         "warmup": args.warmup,
     }
-    h = args.inner_steps or DiLoCoRequest.__dataclass_fields__["inner_steps"].default
-    req = DiLoCoRequest(
+    cls = DiLoCoRequest
+    if args.parallel == "dipaco":
+        cls = DiPaCoRequest
+        given.update(
+            grid=parse_grid(args.grid),
+            router_checkpoint=(
+                str(Path(args.router_checkpoint).absolute()) if args.router_checkpoint else None
+            ),
+            router_pathway=args.router_pathway,
+            doc_len=args.doc_len,
+            router_prefix=args.router_prefix,
+        )
+    h = args.inner_steps or cls.__dataclass_fields__["inner_steps"].default
+    req = cls(
         **_common_fields(args),
         seed=args.seed,
-        # --eval-every and --save-every count steps; a DiLoCo job evaluates and saves at rounds.
+        # --eval-every and --save-every count steps; a parallel job evaluates and saves at rounds.
         eval_every=max(1, args.eval_every // h) if h > 0 else 1,
         save_every=max(1, args.save_every // h) if h > 0 else 1,
         **{k: v for k, v in given.items() if v is not None},
     )
     c = client(args.broker)
     job = c.submit(req)
+    workers = f"{req.workers} workers" if cls is DiLoCoRequest else f"{req.workers} paths"
     print(
-        f"submitted DiLoCo job {job}: {req.workers} workers x {req.rounds} rounds of "
+        f"submitted {req.title} job {job}: {workers} x {req.rounds} rounds of "
         f"{req.inner_steps} inner steps ({req.inner}; outer lr {req.outer_lr}, momentum "
         f"{req.outer_momentum}; pseudo-gradients {req.compress})",
         file=sys.stderr,
@@ -142,6 +157,19 @@ def submit_diloco_and_follow(args) -> int:
         f"{final['eval_loss']:.3f}, {moved:.1f} MB exchanged; checkpoint {final['out']}"
     )
     return 0
+
+
+def parse_grid(text: str | None) -> dict[str, int]:
+    """`--grid attn-0=2,attn-1=2` -> {"attn-0": 2, "attn-1": 2} (in the order given)."""
+    if not text:
+        raise ValueError("--parallel dipaco needs --grid MODULE=N[,MODULE=N...]")
+    grid = {}
+    for part in text.split(","):
+        name, sep, n = part.strip().partition("=")
+        if not sep or not name or not n.strip().isdigit():
+            raise ValueError(f"--grid must be MODULE=N[,MODULE=N...]; got {part.strip()!r}")
+        grid[name] = int(n)
+    return grid
 
 
 def follow(c, job: str, total: int, unit: str, figures, kept: str) -> dict | None:

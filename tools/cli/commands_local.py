@@ -14,7 +14,7 @@ from pathways import tokenizers
 from pathways.sampling import SamplingParams
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# Flags of `train --parallel diloco` (None when not given).
+# Flags of `train --parallel diloco` and `--parallel dipaco` (None when not given).
 DILOCO_FLAGS = (
     "workers",
     "inner_steps",
@@ -24,6 +24,8 @@ DILOCO_FLAGS = (
     "compress",
     "round_deadline",
 )
+# Flags of `train --parallel dipaco` only.
+DIPACO_FLAGS = ("grid", "router_checkpoint", "router_pathway", "doc_len", "router_prefix")
 
 
 def register(sub) -> None:
@@ -72,14 +74,17 @@ def train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--broker", help="coordinator broker URL for --remote")
     d = p.add_argument_group(
-        "data-parallel with little communication (DiLoCo; a coordinator job, like --remote)"
+        "parallel training with little communication (DiLoCo, DiPaCo; a coordinator job, like "
+        "--remote)"
     )
     d.add_argument(
         "--parallel",
-        choices=["none", "diloco"],
+        choices=["none", "diloco", "dipaco"],
         default="none",
         help="diloco: K workers each take --inner-steps steps on their own data shard, then an "
-        "outer Nesterov step per module on their averaged parameter deltas",
+        "outer Nesterov step per module on their averaged parameter deltas; dipaco: the paths "
+        "of --grid, one worker each on the documents routed to it, each module's outer step "
+        "averaging only the paths that use it",
     )
     d.add_argument("--workers", type=int, default=None, help="DiLoCo workers K (default 4)")
     d.add_argument(
@@ -100,6 +105,29 @@ def train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         default=None,
         help="seconds after which a round closes with the workers that reported (a lost or "
         "late worker's shard is trained again next round); default: wait for all",
+    )
+    d.add_argument(
+        "--grid",
+        default=None,
+        metavar="MODULE=N,...",
+        help="dipaco: N choices of each named module of the pathway (attn-0=2,attn-1=2: 4 "
+        "paths, the other modules shared by all)",
+    )
+    d.add_argument(
+        "--router-checkpoint",
+        default=None,
+        help="dipaco: a trained run whose pathway's features route documents and prompts "
+        "(default: the pathway at its initial parameters)",
+    )
+    d.add_argument("--router-pathway", default=None, help="dipaco: the router's pathway")
+    d.add_argument(
+        "--doc-len", type=int, default=None, help="dipaco: tokens per routed document (512)"
+    )
+    d.add_argument(
+        "--router-prefix",
+        type=int,
+        default=None,
+        help="dipaco: first tokens of a document or prompt the router reads (64)",
     )
     p.set_defaults(func=cmd_train)
     return p
@@ -183,19 +211,30 @@ def cmd_train(args) -> int:
     from pathways.executor.local import LocalExecutor
     from pathways.train import LocalTrainer, TrainConfig
 
-    diloco_flags = [
-        f"--{name.replace('_', '-')}"
-        for name in DILOCO_FLAGS
-        if getattr(args, name, None) is not None
-    ]
-    if getattr(args, "parallel", "none") == "diloco":
-        if args.engine:
-            raise ValueError("--engine does not apply to --parallel diloco (workers train fused)")
-        from tools.cli.commands_jobs import submit_diloco_and_follow
+    def given(names):
+        return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
 
-        return submit_diloco_and_follow(args)
-    if diloco_flags:
-        raise ValueError(f"{', '.join(diloco_flags)} only apply with --parallel diloco")
+    parallel = getattr(args, "parallel", "none")
+    if parallel in ("diloco", "dipaco"):
+        if args.engine:
+            raise ValueError(
+                f"--engine does not apply to --parallel {parallel} (workers train fused)"
+            )
+        if parallel == "diloco" and given(DIPACO_FLAGS):
+            raise ValueError(f"{', '.join(given(DIPACO_FLAGS))} only apply with --parallel dipaco")
+        if parallel == "dipaco" and args.workers is not None:
+            raise ValueError(
+                "--workers does not apply to --parallel dipaco: each path of --grid "
+                "has its worker"
+            )
+        from tools.cli.commands_jobs import submit_parallel_and_follow
+
+        return submit_parallel_and_follow(args)
+    if given(DILOCO_FLAGS + DIPACO_FLAGS):
+        raise ValueError(
+            f"{', '.join(given(DILOCO_FLAGS + DIPACO_FLAGS))} only apply with --parallel "
+            f"diloco or dipaco"
+        )
     if args.remote:
         from tools.cli.commands_jobs import submit_and_follow
 
@@ -278,12 +317,19 @@ def cmd_generate(args) -> int:
         return generate_via_gateway(args)
     if not args.checkpoint:
         raise ValueError("give --checkpoint DIR (local) or --gateway HOST:PORT")
+    from pathways.parallel import routing
+    from tools.cli.commands_serve import show_route
+
     spec, tok = ckpt.load_spec(args.checkpoint)
     ex = LocalExecutor(spec, weights=args.weights)
     for name, rt in ex.runtimes.items():
         if ckpt.has_module(args.checkpoint, name):
             ex.set_state(name, ckpt.load_module(args.checkpoint, name, rt.state))
     pathway = args.pathway or spec.default_pathway
+    router = routing.load(args.checkpoint, spec)  # a DiPaCo checkpoint: the path of the prompt
+    if router is not None and args.pathway in (None, "", router.family):
+        pathway = router.path_of(tok, args.prompt)
+        show_route(pathway)
     missing = [m for m in spec.pathway(pathway).modules if not ckpt.has_module(args.checkpoint, m)]
     if missing:
         raise ValueError(

@@ -54,7 +54,8 @@ def register(sub) -> None:
         default=1,
         metavar="N",
         help="pool processes of the coordinator worker, i.e. jobs or job tasks at once "
-        "(default 1; `train --parallel diloco --workers K` needs K + 1)",
+        "(default 1; `train --parallel diloco --workers K` needs K + 1, `--parallel dipaco` "
+        "its paths + 1)",
     )
     p.add_argument(
         "--no-http",
@@ -186,8 +187,12 @@ def generate_via_gateway(args) -> int:
     with gw.channel() as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         sys.stdout.write(args.prompt)
+        served = None
         try:
             for ev in stub.Generate(req, timeout=args.timeout, metadata=gw.metadata):
+                if served is None and ev.routed:
+                    served = ev.pathway
+                    show_route(served)
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
         except grpc.RpcError as e:
@@ -195,6 +200,11 @@ def generate_via_gateway(args) -> int:
             raise ValueError(f"gateway {gw.address}: {e.code().name}: {e.details()}") from None
     sys.stdout.write("\n")
     return 0
+
+
+def show_route(path: str) -> None:
+    """Says on stderr which path a DiPaCo router chose for the prompt."""
+    print(f"[routed to path {path}]", file=sys.stderr, flush=True)
 
 
 def cmd_http_front(args) -> int:

@@ -1,4 +1,5 @@
-"""Celery tasks of DiLoCo jobs: the job (rounds, outer step, checkpoint) and one task per worker.
+"""Celery tasks of DiLoCo and DiPaCo jobs: the job (rounds, outer step, checkpoint) and one task per
+worker (DiPaCo: per path).
 
 The job's task runs each round as a group of K worker tasks (each in its own pool process, on
 any worker of the queue), waits for them, then takes the outer step per module and commits the
@@ -7,7 +8,8 @@ queue need at least K + 1 processes between them; the job checks that before its
 Progress, cancel and resume work as for `pathways.train` jobs: PROGRESS state per round, the
 cancel flag stops the workers between inner steps and the job at the round's end, and a job
 resubmitted with the same `out` (or redelivered after its process died) resumes at the last
-committed round. Heavy imports (jax) happen inside the tasks, after the fork.
+committed round. A DiPaCo job (`parallel/dipaco_job.py`) is the same loop over its paths.
+Heavy imports (jax) happen inside the tasks, after the fork.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from celery.exceptions import Ignore
 
 from pathways.coordinator.tasks import CANCEL_KEY, CANCELLED
 
-WORKER_TASK = "pathways.diloco.worker"
 log = logging.getLogger(__name__)
 
 
@@ -36,11 +37,24 @@ def _pool_processes(app) -> int | None:
 @shared_task(bind=True, name="pathways.diloco")
 def diloco(self, request: dict) -> dict:
     """Runs (or resumes) a DiLoCo job, reporting each round as the task's PROGRESS state."""
-    from pathways import paths
-    from pathways.parallel.diloco_job import DiLoCoRequest, DiLoCoRun
+    from pathways.parallel.diloco_job import DiLoCoRequest
 
-    req = DiLoCoRequest.from_dict(request)
+    return _run(self, DiLoCoRequest.from_dict(request))
+
+
+@shared_task(bind=True, name="pathways.dipaco")
+def dipaco(self, request: dict) -> dict:
+    """Runs (or resumes) a DiPaCo job: its paths' workers as a DiLoCo job's."""
+    from pathways.parallel.dipaco_job import DiPaCoRequest
+
+    return _run(self, DiPaCoRequest.from_dict(request))
+
+
+def _run(self, req) -> dict:
+    from pathways import paths
+
     paths.check_job(req)  # before anything is read or written
+    request = req.to_dict()
     redis = self.app.backend.client
     job_id = self.request.id
 
@@ -50,11 +64,11 @@ def diloco(self, request: dict) -> dict:
     have = _pool_processes(self.app)
     if have is not None and have < req.workers + 1:
         raise ValueError(
-            f"a DiLoCo job with {req.workers} workers needs {req.workers + 1} coordinator worker "
-            f"processes (one waits for the rounds); the queue's workers have {have}: start "
-            f"workers with more --concurrency"
+            f"a {req.title} job with {req.workers} workers needs {req.workers + 1} coordinator "
+            f"worker processes (one waits for the rounds); the queue's workers have {have}: "
+            f"start workers with more --concurrency"
         )
-    run = DiLoCoRun(req)
+    run = req.build_run()
     resumed_from = run.start()
     started, stopped, history = time.time(), False, []
     while run.round < run.rounds and not stopped:
@@ -66,7 +80,7 @@ def diloco(self, request: dict) -> dict:
         pending = group(
             [
                 self.app.signature(
-                    WORKER_TASK, args=(request, run.round, k, run.positions[k], job_id, attempt)
+                    req.worker_task, args=(request, run.round, k, run.positions[k], job_id, attempt)
                 )
                 for k in range(req.workers)
             ]
@@ -147,16 +161,32 @@ def _collect(pending, req, r: int) -> list[dict]:
     return results
 
 
-@shared_task(bind=True, name=WORKER_TASK)
+@shared_task(bind=True, name="pathways.diloco.worker")
 def worker(
     self, request: dict, r: int, k: int, position: int, job_id: str, attempt: str = ""
 ) -> dict:
     """Worker k's round r (see `diloco_job.worker_round`); stops early if the job is cancelled."""
-    from pathways.parallel.diloco_job import DiLoCoRequest, worker_round
+    from pathways.parallel.diloco_job import DiLoCoRequest
+
+    return _worker_round(self, DiLoCoRequest.from_dict(request), r, k, position, job_id, attempt)
+
+
+@shared_task(bind=True, name="pathways.dipaco.worker")
+def path_worker(
+    self, request: dict, r: int, k: int, position: int, job_id: str, attempt: str = ""
+) -> dict:
+    """Path k's round r of a DiPaCo job."""
+    from pathways.parallel.dipaco_job import DiPaCoRequest
+
+    return _worker_round(self, DiPaCoRequest.from_dict(request), r, k, position, job_id, attempt)
+
+
+def _worker_round(self, req, r: int, k: int, position: int, job_id: str, attempt: str) -> dict:
+    from pathways.parallel.diloco_job import worker_round
 
     redis = self.app.backend.client
     out = worker_round(
-        DiLoCoRequest.from_dict(request),
+        req,
         r,
         k,
         position,

@@ -2,6 +2,7 @@
 
 Nothing here knows Celery: `coordinator/diloco_tasks.py` runs `worker_round` as K tasks in
 parallel and `DiLoCoRun.finish_round` in the job's own task; tests can call both in-process.
+DiPaCo jobs (`dipaco_job.py`) are the same rounds with a path per worker.
 
 Layout under the job's `out` (besides spec.yaml, tokenizer, modules/ and metrics.jsonl, as any run):
     train/meta.json                       the commit point: round r, data positions, bytes so far
@@ -47,6 +48,9 @@ class DiLoCoRequest:
     """A DiLoCo training job, as a client submits it (JSON-able; paths on the workers' disks)."""
 
     task: ClassVar[str] = "pathways.diloco"
+    worker_task: ClassVar[str] = "pathways.diloco.worker"  # one round of one worker
+    parallel: ClassVar[str] = "diloco"  # its checkpoint's kind (meta.json) and rounds' folder
+    title: ClassVar[str] = "DiLoCo"
 
     spec: str
     out: str
@@ -127,19 +131,26 @@ class DiLoCoRequest:
         d["data"] = list(self.data)
         return d
 
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> DiLoCoRequest:
-        unknown = unknown_fields(DiLoCoRequest, d)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        unknown = unknown_fields(cls, d)
         if unknown:
-            raise ValueError(f"unknown DiLoCo job field(s) {', '.join(unknown)}")
+            raise ValueError(f"unknown {cls.title} job field(s) {', '.join(unknown)}")
         if "spec" not in d or "out" not in d:
             raise ValueError("a job needs 'spec' and 'out'")
-        return DiLoCoRequest(**d)
+        return cls(**d)
+
+    def build_context(self) -> Context:
+        return Context(self)
+
+    def build_run(self) -> DiLoCoRun:
+        return DiLoCoRun(self)
 
 
 # ---- files ------------------------------------------------------------------------------------
-def round_dir(out: str | Path, r: int) -> Path:
-    return Path(out) / "diloco" / f"round-{r:06d}"
+def round_dir(out: str | Path, r: int, kind: str = "diloco") -> Path:
+    """Round r's folder of a job of `kind` (the request's `parallel`: diloco or dipaco)."""
+    return Path(out) / kind / f"round-{r:06d}"
 
 
 def save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
@@ -153,7 +164,7 @@ def save_arrays(path: Path, arrays: list[np.ndarray]) -> None:
 
 def load_arrays(path: Path) -> list[np.ndarray]:
     if not path.exists():
-        raise FileNotFoundError(f"DiLoCo round file {path} does not exist")
+        raise FileNotFoundError(f"job file {path} does not exist")
     with np.load(path) as z:
         return [z[f"arr_{i}"] for i in range(len(z.files))]
 
@@ -165,49 +176,64 @@ def _leaves_into(like, arrays: list[np.ndarray], what: str):
     return jax.tree.unflatten(treedef, arrays)
 
 
-def _tokenizer(req: DiLoCoRequest, spec, pathway: str, texts_fn: Callable[[], list[str]]):
-    out = Path(req.out)
-    if (out / "spec.yaml").exists():
-        return ckpt.load_spec(out)[1]
-    if spec.tokenizer.get("kind") == "bpe":
-        vocab = spec.modules[spec.pathway(pathway).modules[0]].input_contract[1]
-        return tokenizers.BpeTokenizer.train(texts_fn(), vocab)
-    return tokenizers.ByteTokenizer()
+class Context:
+    """What a process needs for a request's rounds: built once, reused by every round it runs.
 
-
-class _Context:
-    """What a process needs for a request's rounds: built once, reused by every round it runs."""
+    Worker k trains pathway `pathways[k]` (`workers[k]`: its inner loop over `executor`, its
+    modules `workers[k].names`) on `tokens(k)`. DiLoCo: every worker the same pathway, each on
+    its shard; DiPaCo (`dipaco_job.DiPaCoContext`) overrides `_tokenizer`, `_model` and `tokens`:
+    a path per worker, each on the documents routed to it."""
 
     def __init__(self, req: DiLoCoRequest):
-        from pathways.executor.local import LocalExecutor
-
-        self.spec = spec_lib.load(req.spec)
-        self.pathway = req.pathway or self.spec.default_pathway
-        self.spec.pathway(self.pathway)
+        self.req = req
+        self.base = spec_lib.load(req.spec)
+        self.pathway = req.pathway or self.base.default_pathway
+        self.base.pathway(self.pathway)
         texts = data_lib.read_texts(
             list(req.data) or data_lib.default_corpus_paths(), int(req.max_data_mb * 1e6)
         )
-        self.tokenizer = _tokenizer(req, self.spec, self.pathway, lambda: texts)
+        out = Path(req.out)
+        if (out / "spec.yaml").exists():  # a resumed run keeps its tokenizer
+            self.tokenizer = ckpt.load_spec(out)[1]
+        else:
+            self.tokenizer = self._tokenizer(lambda: texts)
         self.data = data_lib.TokenData.build(texts, self.tokenizer)
-        self.executor = LocalExecutor(self.spec, seed=req.seed)
-        self.worker = diloco.InnerWorker(
-            self.executor, self.pathway, diloco.inner_optimizer(req.inner, req.train_config())
-        )
-        self.names = self.worker.names
+        self.spec, self.executor, self.pathways = self._model()
+        tx = diloco.inner_optimizer(req.inner, req.train_config())
+        inner = {p: diloco.InnerWorker(self.executor, p, tx) for p in dict.fromkeys(self.pathways)}
+        self.workers = [inner[p] for p in self.pathways]
+        self.names = list(dict.fromkeys(n for w in inner.values() for n in w.names))
         # The initial parameters: structures to decode into, and round 0's global parameters
         # (set_state replaces a module's state, so training never changes these).
         self.like = {n: self.executor.state(n) for n in self.names}
-        self.opt_like = self.worker.init_opt()
+        self.opt_like = {n: tx.init(p) for n, p in self.like.items()}
+
+    def _tokenizer(self, texts_fn: Callable[[], list[str]]):
+        if self.base.tokenizer.get("kind") == "bpe":
+            vocab = self.base.modules[self.base.pathway(self.pathway).modules[0]].input_contract[1]
+            return tokenizers.BpeTokenizer.train(texts_fn(), vocab)
+        return tokenizers.ByteTokenizer()
+
+    def _model(self):
+        """(the spec trained, its executor at the initial parameters, each worker's pathway)."""
+        from pathways.executor.local import LocalExecutor
+
+        executor = LocalExecutor(self.base, seed=self.req.seed)
+        return self.base, executor, [self.pathway] * self.req.workers
+
+    def tokens(self, k: int) -> np.ndarray:
+        """Worker k's training tokens: its contiguous shard."""
+        return diloco.shard(self.data.train, self.req.workers, k)
 
 
-_CONTEXTS: dict[str, _Context] = {}
+_CONTEXTS: dict[str, Context] = {}
 
 
-def context(req: DiLoCoRequest) -> _Context:
-    key = json.dumps(req.to_dict(), sort_keys=True)
+def context(req: DiLoCoRequest) -> Context:
+    key = json.dumps([req.task, req.to_dict()], sort_keys=True)
     if key not in _CONTEXTS:
         _CONTEXTS.clear()  # one job's model per process at a time
-        _CONTEXTS[key] = _Context(req)
+        _CONTEXTS[key] = req.build_context()
     return _CONTEXTS[key]
 
 
@@ -224,34 +250,36 @@ def worker_round(
     should_stop: Callable[[], bool] | None = None,
     attempt: str = "",
 ) -> dict:
-    """Worker k's round r: download the global parameters, H inner steps on shard k from batch
-    `position`, upload each module's pseudo-gradient; keeps its inner optimizer state for r+1.
+    """Worker k's round r: download the global parameters of its pathway's modules, H inner
+    steps on its tokens from batch `position`, upload each module's pseudo-gradient; keeps its
+    inner optimizer state for r+1.
 
     With an `attempt` (the job's launch of this round), the worker first claims (k, r, attempt):
     a second delivery of the same task (its first process died) returns `lost` at once."""
     t0 = time.perf_counter()
     if not 0 <= k < req.workers:
         raise ValueError(f"worker {k} out of range for {req.workers} workers")
-    rd = round_dir(req.out, r)
+    rd = round_dir(req.out, r, req.parallel)
     if attempt and not _claim(rd / "claims" / f"worker-{k}.{attempt}"):
         return {"worker": k, "round": r, "lost": True}
     ctx = context(req)
+    worker = ctx.workers[k]
     params, down = {}, 0
-    for n in ctx.names:
+    for n in worker.names:
         arrays = load_arrays(rd / "global" / f"{n}.npz")
         down += diloco.nbytes(arrays)
         params[n] = diloco.decode(arrays, "none", ctx.like[n])
     inner = rd / "inner" / f"worker-{k}"
     # A worker lost last round (no complete inner state for this one) rejoins afresh.
-    fresh = r == 0 or not all((inner / f"{n}.npz").exists() for n in ctx.names)
+    fresh = r == 0 or not all((inner / f"{n}.npz").exists() for n in worker.names)
     if fresh:
-        opt = ctx.worker.init_opt()
+        opt = worker.init_opt()
     else:
         opt = {
             n: _leaves_into(ctx.opt_like[n], load_arrays(inner / f"{n}.npz"), f"{inner}/{n}")
-            for n in ctx.names
+            for n in worker.names
         }
-    tokens = diloco.shard(ctx.data.train, req.workers, k)
+    tokens = ctx.tokens(k)
 
     def batches():
         for h in range(req.inner_steps):
@@ -260,16 +288,17 @@ def worker_round(
             yield diloco.shard_batch(tokens, k, position + h, req.batch_size, req.seq_len, req.seed)
 
     try:
-        local, opt, losses = ctx.worker.train(params, opt, batches())
+        local, opt, losses = worker.train(params, opt, batches())
     except Stopped:
         return {"worker": k, "round": r, "cancelled": True}
     up = 0
-    for n in ctx.names:
+    following = round_dir(req.out, r + 1, req.parallel)
+    for n in worker.names:
         arrays = diloco.encode(diloco.pseudo_gradient(params[n], local[n]), req.compress)
         up += diloco.nbytes(arrays)
         save_arrays(rd / "upload" / f"worker-{k}" / f"{n}.npz", arrays)
         leaves = [np.asarray(x) for x in jax.tree.leaves(opt[n])]
-        save_arrays(round_dir(req.out, r + 1) / "inner" / f"worker-{k}" / f"{n}.npz", leaves)
+        save_arrays(following / "inner" / f"worker-{k}" / f"{n}.npz", leaves)
     return {
         "worker": k,
         "round": r,
@@ -297,7 +326,9 @@ def _claim(path: Path) -> bool:
 # ---- the coordinator's side -------------------------------------------------------------------
 class DiLoCoRun:
     """The job's state between rounds (global parameters, outer states, round, data positions) and
-    the outer step; the coordinator's task holds one."""
+    the outer step; the coordinator's task holds one. Each module's outer step averages the
+    pseudo-gradients of the workers that reported it: in DiLoCo every worker, in DiPaCo the
+    paths that use the module (`DiPaCoRun`)."""
 
     def __init__(self, req: DiLoCoRequest):
         self.req, self.out = req, Path(req.out)
@@ -310,39 +341,52 @@ class DiLoCoRun:
     def rounds(self) -> int:
         return self.req.rounds
 
+    def _round_dir(self, r: int) -> Path:
+        return round_dir(self.out, r, self.req.parallel)
+
     def start(self) -> int:
         """Resumes from `out`'s last committed round, else commits round 0; returns the round."""
         meta = ckpt.read_meta(self.out)
         if meta is None:
             ckpt.save_spec(self.out, self.ctx.spec, self.ctx.tokenizer)
+            self._begin()
             params = dict(self.ctx.like)  # the initial parameters (seed), never trained
             self._commit(0, params, {n: self.outer.init(p) for n, p in params.items()})
             return 0
-        if meta.get("parallel") != "diloco":
-            raise ValueError(f"{self.out} holds a training run that is not DiLoCo: use another out")
+        title = self.req.title
+        if meta.get("parallel") != self.req.parallel:
+            raise ValueError(
+                f"{self.out} holds a training run that is not {title}: use another out"
+            )
         if meta["pathway"] != self.ctx.pathway or meta["workers"] != self.req.workers:
             raise ValueError(
-                f"{self.out} holds a DiLoCo run of pathway {meta['pathway']!r} with "
+                f"{self.out} holds a {title} run of pathway {meta['pathway']!r} with "
                 f"{meta['workers']} workers, not {self.ctx.pathway!r} with {self.req.workers}"
             )
-        if meta["inner_steps"] != self.req.inner_steps:
-            raise ValueError(
-                f"{self.out} holds a DiLoCo run with inner_steps {meta['inner_steps']}, "
-                f"not {self.req.inner_steps}"
-            )
+        for key in self._same_on_resume():
+            was, now = meta["request"].get(key), getattr(self.req, key)
+            if was != now:
+                raise ValueError(f"{self.out} holds a {title} run with {key} {was}, not {now}")
         self.round, self.positions, self.bytes = meta["round"], meta["positions"], meta["bytes"]
         self._truncate_metrics()
         return self.round
 
+    def _begin(self) -> None:
+        """What a new run writes before its round 0 (DiPaCo: the router and its assignment)."""
+
+    def _same_on_resume(self) -> tuple[str, ...]:
+        """Request fields a resumed run must share with the run in `out`."""
+        return ("inner_steps",)
+
     def params(self, r: int | None = None) -> dict[str, Any]:
-        rd = round_dir(self.out, self.round if r is None else r)
+        rd = self._round_dir(self.round if r is None else r)
         return {
             n: diloco.decode(load_arrays(rd / "global" / f"{n}.npz"), "none", self.ctx.like[n])
             for n in self.ctx.names
         }
 
     def _outer_states(self) -> dict[str, Any]:
-        rd = round_dir(self.out, self.round)
+        rd = self._round_dir(self.round)
         return {
             n: _leaves_into(
                 self.outer.init(self.ctx.like[n]),
@@ -353,7 +397,7 @@ class DiLoCoRun:
         }
 
     def _commit(self, r: int, params: dict, outer: dict) -> None:
-        rd = round_dir(self.out, r)
+        rd = self._round_dir(r)
         for n in self.ctx.names:
             save_arrays(rd / "global" / f"{n}.npz", diloco.encode(params[n], "none"))
             leaves = [np.asarray(x) for x in jax.tree.leaves(outer[n])]
@@ -361,7 +405,7 @@ class DiLoCoRun:
         ckpt.write_meta(
             self.out,
             {
-                "parallel": "diloco",
+                "parallel": self.req.parallel,
                 "round": r,
                 "step": r * self.req.inner_steps,
                 "positions": self.positions,
@@ -373,7 +417,7 @@ class DiLoCoRun:
             },
         )
         self.round = r
-        for old in (self.out / "diloco").glob("round-*"):
+        for old in rd.parent.glob("round-*"):
             if old.name != rd.name and int(old.name.split("-")[1]) < r:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -388,16 +432,24 @@ class DiLoCoRun:
         if not reported:
             raise ValueError(f"round {r}: no worker reported")
         lost = sorted(res["worker"] for res in results if res.get("lost"))
-        rd = round_dir(self.out, r)
+        rd = self._round_dir(r)
         params, outer = self.params(), self._outer_states()
+        averaged = {}
         for n in self.ctx.names:
+            # Only the workers whose pathway holds the module; none reported it: it stays.
+            using = [
+                res["worker"] for res in reported if n in self.ctx.workers[res["worker"]].names
+            ]
+            averaged[n] = using
+            if not using:
+                continue
             pgs = [
                 diloco.decode(
-                    load_arrays(rd / "upload" / f"worker-{res['worker']}" / f"{n}.npz"),
+                    load_arrays(rd / "upload" / f"worker-{k}" / f"{n}.npz"),
                     req.compress,
                     self.ctx.like[n],
                 )
-                for res in reported
+                for k in using
             ]
             params[n], outer[n] = self.outer.step(params[n], outer[n], pgs)
         for res in reported:
@@ -420,6 +472,7 @@ class DiLoCoRun:
                 np.mean([res["upload_bytes"] + res["download_bytes"] for res in reported])
             ),
             "bytes_total": self.bytes["upload"] + self.bytes["download"],
+            **self._averaged_record(averaged),
         }
         if (r + 1) % req.eval_every == 0 or r + 1 == self.rounds:
             rec["eval_loss"] = self.eval_loss(params)
@@ -429,6 +482,11 @@ class DiLoCoRun:
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(rec) + "\n")
         return rec
+
+    def _averaged_record(self, averaged: dict[str, list[int]]) -> dict:
+        """What the round's record says of which workers each module averaged (DiLoCo: all that
+        reported, said by workers_reported already)."""
+        return {}
 
     def eval_loss(self, params: dict | None = None) -> float:
         params = params or self.params()
@@ -455,8 +513,9 @@ class DiLoCoRun:
 
 def run_in_process(req: DiLoCoRequest, rounds: int | None = None) -> list[dict]:
     """Runs (or resumes) the job here, workers one after another; stops after `rounds` rounds
-    of this call (default: to the end). The same files and arithmetic as the coordinator's job."""
-    run = DiLoCoRun(req)
+    of this call (default: to the end). The same files and arithmetic as the coordinator's job.
+    A `DiPaCoRequest` runs a DiPaCo job."""
+    run = req.build_run()
     run.start()
     history = []
     while run.round < run.rounds and (rounds is None or len(history) < rounds):

@@ -140,6 +140,18 @@ class Router:
         return cls(np.asarray(d["centroids"], np.float32), d["paths"])
 
 
+def routed_loss(executor, paths: list[str], where: np.ndarray, inputs, targets):
+    """Each row through the one path it is routed to (`where`: a path index per row): (the sum
+    of the rows' mean token losses, rows per path)."""
+    total, rows = 0.0, np.zeros(len(paths), int)
+    for j, p in enumerate(paths):
+        pick = where == j
+        if pick.any():
+            total += executor.loss(p, inputs[pick], targets[pick]) * int(pick.sum())
+            rows[j] = int(pick.sum())
+    return total, rows
+
+
 def _nearest(feats, centroids) -> np.ndarray:
     return np.argmin(((feats[:, None] - centroids[None]) ** 2).sum(-1), axis=1)
 

@@ -19,6 +19,7 @@ from pathways import metrics as prom
 from pathways.executor.remote import RemoteExecutor
 from pathways.executor.replicas import RemoteError, ReplicaSource
 from pathways.modules.action import choose
+from pathways.parallel import routing
 from pathways.serving import auth, limits
 from pathways.serving.episodes import DEFAULT_TTL_S, Episodes
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
@@ -50,6 +51,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.checkpoint = checkpoint
         template = chat.load(checkpoint)
         self.chat_template = template.to_json() if template is not None else ""
+        # A DiPaCo checkpoint's router: a prompt for its family of paths goes to one path.
+        self.router = routing.load(checkpoint, executor.spec)
         self.metrics = prom.GatewayMetrics()
 
     def ListPathways(self, request, context):
@@ -179,14 +182,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def Generate(self, request, context):
         spec = self.executor.spec
         name = request.pathway or spec.default_pathway
-        record = self.metrics.generation(name if name in self.executor.served else "")
+        # Routed: no pathway named, or the family of a DiPaCo checkpoint's paths (not itself a
+        # pathway of its spec); the path is chosen once the prompt's size is checked.
+        routed = self.router is not None and request.pathway in ("", self.router.family)
+        if routed:
+            name = self.router.family
+        record = self.metrics.generation(name if routed or name in self.executor.served else "")
         try:
-            yield from self._generate(request, context, name, record)
+            yield from self._generate(request, context, name, record, routed)
         finally:
             record.finish()
 
-    def _generate(self, request, context, name, record):
+    def _generate(self, request, context, name, record, routed=False):
         spec = self.executor.spec
+        if routed:
+            name = self._route(request.prompt, context, record)
         if name not in self.executor.served:
             record.status = "NOT_FOUND"
             known = ", ".join(p for p in spec.pathways if p in self.executor.served)
@@ -201,14 +211,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         except ValueError as e:
             record.status = "INVALID_ARGUMENT"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {e}")
-        size = len(request.prompt.encode("utf-8", "surrogatepass"))
-        if size > self.max_prompt_bytes:
-            record.status = "INVALID_ARGUMENT"
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt has {size} bytes, over the gateway's max_prompt_bytes = "
-                f"{self.max_prompt_bytes} (--max-prompt-bytes)",
-            )
+        if not routed:  # a routed prompt's size was checked before routing
+            self._check_prompt_size(request.prompt, context, record)
         # As generate.stream counts it (an empty prompt starts from end-of-text).
         prompt_tokens = max(1, len(self.tokenizer.encode(request.prompt)))
         events = gen.stream(self.executor, name, [request.prompt], self.tokenizer, params)
@@ -222,6 +226,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                         text=ev.text,
                         finish_reason=ev.finished or "",
                         prompt_tokens=prompt_tokens if ev.finished else 0,
+                        pathway=name,
+                        routed=routed,
                     )
             record.status = "OK"
         except RemoteError as e:
@@ -232,6 +238,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             events.close()  # closes the session on every module, also on cancel
+
+    def _check_prompt_size(self, prompt: str, context, record) -> None:
+        size = len(prompt.encode("utf-8", "surrogatepass"))
+        if size > self.max_prompt_bytes:
+            record.status = "INVALID_ARGUMENT"
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"prompt has {size} bytes, over the gateway's max_prompt_bytes = "
+                f"{self.max_prompt_bytes} (--max-prompt-bytes)",
+            )
+
+    def _route(self, prompt: str, context, record) -> str:
+        """The path of the DiPaCo router for `prompt` (its first tokens through the router's
+        frozen pathway, in this process; only the path's modules then run on the servers)."""
+        self._check_prompt_size(prompt, context, record)
+        try:
+            return self.router.path_of(self.tokenizer, prompt)
+        except ValueError as e:
+            record.status = "INVALID_ARGUMENT"
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"routing the prompt: {e}")
 
     def Infer(self, request, context):
         field = request.WhichOneof("input")

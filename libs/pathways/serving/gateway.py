@@ -366,7 +366,9 @@ def _infer_statuses(context):
 
 
 def _infer_response(res: infer.Result) -> gateway_pb2.InferResponse:
-    out = gateway_pb2.InferResponse(pathway=res.pathway, session_id=res.session_id)
+    out = gateway_pb2.InferResponse(
+        pathway=res.pathway, session_id=res.session_id, prompt_tokens=res.prompt_tokens
+    )
     if res.kind == "actions":
         for a, values in zip(res.actions, res.values):
             out.actions.items.add(

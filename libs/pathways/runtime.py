@@ -229,13 +229,14 @@ _FUSED: dict[tuple, Any] = {}
 
 
 def fused_step(chain: list[ModuleRuntime], prefill: bool = False):
-    """One jitted program for a whole chain's session step (prefill or decode): every module's
-    step, then the head's sampling. The modules stay separate (each its own parameters, passed
-    as its own flat leaves, and its own KV-cache pool with the session's slots in it: `caches`
-    and `slots` have one entry per module that keeps a cache); only their programs are
-    compiled as one, so
-    XLA schedules across module boundaries and the step costs one dispatch instead of one per
-    module.
+    """One jitted program for a chain's session step (prefill or decode): every module's step,
+    then, when the chain ends in a head, the head's sampling (a chain without one, e.g. the
+    attention modules a server hosts together, returns its last hidden states: `out`, and no
+    logits; its sampling arguments are ignored). The modules stay separate (each its own
+    parameters, passed as its own flat leaves, and its own KV-cache pool with the session's
+    slots in it: `caches` and `slots` have one entry per module that keeps a cache); only their
+    programs are compiled as one, so XLA schedules across module boundaries and the step costs
+    one dispatch instead of one per module.
 
     Programs are shared by chains of the same modules' entry points (identity of the cached
     entry-point sets: no hashing of graphdefs per call). `prefill`: the program of a prefill
@@ -244,6 +245,7 @@ def fused_step(chain: list[ModuleRuntime], prefill: bool = False):
     jits = tuple(rt._serving_flat(prefill)[1] for rt in chain)
     natives = tuple(rt.native_attention for rt in chain)
     cached = tuple(rt.kind.has_cache for rt in chain)
+    head = chain[-1].kind.is_head
     key = (tuple(map(id, jits)), natives)  # the sets live as long as the process (cached)
     if key not in _FUSED:
         raws = [j.raw for j in jits]
@@ -266,7 +268,10 @@ def fused_step(chain: list[ModuleRuntime], prefill: bool = False):
             with_logits,
         ):
             out_caches, it, rows = [], iter(caches), iter(slots)
-            for has_cache, raw, params, native in zip(cached, raws[:-1], leaves[:-1], natives):
+            body = len(chain) - 1 if head else len(chain)
+            for has_cache, raw, params, native in zip(
+                cached[:body], raws[:body], leaves[:body], natives
+            ):
                 if has_cache:
                     x, cache = raw.step(
                         params, x, positions, next(it), next(rows), window=window, native=native
@@ -274,6 +279,8 @@ def fused_step(chain: list[ModuleRuntime], prefill: bool = False):
                     out_caches.append(cache)
                 else:
                     x = raw.forward(params, x, positions)
+            if not head:
+                return x, None, out_caches
             out, logits = raws[-1].head_sample(
                 leaves[-1], x, last, temperature, top_k, top_p, seed, steps, draw
             )

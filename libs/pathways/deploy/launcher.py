@@ -371,7 +371,10 @@ class Fleet:
 
     @property
     def endpoints(self) -> dict[str, list[str]]:
-        return {m: [p.address for p in ps] for m, ps in self.servers.items()}
+        # A server hosting several modules ("attn-0,attn-1": one chain) is listed for each.
+        return {
+            m: [p.address for p in ps] for name, ps in self.servers.items() for m in name.split(",")
+        }
 
     def server_env(self, servers: int) -> dict[str, str]:
         """Environment of the module servers: the machine's CPUs split between `servers`

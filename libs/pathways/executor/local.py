@@ -12,8 +12,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from pathways.executor.base import Session, StepResult, bucket, forward_input, pad_prompts
-from pathways.runtime import ModuleRuntime, composite_loss, fused_step
+from pathways.runtime import ModuleRuntime, composite_loss
 from pathways.sampling import SamplingParams
+from pathways.serving.chain import ChainEngine
 from pathways.serving.engine import ModuleEngine
 from pathways.spec import PathwaySpec
 
@@ -56,10 +57,10 @@ class LocalExecutor:
         self._slots: dict[str, dict[str, np.ndarray]] = {}
         self._fixed: dict[str, tuple] = {}
         self._grad_fns: dict[str, Any] = {}
-        # (pathway, prefill) -> (the modules' parameter versions, the fused program, its
-        # parameter leaves): what a fused step passes, looked up once per parameter change
-        # rather than per token (~25 us of Python per step otherwise, 5 % of a tiny model's).
-        self._plans: dict[tuple[str, bool], tuple] = {}
+        # pathway -> its engines as one chain (`ChainEngine`: the fused program and the
+        # parameter leaves it passes, looked up once per parameter change rather than per
+        # token: ~25 us of Python per step otherwise, 5 % of a tiny model's).
+        self._chains: dict[str, ChainEngine] = {}
         # Sessions share each engine's cache pool (donated to every step): one step at a time.
         self._lock = threading.Lock()
 
@@ -139,23 +140,17 @@ class LocalExecutor:
         with self._lock:
             if self.fuse:
                 (rows, *settings), draw = self._fixed[session.id]
-                cached = [e for e in engines if e.kind.has_cache]
-                step, leaves = self._plan(session.pathway, engines, x.shape[1] > 1)
-                out, logits, new = step(
-                    leaves,
-                    [e.cache for e in cached],
+                out, logits = self._chain(session.pathway).run(
                     x,
                     pos,
                     rows,
                     last,
-                    *settings,
+                    settings,
                     steps,
                     window=window,
                     draw=draw,
                     with_logits=return_logits,
                 )
-                for e, cache in zip(cached, new):
-                    e.cache = cache
             else:
                 for e in engines[:-1]:
                     x = e.step(x, pos, slots.get(e.name), window=window)
@@ -168,16 +163,13 @@ class LocalExecutor:
             tokens=np.asarray(out), logits=np.asarray(logits) if return_logits else None
         )
 
-    def _plan(self, pathway: str, engines: list[ModuleEngine], prefill: bool):
-        """(the fused program of the pathway's step, the parameter leaves it takes), rebuilt
-        when a module's parameters changed (`ModuleRuntime.version`)."""
-        versions = tuple(e.rt.version for e in engines)
-        plan = self._plans.get((pathway, prefill))
-        if plan is None or plan[0] != versions:
-            rts = [e.rt for e in engines]
-            leaves = [rt._serving_flat(prefill)[0] for rt in rts]
-            plan = self._plans[(pathway, prefill)] = (versions, fused_step(rts, prefill), leaves)
-        return plan[1], plan[2]
+    def _chain(self, pathway: str) -> ChainEngine:
+        """The pathway's engines as one chain (its fused step program and parameter leaves,
+        looked up once per parameter change)."""
+        chain = self._chains.get(pathway)
+        if chain is None:
+            chain = self._chains[pathway] = ChainEngine(self._engines(pathway))
+        return chain
 
     # ---- stateless ---------------------------------------------------------------------------
     def forward(self, pathway: str, inputs, *, head: bool = True) -> np.ndarray:

@@ -97,8 +97,9 @@ class RemoteExecutor:
                 if not addresses:
                     raise ValueError(f"module {m!r} has no replica addresses")
             modules, source = list(endpoints), StaticReplicaSource(endpoints)
+            self._static = {m: list(a) for m, a in endpoints.items()}
         else:
-            modules, source = list(spec.modules), endpoints
+            modules, source, self._static = list(spec.modules), endpoints, None
         missing = sorted({m for p in spec.pathways.values() for m in p.modules} - set(modules))
         self.served = {
             name for name, p in spec.pathways.items() if not set(p.modules) & set(missing)
@@ -157,6 +158,8 @@ class RemoteExecutor:
             raise ValueError(f"module {name!r} needs at least one replica address")
         with self._table_lock:
             spec = self.spec.with_module(name, cfg)
+            if self._static is not None:
+                self._static[name] = list(addresses)
             if name not in self.replicas:
                 self.replicas[name] = ReplicaSet(
                     name, StaticReplicaSource({name: addresses}), self._options, tls=self.tls
@@ -184,6 +187,31 @@ class RemoteExecutor:
         # matters (sessions hold their own module chain).
         self.spec, self.served = spec, served
 
+    def _hops(self, modules) -> list[tuple[str, list[str]]]:
+        """The calls a step through `modules` makes, as (name, modules): consecutive modules
+        listed at the same addresses are served by one server hosting them as one chain
+        (`--module a,b`: one program per step), so they are one call, named "a+b" (its
+        replicas, wire bytes and timings are counted under that name). Fixed endpoints only."""
+        groups: list[list[str]] = []
+        for m in modules:
+            static = self._static or {}
+            if groups and m in static and static[m] == static.get(groups[-1][-1]):
+                groups[-1].append(m)
+            else:
+                groups.append([m])
+        hops = []
+        for ms in groups:
+            name = "+".join(ms)
+            if name not in self.replicas:
+                with self._table_lock:
+                    if name not in self.replicas:
+                        source = StaticReplicaSource({name: self._static[ms[0]]})
+                        self.replicas[name] = ReplicaSet(name, source, self._options, tls=self.tls)
+                        self.wire_bytes[name] = [0, 0]
+                        self.step_timings[name] = collections.deque(maxlen=4096)
+            hops.append((name, ms))
+        return hops
+
     def _chain(self, session: Session) -> list[str]:
         """The modules the session was opened on (the pathway may have changed since)."""
         chain = self._sessions.get(session.id)
@@ -209,19 +237,20 @@ class RemoteExecutor:
         opened: dict[str, ModuleSession] = {}
         self._sessions[session.id] = opened
         try:
-            for m in p.modules:
-                kind = registry.of(self.spec.modules[m])
+            for hop, ms in self._hops(p.modules):
+                kinds = [registry.of(self.spec.modules[m]) for m in ms]
                 req = module_pb2.OpenSessionRequest(
                     batch_size=b,
                     max_seq_len=p.max_seq_len,
-                    sampling=rows if kind.is_head else [],
+                    sampling=rows if kinds[-1].is_head else [],
+                    modules=ms,
                 )
-                opened[m] = open_on(
-                    self.replicas[m],
-                    m,
+                opened[hop] = open_on(
+                    self.replicas[hop],
+                    hop,
                     req,
-                    [] if kind.has_cache else None,
-                    functools.partial(self._timeout, m),
+                    [] if any(k.has_cache for k in kinds) else None,
+                    functools.partial(self._timeout, hop),
                 )
         except BaseException:
             self.close_session(session)
@@ -416,12 +445,13 @@ class RemoteExecutor:
     def forward(self, pathway: str, inputs, *, head: bool = True) -> np.ndarray:
         p = self._pathway(pathway)
         x = codec.encode(forward_input(inputs))
-        for m in p.modules if head else p.modules[:-1]:
+        for m, ms in self._hops(p.modules if head else p.modules[:-1]):
             rset = self.replicas[m]
             # The pathway's mask travels with the call: attention modules are shared by
-            # causal (text) and bidirectional (image, utterance) pathways.
+            # causal (text) and bidirectional (image, utterance) pathways. A hop without the
+            # head of a server that also hosts it runs the first modules only.
             req = module_pb2.ForwardRequest(
-                input=x, output_dtype=self.wire, bidirectional=not p.causal
+                input=x, output_dtype=self.wire, bidirectional=not p.causal, modules=ms
             )
             for attempt in range(self.max_attempts):
                 r = rset.acquire()

@@ -54,12 +54,10 @@ class ModuleEngine:
         seed: int = 0,
         mesh=None,
     ):
-        self.rt = ModuleRuntime(
-            name, cfg, mod.build(cfg, seed=seed), weights=weights, native=native, mesh=mesh
-        )
+        # Given a state (a checkpoint's), the module is built around it, never initialised.
+        module = mod.build(cfg, seed=seed) if state is None else mod.from_state(cfg, state)
+        self.rt = ModuleRuntime(name, cfg, module, weights=weights, native=native, mesh=mesh)
         self.name, self.cfg, self.kind = name, cfg, self.rt.kind
-        if state is not None:
-            self.rt.state = state
         self.cache, self.capacity, self._free = None, 0, []
         if self.kind.has_cache and slots:
             self._grow(slots)

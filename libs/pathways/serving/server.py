@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from pathways import checkpoint as ckpt
 from pathways import codec, cpu, paths, sharding, telemetry, transport
 from pathways.modules import registry
-from pathways.serving import auth, limits
+from pathways.serving import auth, chain, limits
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
@@ -62,14 +62,20 @@ class AddOn:
     add: Callable[[grpc.Server, Mount], None]
 
 
-def slot_count(engine_cfg, s: ModuleServerSettings) -> int:
-    """Slots the KV-cache cap allows: each holds one sequence of max_seq_len positions."""
-    kind = registry.of(engine_cfg)
-    if not kind.has_cache:
+def slot_count(cfgs, s: ModuleServerSettings) -> int:
+    """Slots the KV-cache cap allows for the modules a server hosts (a config, or several
+    hosting one chain: a session takes the same slot in each): each holds one sequence of
+    max_seq_len positions in every module that keeps a cache."""
+    cfgs = cfgs if isinstance(cfgs, list | tuple) else [cfgs]
+    per_slot = 0
+    for cfg in cfgs:
+        kind = registry.of(cfg)
+        if kind.has_cache:
+            # The bytes of one slot of the kind's own cache, from its shapes (nothing allocated).
+            one = jax.eval_shape(lambda kind=kind, cfg=cfg: kind.empty_cache(cfg, 1))
+            per_slot += sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(one))
+    if not per_slot:
         return s.max_rows
-    # The bytes of one slot of the kind's own cache, from its shapes (nothing allocated).
-    one = jax.eval_shape(lambda: kind.empty_cache(engine_cfg, 1))
-    per_slot = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(one))
     return max(1, min(s.max_slots, int(s.kv_cache_mb * 2**20) // per_slot))
 
 
@@ -81,17 +87,27 @@ class ModuleServer:
         self.add_ons = tuple(add_ons)
         telemetry.init(f"pathways-module-{settings.module}", prometheus=bool(settings.metrics_port))
         spec, _ = ckpt.load_spec(settings.checkpoint)
-        if settings.module not in spec.modules:
-            raise NotFound(
-                f"unknown module {settings.module!r} in checkpoint "
-                f"{settings.checkpoint}; known: {', '.join(spec.modules)}"
-            )
-        if not ckpt.has_module(settings.checkpoint, settings.module):
-            raise NotFound(
-                f"checkpoint {settings.checkpoint} has no weights for module "
-                f"{settings.module!r}"
-            )
-        self.cfg = spec.modules[settings.module]
+        for module in settings.modules:
+            if module not in spec.modules:
+                raise NotFound(
+                    f"unknown module {module!r} in checkpoint "
+                    f"{settings.checkpoint}; known: {', '.join(spec.modules)}"
+                )
+            if not ckpt.has_module(settings.checkpoint, module):
+                raise NotFound(
+                    f"checkpoint {settings.checkpoint} has no weights for module {module!r}"
+                )
+        self.cfgs = [spec.modules[m] for m in settings.modules]
+        if len(self.cfgs) > 1:
+            if self.add_ons:
+                raise ValueError(
+                    f"add-on services ({', '.join(a.name for a in self.add_ons)}) serve one "
+                    f"module; module {settings.module!r} names {len(self.cfgs)}"
+                )
+            try:  # before any weights load: each module reads what the one before it writes
+                chain.check_contracts(list(zip(settings.modules, self.cfgs)))
+            except ValueError as e:
+                raise ValueError(f"module {settings.module!r}: {e}") from None
         self.tls = settings.tls()
         transport.announce(self.tls, f"module server {settings.module!r}")
         # Streaming calls never take the last threads: health, reflection and unary calls
@@ -140,19 +156,24 @@ class ModuleServer:
         """Starts answering (health NOT_SERVING), loads weights, warms up, then SERVING."""
         s = self.settings
         mesh = sharding.make_mesh(sharding.parse_mesh(s.mesh)) if s.mesh else None
-        engine = ModuleEngine(
-            s.module, self.cfg, None, slot_count(self.cfg, s), weights=s.weights, mesh=mesh
-        )
-        engine.rt.state = ckpt.load_module(s.checkpoint, s.module, engine.rt.state)
-        if mesh is not None:
-            log.info(
-                "module %s: split over %s; %s",
-                s.module,
-                s.mesh,
-                "; ".join(engine.rt.placement.notes) or "every array split",
-            )
+        slots = slot_count(self.cfgs, s)
+        engines = []
+        for module, cfg in zip(s.modules, self.cfgs):
+            state = ckpt.restore_module(s.checkpoint, module, cfg)  # no random weights first
+            e = ModuleEngine(module, cfg, state, slots, weights=s.weights, mesh=mesh)
+            del state  # the runtime holds the weights now (on a mesh: only its placed copy)
+            if mesh is not None:
+                log.info(
+                    "module %s: split over %s; %s",
+                    module,
+                    s.mesh,
+                    "; ".join(e.rt.placement.notes) or "every array split",
+                )
+            engines.append(e)
+        # Several modules: one engine stepping them as one program (serving.chain).
+        engine = engines[0] if len(engines) == 1 else chain.ChainEngine(engines)
         engine.programs = limits.ProgramCap(s.max_programs)
-        table = SessionTable(slot_count(self.cfg, s), s.session_ttl_s)
+        table = SessionTable(slots, s.session_ttl_s)
         self.budget = limits.MemoryBudget(s.memory_budget_mb)
         self.budget.check_start()  # the weights and the KV cache fit the budget
         self.servicer = ModuleServicer(
@@ -170,7 +191,7 @@ class ModuleServer:
         warm_up(self.servicer)
         # One copy of the weights while only serving (training through this server or its
         # stateless Forward rebuild the float32 parameters, exactly, on first use).
-        if engine.rt.compact():
+        if any([e.rt.compact() for e in engines]):
             cpu.release_free_memory()
         log.info(
             "module %s: %.0f MiB resident of its %s",
@@ -182,7 +203,7 @@ class ModuleServer:
         self.servicer.ready = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._reap, name="reaper", daemon=True).start()
-        log.info("module %s (%s) serving on port %d", s.module, self.cfg.kind, self.port)
+        log.info("module %s (%s) serving on port %d", s.module, engine.kind.name, self.port)
 
     def _reap(self) -> None:
         while not self.stopped.wait(min(1.0, self.settings.session_ttl_s / 4)):

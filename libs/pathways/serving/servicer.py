@@ -67,6 +67,9 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         """`max_call_tokens`: rows x positions one Prefill or Forward may carry; `budget`: the
         server's memory budget, reserved around each Prefill and Forward (None: unbounded)."""
         self.engine, self.table = engine, table
+        # The modules served, in order: one engine's, or a chain's (`serving.chain`).
+        self.engines = list(getattr(engine, "engines", [engine]))
+        self.names = [e.name for e in self.engines]
         self.max_call_tokens, self.budget = max_call_tokens, budget
         # Publish: who may call it (auth.PeerPolicy; None: anyone, in-process use), where its
         # checkpoints may be read (paths.Roots; None: anywhere), and the training copy's
@@ -135,11 +138,27 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             in_use=self.table.in_use,
             sessions=len(self.table),
             requests=self.requests,
+            modules=self.names,
+        )
+
+    def _check_modules(self, asked, field: str, prefix: bool = False) -> int:
+        """How many of the served modules a call names (`asked`, in order; empty: all of them):
+        all of them, or with `prefix` the first ones. INVALID_ARGUMENT otherwise."""
+        asked = list(asked)
+        if not asked:
+            return len(self.names)
+        if (asked == self.names[: len(asked)]) if prefix else (asked == self.names):
+            return len(asked)
+        want = "the first ones of" if prefix else "exactly"
+        raise InvalidArgument(
+            f"{field} {asked} must be {want} the modules this server hosts, in order: "
+            f"{self.names}"
         )
 
     @rpc
     def OpenSession(self, request, context):
         self._check_ready()
+        self._check_modules(request.modules, "modules")
         b = request.batch_size
         if b <= 0 or b > self.table.capacity:
             raise InvalidArgument(f"batch_size must be in [1, {self.table.capacity}]; got {b}")
@@ -310,6 +329,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
     @rpc
     def Forward(self, request, context):
         self._check_ready()
+        n = self._check_modules(request.modules, "modules", prefix=True)
         x = codec.decode(request.input, "input")
         self.engine.check_input(x, "input", None)
         if self.engine.max_seq_len and x.shape[1] > self.engine.max_seq_len:
@@ -323,7 +343,10 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         tp, field = positions_field(self.engine.cfg, "input (padded)", tp)
         self.check_tokens(bp, tp, field)
         with self.reserve(bp, tp, tp, "Forward"):
-            out = self.engine.forward(x, causal=not request.bidirectional)
+            if n == len(self.engines):
+                out = self.engine.forward(x, causal=not request.bidirectional)
+            else:  # the first n modules of a chain
+                out = self.engine.forward(x, causal=not request.bidirectional, modules=n)
         return module_pb2.ForwardResponse(output=self._tensor(out, request.output_dtype))
 
     @rpc
@@ -336,13 +359,13 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         from pathways import paths
 
         self._check_ready()
-        e = self.engine
         why = self.publishers.refusal(context) if self.publishers is not None else None
         if why:
             raise PermissionDenied(why)
         if request.from_training == bool(request.checkpoint):
             raise InvalidArgument("give exactly one of checkpoint and from_training")
         if request.from_training:
+            e = self.engine
             if self.training_state is None:
                 raise FailedPrecondition(
                     f"module {e.name!r}: this server has no training copy (start it with "
@@ -351,7 +374,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             import jax.numpy as jnp
 
             # A copy: training donates its buffers to its next update.
-            state = jax.tree.map(lambda a: jnp.array(a, copy=True), self.training_state())
+            states = [jax.tree.map(lambda a: jnp.array(a, copy=True), self.training_state())]
             source = "its training copy"
         else:
             directory = request.checkpoint
@@ -366,23 +389,27 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                 raise NotFound(f"checkpoint {request.checkpoint!r}: {err}") from None
             except ValueError as err:
                 raise InvalidArgument(f"checkpoint {request.checkpoint!r}: {err}") from None
-            cfg = spec.modules.get(e.name)
-            if cfg is None or not ckpt.has_module(directory, e.name):
-                raise NotFound(f"checkpoint {request.checkpoint!r} has no module {e.name!r}")
-            if cfg != e.cfg:
-                raise FailedPrecondition(
-                    f"checkpoint {request.checkpoint!r}: module {e.name!r} has another config "
-                    f"than the served one ({cfg} != {e.cfg})"
-                )
-            state = ckpt.load_module(directory, e.name, e.rt.state)
+            for e in self.engines:  # every module checked before any weights change
+                cfg = spec.modules.get(e.name)
+                if cfg is None or not ckpt.has_module(directory, e.name):
+                    raise NotFound(f"checkpoint {request.checkpoint!r} has no module {e.name!r}")
+                if cfg != e.cfg:
+                    raise FailedPrecondition(
+                        f"checkpoint {request.checkpoint!r}: module {e.name!r} has another "
+                        f"config than the served one ({cfg} != {e.cfg})"
+                    )
+            states = [ckpt.load_module(directory, e.name, e.rt.state) for e in self.engines]
             source = f"checkpoint {directory}"
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
-        e.rt.state = state
-        if e.rt.compact():  # one copy of the weights while serving, as at start
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(states))
+        compacted = False
+        for e, state in zip(self.engines, states):
+            e.rt.state = state
+            compacted |= e.rt.compact()  # one copy of the weights while serving, as at start
+        if compacted:
             from pathways import cpu
 
             cpu.release_free_memory()
-        log.info("module %s: now serving the weights of %s", e.name, source)
+        log.info("module %s: now serving the weights of %s", self.engine.name, source)
         return module_pb2.PublishResponse(parameters=n)
 
     def _steps(self, steps, b: int) -> np.ndarray:

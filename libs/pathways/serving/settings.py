@@ -72,11 +72,27 @@ class ModuleServerSettings:
     training_peers: str = "coordinator,module,module-*"  # k8s: module; `up`: module-<name>
     publishers: str = "gateway"
 
+    @property
+    def modules(self) -> list[str]:
+        """The modules this server hosts: one, or several consecutive ones of a pathway whose
+        steps run as one program (`--module a,b`)."""
+        return [m.strip() for m in self.module.split(",")]
+
     def __post_init__(self):
         if not self.checkpoint or not self.module:
             raise ValueError(
                 "a module server needs --checkpoint/PATHWAYS_CHECKPOINT and "
                 "--module/PATHWAYS_MODULE"
+            )
+        if any(not m.strip() for m in self.module.split(",")):
+            raise ValueError(
+                f"module must name one module, or several consecutive ones separated by commas "
+                f"(one server, one program per step); got {self.module!r}"
+            )
+        if self.training and len(self.modules) > 1:
+            raise ValueError(
+                f"training serves one module per server; module {self.module!r} names "
+                f"{len(self.modules)}"
             )
         for name in (
             "max_slots",

@@ -308,3 +308,38 @@ def test_the_gateway_bounds_prompts_before_tokenizing(servers, ckpt):
             assert _status(stub.Generate, ok) == (None, "")
     finally:
         gw.stop(0)
+
+
+def test_the_http_front_answers_a_shape_over_max_programs_with_400(servers, ckpt):
+    """A module server whose max_programs is reached refuses a new shape for good (until it
+    restarts): through the gateway and the HTTP front that is 400 naming the prompt, not 429
+    (waiting would not help) and without Retry-After."""
+    import httpx
+
+    from pathways import checkpoint
+    from pathways.serving.gateway import GatewayServer
+
+    srv = servers["attn"]
+    with _channel(srv) as ch:  # fill the cap with shapes of our own
+        stub = module_pb2_grpc.ModuleServiceStub(ch)
+        for b in (1, 2, 4, 8, 16):
+            for t in (8, 16, 32):
+                x = np.zeros((b, t, 32), np.float32)
+                _status(stub.Forward, module_pb2.ForwardRequest(input=codec.encode(x)))
+    assert len(srv.servicer.engine.programs) == LIMITS["max_programs"]
+    spec, tok = checkpoint.load_spec(ckpt)
+    endpoints = {m: [f"127.0.0.1:{s.port}"] for m, s in servers.items()}
+    gw = GatewayServer(spec, tok, endpoints, tls=transport.TLSConfig.plaintext())
+    gw.start()
+    front = launcher.start_http_front(f"127.0.0.1:{gw.port}")
+    try:
+        launcher.wait_http_ready(front, 60)
+        body = {"model": "micro", "prompt": "x" * 40, "max_tokens": 2}  # 64 positions: new
+        r = httpx.post(front.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert (err["param"], err["code"]) == ("prompt", "max_programs_exceeded")
+        assert "max_programs = 12" in err["message"] and "Retry-After" not in r.headers
+    finally:
+        front.stop()
+        gw.stop(0)

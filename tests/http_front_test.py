@@ -6,6 +6,7 @@ for the README's examples, and prometheus_client's parser for /metrics."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -304,7 +305,8 @@ def test_403_for_a_key_whose_role_is_not_enough(dep):
 
 def test_429_with_retry_after_only_when_the_servers_are_at_capacity(dep):
     """Fill attn-0's KV-cache slots with sessions of our own (the deployment's client
-    certificate), then ask: 429 and Retry-After; free them: served again."""
+    certificate), then ask: 429 and Retry-After; free them: served again. The wait is the
+    module server's hint (its trailing retry-after-ms), passed on by the gateway."""
     address = dep["d"].fleet.endpoints["attn-0"][0]
     ch = transport.channel(address, tls=dep["tls"])
     stub = module_pb2_grpc.ModuleServiceStub(ch)
@@ -317,9 +319,17 @@ def test_429_with_retry_after_only_when_the_servers_are_at_capacity(dep):
         with pytest.raises(grpc.RpcError) as e:
             stub.OpenSession(module_pb2.OpenSessionRequest(batch_size=1), timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        hint = transport.retry_after(e.value.trailing_metadata())
+        assert hint is not None and hint > 0
+        with client.Client(dep["d"].gateway, api_key=READER, tls=dep["tls"]) as c:
+            with pytest.raises(client.GatewayError) as ge:
+                c.complete("x", pathway="tiny", max_tokens=2)
+        assert ge.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ge.value.retry_after_s == hint  # the gateway passed the module's hint on
         r = _post(dep, "/v1/completions", {"model": "tiny", "prompt": "x", "max_tokens": 2})
         assert r.status_code == 429, r.text
-        assert int(r.headers["Retry-After"]) >= 1
+        assert r.headers["Retry-After"] == str(max(1, math.ceil(hint)))
+        assert r.headers["retry-after-ms"] == str(round(hint * 1000))
         assert r.json()["error"]["code"] == "servers_at_capacity"
         with pytest.raises(openai.RateLimitError):
             _oa(dep).chat.completions.create(

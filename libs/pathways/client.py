@@ -90,13 +90,7 @@ class GatewayError(Exception):
 
 
 def _retry_after(trailing) -> float | None:
-    for k, v in trailing or ():
-        if k == "retry-after-ms":
-            try:
-                return int(v) / 1000
-            except ValueError:
-                return None
-    return None
+    return transport.retry_after(trailing)
 
 
 @dataclasses.dataclass(frozen=True)

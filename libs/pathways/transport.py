@@ -29,6 +29,9 @@ ENV_INSECURE = "PATHWAYS_INSECURE"
 ENV_SERVER_NAME = "PATHWAYS_TLS_SERVER_NAME"
 CA, CERT, KEY = "ca.crt", "tls.crt", "tls.key"
 _TRUE = ("1", "true", "yes")
+# Trailing metadata of a RESOURCE_EXHAUSTED answer: how long to wait before retrying, in ms
+# (module servers set it for a full KV-cache pool; the gateway passes a module's on).
+RETRY_AFTER_KEY = "retry-after-ms"
 
 
 class TLSError(ValueError):
@@ -235,6 +238,22 @@ def status(e: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
 
 
+def set_retry_after(context, seconds: float) -> None:
+    """Tells the caller of a failing call how long to wait (trailing metadata, `retry_after`)."""
+    context.set_trailing_metadata(((RETRY_AFTER_KEY, str(max(0, int(seconds * 1000)))),))
+
+
+def retry_after(trailing) -> float | None:
+    """The wait in seconds a failed call's trailing metadata asks for (None: no hint)."""
+    for k, v in trailing or ():
+        if k == RETRY_AFTER_KEY:
+            try:
+                return int(v) / 1000
+            except ValueError:
+                return None
+    return None
+
+
 def rpc(method):
     """Decorates a servicer method: maps errors to status codes (the server survives any
     request), counts the call (`self.count_request()`, except Describe) and records its latency
@@ -257,7 +276,7 @@ def rpc(method):
                 log.exception("%s failed", method.__name__)
             retry = getattr(e, "retry_after_s", None)
             if retry is not None:
-                context.set_trailing_metadata((("retry-after-ms", str(int(retry * 1000))),))
+                set_retry_after(context, retry)
             context.abort(code, message)
         finally:
             self.metrics.latency(method.__name__, (time.perf_counter() - t0) * 1e3)

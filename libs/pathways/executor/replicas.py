@@ -47,11 +47,12 @@ class StaticReplicaSource:
 
 
 class RemoteError(Exception):
-    """A module call failed; `code` is the gRPC status (pass it on), the message names the module."""
+    """A module call failed; `code` is the gRPC status (pass it on), the message names the module,
+    `retry_after_s` is the module server's hint with RESOURCE_EXHAUSTED (None: it gave none)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, retry_after_s: float | None = None):
         super().__init__(message)
-        self.code = code
+        self.code, self.retry_after_s = code, retry_after_s
 
 
 class Replica:
@@ -158,4 +159,5 @@ def replica_error(module: str, r: Replica | None, e: grpc.RpcError | None) -> Re
     where = f"module {module!r}" + (f" at {r.address}" if r is not None else "")
     if e is None:
         return RemoteError(grpc.StatusCode.UNAVAILABLE, f"{where}: no replica available")
-    return RemoteError(e.code(), f"{where}: {e.details()}")
+    trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    return RemoteError(e.code(), f"{where}: {e.details()}", transport.retry_after(trailing))

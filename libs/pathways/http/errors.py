@@ -62,8 +62,13 @@ def bad(param: str, message: str, code: str | None = "invalid_value") -> APIErro
 
 def from_gateway(e, endpoint_param: str = "prompt") -> APIError:
     """The APIError of a failed gateway call (`pathways.client.GatewayError`). 429 and its
-    Retry-After only for RESOURCE_EXHAUSTED of the servers at capacity; a call over a module
-    server's max_call_tokens is 413."""
+    Retry-After only for RESOURCE_EXHAUSTED of the servers at capacity (the module server's hint,
+    passed on by the gateway, rounded up to whole seconds; also exact as `retry-after-ms`, which
+    OpenAI's SDKs read first). A module server's bounds on one call are not capacity: waiting
+    does not help, so no 429 and no Retry-After. Over max_call_tokens (rows x positions) the
+    call is too large: 413. Over max_programs (distinct compiled shapes per server, reached
+    once and kept until the server restarts) the request's shape is one the server no longer
+    compiles: 400, naming the prompt (its length decides the shape)."""
     status, kind = STATUS.get(e.code, (500, "server_error"))
     param = code = None
     headers = {}
@@ -80,8 +85,13 @@ def from_gateway(e, endpoint_param: str = "prompt") -> APIError:
         # the same request would fail again, so no 429 / Retry-After.
         status, kind = 413, "invalid_request_error"
         param, code = endpoint_param, "request_too_large"
+    elif e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_programs" in e.details:
+        status, kind = 400, "invalid_request_error"
+        param, code = endpoint_param, "max_programs_exceeded"
     elif e.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         wait = e.retry_after_s if e.retry_after_s else DEFAULT_RETRY_AFTER_S
         headers["Retry-After"] = str(max(1, math.ceil(wait)))
+        if e.retry_after_s:
+            headers["retry-after-ms"] = str(max(1, round(e.retry_after_s * 1000)))
         code = "servers_at_capacity"
     return APIError(status, e.details, type=kind, param=param, code=code, headers=headers)

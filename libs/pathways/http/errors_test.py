@@ -32,7 +32,9 @@ def test_gateway_statuses_map_to_http(code, status):
 
 def test_retry_after_rounds_the_servers_hint_up():
     e = from_gateway(GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full", 2.2))
-    assert e.headers["Retry-After"] == "3"
+    assert e.headers["Retry-After"] == "3" and e.headers["retry-after-ms"] == "2200"
+    e = from_gateway(GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, "full"))  # no hint
+    assert e.headers == {"Retry-After": "1"}
     e = from_gateway(GatewayError(grpc.StatusCode.PERMISSION_DENIED, "Generate needs role"))
     assert e.status == 403 and e.type == "permission_error" and not e.headers
 
@@ -45,6 +47,22 @@ def test_a_call_over_max_call_tokens_is_413_not_429():
     e = from_gateway(GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, msg), "messages")
     assert (e.status, e.param, e.code) == (413, "messages", "request_too_large")
     assert "Retry-After" not in e.headers and "max_call_tokens = 512" in e.message
+
+
+def test_a_shape_over_max_programs_is_400_not_429():
+    msg = (
+        "module 'attn' at 127.0.0.1:5: this server has compiled max_programs = 12 distinct "
+        "shapes; step with shapes (1, 64, 32) would compile another (send shapes the server "
+        "already runs, or raise --max-programs / PATHWAYS_MAX_PROGRAMS)"
+    )
+    e = from_gateway(GatewayError(grpc.StatusCode.RESOURCE_EXHAUSTED, msg, 1.0), "prompt")
+    assert (e.status, e.type, e.param, e.code) == (
+        400,
+        "invalid_request_error",
+        "prompt",
+        "max_programs_exceeded",
+    )
+    assert not e.headers and "max_programs = 12" in e.message
 
 
 def test_gateway_messages_name_the_field():

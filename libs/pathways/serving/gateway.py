@@ -232,7 +232,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             record.status = "OK"
         except RemoteError as e:
             record.status = e.code.name
-            context.abort(e.code, str(e))
+            _abort_remote(context, e)
         except ValueError as e:
             record.status = "INVALID_ARGUMENT"
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -351,6 +351,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return _infer_response(res)
 
 
+def _abort_remote(context, e: RemoteError):
+    """Ends the call with a module server's status, passing on its retry hint (a full KV-cache
+    pool: trailing `retry-after-ms`, which the HTTP front turns into Retry-After)."""
+    if e.retry_after_s is not None:
+        transport.set_retry_after(context, e.retry_after_s)
+    context.abort(e.code, str(e))
+
+
 @contextlib.contextmanager
 def _infer_statuses(context):
     """An Infer call's errors as its gRPC status: the servers' (RemoteError), the request's
@@ -358,7 +366,7 @@ def _infer_statuses(context):
     try:
         yield
     except RemoteError as e:
-        context.abort(e.code, str(e))
+        _abort_remote(context, e)
     except infer.InferError as e:
         context.abort(grpc.StatusCode[e.status], str(e))
     except ValueError as e:  # the tensor's encoding (codec)

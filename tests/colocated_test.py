@@ -1,8 +1,11 @@
 """Co-located modules: a module server hosting several consecutive modules of a pathway steps
 them as one program (`--module attn-0,attn-1`), and the remote executor makes one call to it
-where it would make one per module. Against the local executor, and its bad uses."""
+where it would make one per module. Against the local executor, and its bad uses. The servers
+are a local deployment (`pathways up --colocate attn-0,attn-1`), its gateway included."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -11,32 +14,45 @@ import pytest
 from pathways import codec
 from pathways import generate as gen
 from pathways.deploy import launcher
+from pathways.deploy import local as local_dep
+from pathways.deploy.local import LocalDeployment
 from pathways.executor.remote import RemoteExecutor
 from pathways.sampling import SamplingParams
 from pathways.serving import testing
+from pathways.tokenizers import ByteTokenizer
 from pathways.v1 import module_pb2, module_pb2_grpc
 from services.module_server import main as module_server
 
 pytestmark = pytest.mark.slow
+TINY = Path(__file__).resolve().parents[1] / "examples" / "tiny.yaml"
 IDS = list(b"def main():")
 N = 16
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    """embed | attn-0,attn-1 (one server) | head, and the whole tiny pathway on one server."""
+def deployment(tmp_path_factory):
+    """`up --colocate attn-0,attn-1` (plaintext, no coordinator): embed | attn-0,attn-1 (one
+    server) | head and a gateway, the others started with --training as `up` does."""
     d = tmp_path_factory.mktemp("ckpt")
     local = testing.make_checkpoint(d)
-    f = launcher.Fleet(str(d), ["embed", "attn-0,attn-1", "head"], gateway=False)
-    with f:
-        whole = launcher.start_module(
-            f.checkpoint, "embed,attn-0,attn-1,head", f.server_env(4), None, f.module_args
-        )
-        try:
-            launcher.wait_healthy(whole.address, whole.proc, 300)
-            yield f, whole, local
-        finally:
-            whole.stop()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PATHWAYS_HOME", str(tmp_path_factory.mktemp("home")))
+        dep = LocalDeployment(str(d), coordinator=False, colocate=[["attn-0", "attn-1"]])
+        with dep:
+            yield dep, local
+
+
+@pytest.fixture(scope="module")
+def fleet(deployment):
+    """The deployment's servers, and the whole tiny pathway on one more server."""
+    dep, local = deployment
+    f, name = dep.fleet, "embed,attn-0,attn-1,head"
+    whole = launcher.start_module(f.checkpoint, name, f.server_env(4), None, f.server_args(name))
+    try:
+        launcher.wait_healthy(whole.address, whole.proc, 300)
+        yield f, whole, local
+    finally:
+        whole.stop()
 
 
 def stub(address):
@@ -154,3 +170,48 @@ def test_a_chain_that_cannot_run_is_refused_at_start(fleet, capsys, modules, mes
     rc = module_server.main(["--checkpoint", f.checkpoint, "--module", modules, "--insecure"])
     assert rc == 2
     assert message in capsys.readouterr().err
+
+
+def test_up_colocate_serves_through_the_gateway_and_does_not_train_the_chain(deployment, capsys):
+    """The gateway reaches attn-0 and attn-1 as one hop; `train --remote` against this
+    deployment is refused by name (the chain server only serves), before any job is sent."""
+    from pathways.v1 import gateway_pb2, gateway_pb2_grpc
+    from tools.cli.main import main
+
+    dep, local = deployment
+    assert dep.servers == ["embed", "attn-0,attn-1", "head"]
+    assert set(dep.train_modules) == {"embed", "head"}
+    assert dep.fleet.endpoints["attn-0"] == dep.fleet.endpoints["attn-1"]
+    gw = gateway_pb2_grpc.GatewayServiceStub(grpc.insecure_channel(dep.gateway))
+    sampling = gateway_pb2.SamplingOptions(temperature=0, max_new_tokens=N)
+    prompt = "def main():"
+    req = gateway_pb2.GenerateRequest(pathway="tiny", prompt=prompt, sampling=sampling)
+    ids = [r.token_id for r in gw.Generate(req, timeout=120) if r.token_id >= 0]
+    want = gen.greedy_ids(local, "tiny", ByteTokenizer().encode(prompt), N)
+    np.testing.assert_array_equal(ids, want)
+
+    assert local_dep.read()["serve_only"] == ["attn-0", "attn-1"]
+    argv = ["train", "--remote", "--spec", str(TINY), "--out", dep.checkpoint + "-out"]
+    assert main([*argv, "--broker", "redis://127.0.0.1:1"]) != 0
+    err = capsys.readouterr().err
+    assert "attn-0, attn-1" in err and "--engine pipeline" in err, err
+
+
+@pytest.mark.parametrize(
+    "colocate, message",
+    [
+        ([["attn-0"]], "2 or more modules"),
+        ([["attn-1", "attn-0"]], "not consecutive modules of any pathway"),
+        ([["attn-0", "attn-1"], ["attn-1", "head"]], "'attn-1' is in two groups"),
+        ([["attn-0", "nope"]], "unknown module 'nope'"),
+        ([["head", "embed"]], "not consecutive"),
+    ],
+)
+def test_bad_colocate_groups_are_refused_before_anything_starts(deployment, colocate, message):
+    dep, _ = deployment
+    with pytest.raises(ValueError, match=message):
+        LocalDeployment(dep.checkpoint, coordinator=False, colocate=colocate)
+    with pytest.raises(ValueError, match="name the group 'attn-0,attn-1'"):
+        LocalDeployment(
+            dep.checkpoint, {"attn-0": 2}, coordinator=False, colocate=[["attn-0", "attn-1"]]
+        )

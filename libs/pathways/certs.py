@@ -224,8 +224,9 @@ GATEWAY, COORDINATOR, CLIENT = "gateway", "coordinator", "client"
 
 
 def module_identity(module: str) -> str:
-    """The certificate name of a module's servers (every replica shares it)."""
-    return f"module-{module}"
+    """The certificate name of a module's servers (every replica shares it); a server hosting
+    several modules ("attn-0,attn-1") is "module-attn-0+attn-1"."""
+    return f"module-{module.replace(',', '+')}"
 
 
 class Identities:

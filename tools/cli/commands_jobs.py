@@ -58,6 +58,18 @@ def submit_and_follow(args, modules: dict[str, str] | None = None) -> int:
 
     info = local.read() or {}
     engine = args.engine or ("services" if info.get("train_modules") else "pipeline")
+    serve_only = info.get("serve_only") or []
+    if engine == "services" and not modules and serve_only:
+        from pathways import spec as specs
+
+        spec = specs.load(args.spec)
+        used = set(spec.pathway(args.pathway or spec.default_pathway).modules)
+        if used & set(serve_only):
+            raise ValueError(
+                f"the local deployment hosts {', '.join(m for m in serve_only if m in used)} "
+                f"several modules to a server (up --colocate), which only serves: train with "
+                f"--engine pipeline, or start `pathways up` without --colocate"
+            )
     req = JobRequest(
         **_common_fields(args),
         warmup=args.warmup,

@@ -22,6 +22,16 @@ def register(sub) -> None:
         metavar="MODULE=N",
         help="replicas of a module (repeatable; default 1 each)",
     )
+    p.add_argument(
+        "--colocate",
+        action="append",
+        default=[],
+        metavar="A,B[,...]",
+        help="serve consecutive modules of a pathway from one process that steps them as one "
+        "program, e.g. --colocate attn-0,attn-1 (repeatable; --replicas then names the group). "
+        "Fewer hops and processes; such a server only serves: `train --remote` cannot train its "
+        "modules",
+    )
     p.add_argument("--kv-cache-mb", type=float, default=None, help="KV-cache pool per server")
     p.add_argument(
         "--weights",
@@ -87,10 +97,11 @@ def register(sub) -> None:
 
 
 def parse_replicas(values: list[str], modules) -> dict[str, int]:
+    """--replicas MODULE=N values; a group of --colocate is named as given there ("a,b=2")."""
     out = {}
     for v in values:
         name, _, n = v.partition("=")
-        if name not in modules:
+        if any(m not in modules for m in name.split(",")):
             raise ValueError(f"--replicas: unknown module {name!r}; known: {', '.join(modules)}")
         if not n.isdigit() or int(n) < 1:
             raise ValueError(f"--replicas must be MODULE=N with N >= 1; got {v!r}")
@@ -121,6 +132,7 @@ def cmd_up(args) -> int:
     dep = LocalDeployment(
         args.checkpoint,
         replicas,
+        colocate=[g.split(",") for g in args.colocate],
         log_dir=log_dir,
         module_args=extra,
         coordinator=not args.no_coordinator,
@@ -131,7 +143,7 @@ def cmd_up(args) -> int:
         metrics=not args.no_metrics,
         job_roots=[examples],  # `train --remote` may name the example specs
     )
-    n = sum(replicas.get(m, 1) for m in dep.modules)
+    n = sum(replicas.get(m, 1) for m in dep.servers)
     if args.insecure:
         print(
             "WARNING: --insecure: every process talks plaintext gRPC and the gateway takes no "
@@ -146,8 +158,11 @@ def cmd_up(args) -> int:
     )
     try:
         dep.start()
-        for m, addrs in dep.fleet.endpoints.items():
-            print(f"  {m:<16} {', '.join(addrs)}", file=sys.stderr)
+        for m, procs in dep.fleet.servers.items():
+            shown = f"{m:<16} {', '.join(p.address for p in procs)}"
+            if "," in m:
+                shown += "  (one server, one program per step; serves only)"
+            print(f"  {shown}", file=sys.stderr)
         if dep.broker is not None:
             print(f"  {'broker':<16} {dep.broker.shown_url}", file=sys.stderr)
         print(f"gateway {dep.gateway}", flush=True)

@@ -239,8 +239,9 @@ def start_module(
     """A module server for `module` of `checkpoint` on a free port, with `tls` (None: plaintext
     unless `env` sets PATHWAYS_TLS_DIR or PATHWAYS_INSECURE)."""
     port = free_port()
+    name = module.replace(",", "+")  # a server hosting several modules: "attn-0+attn-1"
     return Process(
-        module if replica == 0 else f"{module}.{replica}",
+        name if replica == 0 else f"{name}.{replica}",
         [
             MODULE_SERVER,
             "--checkpoint",
@@ -340,7 +341,10 @@ def stop_all(procs: list[Process]) -> None:
 
 
 class Fleet:
-    """Every module of a checkpoint (N replicas each) and optionally a gateway, as processes."""
+    """Every module of a checkpoint (N replicas each) and optionally a gateway, as processes.
+
+    `modules` names servers: a module, or consecutive modules hosted by one server that steps
+    them as one program ("attn-0,attn-1"); `replicas` is keyed the same way."""
 
     def __init__(
         self,
@@ -376,6 +380,13 @@ class Fleet:
             m: [p.address for p in ps] for name, ps in self.servers.items() for m in name.split(",")
         }
 
+    def server_args(self, server: str) -> list[str]:
+        """A module server's flags: `module_args`, less --training for a server hosting several
+        modules (training serves one module per server; a chain server only serves)."""
+        if "," not in server:
+            return list(self.module_args)
+        return [a for a in self.module_args if a != "--training"]
+
     def server_env(self, servers: int) -> dict[str, str]:
         """Environment of the module servers: the machine's CPUs split between `servers`
         (unless PATHWAYS_CPU_THREADS is set here or in `env`)."""
@@ -392,13 +403,14 @@ class Fleet:
             env = self.server_env(sum(self.replicas.get(m, 1) for m in self.modules))
             for m in self.modules:
                 tls = self.identities.tls(certs.module_identity(m))
+                name = m.replace(",", "+")
                 self.servers[m] = [
                     start_module(
                         self.checkpoint,
                         m,
                         env,
                         self.log,
-                        [*self.module_args, *self._metrics_args(m if i == 0 else f"{m}.{i}")],
+                        [*self.server_args(m), *self._metrics_args(name + (f".{i}" if i else ""))],
                         replica=i,
                         tls=tls,
                     )

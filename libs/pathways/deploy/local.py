@@ -72,6 +72,44 @@ def broker_url(explicit: str | None = None) -> str:
     )
 
 
+def server_names(spec, modules: list[str], colocate: Sequence[Sequence[str]]) -> list[str]:
+    """The module servers of a deployment: each module alone, except the groups of `colocate`,
+    each one server named "a,b" (in pathway order). Raises ValueError naming a group that is not
+    consecutive modules of one of the spec's pathways, or whose contracts do not chain."""
+    from pathways.serving.chain import check_contracts
+
+    grouped: dict[str, str] = {}
+    for group in colocate:
+        group = [m.strip() for m in group]
+        shown = ",".join(group)
+        if len(group) < 2:
+            raise ValueError(f"colocate: a group names 2 or more modules; got {shown!r}")
+        for m in group:
+            if m not in modules:
+                raise ValueError(
+                    f"colocate: unknown module {m!r} in {shown!r}; known: {', '.join(modules)}"
+                )
+            if m in grouped:
+                raise ValueError(f"colocate: module {m!r} is in two groups ({grouped[m]!r})")
+        if not any(
+            list(p.modules[i : i + len(group)]) == group
+            for p in spec.pathways.values()
+            for i in range(len(p.modules))
+        ):
+            raise ValueError(
+                f"colocate: {shown!r} are not consecutive modules of any pathway of the spec "
+                f"(in order)"
+            )
+        check_contracts([(m, spec.modules[m]) for m in group])
+        grouped.update({m: shown for m in group})
+    names: list[str] = []
+    for m in modules:
+        name = grouped.get(m, m)
+        if name not in names:
+            names.append(name)
+    return names
+
+
 class LocalDeployment:
     """Module servers, a gateway, an embedded broker and a coordinator worker, as local processes.
 
@@ -95,6 +133,7 @@ class LocalDeployment:
         metrics: bool = False,
         training: bool = True,
         job_roots: Sequence[str | Path] = (),
+        colocate: Sequence[Sequence[str]] = (),
     ):
         """`secure_dir`: where the deployment keeps its CA and service certificates (`tls/`),
         the gateway's hashed API keys (`api-keys.json`) and the local user's admin key
@@ -107,7 +146,11 @@ class LocalDeployment:
         (TrainingService on a copy of the weights, for jobs through the services; what they
         learn is served after `publish`). `job_roots`: directories the coordinator's jobs may
         read and write besides the working directory, the checkpoint's, the one holding it, the
-        log and secure directories (PATHWAYS_JOB_ROOTS of its worker; e.g. where specs ship)."""
+        log and secure directories (PATHWAYS_JOB_ROOTS of its worker; e.g. where specs ship).
+        `colocate`: groups of consecutive modules of a pathway that one server hosts and steps as
+        one program (e.g. [["attn-0", "attn-1"]]); `replicas` then names the group
+        ("attn-0,attn-1"). Such a server serves only: jobs through the services cannot train its
+        modules (`train_modules` leaves them out)."""
         from pathways import certs
         from pathways import checkpoint as ckpt
 
@@ -116,7 +159,15 @@ class LocalDeployment:
         self.modules = [m for m in spec.modules if ckpt.has_module(self.checkpoint, m)]
         if not self.modules:
             raise ValueError(f"checkpoint {self.checkpoint} has no module weights")
+        self.servers = server_names(spec, self.modules, colocate)
         self.replicas, self.module_args = dict(replicas or {}), list(module_args)
+        for name in self.replicas:
+            if name not in self.servers:
+                group = next((g for g in self.servers if name in g.split(",")), None)
+                raise ValueError(
+                    f"replicas: {name!r} is not a server of this deployment"
+                    + (f"; it is hosted with others, name the group {group!r}" if group else "")
+                )
         if training and "--training" not in self.module_args:
             self.module_args.append("--training")
         self.job_roots = list(job_roots)
@@ -207,8 +258,9 @@ class LocalDeployment:
 
     @property
     def train_modules(self) -> dict[str, str]:
-        """The replica of each module that trains (the first): module -> host:port."""
-        return {m: addrs[0] for m, addrs in self.fleet.endpoints.items()}
+        """The replica of each module that trains (the first): module -> host:port. Modules
+        hosted several to a server (`colocate`) only serve: they are not listed."""
+        return {m: ps[0].address for m, ps in self.fleet.servers.items() if "," not in m}
 
     def start(self, timeout: float = 300.0) -> LocalDeployment:
         from pathways import certs
@@ -229,7 +281,7 @@ class LocalDeployment:
                 )
             self.fleet = Fleet(
                 self.checkpoint,
-                self.modules,
+                self.servers,
                 self.replicas,
                 log=self.log,
                 module_args=self.module_args,
@@ -258,6 +310,8 @@ class LocalDeployment:
                     "broker": self.broker.url if self.broker else None,
                     "modules": self.fleet.endpoints,
                     "train_modules": self.train_modules,
+                    # Modules hosted several to a server: they serve only (see `colocate`).
+                    "serve_only": [m for s in self.servers if "," in s for m in s.split(",")],
                     "checkpoint": self.checkpoint,
                     # How the CLI talks to it: the local user's certificate and admin key.
                     "insecure": self.secure_dir is None,

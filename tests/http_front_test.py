@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pathways import catalog, certs, chat, client, transport
 from pathways import generate as gen
+from pathways.deploy import launcher
 from pathways.deploy.local import LocalDeployment
 from pathways.sampling import SamplingParams
 from pathways.serving import auth
@@ -34,6 +35,7 @@ READER = auth.new_key()  # role generate
 SLOTS = 2  # KV-cache slots per attention server: capacity is reached on purpose
 README = Path(__file__).resolve().parents[1] / "README.md"
 DASHBOARD = Path(__file__).resolve().parents[1] / "k8s" / "grafana-dashboard.json"
+PATHWAYS_FILE_ENV = "PATHWAYS_PATHWAYS_FILE"  # the gateway's --pathways-file
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,8 @@ def dep(tmp_path_factory):
     auth.KeyStore([auth.hashed("reader", "generate", READER)]).save(home / "api-keys.json")
     saved = os.environ.get("PATHWAYS_HOME")
     os.environ["PATHWAYS_HOME"] = str(home)  # the state file `pathways generate` reads
+    # The gateway keeps its pathway table's changes here (restarted by the last test).
+    os.environ[PATHWAYS_FILE_ENV] = str(home / "gateway-pathways.json")
     try:
         with LocalDeployment(
             ckpt,
@@ -61,6 +65,7 @@ def dep(tmp_path_factory):
                 "tls": transport.TLSConfig.from_dir(home / "tls" / certs.CLIENT),
             }
     finally:
+        os.environ.pop(PATHWAYS_FILE_ENV, None)
         if saved is None:
             os.environ.pop("PATHWAYS_HOME", None)
         else:
@@ -265,6 +270,18 @@ def _admin_key(dep) -> str:
     return dep["d"].api_key_file.read_text().strip()
 
 
+def _set_pathway(dep, name: str, modules: list[str]) -> None:
+    ch = transport.channel(dep["d"].gateway, tls=dep["tls"])
+    try:
+        gateway_pb2_grpc.GatewayServiceStub(ch).SetPathway(
+            gateway_pb2.SetPathwayRequest(name=name, modules=modules),
+            metadata=auth.client_metadata(_admin_key(dep)),
+            timeout=30,
+        )
+    finally:
+        ch.close()
+
+
 def test_403_for_a_key_whose_role_is_not_enough(dep):
     """DELETE /v1/models/{id} (OpenAI's model deletion) is the gateway's RemovePathway, which
     needs an admin key: the reader's generate key gets 403 and the pathway stays; the local
@@ -291,15 +308,7 @@ def test_403_for_a_key_whose_role_is_not_enough(dep):
         with pytest.raises(openai.NotFoundError):
             _oa(dep).completions.create(model="tiny-shallow", prompt="x", max_tokens=2)
     finally:
-        ch = transport.channel(dep["d"].gateway, tls=dep["tls"])
-        try:
-            gateway_pb2_grpc.GatewayServiceStub(ch).SetPathway(
-                gateway_pb2.SetPathwayRequest(name="tiny-shallow", modules=modules),
-                metadata=auth.client_metadata(_admin_key(dep)),
-                timeout=30,
-            )
-        finally:
-            ch.close()
+        _set_pathway(dep, "tiny-shallow", modules)
     assert {m.id for m in _oa(dep).models.list()} == {"tiny", "tiny-shallow"}
 
 
@@ -508,6 +517,12 @@ def test_metrics_after_traffic(dep):
     )
     t = "pathways_gateway_time_to_first_token_seconds"
     assert 0 < _value(gw, t, t + "_sum") / _value(gw, t, t + "_count") < 60
+    # Per-hop latency as the gateway sees it (the module servers' own is below).
+    hop = "pathways_gateway_hop_latency_milliseconds"
+    n = _value(gw, hop, hop + "_count", hop="attn-0", method="Decode")
+    assert n >= 7 and 0 < _value(gw, hop, hop + "_sum", hop="attn-0", method="Decode") / n < 6e4
+    assert _value(gw, hop, hop + "_count", hop="head", method="Prefill") >= 1
+    assert _value(gw, hop, hop + "_count", hop="attn-1", method="Forward") >= 1  # embeddings
     assert (
         _value(gw, "pathways_gateway_active_generations", "pathways_gateway_active_generations")
         == 0
@@ -539,3 +554,48 @@ def test_metrics_after_traffic(dep):
     exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
     queried = {m for e in exprs for m in re.findall(r"\b(?:pathways|http_server)_[a-z_]+", e)}
     assert len(queried) >= 10 and queried <= emitted, queried - emitted
+
+
+def _restart_gateway(dep) -> None:
+    """Stops the deployment's gateway and starts it again on the same port, with the same
+    flags (its --pathways-file from the environment); waits until the HTTP front reaches it."""
+    d = dep["d"]
+    old = d.fleet.gateway
+    argv = list(old.proc.args[2:])  # after `python -m`
+    old.stop()
+    new = launcher.Process(
+        "gateway", argv, old.port, env=d.identities.tls(certs.GATEWAY).env(), label="gateway"
+    )
+    d.fleet.gateway = new  # stopped with the deployment
+    launcher.wait_all_healthy([new], 120, tls=d.fleet.client_tls)
+    end = time.monotonic() + 60
+    while httpx.get(dep["url"] + "/readyz", timeout=10).status_code != 200:
+        assert time.monotonic() < end, "the HTTP front did not reach the restarted gateway"
+        time.sleep(0.2)
+
+
+def test_a_removed_and_an_added_pathway_survive_a_gateway_restart(dep):
+    """DELETE /v1/models/ID and SetPathway are kept in the gateway's pathways file: after a
+    restart the removed pathway stays gone and the added one is served. (Last in the file: a
+    restart resets the gateway's metrics, which test_metrics_after_traffic reads.)"""
+    admin = _oa(dep, _admin_key(dep))
+    modules = admin.models.retrieve("tiny-shallow").model_extra["pathway"]["modules"]
+    params = SamplingParams(temperature=0.0, max_new_tokens=4)
+    want = gen.generate(dep["ex"], "tiny-shallow", ["def "], ByteTokenizer(), params)[0].text
+    try:
+        assert admin.models.delete("tiny-shallow").deleted
+        _set_pathway(dep, "tiny-copy", modules)
+        _restart_gateway(dep)
+        assert {m.id for m in _oa(dep).models.list()} == {"tiny", "tiny-copy"}
+        with pytest.raises(openai.NotFoundError):
+            _oa(dep).completions.create(model="tiny-shallow", prompt="x", max_tokens=2)
+        r = _oa(dep).completions.create(
+            model="tiny-copy", prompt="def ", max_tokens=4, temperature=0
+        )
+        assert (r.choices[0].text, r.model) == (want, "tiny-copy")
+    finally:
+        admin.models.delete("tiny-copy")
+        _set_pathway(dep, "tiny-shallow", modules)
+    assert {m.id for m in _oa(dep).models.list()} == {"tiny", "tiny-shallow"}
+    saved = json.loads((dep["home"] / "gateway-pathways.json").read_text())
+    assert saved["removed"] == [] and saved["pathways"] == {"tiny-shallow": modules}

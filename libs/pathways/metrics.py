@@ -24,6 +24,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _UNITS = {"s": "_seconds", "ms": "_milliseconds", "By": "_bytes"}
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RATES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+HOP_MS = (0.25, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
 class PrometheusReader(MetricReader):
@@ -165,6 +166,18 @@ class GatewayMetrics:
         self.active = meter.create_up_down_counter(
             "pathways.gateway.active_generations", description="Generate streams in flight"
         )
+        self.hops = meter.create_histogram(
+            "pathways.gateway.hop.latency",
+            unit="ms",
+            description="a session step's call to one hop (a module, or modules one server "
+            "hosts) as the gateway sees it: network, the server's queue and step, and a decode "
+            "step's wait for the sessions it is batched with; by hop and method",
+            explicit_bucket_boundaries_advisory=HOP_MS,
+        )
+
+    def hop(self, hop: str, method: str, seconds: float) -> None:
+        """Records one call to `hop` (RemoteExecutor.on_hop)."""
+        self.hops.record(seconds * 1e3, {"hop": hop, "method": method})
 
     def generation(self, pathway: str) -> _Generation:
         return _Generation(self, pathway)

@@ -12,6 +12,7 @@ from pathways import transport
 from pathways.serving import auth
 from pathways.serving.episodes import DEFAULT_TTL_S
 from pathways.serving.gateway import MAX_PROMPT_BYTES, GatewayServer
+from pathways.serving.pathway_store import StoreError
 
 
 def parse_modules(values: list[str]) -> dict[str, list[str]]:
@@ -125,6 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         help="an episode of a pathway that acts (Infer with a session) is closed after this "
         "many seconds without a step (env PATHWAYS_SESSION_TTL_S)",
     )
+    p.add_argument(
+        "--pathways-file",
+        default=os.environ.get("PATHWAYS_PATHWAYS_FILE", ""),
+        metavar="FILE",
+        help="keeps the pathway table's changes (AddModule, SetPathway, RemovePathway) in FILE, "
+        "applied again when the gateway restarts; written for one checkpoint (env "
+        "PATHWAYS_PATHWAYS_FILE; default: none, changes last until the gateway stops)",
+    )
     args = p.parse_args(argv)
     if not args.session_ttl_s > 0:
         p.error(f"--session-ttl-s must be > 0; got {args.session_ttl_s}")
@@ -173,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         replicas = parse_modules(modules)
     try:
-        GatewayServer(
+        server = GatewayServer(
             spec,
             tok,
             replicas,
@@ -189,7 +198,11 @@ def main(argv: list[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             max_prompt_bytes=args.max_prompt_bytes,
             session_ttl_s=args.session_ttl_s,
-        ).serve_forever()
+            pathways_file=args.pathways_file or None,
+        )
+        server.serve_forever()
+    except StoreError as e:  # a pathways file that does not apply: say which entry, exit 2
+        p.error(str(e))
     finally:
         if watcher is not None:
             watcher.stop()

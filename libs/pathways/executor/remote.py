@@ -19,6 +19,7 @@ import contextlib
 import functools
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -123,6 +124,9 @@ class RemoteExecutor:
         self.step_timings: dict[str, collections.deque[tuple[int, int, int]]] = {
             m: collections.deque(maxlen=4096) for m in modules
         }
+        # Called with (hop, method, seconds) after each session step's call to a hop, as this
+        # client saw it (a decode step's lockstep wait included): the gateway's hop latency.
+        self.on_hop: Callable[[str, str, float], None] | None = None
 
     def close(self) -> None:
         for rs in self.replicas.values():
@@ -390,7 +394,10 @@ class RemoteExecutor:
                 output_dtype=self.wire,
                 return_logits=return_logits,
             )
+            t0 = time.perf_counter()
             resp = self._call(session, m, "Prefill", req)
+            if self.on_hop is not None:
+                self.on_hop(m, "Prefill", time.perf_counter() - t0)
             x = resp.output
         session.lengths = starts + lens
         session.steps += 1
@@ -432,6 +439,8 @@ class RemoteExecutor:
                     self.step_timings[m].append(
                         ((time.perf_counter_ns() - t0) // 1000, t.handler_us, t.step_us)
                     )
+                if self.on_hop is not None:
+                    self.on_hop(m, "Decode", (time.perf_counter_ns() - t0) * 1e-9)
                 x = resp.output
         except BaseException:
             self.lockstep.leave(session.id)
@@ -453,6 +462,7 @@ class RemoteExecutor:
             req = module_pb2.ForwardRequest(
                 input=x, output_dtype=self.wire, bidirectional=not p.causal, modules=ms
             )
+            t0 = time.perf_counter()
             for attempt in range(self.max_attempts):
                 r = rset.acquire()
                 if r is None:
@@ -466,6 +476,8 @@ class RemoteExecutor:
                     rset.mark_down(r)
                 finally:
                     rset.release(r)
+            if self.on_hop is not None:
+                self.on_hop(m, "Forward", time.perf_counter() - t0)
         return codec.decode(x, "output")
 
     def loss(self, pathway: str, inputs, targets) -> float:

@@ -22,6 +22,7 @@ from pathways.modules.action import choose
 from pathways.parallel import routing
 from pathways.serving import auth, limits
 from pathways.serving.episodes import DEFAULT_TTL_S, Episodes
+from pathways.serving.pathway_store import PathwayStore
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         checkpoint: str | None = None,
         max_prompt_bytes: int = MAX_PROMPT_BYTES,
         session_ttl_s: float = DEFAULT_TTL_S,
+        store: PathwayStore | None = None,
     ):
         self.executor, self.tokenizer = executor, tokenizer
+        # Where AddModule / SetPathway / RemovePathway are recorded (None: in memory only); a
+        # change and its record happen under one lock, so the file matches the table.
+        self.store, self._table_lock = store, threading.Lock()
         self.episodes = Episodes(executor, ttl_s=session_ttl_s)  # pathways that act
         self.addresses = addresses  # what AddModule may dial
         self.max_prompt_bytes = max_prompt_bytes
@@ -54,6 +59,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         # A DiPaCo checkpoint's router: a prompt for its family of paths goes to one path.
         self.router = routing.load(checkpoint, executor.spec)
         self.metrics = prom.GatewayMetrics()
+        executor.on_hop = self.metrics.hop  # per-hop latency as the gateway sees it
 
     def ListPathways(self, request, context):
         spec = self.executor.spec
@@ -101,10 +107,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 f"{request.addresses[0]} hosts module {d.name!r}, not {request.name!r}",
             )
         try:
-            cfg = config_from_dict(
-                {"kind": d.kind, **json.loads(d.config_json)}, where=f"module {d.name!r}"
-            )
-            self.executor.add_module(request.name, cfg, list(request.addresses))
+            config = json.loads(d.config_json)
+            cfg = config_from_dict({"kind": d.kind, **config}, where=f"module {d.name!r}")
+            with self._table_lock:
+                self.executor.add_module(request.name, cfg, list(request.addresses))
+                if self.store is not None:
+                    self.store.added_module(request.name, d.kind, config, list(request.addresses))
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return gateway_pb2.AddModuleResponse(kind=d.kind)
@@ -118,7 +126,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 f"module(s) {', '.join(unknown)} (register with AddModule)",
             )
         try:
-            self.executor.set_pathway(request.name, list(request.modules))
+            with self._table_lock:
+                self.executor.set_pathway(request.name, list(request.modules))
+                if self.store is not None:
+                    self.store.set_pathway(request.name, list(request.modules))
         except ValueError as e:  # SpecError included: the message names modules and values
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         p = self.executor.spec.pathway(request.name)
@@ -174,7 +185,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if request.name not in self.executor.spec.pathways:
             context.abort(grpc.StatusCode.NOT_FOUND, f"unknown pathway {request.name!r}")
         try:
-            self.executor.remove_pathway(request.name)
+            with self._table_lock:
+                self.executor.remove_pathway(request.name)
+                if self.store is not None:
+                    self.store.removed_pathway(request.name)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         return gateway_pb2.RemovePathwayResponse()
@@ -415,6 +429,7 @@ class GatewayServer:
         metrics_port: int = 0,
         max_prompt_bytes: int = MAX_PROMPT_BYTES,
         session_ttl_s: float = DEFAULT_TTL_S,
+        pathways_file: str | None = None,
     ):
         """`keys`: the API keys callers must present (None: no keys, every caller is admin;
         logged). `allowed_addresses`: "host:port" patterns AddModule may dial (None: the
@@ -422,7 +437,10 @@ class GatewayServer:
         grpc.health.v1 (Kubernetes' probes; 0: none). `checkpoint`: where the pathway catalog's
         measurements and the chat template are read. `metrics_port`: a plaintext port serving
         GET /metrics (Prometheus; 0: none). `session_ttl_s`: an episode of a pathway that acts
-        (Infer with a session) is closed after this long without a step."""
+        (Infer with a session) is closed after this long without a step. `pathways_file`: where
+        the pathway table's changes are kept across restarts (`serving.pathway_store`; applied
+        here before serving, StoreError naming the entry when it cannot be; None: they last as
+        long as this process)."""
         telemetry.init("pathways-gateway", prometheus=bool(metrics_port))
         self.metrics_host, self.metrics_port, self.metrics_server = host, metrics_port, None
         self.tls = transport.default() if tls is None else tls
@@ -435,6 +453,14 @@ class GatewayServer:
             lockstep_wait_s=lockstep_wait_s,
             tls=self.tls,  # its certificate is its client certificate at the module servers
         )
+        store = None
+        if pathways_file:
+            if not checkpoint:
+                raise ValueError("a pathways file needs the gateway's checkpoint")
+            store = PathwayStore(pathways_file, checkpoint, self.executor.spec.pathways)
+            store.apply(self.executor)
+        else:
+            log.info("no pathways file: pathway table changes last until the gateway stops")
         if keys is None:
             log.warning("gateway without API keys: every caller may change its pathways")
         if allowed_addresses is None:
@@ -456,6 +482,7 @@ class GatewayServer:
             checkpoint,
             max_prompt_bytes,
             session_ttl_s,
+            store,
         )
         gateway_pb2_grpc.add_GatewayServiceServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()

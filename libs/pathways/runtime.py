@@ -3,6 +3,7 @@ fused chains of modules, the whole pathway's loss)."""
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 from typing import Any
 
@@ -86,23 +87,58 @@ class ModuleRuntime:
         parameters when a serving copy differs from them — packed float32 kernels (exact), or
         bfloat16/int8 storage (then `state` becomes what the serving copy holds, no longer the
         checkpoint's float32 values: a module server started to train keeps float32 weights).
-        `state` rebuilds them on first use (training, checkpoints)."""
-        serving = self.serving_state
-        # Where prefill chunks compute with another copy (kernels chosen for decode only),
-        # built now: it is made from the float32 parameters about to be dropped.
-        self.serving_for(prefill=True)
+        `state` rebuilds them on first use (training, checkpoints).
+
+        Serving copies not built yet are built array by array, each float32 array dropped as
+        soon as its serving form exists, so the process never holds both copies whole: called
+        before the first step (a module server's start), the peak is about one copy of the
+        weights. Arrays that callers still hold are not freed, but nothing else changes."""
+        if self._state is None:
+            return False  # compacted already, not rebuilt since
         if self.mesh is not None:
+            # Where prefill chunks compute with another copy (kernels chosen for decode only),
+            # built now, as the decode copy is: from the float32 parameters.
+            self.serving_for(prefill=False)
+            self.serving_for(prefill=True)
             return False
-        if self.weights == "float32":
-            packed = any(
-                getattr(a, "ndim", 0) != getattr(b, "ndim", 0)
-                for a, b in zip(jax.tree.leaves(serving), jax.tree.leaves(self._state))
-            )
-            if not packed:
-                return False
-        self._template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._state)
-        self._state = None
+        natives = {self._native_for(False), self._native_for(True)}
+        if self.weights == "float32" and not (self.native_ops and any(natives)):
+            self.serving_for(prefill=False)  # the parameters themselves
+            self.serving_for(prefill=True)
+            return False
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._state)
+        self._build_servings([n for n in natives if n not in self._servings])
+        serving = self.serving_state
+        if self.weights == "float32" and not any(
+            getattr(a, "ndim", 0) != len(t.shape)
+            for a, t in zip(jax.tree.leaves(serving), jax.tree.leaves(template))
+        ):  # kernels not packed for decode (native for prefill only): keep them as the state
+            self._state = serving
+            return False
+        self._template, self._state = template, None
         return True
+
+    def _build_servings(self, natives: list[bool]) -> None:
+        """The serving copies for `natives` (see `_serving_copy`), made from `_state` one array
+        at a time; `_state` is consumed: each float32 array is released once converted."""
+        if not natives:
+            return
+        paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(self._state)
+        self._state = None  # the leaves below are the last references this runtime holds
+        paths = [path for path, _ in paths_leaves]
+        leaves = [x for _, x in paths_leaves]
+        del paths_leaves
+        gc.collect()  # a module built around the arrays may hold them in a reference cycle
+        copies: dict[bool, list] = {native: [] for native in natives}
+        for i, path in enumerate(paths):
+            x, leaves[i] = leaves[i], None
+            for native in natives:
+                # Done before the next array starts (eager ops are dispatched asynchronously:
+                # the float32 input would otherwise stay alive until its conversion ran).
+                copies[native].append(jax.block_until_ready(self._serving_leaf(path, x, native)))
+            del x
+        for native in natives:
+            self._servings[native] = jax.tree.unflatten(treedef, copies[native])
 
     @property
     def serving_state(self):
@@ -115,17 +151,22 @@ class ModuleRuntime:
         for one shape class and not the other (`kernels.chosen`: e.g. decode steps but not
         prefill chunks on some CPUs), so each step computes with the faster one."""
         if native not in self._servings:
-            if native and self.weights in kernels.WEIGHTS:
-                # Linear kernels packed for the native matmul; the token table as `weights`
-                # stores it, as on the XLA path (packed kernels are 3-D: `store` leaves them).
-                packed = kernels.pack_state(self._state, self.weights, True)
-                serving = weights_lib.store(packed, self.weights)
-            else:
-                serving = weights_lib.store(self._state, self.weights)
+            serving = jax.tree_util.tree_map_with_path(
+                lambda path, x: self._serving_leaf(path, x, native), self._state
+            )
             if self.mesh is not None:  # bfloat16-rounded copies go where the parameters are
                 serving = sharding.place(serving, self.placement)
             self._servings[native] = serving
         return self._servings[native]
+
+    def _serving_leaf(self, path, x, native: bool):
+        """One float32 parameter (`path`: its key path) as the serving copy for `native` holds
+        it: linear kernels packed for the native matmul where it is used and `weights` is one it
+        takes (packed kernels are 3-D: `store_leaf` leaves them), then stored as `weights` says
+        (the token table as on the XLA path)."""
+        if native and self.weights in kernels.WEIGHTS:
+            x = kernels.pack_leaf(path, x, self.weights, True)
+        return weights_lib.store_leaf(path, x, self.weights)
 
     def _serving_flat(self, prefill: bool = False):
         """(leaves of the serving parameters a step of this kind computes with, the jitted

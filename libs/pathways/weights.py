@@ -71,17 +71,21 @@ def store(state, weights: str):
     check(weights)
     if weights == "float32":
         return state
+    return jax.tree_util.tree_map_with_path(lambda p, x: store_leaf(p, x, weights), state)
 
-    def convert(path, x):
-        if _is_linear_kernel(path, x):
-            if weights == "int8":
-                return quantize_int8(x)
-            return jnp.asarray(x).astype(jnp.bfloat16)
-        if _is_token_table(path, x):
-            return jnp.asarray(x).astype(jnp.bfloat16)
+
+def store_leaf(path, x, weights: str):
+    """One parameter (`path`: its key path in the module's tree) as `weights` stores it: what
+    `store` does to each leaf, for callers converting a tree array by array."""
+    if weights == "float32":
         return x
-
-    return jax.tree_util.tree_map_with_path(convert, state)
+    if _is_linear_kernel(path, x):
+        if weights == "int8":
+            return quantize_int8(x)
+        return jnp.asarray(x).astype(jnp.bfloat16)
+    if _is_token_table(path, x):
+        return jnp.asarray(x).astype(jnp.bfloat16)
+    return x
 
 
 def restore(serving, template):

@@ -109,6 +109,51 @@ def test_compact_keeps_only_the_reduced_copy():
     assert not f32.compact()  # on XLA nothing to drop: the float32 state is what it serves
 
 
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("native", [None, False])
+def test_compact_converts_array_by_array(storage, native):
+    """compact() before any step (a module server's start) builds the serving copies one array
+    at a time and releases each float32 array once converted: the copies equal those made from
+    the whole tree, and no float32 array outlives its conversion (peak: about one copy)."""
+    import weakref
+
+    from flax import nnx
+
+    from pathways import modules as mod
+
+    cfg = _spec().modules["attn"]
+    whole = ModuleRuntime("attn", cfg, mod.build(cfg, seed=0), weights=storage, native=native)
+    expected = {n: whole.serving_for(prefill=n) for n in (False, True)}
+    # The module's arrays held only by the runtime (as a module server's restored state is).
+    state = nnx.state(mod.build(cfg, seed=0))
+    rt = ModuleRuntime("attn", cfg, mod.from_state(cfg, state), weights=storage, native=native)
+    refs = [weakref.ref(x) for x in jax.tree.leaves(state)]
+    del state
+    convert, kernels_alive = rt._serving_leaf, []
+
+    def counting(path, x, native):  # float32 kernels alive as each array is converted
+        kernels_alive.append(sum(1 for r in refs if r() is not None and r().ndim == 2))
+        return convert(path, x, native)
+
+    rt._serving_leaf = counting
+    dropped = rt.compact()
+    if dropped:  # the last array converted is the last float32 kernel left, if one at all
+        assert kernels_alive and kernels_alive[-1] <= 1, kernels_alive
+    for prefill in (False, True):
+        got = rt.serving_for(prefill=prefill)
+        assert jax.tree.structure(got) == jax.tree.structure(expected[prefill])
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected[prefill])):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    alive = [r() for r in refs if r() is not None]
+    if dropped:  # only arrays a serving copy holds as they are (norm scales) survive
+        kept = {id(x) for n in (False, True) for x in jax.tree.leaves(rt.serving_for(n))}
+        assert all(id(x) in kept for x in alive)
+        assert sum(x.size for x in alive) < 0.1 * sum(x.size for x in jax.tree.leaves(rt.state))
+    else:  # float32 served as it is: the arrays are the state
+        assert storage == "float32" and len(alive) == len(refs)
+
+
 def test_bad_storage_is_refused():
     with pytest.raises(ValueError, match="weights must be one of float32, bfloat16, int8"):
         weights.check("float16")

@@ -53,17 +53,19 @@ def pack_state(state, weights: str = "float32", native: bool | None = None):
     """
     check_weights(weights)
     native = available() if native is None else (native and available())
+    return jax.tree_util.tree_map_with_path(lambda p, x: pack_leaf(p, x, weights, native), state)
 
-    def convert(path, x):
-        if not _is_kernel(path) or getattr(x, "ndim", 0) != 2:
-            return x
-        if native:
-            return pack(x, weights)
-        if weights == "bfloat16":
-            return jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)
+
+def pack_leaf(path, x, weights: str, native: bool):
+    """One parameter (`path`: its key path) as `pack_state` makes it, with `native` decided by
+    the caller: for callers converting a tree array by array."""
+    if not _is_kernel(path) or getattr(x, "ndim", 0) != 2:
         return x
-
-    return jax.tree_util.tree_map_with_path(convert, state)
+    if native:
+        return pack(x, weights)
+    if weights == "bfloat16":
+        return jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)
+    return x
 
 
 def unpack_state(serving, template):

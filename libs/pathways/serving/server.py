@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import signal
 import threading
@@ -162,6 +163,12 @@ class ModuleServer:
             state = ckpt.restore_module(s.checkpoint, module, cfg)  # no random weights first
             e = ModuleEngine(module, cfg, state, slots, weights=s.weights, mesh=mesh)
             del state  # the runtime holds the weights now (on a mesh: only its placed copy)
+            # One copy of the weights while only serving, made before any step: each float32
+            # array is dropped once its serving form exists, so the peak is about one copy, not
+            # both (training through this server or its stateless Forward rebuild the float32
+            # parameters, exactly for float32 weights, on first use).
+            if e.rt.compact():
+                cpu.release_free_memory()
             if mesh is not None:
                 log.info(
                     "module %s: split over %s; %s",
@@ -189,10 +196,13 @@ class ModuleServer:
             a.add(self.server, Mount(engine, self.servicer, options, self.tls, s.roots(), s))
         self.server.start()
         warm_up(self.servicer)
-        # One copy of the weights while only serving (training through this server or its
-        # stateless Forward rebuild the float32 parameters, exactly, on first use).
-        if any([e.rt.compact() for e in engines]):
-            cpu.release_free_memory()
+        # Again: an add-on that read the float32 parameters (training copies them) had them
+        # rebuilt from the serving copy; one copy of the served weights again. Then what
+        # warm-up's compilations left (Python cycles included) goes back to the OS too.
+        for e in engines:
+            e.rt.compact()
+        gc.collect()
+        cpu.release_free_memory()
         log.info(
             "module %s: %.0f MiB resident of its %s",
             s.module,

@@ -1,5 +1,7 @@
 """Applications of the shared module kinds: a vision pathway trained on the digits data set and
-a speech pathway trained on words spoken by espeak-ng.
+a speech pathway trained on words spoken by espeak-ng; and each task alone against through the
+shared attention modules of examples/multitask.yaml (text, vision, speech and, with
+`--sharing-tasks`, the robotics pathways doorkey and reacher).
 
 Vision: trains the spec's classification pathway through `LocalTrainer` (fused or pipeline
 engine) once per seed, then reports test accuracy on the stratified 25 % test split (450
@@ -12,6 +14,8 @@ training speakers saying unseen words.
 
     ./pants run tools/bench/applications.py -- [--tasks vision speech] [--seeds 0 1 2]
         [--steps 1500] [--engine fused] [--speech-steps 3000] [--speech-seeds 0]
+    ./pants run tools/bench/applications.py -- --tasks sharing
+        [--sharing-tasks text digits speech doorkey reacher] [--sharing-settings alone shared]
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from pathways import spec as spec_lib
 from pathways.classify import Classifier
 from pathways.datasets import speech as speech_data
 from pathways.datasets.digits import digits
+from pathways.datasets.robotics import RECIPES, demonstrations
 from pathways.executor.local import LocalExecutor
+from pathways.robotics.envs import Env
+from pathways.robotics.policy import Policy, rollout
 from pathways.tokenizers import ByteTokenizer
 from pathways.train import LocalTrainer, TrainConfig
 from pathways.transcribe import Transcriber, error_rates, speech_pathway
@@ -198,24 +205,25 @@ def speech(args) -> list[dict]:
     return rows
 
 
-TASKS = ("text", "digits", "speech")
-# Ways for vision and speech to go through the text pathway's attention modules (issue 19):
-# alone: each task its own copy; shared: all three train them, one step of each in turn;
-# frozen / adapters: after text alone, digits and speech train only their own modules
+TASKS = ("text", "digits", "speech", "doorkey", "reacher")
+ROBOTICS = ("doorkey", "reacher")
+# Ways for the other tasks to go through the text pathway's attention modules (issues 19, 20):
+# alone: each task its own copy; shared: all of them train them, one step of each in turn;
+# frozen / adapters: after text alone, the others train only their own modules
 # (adapters: plus residual bottlenecks after each shared module); weighted and
-# adapters-weighted: all three in turn, digits and speech moving the shared modules at
+# adapters-weighted: all in turn, every task but text moving the shared modules at
 # lr x --shared-lr-scale (a task mixing weight), with or without adapters.
 SETTINGS = ("alone", "shared", "frozen", "adapters", "weighted", "adapters-weighted")
 
 
-def _with_adapters(spec, bottleneck: int):
-    """`spec` plus pathways `digits-adapted` and `speech-adapted`: the same modules with an
+def _with_adapters(spec, bottleneck: int, tasks=("digits", "speech")):
+    """`spec` plus pathways `TASK-adapted` for each of `tasks`: the same modules with an
     adapter of their own after each module the task shares with text. Added modules come last,
     so every other module starts from the same parameters as in `spec` (seed + index)."""
     from pathways.modules.adapter import AdapterConfig
 
     text = set(spec.pathway("text").modules)
-    for task in ("digits", "speech"):
+    for task in tasks:
         chain = []
         for m in spec.pathway(task).modules:
             chain.append(m)
@@ -228,28 +236,23 @@ def _with_adapters(spec, bottleneck: int):
 
 
 def _sharing_tasks(args):
-    """Per task: (data, TrainConfig, metric name, metric of an executor)."""
+    """Per task of args.sharing_tasks: (data, TrainConfig, metric name, metric of an executor
+    and the task's trainer)."""
     from pathways import data as data_lib
 
-    tok = ByteTokenizer()
-    text = data_lib.TokenData.build(
-        data_lib.read_texts(data_lib.default_corpus_paths(), args.text_bytes), tok
-    )
-    vision_data = digits()
-    spoken = dataclasses.replace(
-        speech_data.speech(train_per_word=args.train_per_word), speed_perturb=args.speed_perturb
-    )
+    steps = dict(args.sharing_task_steps or ())
 
-    def cfg(steps, batch, seq, lr):
+    def cfg(task, batch, seq, lr):
+        s = steps.get(task, args.sharing_steps)
         return TrainConfig(
-            steps=steps,
+            steps=s,
             batch_size=batch,
             seq_len=seq,
             lr=lr,
-            warmup=min(100, steps // 10),
+            warmup=min(100, s // 10),
             weight_decay=args.weight_decay,
-            eval_every=steps,
-            save_every=steps,
+            eval_every=s,
+            save_every=s,
             eval_batches=16,
             seed=args.sharing_seed,  # the batches (and the text eval windows) it draws
         )
@@ -269,12 +272,45 @@ def _sharing_tasks(args):
         )
         return error_rates(hyps, spoken.texts("test"))["cer"]
 
-    s = args.sharing_steps
-    return {
-        "text": (text, cfg(s, 16, 128, 2e-3), "eval loss", text_loss),
-        "digits": (vision_data, cfg(s, 64, 16, 2e-3), "test accuracy", digit_accuracy),
-        "speech": (spoken, cfg(s, 32, 25, 2e-3), "CER held-out speakers", speech_cer),
-    }
+    def acting(task):
+        # Rollouts of the trained policy on unseen seeds 0..N-1 (tools/bench/robotics.py's test).
+        def metric(ex, trainer):
+            n = args.robotics_test_episodes or (200 if task == "doorkey" else 100)
+            result = rollout(Env(task), Policy(ex, trainer.pathway), range(n))
+            return result.success_rate if task == "doorkey" else result.mean_final_distance
+
+        return metric
+
+    tasks = {}
+    for task in args.sharing_tasks:
+        if task == "text":
+            tok = ByteTokenizer()
+            text = data_lib.TokenData.build(
+                data_lib.read_texts(data_lib.default_corpus_paths(), args.text_bytes), tok
+            )
+            tasks[task] = (text, cfg(task, 16, 128, 2e-3), "eval loss", text_loss)
+        elif task == "digits":
+            vision_data = digits()
+            tasks[task] = (vision_data, cfg(task, 64, 16, 2e-3), "test accuracy", digit_accuracy)
+        elif task == "speech":
+            spoken = dataclasses.replace(
+                speech_data.speech(train_per_word=args.train_per_word),
+                speed_perturb=args.speed_perturb,
+            )
+            tasks[task] = (spoken, cfg(task, 32, 25, 2e-3), "CER held-out speakers", speech_cer)
+        else:  # robotics: behaviour cloning on windows of 16 steps, the library's recipe
+            recipe = dict(RECIPES[task])
+            if args.robotics_episodes:
+                recipe["episodes"] = args.robotics_episodes
+                recipe["eval_episodes"] = max(1, args.robotics_episodes // 20)
+            metric = "success rate" if task == "doorkey" else "mean final distance (m)"
+            tasks[task] = (
+                demonstrations(task, **recipe),
+                cfg(task, 32, 16, 2e-3),
+                metric,
+                acting(task),
+            )
+    return tasks
 
 
 def _train_in_turn(
@@ -304,15 +340,20 @@ def _train_in_turn(
 
 
 def sharing(args) -> list[dict]:
-    """Each task alone on the multi-task spec's modules vs vision and speech through the text
-    pathway's attention modules in the ways of SETTINGS (those in args.sharing_settings)."""
-    spec = _with_adapters(spec_lib.load(args.sharing_spec), args.adapter_bottleneck)
+    """Each task of args.sharing_tasks alone on the multi-task spec's modules vs the others
+    through the text pathway's attention modules in the ways of SETTINGS (those in
+    args.sharing_settings)."""
+    names = tuple(t for t in TASKS if t in args.sharing_tasks)
+    if "text" not in names or len(names) < 2:
+        raise ValueError(f"--sharing-tasks needs text and at least one other task; got {names}")
+    others = names[1:]
+    factors = [_per_task(w, others) for w in args.shared_lr_scale]  # checked before training
+    spec = _with_adapters(spec_lib.load(args.sharing_spec), args.adapter_bottleneck, others)
     settings = set(args.sharing_settings)
     tasks = _sharing_tasks(args)
-    for name in ("digits", "speech"):
+    for name in others:
         tasks[name][0].check_pathway(spec, name)
-    adapted = {"digits": "digits-adapted", "speech": "speech-adapted"}
-    others = ("digits", "speech")
+    adapted = {n: f"{n}-adapted" for n in others}
     text_modules = set(spec.pathway("text").modules)
     rows = []
 
@@ -342,7 +383,7 @@ def sharing(args) -> list[dict]:
 
     with tempfile.TemporaryDirectory(prefix="bench-sharing-") as out:
         out = Path(out)
-        for n in TASKS:
+        for n in names:
             if "alone" in settings or (n == "text" and settings & {"frozen", "adapters"}):
                 ex = LocalExecutor(spec, seed=args.sharing_seed)
                 trainers, seconds = _train_in_turn(ex, tasks, [n], out / "alone")
@@ -351,9 +392,9 @@ def sharing(args) -> list[dict]:
                     text_ex, text_trainer = ex, trainers[n]
         if "shared" in settings:
             ex = LocalExecutor(spec, seed=args.sharing_seed)
-            record("shared", ex, *_train_in_turn(ex, tasks, TASKS, out / "shared"))
-        # frozen / adapters: the text model's attention stays as text training left it; vision
-        # and speech (each in a fresh copy of the rest) train only their own modules through it.
+            record("shared", ex, *_train_in_turn(ex, tasks, names, out / "shared"))
+        # frozen / adapters: the text model's attention stays as text training left it; the
+        # other tasks (each in a fresh copy of the rest) train only their own modules through it.
         for setting, pathways in (("frozen", {}), ("adapters", adapted)):
             if setting not in settings:
                 continue
@@ -369,11 +410,10 @@ def sharing(args) -> list[dict]:
             what = "adapters, frozen" if pathways else "frozen"
             record(f"{what} attention (after text)", ex, trainers, seconds)
         weighted = [("weighted", {}), ("adapters-weighted", adapted)]
-        for (setting, pathways), w in itertools.product(weighted, args.shared_lr_scale):
+        for (setting, pathways), per_task in itertools.product(weighted, factors):
             if setting not in settings:
                 continue
             ex = LocalExecutor(spec, seed=args.sharing_seed)
-            per_task = dict(zip(others, w))
             scale = {
                 n: {
                     m: per_task[n]
@@ -382,24 +422,56 @@ def sharing(args) -> list[dict]:
                 }
                 for n in others
             }
-            w = w[0] if w[0] == w[1] else f"{w[0]} (digits), {w[1]} (speech)"
             trainers, seconds = _train_in_turn(
-                ex, tasks, TASKS, out / setting, pathways=pathways, lr_scale=scale
+                ex, tasks, names, out / setting, pathways=pathways, lr_scale=scale
             )
             what = "adapters, " if pathways else ""
-            record(f"{what}shared, digits and speech at lr x {w}", ex, trainers, seconds)
+            record(f"{what}shared, {_weights_label(per_task)}", ex, trainers, seconds)
     return rows
 
 
-def _scales(raw: str) -> tuple[float, float]:
-    """'0.3' -> (0.3, 0.3); '0.3:1' -> (0.3, 1.0): digits' and speech's factor."""
-    parts = [float(x) for x in raw.split(":")]
-    if len(parts) not in (1, 2) or min(parts) <= 0:
-        raise argparse.ArgumentTypeError(f"expected W or D:S with factors > 0; got {raw!r}")
-    return (parts[0], parts[-1])
+def _scales(raw: str) -> tuple[float, ...]:
+    """'0.3' -> (0.3,): every task but text; '0.1:0.7' -> (0.1, 0.7): one factor per task
+    but text, in --sharing-tasks' order (TASKS')."""
+    try:
+        parts = tuple(float(x) for x in raw.split(":"))
+    except ValueError:
+        parts = ()
+    if not parts or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected W or W1:W2:... with factors > 0; got {raw!r}")
+    return parts
 
 
-def main() -> None:
+def _per_task(factors: tuple[float, ...], others: tuple[str, ...]) -> dict[str, float]:
+    """The shared modules' lr factor of each task but text: one factor for all, or one each."""
+    if len(factors) == 1:
+        return dict.fromkeys(others, factors[0])
+    if len(factors) != len(others):
+        raise ValueError(
+            f"--shared-lr-scale {':'.join(map(str, factors))} has {len(factors)} factors for "
+            f"{len(others)} tasks ({', '.join(others)}): give one, or one per task"
+        )
+    return dict(zip(others, factors))
+
+
+def _weights_label(per_task: dict[str, float]) -> str:
+    """'digits and speech at lr x 0.1' or '... at lr x 0.1 (digits), 0.7 (speech)'."""
+    names = list(per_task)
+    who = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    w = set(per_task.values())
+    w = next(iter(w)) if len(w) == 1 else ", ".join(f"{v} ({n})" for n, v in per_task.items())
+    return f"{who} at lr x {w}"
+
+
+def _task_steps(raw: str) -> tuple[str, int]:
+    """'doorkey=400' -> ('doorkey', 400)."""
+    task, _, n = raw.partition("=")
+    if task not in TASKS or not n.isdigit() or int(n) < 1:
+        raise argparse.ArgumentTypeError(f"expected TASK=STEPS, TASK one of {TASKS}; got {raw!r}")
+    return task, int(n)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--tasks", nargs="+", choices=["vision", "speech", "sharing"], default=["vision", "speech"]
@@ -426,6 +498,29 @@ def main() -> None:
     ap.add_argument("--sharing-spec", default=str(ROOT / "examples/multitask.yaml"))
     ap.add_argument("--sharing-steps", type=int, default=1000)
     ap.add_argument(
+        "--sharing-tasks",
+        nargs="+",
+        choices=TASKS,
+        default=["text", "digits", "speech"],
+        help="tasks of the sharing table (text and at least one other)",
+    )
+    ap.add_argument(
+        "--sharing-task-steps",
+        type=_task_steps,
+        nargs="+",
+        default=[],
+        help="TASK=STEPS: a task's own training steps (default --sharing-steps)",
+    )
+    ap.add_argument(
+        "--robotics-episodes", type=int, default=0, help="demonstrations (0: the recipe's 1,000)"
+    )
+    ap.add_argument(
+        "--robotics-test-episodes",
+        type=int,
+        default=0,
+        help="unseen seeds 0..N-1 per robotics task (0: doorkey 200, reacher 100)",
+    )
+    ap.add_argument(
         "--sharing-settings", nargs="+", choices=SETTINGS, default=["alone", "shared", "frozen"]
     )
     ap.add_argument("--sharing-seed", type=int, default=0, help="initial weights and batches")
@@ -434,13 +529,17 @@ def main() -> None:
         "--shared-lr-scale",
         type=_scales,
         nargs="+",
-        default=[(0.1, 0.1)],
-        help="weighted settings: lr factors of the shared modules for digits and speech, one "
-        "per run: W (both) or D:S",
+        default=[(0.1,)],
+        help="weighted settings: lr factors of the shared modules for every task but text, one "
+        "run each: W (all of them) or one factor per task in --sharing-tasks' order (D:S)",
     )
     ap.add_argument("--text-bytes", type=int, default=2_000_000)
     ap.add_argument("--out", default=None, help="JSON path (default: a dated file in results/)")
-    args = ap.parse_args()
+    return ap.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     rows, summary = [], {}
     if "vision" in args.tasks:
         rows += vision_table(args, summary)

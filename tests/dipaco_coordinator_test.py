@@ -17,10 +17,13 @@ import grpc
 import httpx
 import jax
 import numpy as np
+import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from pathways import chat, codec, transport
 from pathways import checkpoint as ckpt
+from pathways import client as gw_client
 from pathways import generate as gen
 from pathways.coordinator.testing import (
     cancel_and_resubmit,
@@ -240,3 +243,73 @@ def test_the_gateway_serves_a_routed_prompt_through_its_path_only(served, capsys
     in_process = capsys.readouterr()
     assert f"[routed to path {path}]" in in_process.err
     assert in_process.out == via_gateway.out and via_gateway.out.startswith(prompt)
+
+
+def test_the_family_is_listed_and_infer_the_client_and_the_http_front_show_the_path(served, capsys):
+    """ListPathways lists the family a request names to be routed, with its paths; an Infer with
+    text is routed as Generate is (a tensor naming the family is refused, naming the field);
+    pathways.client and the HTTP front (OpenAI's package) say which path served: the response's
+    `model` and the X-Pathways-Pathway / X-Pathways-Routed headers."""
+    fleet, spec, tok, local, router = served
+    address, plain = fleet.gateway.address, transport.TLSConfig.plaintext()
+    prompt = PROMPTS[0]
+    path = router.path_of(tok, prompt)
+    with gw_client.Client(address, api_key="", tls=plain) as c:
+        cat = c.pathways()
+        assert (cat[0].name, cat[0].paths, cat[0].modules) == ("tiny", PATHS, [])
+        assert cat[0].parameters == max(p.parameters for p in cat[1:])
+        assert {p.name: (p.family, p.paths) for p in cat[1:]} == {p: ("tiny", []) for p in PATHS}
+        done = c.complete(prompt, max_tokens=4)
+        assert (done.pathway, done.routed) == (path, True)
+        ids = tok.encode(prompt)
+        want = np.asarray(local.forward(path, np.asarray([ids], np.int32), head=False))
+        for asked in ("", "tiny"):
+            e = c.embed(prompt, pathway=asked)
+            assert (e.pathway, e.routed) == (path, True)
+            np.testing.assert_allclose(e.vector, want.mean(axis=1)[0], rtol=1e-4, atol=1e-5)
+        named = c.embed(prompt, pathway="tiny.1.1")
+        assert (named.pathway, named.routed) == ("tiny.1.1", False)
+        tensor = gateway_pb2.InferRequest(
+            pathway="tiny",
+            tensor=codec.encode(np.asarray([ids], np.int32)),
+            output=gateway_pb2.InferRequest.OUTPUT_EMBEDDING,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            c.stub.Infer(tensor, timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith("pathway: 'tiny' is a routed family of paths")
+
+    from tools.cli.main import main
+
+    capsys.readouterr()
+    assert main(["pathways", "list", "--gateway", address]) == 0
+    assert f"tiny                 routed to one of {', '.join(PATHS)}\n" in capsys.readouterr().out
+
+    front = launcher.start_http_front(address)
+    try:
+        launcher.wait_http_ready(front, 60)
+        oa = openai.OpenAI(base_url=front.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        models = {m.id: m.model_extra["pathway"] for m in oa.models.list()}
+        assert models["tiny"]["paths"] == PATHS and models["tiny"]["modules"] == []
+        assert models["tiny.0.1"]["family"] == "tiny" and models["tiny.0.1"]["paths"] is None
+        raw = oa.completions.with_raw_response.create(
+            model="tiny", prompt=prompt, max_tokens=4, temperature=0
+        )
+        assert (raw.headers["x-pathways-pathway"], raw.headers["x-pathways-routed"]) == (
+            path,
+            "true",
+        )
+        r = raw.parse()
+        assert (r.model, r.choices[0].text) == (path, done.text)
+        messages = [{"role": "user", "content": "hi"}]
+        chat_path = router.path_of(tok, chat.DEFAULT.render(messages))
+        chunks = list(
+            oa.chat.completions.create(model="tiny", messages=messages, max_tokens=3, stream=True)
+        )
+        assert {ch.model for ch in chunks} == {chat_path}
+        emb = oa.embeddings.create(model="tiny", input=[prompt])
+        assert emb.model == path and emb.data[0].model_extra["pathway"] == path
+        raw = oa.completions.with_raw_response.create(model="tiny.1.1", prompt="x", max_tokens=2)
+        assert raw.parse().model == "tiny.1.1" and raw.headers["x-pathways-routed"] == "false"
+    finally:
+        front.stop()

@@ -55,19 +55,43 @@ def entry(spec, name: str, measured: dict[str, dict[str, Any]] | None = None) ->
     p = spec.pathway(name)
     sizes = [module_size(spec.modules[m]) for m in p.modules]
     got = (measured or {}).get(name, {})
-
-    def number(key):
-        v = got.get(key)
-        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
-
     return {
         "name": p.name,
         "modules": list(p.modules),
         "parameters": sum(n for n, _ in sizes),
         "weight_bytes": sum(b for _, b in sizes),
         "max_seq_len": p.max_seq_len,
-        "tokens_per_s": number("tokens_per_s"),
-        "eval_loss": number("eval_loss"),
+        "tokens_per_s": _number(got, "tokens_per_s"),
+        "eval_loss": _number(got, "eval_loss"),
+    }
+
+
+def _number(values: dict[str, Any], key: str) -> float | None:
+    v = values.get(key)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def family_entry(
+    spec, family: str, paths: list[str], measured: dict[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """A routed family's catalog entry (a DiPaCo checkpoint's paths under the name a request
+    uses to be routed): its `paths`, no modules of its own, the parameters and context of what
+    one request may run (the largest path, the shortest context), the weight bytes of every
+    path's modules (each counted once), and the family's own measurements if stored."""
+    if not paths:
+        raise ValueError(f"routed family {family!r} has no served paths")
+    each = [entry(spec, p, measured) for p in paths]
+    modules = {m for p in paths for m in spec.pathway(p).modules}
+    got = (measured or {}).get(family, {})
+    return {
+        "name": family,
+        "modules": [],
+        "parameters": max(e["parameters"] for e in each),
+        "weight_bytes": sum(module_size(spec.modules[m])[1] for m in sorted(modules)),
+        "max_seq_len": min(e["max_seq_len"] for e in each),
+        "tokens_per_s": _number(got, "tokens_per_s"),
+        "eval_loss": _number(got, "eval_loss"),
+        "paths": list(paths),
     }
 
 

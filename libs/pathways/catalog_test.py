@@ -32,6 +32,25 @@ def test_entry_counts_each_module_once_per_pathway():
     assert tiny["tokens_per_s"] is None and tiny["eval_loss"] is None
 
 
+def test_a_routed_family_lists_its_paths_and_counts_shared_modules_once():
+    import yaml
+
+    from pathways.parallel import dipaco
+
+    spec = spec_lib.from_dict(
+        dipaco.grid(yaml.safe_load(TINY.read_text()), "tiny", {"attn-1": 2}), source="grid"
+    )
+    fam = catalog.family_entry(spec, "tiny", ["tiny.0", "tiny.1"], {"tiny": {"eval_loss": 2}})
+    path = catalog.entry(spec, "tiny.0")
+    attn = catalog.module_size(spec.modules["attn-1.1"])
+    assert fam["paths"] == ["tiny.0", "tiny.1"] and fam["modules"] == []
+    assert fam["parameters"] == path["parameters"]  # one routed request runs one path
+    assert fam["weight_bytes"] == path["weight_bytes"] + attn[1]  # the second attn-1 only
+    assert fam["max_seq_len"] == 256 and fam["eval_loss"] == 2.0 and fam["tokens_per_s"] is None
+    with pytest.raises(ValueError, match="'tiny' has no served paths"):
+        catalog.family_entry(spec, "tiny", [])
+
+
 def test_measurements_round_trip_and_bad_files_read_as_none(tmp_path):
     assert catalog.read_measured(tmp_path) == {}
     catalog.write_measured(tmp_path, "a", {"tokens_per_s": 10.0, "eval_loss": 3.0})

@@ -96,12 +96,16 @@ def _retry_after(trailing) -> float | None:
 @dataclasses.dataclass(frozen=True)
 class Token:
     """One generated token; the last message of a stream has `finish_reason` ("stop", "eos" or
-    "length") and `prompt_tokens`, and may carry no token (`token_id` -1)."""
+    "length") and `prompt_tokens`, and may carry no token (`token_id` -1). `pathway`: the
+    pathway generating it, `routed`: whether a DiPaCo router chose it (a request naming no
+    pathway, or a routed family, on a DiPaCo checkpoint)."""
 
     token_id: int
     text: str
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    pathway: str = ""
+    routed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +114,15 @@ class Completion:
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
+    pathway: str = ""  # the pathway that generated it (a routed request: its path)
+    routed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Pathway:
-    """A catalog entry: what the pathway costs and, once measured, how it performs."""
+    """A catalog entry: what the pathway costs and, once measured, how it performs. A routed
+    family (a DiPaCo checkpoint's; a request naming it goes to one path) has its `paths` and
+    no modules; a path of one names its `family`."""
 
     name: str
     modules: list[str]
@@ -123,6 +131,8 @@ class Pathway:
     weight_bytes: int
     tokens_per_s: float | None
     eval_loss: float | None
+    paths: list[str] = dataclasses.field(default_factory=list)
+    family: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +141,8 @@ class Embedding:
 
     vector: list[float]
     prompt_tokens: int = 0  # the text's tokens (0 from a gateway older than the field)
+    pathway: str = ""  # the pathway that ran (a routed text: its path)
+    routed: bool = False
 
 
 def _infer_request(text: str, pathway: str):
@@ -154,7 +166,7 @@ def _embedding(r) -> Embedding:
             grpc.StatusCode.INTERNAL, f"Infer returned {r.WhichOneof('result')}, not an embedding"
         )
     x = codec.decode(r.embedding, "embedding")  # (1, d_model)
-    return Embedding([float(v) for v in x.reshape(-1)], r.prompt_tokens)
+    return Embedding([float(v) for v in x.reshape(-1)], r.prompt_tokens, r.pathway, r.routed)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +197,7 @@ def request(
 
 
 def _token(m: gateway_pb2.GenerateResponse) -> Token:
-    return Token(m.token_id, m.text, m.finish_reason or None, m.prompt_tokens)
+    return Token(m.token_id, m.text, m.finish_reason or None, m.prompt_tokens, m.pathway, m.routed)
 
 
 def _catalog(r: gateway_pb2.ListPathwaysResponse) -> Catalog:
@@ -198,6 +210,8 @@ def _catalog(r: gateway_pb2.ListPathwaysResponse) -> Catalog:
             p.weight_bytes,
             p.tokens_per_s if p.HasField("tokens_per_s") else None,
             p.eval_loss if p.HasField("eval_loss") else None,
+            list(p.paths),
+            p.family,
         )
         for p in r.pathways
     ]
@@ -210,14 +224,15 @@ def _catalog(r: gateway_pb2.ListPathwaysResponse) -> Catalog:
 
 
 def _collect(tokens) -> Completion:
-    text, ids, reason, n_prompt = [], [], "", 0
+    text, ids, reason, n_prompt, pathway, routed = [], [], "", 0, "", False
     for t in tokens:
         text.append(t.text)
         if t.token_id >= 0:
             ids.append(t.token_id)
         if t.finish_reason:
             reason, n_prompt = t.finish_reason, t.prompt_tokens
-    return Completion("".join(text), ids, reason, n_prompt)
+        pathway, routed = t.pathway, t.routed
+    return Completion("".join(text), ids, reason, n_prompt, pathway, routed)
 
 
 class _Base:

@@ -39,6 +39,9 @@ def cmd_pathways(args) -> int:
                     gateway_pb2.ListPathwaysRequest(), timeout=10, metadata=md
                 )
                 for p in listed.pathways:
+                    if p.paths:  # a routed family: a request naming it runs on one path
+                        print(f"{p.name:<20} routed to one of {', '.join(p.paths)}")
+                        continue
                     print(f"{p.name:<20} {' -> '.join(p.modules)}  (max_seq_len {p.max_seq_len})")
             elif args.action == "add":
                 r = stub.SetPathway(

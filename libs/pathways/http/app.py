@@ -25,6 +25,8 @@ from pathways.http import params
 from pathways.http.errors import APIError, bad, from_gateway
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+# Completion response headers: the pathway that generated, and whether a DiPaCo router chose it.
+PATHWAY_HEADER, ROUTED_HEADER = "X-Pathways-Pathway", "X-Pathways-Routed"
 DONE = b"data: [DONE]\n\n"
 
 
@@ -135,6 +137,10 @@ class Front:
                     "max_context": p.max_seq_len,
                     "tokens_per_s": p.tokens_per_s,
                     "eval_loss": p.eval_loss,
+                    # A routed family: its paths (a request naming it runs on one); a path: its
+                    # family (None for other pathways).
+                    "paths": p.paths or None,
+                    "family": p.family or None,
                 },
             }
             for p in cat.pathways
@@ -168,15 +174,23 @@ class Front:
             raise
         ident = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
+        # The response's `model` is the pathway that generated (a routed request: its path);
+        # the headers say so too, and whether a router chose it.
+        served = first.pathway if first is not None and first.pathway else g.model
+        routed = first is not None and first.routed
+        headers = {PATHWAY_HEADER: served, ROUTED_HEADER: "true" if routed else "false"}
+        g = dataclasses.replace(g, model=served)
         if not g.stream:
             try:
-                return await self._whole(first, tokens, rec, g, ident, created, kind, param)
+                out = await self._whole(first, tokens, rec, g, ident, created, kind, param)
             finally:
                 rec.finish()
+            out.headers.update(headers)
+            return out
         return StreamingResponse(
             self._events(first, tokens, rec, g, ident, created, kind),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
 
     async def _whole(self, first, tokens, rec, g, ident, created, kind, param) -> JSONResponse:
@@ -261,6 +275,9 @@ class Front:
         )
 
         tokens = sum(v.prompt_tokens for v in vectors)  # each text's tokens, as Infer read them
+        # A routed family's texts may go to different paths: each item names its own; `model`
+        # is the one pathway that ran them all, else the family asked for.
+        ran = {v.pathway for v in vectors if v.pathway}
 
         def encode(v: list[float]):
             if encoding == "base64":  # little-endian float32, as OpenAI sends it
@@ -270,10 +287,15 @@ class Front:
         return {
             "object": "list",
             "data": [
-                {"object": "embedding", "index": i, "embedding": encode(v.vector)}
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": encode(v.vector),
+                    "pathway": v.pathway or model,
+                }
                 for i, v in enumerate(vectors)
             ],
-            "model": model,
+            "model": ran.pop() if len(ran) == 1 else model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
 

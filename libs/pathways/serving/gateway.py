@@ -62,17 +62,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         executor.on_hop = self.metrics.hop  # per-hop latency as the gateway sees it
 
     def ListPathways(self, request, context):
-        spec = self.executor.spec
+        spec, served = self.executor.spec, self.executor.served
         measured = catalog.read_measured(self.checkpoint)
-        out = []
+        entries = []
+        paths = [p for p in self.router.paths if p in served] if self.router is not None else []
+        if paths:  # the family first: the name a request uses to be routed
+            entries.append(catalog.family_entry(spec, self.router.family, paths, measured))
         for p in spec.pathways.values():
-            if p.name in self.executor.served:
+            if p.name in served:
                 e = catalog.entry(spec, p.name, measured)
-                out.append(
-                    gateway_pb2.PathwayInfo(
-                        **{k: v for k, v in e.items() if v is not None}  # unset: not measured
-                    )
-                )
+                if p.name in paths:
+                    e["family"] = self.router.family
+                entries.append(e)
+        # A value left unset (None) was not measured.
+        out = [
+            gateway_pb2.PathwayInfo(**{k: v for k, v in e.items() if v is not None})
+            for e in entries
+        ]
         return gateway_pb2.ListPathwaysResponse(pathways=out, chat_template=self.chat_template)
 
     def AddModule(self, request, context):
@@ -253,25 +259,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         finally:
             events.close()  # closes the session on every module, also on cancel
 
-    def _check_prompt_size(self, prompt: str, context, record) -> None:
+    def _check_prompt_size(self, prompt: str, context, record, field: str = "prompt") -> None:
         size = len(prompt.encode("utf-8", "surrogatepass"))
         if size > self.max_prompt_bytes:
-            record.status = "INVALID_ARGUMENT"
+            if record is not None:
+                record.status = "INVALID_ARGUMENT"
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"prompt has {size} bytes, over the gateway's max_prompt_bytes = "
+                f"{field} has {size} bytes, over the gateway's max_prompt_bytes = "
                 f"{self.max_prompt_bytes} (--max-prompt-bytes)",
             )
 
-    def _route(self, prompt: str, context, record) -> str:
+    def _route(self, prompt: str, context, record=None, field: str = "prompt") -> str:
         """The path of the DiPaCo router for `prompt` (its first tokens through the router's
         frozen pathway, in this process; only the path's modules then run on the servers)."""
-        self._check_prompt_size(prompt, context, record)
+        self._check_prompt_size(prompt, context, record, field)
         try:
             return self.router.path_of(self.tokenizer, prompt)
         except ValueError as e:
-            record.status = "INVALID_ARGUMENT"
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"routing the prompt: {e}")
+            if record is not None:
+                record.status = "INVALID_ARGUMENT"
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"routing the {field}: {e}")
 
     def Infer(self, request, context):
         field = request.WhichOneof("input")
@@ -292,6 +300,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"output: unknown value {request.output}"
             )
+        pathway, routed = request.pathway, False
+        if self.router is not None and pathway in ("", self.router.family):
+            if field == "text" and request.text:  # routed as Generate routes a prompt
+                pathway, routed = self._route(request.text, context, field="text"), True
+            elif pathway:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"pathway: {pathway!r} is a routed family of paths "
+                    f"({', '.join(self.router.paths)}) and only a text input is routed; "
+                    f"name one of its paths for {field} input",
+                )
         with _infer_statuses(context):
             value = getattr(request, field)
             if field == "tensor":
@@ -299,14 +318,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             name, x = infer.prepare(
                 self.executor.spec,
                 self.executor.served,
-                request.pathway,
+                pathway,
                 field,
                 value,
                 self.tokenizer,
             )
             with self.executor.deadline(context.time_remaining()):
                 res = infer.run(self.executor, name, x, outputs[request.output], request.top_k)
-        return _infer_response(res)
+        out = _infer_response(res)
+        out.routed = routed
+        return out
 
     def _episode_step(self, request, context, field):
         """One observation of an episode in, one action out (`serving.episodes`)."""

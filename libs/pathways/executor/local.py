@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import functools
 import threading
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pathways import checkpoint as ckpt
+from pathways import modules as mod
 from pathways.executor.base import Session, StepResult, bucket, forward_input, pad_prompts
 from pathways.runtime import ModuleRuntime, composite_loss
 from pathways.sampling import SamplingParams
@@ -29,6 +33,11 @@ class LocalExecutor:
     through a pathway runs as one compiled program (`runtime.fused_step`); `fuse=False` runs one
     program per module, as module servers do. With a `mesh` (`pathways.sharding`) every module
     is split over its devices (tensor parallel).
+
+    A module's parameters come from `states` (name -> nnx.State), else from the checkpoint
+    directory `checkpoint` where it holds the module (restored straight into the module's
+    abstract shapes, `checkpoint.restore_module`), else are initialised from `seed`: a module
+    given weights is built around them, never initialised first (no random copy beside them).
     """
 
     def __init__(
@@ -40,15 +49,21 @@ class LocalExecutor:
         native: bool | None = None,
         fuse: bool = True,
         mesh=None,
+        checkpoint: str | Path | None = None,
     ):
         self.spec, self.fuse = spec, fuse
         self.engines: dict[str, ModuleEngine] = {}
         for i, (name, cfg) in enumerate(spec.modules.items()):
-            self.engines[name] = ModuleEngine(
-                name, cfg, weights=weights, native=native, seed=seed + i, mesh=mesh
-            )
+            state = None
             if states and name in states:
-                self.set_state(name, states[name])
+                state = states[name]
+                _check_structure(name, cfg, state)
+            elif checkpoint is not None and ckpt.has_module(checkpoint, name):
+                state = ckpt.restore_module(checkpoint, name, cfg)
+            self.engines[name] = ModuleEngine(
+                name, cfg, state, weights=weights, native=native, seed=seed + i, mesh=mesh
+            )
+            del state  # the engine's runtime holds the weights (on a mesh: its placed copy)
         # Where a session's fixed step arguments live: every device of the mesh, or the default.
         self._fixed_on = None if mesh is None else NamedSharding(mesh, PartitionSpec())
         # session -> {module: its slots}; and its fixed step arguments on the device (slots per
@@ -199,3 +214,10 @@ class LocalExecutor:
             return out, None
         loss, g = out
         return loss, {rt.name: gi for rt, gi in zip(chain, g)}
+
+
+def _check_structure(name: str, cfg, state) -> None:
+    """Raises ValueError unless `state` has the tree of `cfg`'s module (from its abstract
+    shapes: nothing is built)."""
+    if jax.tree.structure(state) != jax.tree.structure(nnx.state(mod.abstract(cfg))):
+        raise ValueError(f"module {name!r}: parameters do not match its config")

@@ -221,6 +221,58 @@ def test_states_given_at_construction_are_used(ex):
     assert not all(jax.tree.leaves(differ))
 
 
+@pytest.fixture
+def concrete_builds(monkeypatch):
+    """The configs whose module gets built with real (random) parameters: `modules.build`
+    outside `modules.abstract`'s shape-only trace."""
+    from pathways import modules as mod
+
+    built, build = [], mod.build
+
+    def counting(cfg, seed=0):
+        module = build(cfg, seed)
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(nnx.state(module))):
+            built.append(cfg)
+        return module
+
+    monkeypatch.setattr(mod, "build", counting)  # abstract() calls it too, under eval_shape
+    return built
+
+
+def test_states_given_at_construction_are_not_initialised(ex, concrete_builds):
+    spec = spec_lib.from_dict(SPEC)
+    other = LocalExecutor(spec, states={"head": ex.state("head")}, seed=7)
+    assert concrete_builds == [spec.modules[m] for m in ("embed", "attn-a", "attn-b")]
+    assert other.state("head") is not None
+    with pytest.raises(ValueError, match="module 'head': parameters do not match"):
+        LocalExecutor(spec, states={"head": ex.state("embed")})
+
+
+def test_checkpoint_given_at_construction_is_restored_exactly_without_init(
+    ex, tmp_path, concrete_builds
+):
+    """LocalExecutor(checkpoint=) restores each saved module into its abstract shapes (no
+    random parameters built first): the weights are the saved ones bit for bit, a module the
+    checkpoint lacks is initialised from the seed as before, and sessions compute the same."""
+    from pathways import checkpoint as ckpt
+
+    spec = spec_lib.from_dict(SPEC)
+    saved = ("embed", "attn-a", "attn-b")
+    for name in saved:
+        ckpt.save_module(tmp_path, name, ex.state(name))
+    concrete_builds.clear()
+    restored = LocalExecutor(spec, checkpoint=tmp_path, seed=1)  # the fixture's seed
+    assert concrete_builds == [spec.modules["head"]]  # not saved: the only module initialised
+    for name in (*saved, "head"):
+        got, want = restored.state(name), ex.state(name)
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    prompts = _prompts()
+    np.testing.assert_array_equal(_session_logits(restored, prompts), _session_logits(ex, prompts))
+
+
 def _session_logits(ex, prompts, steps=3):
     s = ex.open_session("full", [SamplingParams()] * len(prompts))
     r = ex.prefill(s, prompts, return_logits=True)

@@ -118,6 +118,8 @@ def run(args, follow) -> int:
         log_dir=log_dir,
         module_args=list(task.module_args),
         secure_dir=None if args.insecure else out,
+        # The job reads the example spec: inside the PEX (~/.pex/...) when run as users do.
+        job_roots=[EXAMPLES],
     )
     print(
         f"starting a local deployment: {len(dep.modules)} module servers "

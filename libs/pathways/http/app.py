@@ -287,12 +287,12 @@ class Front:
         return {
             "object": "list",
             "data": [
-                {
-                    "object": "embedding",
-                    "index": i,
-                    "embedding": encode(v.vector),
-                    "pathway": v.pathway or model,
-                }
+                dict(
+                    object="embedding",
+                    index=i,
+                    embedding=encode(v.vector),
+                    pathway=v.pathway or model,
+                )
                 for i, v in enumerate(vectors)
             ],
             "model": ran.pop() if len(ran) == 1 else model,

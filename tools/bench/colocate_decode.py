@@ -55,6 +55,13 @@ def main(argv=None) -> int:
         help="XLA threads of every server and of the local executor (default: the CPUs split "
         "between the per-module layout's servers, the same for every layout)",
     )
+    p.add_argument(
+        "--kv-cache-mb",
+        type=float,
+        default=1024.0,
+        help="KV cache budget per server (256, the servers' default, holds 7 sessions of GPT-2 "
+        "small's 6 layers; the whole pathway on one server needs ~600 for 8)",
+    )
     p.add_argument("--json", default=None, help="write results here")
     args = p.parse_args(argv)
     for name in ("rounds", "sessions", "tokens"):
@@ -77,7 +84,10 @@ def main(argv=None) -> int:
                 servers,
                 gateway=False,
                 env={"PATHWAYS_CPU_THREADS": str(threads)},
-                module_args=["--max-batch", str(args.sessions)],
+                module_args=[
+                    *("--max-batch", str(args.sessions)),
+                    *("--kv-cache-mb", str(args.kv_cache_mb)),
+                ],
             )
             stack.enter_context(fleet)
             ex = RemoteExecutor(local.spec, fleet.endpoints, wire_dtype=args.wire)

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pathways import catalog, certs, chat, client, transport
 from pathways import generate as gen
-from pathways.deploy import launcher
+from pathways.deploy import launcher, local
 from pathways.deploy.local import LocalDeployment
 from pathways.sampling import SamplingParams
 from pathways.serving import auth
@@ -35,7 +35,6 @@ READER = auth.new_key()  # role generate
 SLOTS = 2  # KV-cache slots per attention server: capacity is reached on purpose
 README = Path(__file__).resolve().parents[1] / "README.md"
 DASHBOARD = Path(__file__).resolve().parents[1] / "k8s" / "grafana-dashboard.json"
-PATHWAYS_FILE_ENV = "PATHWAYS_PATHWAYS_FILE"  # the gateway's --pathways-file
 
 
 @pytest.fixture(scope="module")
@@ -45,8 +44,6 @@ def dep(tmp_path_factory):
     auth.KeyStore([auth.hashed("reader", "generate", READER)]).save(home / "api-keys.json")
     saved = os.environ.get("PATHWAYS_HOME")
     os.environ["PATHWAYS_HOME"] = str(home)  # the state file `pathways generate` reads
-    # The gateway keeps its pathway table's changes here (restarted by the last test).
-    os.environ[PATHWAYS_FILE_ENV] = str(home / "gateway-pathways.json")
     try:
         with LocalDeployment(
             ckpt,
@@ -55,6 +52,8 @@ def dep(tmp_path_factory):
             http_front=True,
             metrics=True,
             module_args=["--max-slots", str(SLOTS)],
+            # Where `up` has its gateway keep the pathway table (the last test restarts it).
+            pathways_file=local.pathways_file(ckpt),
         ) as d:
             yield {
                 "d": d,
@@ -65,7 +64,6 @@ def dep(tmp_path_factory):
                 "tls": transport.TLSConfig.from_dir(home / "tls" / certs.CLIENT),
             }
     finally:
-        os.environ.pop(PATHWAYS_FILE_ENV, None)
         if saved is None:
             os.environ.pop("PATHWAYS_HOME", None)
         else:
@@ -557,8 +555,9 @@ def test_metrics_after_traffic(dep):
 
 
 def _restart_gateway(dep) -> None:
-    """Stops the deployment's gateway and starts it again on the same port, with the same
-    flags (its --pathways-file from the environment); waits until the HTTP front reaches it."""
+    """Stops the deployment's gateway and starts it again on the same port, with the flags the
+    deployment started it with (its --pathways-file among them); waits until the HTTP front
+    reaches it."""
     d = dep["d"]
     old = d.fleet.gateway
     argv = list(old.proc.args[2:])  # after `python -m`
@@ -575,9 +574,10 @@ def _restart_gateway(dep) -> None:
 
 
 def test_a_removed_and_an_added_pathway_survive_a_gateway_restart(dep):
-    """DELETE /v1/models/ID and SetPathway are kept in the gateway's pathways file: after a
-    restart the removed pathway stays gone and the added one is served. (Last in the file: a
-    restart resets the gateway's metrics, which test_metrics_after_traffic reads.)"""
+    """DELETE /v1/models/ID and SetPathway are kept in the pathways file `up` gives its gateway,
+    in the deployment's state directory: after a restart the removed pathway stays gone and the
+    added one is served. (Last in the file: a restart resets the gateway's metrics, which
+    test_metrics_after_traffic reads.)"""
     admin = _oa(dep, _admin_key(dep))
     modules = admin.models.retrieve("tiny-shallow").model_extra["pathway"]["modules"]
     params = SamplingParams(temperature=0.0, max_new_tokens=4)
@@ -597,5 +597,7 @@ def test_a_removed_and_an_added_pathway_survive_a_gateway_restart(dep):
         admin.models.delete("tiny-copy")
         _set_pathway(dep, "tiny-shallow", modules)
     assert {m.id for m in _oa(dep).models.list()} == {"tiny", "tiny-shallow"}
-    saved = json.loads((dep["home"] / "gateway-pathways.json").read_text())
+    kept = local.pathways_file(dep["ckpt"])
+    assert kept.parent == dep["home"] / "gateway-pathways", kept
+    saved = json.loads(kept.read_text())
     assert saved["removed"] == [] and saved["pathways"] == {"tiny-shallow": modules}

@@ -6,8 +6,12 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pathways import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from pathways.deploy.local import LocalDeployment
 
 
 def register(sub) -> None:
@@ -109,7 +113,10 @@ def parse_replicas(values: list[str], modules) -> dict[str, int]:
     return out
 
 
-def cmd_up(args) -> int:
+def local_deployment(args) -> LocalDeployment:
+    """The LocalDeployment `up` runs for its parsed `args` (not started). Its gateway keeps the
+    pathway table's runtime changes in the state directory (`local.pathways_file`), so `up` run
+    again on the same checkpoint serves them."""
     from pathways.deploy import local
     from pathways.deploy.local import LocalDeployment
 
@@ -126,10 +133,7 @@ def cmd_up(args) -> int:
     if args.http_port is not None and not 0 < args.http_port < 65536:
         raise ValueError(f"--http-port must be in [1, 65535]; got {args.http_port}")
     log_dir = args.log_dir or local.state_file().parent / "logs"
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    dep = LocalDeployment(
+    return LocalDeployment(
         args.checkpoint,
         replicas,
         colocate=[g.split(",") for g in args.colocate],
@@ -142,8 +146,16 @@ def cmd_up(args) -> int:
         http_port=args.http_port,
         metrics=not args.no_metrics,
         job_roots=[examples],  # `train --remote` may name the example specs
+        pathways_file=local.pathways_file(args.checkpoint),
     )
-    n = sum(replicas.get(m, 1) for m in dep.servers)
+
+
+def cmd_up(args) -> int:
+    dep = local_deployment(args)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    n = sum(dep.replicas.get(m, 1) for m in dep.servers)
     if args.insecure:
         print(
             "WARNING: --insecure: every process talks plaintext gRPC and the gateway takes no "
@@ -153,9 +165,10 @@ def cmd_up(args) -> int:
     print(
         f"starting {n} module server(s), a gateway{'' if args.no_http else ', an HTTP front'}"
         f"{'' if args.no_coordinator else ', a broker and a coordinator worker'} "
-        f"(logs: {log_dir})...",
+        f"(logs: {dep.log})...",
         file=sys.stderr,
     )
+    print(f"pathway table changes are kept in {dep.pathways_file}", file=sys.stderr)
     try:
         dep.start()
         for m, procs in dep.fleet.servers.items():

@@ -2,11 +2,13 @@
 
 `pathways up` writes them to $PATHWAYS_HOME/deployment.json (default ~/.pathways) and removes the
 file when it stops; `pathways generate --gateway`, `train --remote` and `jobs` read it, with where
-the local user's certificate and API key are.
+the local user's certificate and API key are. Its gateway keeps the pathway table's runtime
+changes in the same directory (`pathways_file`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -18,6 +20,22 @@ from pathways.paths import ENV_JOB_ROOTS
 
 def state_file() -> Path:
     return Path(os.environ.get("PATHWAYS_HOME", Path.home() / ".pathways")) / "deployment.json"
+
+
+PATHWAYS_FILE_ENV = "PATHWAYS_PATHWAYS_FILE"  # the gateway's --pathways-file
+
+
+def pathways_file(checkpoint: str | Path) -> Path:
+    """Where `up`'s gateway keeps its pathway table's changes (AddModule, SetPathway,
+    RemovePathway) over `checkpoint`: $PATHWAYS_PATHWAYS_FILE if set, else a file per checkpoint
+    in the state directory, $PATHWAYS_HOME/gateway-pathways/NAME-HASH.json. So `up` run again on
+    the same checkpoint serves what was changed at runtime, and another checkpoint starts from
+    its own spec (a store refuses a file written for another checkpoint)."""
+    if os.environ.get(PATHWAYS_FILE_ENV):
+        return Path(os.environ[PATHWAYS_FILE_ENV]).absolute()
+    ckpt = Path(checkpoint).absolute()  # as serving.pathway_store records it
+    digest = hashlib.sha256(str(ckpt).encode()).hexdigest()[:12]
+    return state_file().parent / "gateway-pathways" / f"{ckpt.name or 'checkpoint'}-{digest}.json"
 
 
 def write(info: dict[str, Any]) -> Path:
@@ -134,6 +152,7 @@ class LocalDeployment:
         training: bool = True,
         job_roots: Sequence[str | Path] = (),
         colocate: Sequence[Sequence[str]] = (),
+        pathways_file: str | Path | None = None,
     ):
         """`secure_dir`: where the deployment keeps its CA and service certificates (`tls/`),
         the gateway's hashed API keys (`api-keys.json`) and the local user's admin key
@@ -150,7 +169,9 @@ class LocalDeployment:
         `colocate`: groups of consecutive modules of a pathway that one server hosts and steps as
         one program (e.g. [["attn-0", "attn-1"]]); `replicas` then names the group
         ("attn-0,attn-1"). Such a server serves only: jobs through the services cannot train its
-        modules (`train_modules` leaves them out)."""
+        modules (`train_modules` leaves them out). `pathways_file`: the gateway keeps its pathway
+        table's changes there and applies them when it starts again (`--pathways-file`; `up`
+        gives `pathways_file(checkpoint)`); None: they last until the gateway stops."""
         from pathways import certs
         from pathways import checkpoint as ckpt
 
@@ -179,6 +200,7 @@ class LocalDeployment:
         self.broker = None
         self.worker = None
         self.secure_dir = None if secure_dir is None else Path(secure_dir)
+        self.pathways_file = None if pathways_file is None else Path(pathways_file).absolute()
         self.identities = certs.Identities(
             None if self.secure_dir is None else self.secure_dir / "tls"
         )
@@ -195,9 +217,12 @@ class LocalDeployment:
         return None if self.secure_dir is None else self.secure_dir / "client.key"
 
     def _gateway_args(self) -> list[str]:
-        """The gateway's flags: AddModule may dial this machine's servers only; with keys, a new
-        admin key for the local user (the keys file keeps the other keys it holds)."""
+        """The gateway's flags: AddModule may dial this machine's servers only; its pathways
+        file, if any; with keys, a new admin key for the local user (the keys file keeps the
+        other keys it holds)."""
         args = ["--allow-module-address", "127.0.0.1:*"]
+        if self.pathways_file is not None:
+            args += ["--pathways-file", str(self.pathways_file)]
         if self.secure_dir is None:
             return args
         from pathways import certs
@@ -262,6 +287,15 @@ class LocalDeployment:
         hosted several to a server (`colocate`) only serve: they are not listed."""
         return {m: ps[0].address for m, ps in self.fleet.servers.items() if "," not in m}
 
+    def _compile_cache(self) -> dict[str, str]:
+        """The worker's jobs keep compiled programs beside the deployment's logs (a second job
+        of the same shapes, or a resumed one, loads them); none without a log directory."""
+        from pathways.coordinator.worker import ENV_COMPILE_CACHE
+
+        if self.log is None:
+            return {}
+        return {ENV_COMPILE_CACHE: str((self.log / "xla-cache").absolute())}
+
     def start(self, timeout: float = 300.0) -> LocalDeployment:
         from pathways import certs
         from pathways.coordinator.broker import EmbeddedBroker
@@ -277,7 +311,7 @@ class LocalDeployment:
                     concurrency=self.worker_concurrency,
                     log=self.log,
                     tls=self.identities.tls(certs.COORDINATOR),
-                    env={ENV_JOB_ROOTS: self.worker_roots()},
+                    env={ENV_JOB_ROOTS: self.worker_roots(), **self._compile_cache()},
                 )
             self.fleet = Fleet(
                 self.checkpoint,

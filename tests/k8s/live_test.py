@@ -24,13 +24,14 @@ pytestmark = [
 NAMESPACE = "pathways-live"
 MODULES = ["embed", "attn-0", "attn-1", "head"]
 TRAINING_CLAIM = "pathways-training"  # render's default training volume
+GATEWAY_STATE_CLAIM = "pathways-gateway-state"  # render's default gateway state volume
 BROKER_CLAIM = f"data-{names.BROKER}-0"  # the broker StatefulSet's volumeClaimTemplate, pod 0
 
 
 def _volumes() -> list[dict]:
-    """What a cluster provides beside the base: the training claim (as the dev overlay does) and
-    node-directory volumes pre-bound to it and to the broker's claim (the kit has no storage
-    provisioner), so the pods that mount them get scheduled."""
+    """What a cluster provides beside the base: the training and gateway state claims (as the
+    dev overlay does) and node-directory volumes pre-bound to them and to the broker's claim (the
+    kit has no storage provisioner), so the pods that mount them get scheduled."""
 
     def volume(name: str, claim: str, mode: str) -> dict:
         return {
@@ -46,21 +47,25 @@ def _volumes() -> list[dict]:
             },
         }
 
-    claim = {
-        "apiVersion": "v1",
-        "kind": "PersistentVolumeClaim",
-        "metadata": {"name": TRAINING_CLAIM, "namespace": NAMESPACE},
-        "spec": {
-            "accessModes": ["ReadWriteMany"],
-            "storageClassName": "",
-            "volumeName": f"{NAMESPACE}-training",
-            "resources": {"requests": {"storage": "1Gi"}},
-        },
-    }
+    def bound_claim(name: str, claim: str, mode: str) -> dict:
+        return {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": NAMESPACE},
+            "spec": {
+                "accessModes": [mode],
+                "storageClassName": "",
+                "volumeName": f"{NAMESPACE}-{name}",
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        }
+
     return [
         volume("training", TRAINING_CLAIM, "ReadWriteMany"),
         volume("broker", BROKER_CLAIM, "ReadWriteOnce"),
-        claim,
+        volume("gateway-state", GATEWAY_STATE_CLAIM, "ReadWriteOnce"),
+        bound_claim("training", TRAINING_CLAIM, "ReadWriteMany"),
+        bound_claim("gateway-state", GATEWAY_STATE_CLAIM, "ReadWriteOnce"),
     ]
 
 
@@ -92,6 +97,7 @@ def applied(kubeconfig, tmp_path_factory) -> list[dict]:
         kubeconfig,
         *("-n", NAMESPACE, "wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=30s"),
         f"pvc/{TRAINING_CLAIM}",
+        f"pvc/{GATEWAY_STATE_CLAIM}",
     )
     manifest = base.parent / "applied.yaml"
     manifest.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] != "Namespace"]))
@@ -234,6 +240,13 @@ def test_every_workload_runs_with_the_environment_its_code_reads(api, applied):
             assert not mounts["training"].get("readOnly"), name
         if "checkpoint" in mounts:
             assert mounts["checkpoint"]["readOnly"] is True, name
+    # The gateway's pathway table is kept on its own bound claim, mounted writable.
+    claim = core.read_namespaced_persistent_volume_claim(GATEWAY_STATE_CLAIM, NAMESPACE)
+    assert claim.status.phase == "Bound"
+    gateway = workloads[names.GATEWAY]["spec"]["template"]["spec"]["containers"][0]
+    (state,) = (m for m in gateway["volumeMounts"] if m["name"] == "gateway-state")
+    assert state["mountPath"] == pods.GATEWAY_STATE_DIR and not state.get("readOnly")
+    assert pods.GATEWAY_STATE_DIR + "/" in " ".join(gateway["args"])
 
     started = entrypoints.check_workloads(stored)
     assert set(started) == {*MODULES, names.GATEWAY, names.HTTP_FRONT, names.COORDINATOR}

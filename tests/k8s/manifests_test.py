@@ -1,7 +1,10 @@
-"""Offline checks of the committed k8s/: the base is the render of examples/tiny.yaml, and every
-overlay renders with kustomize and validates against Kubernetes 1.30 schemas (strict)."""
+"""Offline checks of the committed k8s/: the base is the render of examples/tiny.yaml, every
+overlay renders with kustomize and validates against Kubernetes 1.30 schemas (strict), and each
+gives its pods the volumes they write (claims the dev overlay creates, the gateway's state)."""
 
 from __future__ import annotations
+
+from pathlib import PurePosixPath
 
 import kubernetes_validate
 import pytest
@@ -14,6 +17,7 @@ from tools.cli import main as cli
 K8S = REPO / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if p.is_dir())
 VALIDATE_VERSION = "1.30.0"
+GATEWAY = "pathways-gateway"
 
 
 def test_overlays_exist():
@@ -131,5 +135,26 @@ def test_dev_overlay_creates_the_claims_its_pods_mount():
         for v in d["spec"]["template"]["spec"]["volumes"]
         if "persistentVolumeClaim" in v
     }
-    assert mounted == {"pathways-checkpoints", "pathways-training"}
+    assert mounted == {"pathways-checkpoints", "pathways-training", "pathways-gateway-state"}
     assert mounted <= claims
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_gateway_keeps_its_pathway_table_on_a_volume_only_it_writes(overlay):
+    """The gateway's --pathways-file lies on a writable volume: a claim when one replica runs
+    (a restarted or rescheduled pod serves the changes again), a volume per pod when several do
+    (two gateways writing one file would each overwrite the other's table)."""
+    docs = kustomize(K8S / "overlays" / overlay)
+    (d,) = (d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == GATEWAY)
+    pod = d["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    args = c["args"]
+    assert args.count("--pathways-file") == 1, args
+    path = PurePosixPath(args[args.index("--pathways-file") + 1])
+    (mount,) = (m for m in c["volumeMounts"] if m["mountPath"] == str(path.parent))
+    assert not mount.get("readOnly"), mount
+    (volume,) = (v for v in pod["volumes"] if v["name"] == mount["name"])
+    if d["spec"].get("replicas", 1) == 1:
+        assert volume["persistentVolumeClaim"]["claimName"] == "pathways-gateway-state"
+    else:
+        assert set(volume) == {"name", "emptyDir"}, volume

@@ -30,6 +30,13 @@ def register(sub) -> None:
         "(default: %(default)s)",
     )
     r.add_argument(
+        "--gateway-state-uri",
+        default=pods.DEFAULT_GATEWAY_STATE_URI,
+        help="writable volume where the gateway keeps its pathway table's runtime changes "
+        "(--pathways-file, a file per checkpoint URI): pvc://CLAIM[/SUBPATH] (ReadWriteOnce: "
+        "one gateway replica writes it) or file:///PATH (default: %(default)s)",
+    )
+    r.add_argument(
         "--image-registry",
         default=render.DEFAULT_REGISTRY,
         help="prefix of the module-server/gateway/coordinator/http-front images (default: %(default)s)",
@@ -63,6 +70,7 @@ def cmd_render(args) -> int:
         spec,
         checkpoint_uri=args.checkpoint_uri,
         training_uri=args.training_uri,
+        gateway_state_uri=args.gateway_state_uri,
         image_registry=args.image_registry,
         namespace=args.namespace,
     )

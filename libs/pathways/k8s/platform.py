@@ -68,19 +68,23 @@ def _selector(component: str) -> dict[str, str]:
     return {names.APP_LABEL: names.APP, names.COMPONENT_LABEL: component}
 
 
-def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
+def gateway(
+    image: str, checkpoint_uri: str, state_uri: str = pods.DEFAULT_GATEWAY_STATE_URI
+) -> list[dict[str, Any]]:
     """Gateway Deployment + Service. The gateway finds each module's replicas by watching the
     Endpoints of the module's headless Service (pathways.k8s.discovery, with the discovery
-    ServiceAccount), so `kubectl scale` changes the replicas new sessions go to."""
+    ServiceAccount), so `kubectl scale` changes the replicas new sessions go to; it keeps its
+    pathway table's changes in a file on the volume `state_uri` (pods.GATEWAY_STATE_DIR)."""
     volumes, mounts = pods.common_volumes(checkpoint_uri)
+    state_volume, state_mount = pods.gateway_state_volume(state_uri)
     tls_volume, tls_mount, tls_env = pods.tls("gateway")
     keys_volume = {
         "name": "api-keys",
         "secret": {"secretName": pods.API_KEYS_SECRET, "defaultMode": 0o440},
     }
     keys_mount = {"name": "api-keys", "mountPath": pods.API_KEYS_DIR, "readOnly": True}
-    volumes = [*volumes, tls_volume, keys_volume]
-    mounts = [*mounts, tls_mount, keys_mount]
+    volumes = [*volumes, tls_volume, keys_volume, state_volume]
+    mounts = [*mounts, tls_mount, keys_mount, state_mount]
     args = [
         "--checkpoint",
         pods.CHECKPOINT_DIR,
@@ -94,6 +98,8 @@ def gateway(image: str, checkpoint_uri: str) -> list[dict[str, Any]]:
         str(pods.HEALTH_PORT),
         "--metrics-port",
         str(pods.METRICS_PORT),
+        "--pathways-file",
+        pods.gateway_pathways_file(checkpoint_uri),
     ]
     container = {
         "name": "gateway",

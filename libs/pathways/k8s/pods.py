@@ -1,8 +1,10 @@
 """Pod building blocks shared by the rendered workloads: hardened security contexts, gRPC health
-probes, volumes for the checkpoint, the spec, training output and a writable /tmp."""
+probes, volumes for the checkpoint, the spec, training output, the gateway's state and a writable
+/tmp."""
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 from urllib.parse import urlparse
 
@@ -50,6 +52,13 @@ DEFAULT_CHECKPOINT_URI = "pvc://pathways-checkpoints"
 # read-only.
 TRAINING_DIR = "/training"
 DEFAULT_TRAINING_URI = "pvc://pathways-training"
+# The gateway's pathway table changes (AddModule, SetPathway, RemovePathway; its --pathways-file)
+# are written here, a file per checkpoint URI, so a restarted or rescheduled gateway pod serves
+# them again and a rollout to another checkpoint starts from that checkpoint's spec. One writer
+# per file: a claim for a single gateway replica (ReadWriteOnce); several replicas would each
+# write their own table over the others', so they get a volume per pod instead (k8s/README.md).
+GATEWAY_STATE_DIR = "/var/lib/pathways"
+DEFAULT_GATEWAY_STATE_URI = "pvc://pathways-gateway-state"
 
 
 def pod_security(user: int = RUN_AS, group: int = RUN_AS) -> dict[str, Any]:
@@ -124,6 +133,21 @@ def training_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
     on a single node); `file:///PATH`: a node directory writable by uid RUN_AS.
     """
     return _uri_volume("training", uri, TRAINING_DIR, read_only=False)
+
+
+def gateway_state_volume(uri: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(volume, volumeMount) that put the gateway's state volume read-write at GATEWAY_STATE_DIR:
+    `pvc://CLAIM[/SUBPATH]` (ReadWriteOnce is enough for the one replica that writes it) or
+    `file:///PATH`, a node directory writable by uid RUN_AS."""
+    return _uri_volume("gateway-state", uri, GATEWAY_STATE_DIR, read_only=False)
+
+
+def gateway_pathways_file(checkpoint_uri: str) -> str:
+    """The gateway's --pathways-file for the checkpoint at `checkpoint_uri`: the checkpoint is
+    always mounted at CHECKPOINT_DIR, so the file is named after the URI (a store applies its
+    changes to whichever checkpoint the gateway serves)."""
+    digest = hashlib.sha256(checkpoint_uri.encode()).hexdigest()[:12]
+    return f"{GATEWAY_STATE_DIR}/pathways-{digest}.json"
 
 
 def common_volumes(

@@ -40,6 +40,7 @@ def render(
     image_registry: str = DEFAULT_REGISTRY,
     namespace: str = DEFAULT_NAMESPACE,
     training_uri: str = pods.DEFAULT_TRAINING_URI,
+    gateway_state_uri: str = pods.DEFAULT_GATEWAY_STATE_URI,
 ) -> dict[str, str]:
     """The kustomize base for `spec`, as {relative filename: YAML text}.
 
@@ -51,12 +52,17 @@ def render(
       namespace: set on every object by the kustomization.
       training_uri: `pvc://CLAIM[/SUBPATH]` or `file:///PATH`, mounted read-write at /training
         in the coordinator and module pods, which write training jobs' output there.
+      gateway_state_uri: `pvc://CLAIM[/SUBPATH]` or `file:///PATH`, mounted read-write in the
+        gateway, which keeps its pathway table's runtime changes there (`--pathways-file`, one
+        file per checkpoint URI). A volume for one writer: one gateway replica.
 
     Raises:
-      ValueError: a bad checkpoint or training URI, or module names that clash once sanitised.
+      ValueError: a bad checkpoint, training or gateway state URI, or module names that clash
+        once sanitised.
     """
     pods.checkpoint_volume(checkpoint_uri)  # fail early, with the URI in the message
     pods.training_volume(training_uri)
+    pods.gateway_state_volume(gateway_state_uri)
     dns = names.module_names(list(spec.modules))
     registry = image_registry.rstrip("/")
     image = {role: f"{registry}/{name}:latest" for role, name in IMAGES.items()}
@@ -72,7 +78,9 @@ def render(
             placement=spec.placement.get(module),
         )
         files[f"modules/{dns[module]}.yaml"] = to_yaml(objs)
-    files["gateway.yaml"] = to_yaml(platform.gateway(image["gateway"], checkpoint_uri))
+    files["gateway.yaml"] = to_yaml(
+        platform.gateway(image["gateway"], checkpoint_uri, gateway_state_uri)
+    )
     files["http-front.yaml"] = to_yaml(platform.http_front(image["http_front"]))
     files["coordinator.yaml"] = to_yaml(
         platform.coordinator(image["coordinator"], checkpoint_uri, training_uri)

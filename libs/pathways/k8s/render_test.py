@@ -115,7 +115,8 @@ def test_each_module_gets_deployment_service_hpa_pdb():
     # The gateway discovers replicas from the module Services' Endpoints (no fixed addresses).
     i = gateway_args.index("--discover")
     assert gateway_args[i : i + 2] == ["--discover", "k8s"] and "--module" not in gateway_args
-    assert gateway_args[-2:] == ["--metrics-port", "9464"]
+    i = gateway_args.index("--metrics-port")
+    assert gateway_args[i : i + 2] == ["--metrics-port", "9464"]
 
 
 def test_adding_a_module_adds_its_deployment_and_nothing_else_changes():
@@ -189,6 +190,38 @@ def test_training_output_has_its_own_writable_volume():
     assert claim["persistentVolumeClaim"] == {"claimName": "pathways-training"}
     with pytest.raises(ValueError, match="training URI must be.*'emptydir://'"):
         render.render(spec_lib.from_dict(SPEC), training_uri="emptydir://")
+
+
+def _pathways_file(files) -> tuple[str, dict, dict]:
+    """The gateway's --pathways-file, with the mount and the volume of its directory."""
+    pod = _pod_spec(files, "gateway.yaml")
+    args = pod["containers"][0]["args"]
+    path = args[args.index("--pathways-file") + 1]
+    (mount,) = (
+        m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] == path.rsplit("/", 1)[0]
+    )
+    (volume,) = (v for v in pod["volumes"] if v["name"] == mount["name"])
+    return path, mount, volume
+
+
+def test_the_gateway_keeps_its_pathway_table_per_checkpoint_on_a_writable_volume():
+    spec = spec_lib.from_dict(SPEC)
+    path, mount, volume = _pathways_file(render.render(spec))
+    assert mount == {"name": "gateway-state", "mountPath": "/var/lib/pathways"}
+    assert volume["persistentVolumeClaim"] == {"claimName": "pathways-gateway-state"}
+    # The checkpoint is always mounted at /checkpoint: the file is named after its URI, so a
+    # rollout to another checkpoint starts from that checkpoint's own spec.
+    run_2, _, _ = _pathways_file(render.render(spec, checkpoint_uri="pvc://ckpts/run-2"))
+    assert run_2 != path and run_2.endswith(".json")
+    assert _pathways_file(render.render(spec, checkpoint_uri="pvc://ckpts/run-2"))[0] == run_2
+    _, _, on_node = _pathways_file(render.render(spec, gateway_state_uri="file:///srv/gw"))
+    assert on_node["hostPath"]["path"] == "/srv/gw"
+    with pytest.raises(ValueError, match="gateway-state URI must be.*'configmap://x'"):
+        render.render(spec, gateway_state_uri="configmap://x")  # read-only: no store
+    for name in ("modules/attn-0.yaml", "coordinator.yaml", "http-front.yaml"):
+        assert "gateway-state" not in {
+            v["name"] for v in _pod_spec(render.render(spec), name)["volumes"]
+        }
 
 
 def test_coordinator_gets_the_broker_url_the_worker_reads():

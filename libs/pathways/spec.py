@@ -99,6 +99,17 @@ class PathwaySpec:
         data["pathways"][name] = list(modules)
         return from_dict(data)
 
+    def only(self, name: str) -> PathwaySpec:
+        """A copy with pathway `name` alone and only the modules it runs: what a process that
+        serves or evaluates one pathway of a larger spec builds (nothing else initialised)."""
+        keep = self.pathway(name).modules
+        return dataclasses.replace(
+            self,
+            modules={m: c for m, c in self.modules.items() if m in keep},
+            pathways={name: self.pathways[name]},
+            placement={m: p for m, p in self.placement.items() if m in keep},
+        )
+
     def without_pathway(self, name: str) -> PathwaySpec:
         self.pathway(name)
         data = self.to_dict()

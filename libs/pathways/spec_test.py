@@ -87,6 +87,18 @@ def test_with_and_without_pathway():
         spec.without_pathway("nope")
 
 
+def test_only_keeps_one_pathway_and_its_modules():
+    spec = spec_lib.load(EXAMPLES / "multitask.yaml")
+    name = next(n for n in spec.pathways if len(spec.pathway(n).modules) < len(spec.modules))
+    one = spec.only(name)
+    assert list(one.pathways) == [name] and one.pathways[name] == spec.pathways[name]
+    assert list(one.modules) == [m for m in spec.modules if m in spec.pathway(name).modules]
+    assert all(one.modules[m] == spec.modules[m] for m in one.modules)
+    assert spec_lib.from_dict(one.to_dict()) == one  # still a valid spec
+    with pytest.raises(SpecError, match="unknown pathway 'nope'"):
+        spec.only("nope")
+
+
 def _error(mutate) -> str:
     data = _data()
     mutate(data)

@@ -19,17 +19,13 @@ def load_executor(checkpoint: str | Path, pathway: str | None = None) -> LocalEx
     """A LocalExecutor with the checkpoint's spec and the saved weights of `pathway`'s modules
     (every module of the spec when None); ValueError naming modules without weights."""
     spec, _ = ckpt.load_spec(checkpoint)
-    ex = LocalExecutor(spec)
     needed = spec.pathway(pathway).modules if pathway else tuple(spec.modules)
     missing = [m for m in needed if not ckpt.has_module(checkpoint, m)]
     if missing:
         raise ValueError(
             f"checkpoint {checkpoint} has no weights for module(s) {', '.join(missing)}"
         )
-    for name, rt in ex.runtimes.items():
-        if ckpt.has_module(checkpoint, name):
-            ex.set_state(name, ckpt.load_module(checkpoint, name, rt.state))
-    return ex
+    return LocalExecutor(spec, checkpoint=checkpoint)
 
 
 def speech_pathway(spec, pathway: str | None = None) -> str:

@@ -46,10 +46,7 @@ def cmd_bench_pathways(args) -> int:
         raise ValueError(
             f"unknown pathway(s) {', '.join(unknown)}; known: {', '.join(spec.pathways)}"
         )
-    ex = LocalExecutor(spec)
-    for name, rt in ex.runtimes.items():
-        if ckpt.has_module(args.checkpoint, name):
-            ex.set_state(name, ckpt.load_module(args.checkpoint, name, rt.state))
+    ex = LocalExecutor(spec, checkpoint=args.checkpoint)
     runnable = [
         n
         for n in names

@@ -67,7 +67,6 @@ def _in_process(checkpoint: str, pathway: str, field: str, data: bytes, top_k: i
         wave = infer.decode_wav(data, first)[0]
         text = Transcriber(checkpoint, name).transcribe(wave, first.sample_rate)
         return infer.Result(name, "transcript", texts=[text])
-    ex = LocalExecutor(spec)
     name, x = infer.prepare(spec, spec.pathways, pathway, field, data, tok)
     missing = [m for m in spec.pathway(name).modules if not ckpt.has_module(checkpoint, m)]
     if missing:
@@ -75,8 +74,7 @@ def _in_process(checkpoint: str, pathway: str, field: str, data: bytes, top_k: i
             f"checkpoint {checkpoint} has no weights for module(s) {', '.join(missing)} of "
             f"pathway {name!r}"
         )
-    for m in spec.pathway(name).modules:
-        ex.set_state(m, ckpt.load_module(checkpoint, m, ex.state(m)))
+    ex = LocalExecutor(spec.only(name), checkpoint=checkpoint)
     return infer.run(ex, name, x, "head", top_k)
 
 

@@ -321,10 +321,7 @@ def cmd_generate(args) -> int:
     from tools.cli.commands_serve import show_route
 
     spec, tok = ckpt.load_spec(args.checkpoint)
-    ex = LocalExecutor(spec, weights=args.weights)
-    for name, rt in ex.runtimes.items():
-        if ckpt.has_module(args.checkpoint, name):
-            ex.set_state(name, ckpt.load_module(args.checkpoint, name, rt.state))
+    ex = LocalExecutor(spec, weights=args.weights, checkpoint=args.checkpoint)
     pathway = args.pathway or spec.default_pathway
     router = routing.load(args.checkpoint, spec)  # a DiPaCo checkpoint: the path of the prompt
     if router is not None and args.pathway in (None, "", router.family):

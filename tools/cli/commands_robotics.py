@@ -150,9 +150,7 @@ def _in_process(args, env_info):
             f"checkpoint {args.checkpoint} has no weights for module(s) {', '.join(missing)} "
             f"of pathway {name!r}"
         )
-    ex = LocalExecutor(spec)
-    for m in spec.pathway(name).modules:
-        ex.set_state(m, ckpt.load_module(args.checkpoint, m, ex.state(m)))
+    ex = LocalExecutor(spec.only(name), checkpoint=args.checkpoint)
     policy = Policy(ex, name, window=args.window or None)
     return name, policy, f"in this process, window {policy.k}"
 

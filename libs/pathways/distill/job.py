@@ -25,11 +25,7 @@ from pathways.modules import registry
 def load_checkpoint(directory: str | Path):
     """(spec, tokenizer, LocalExecutor with every saved module's parameters)."""
     spec, tok = ckpt.load_spec(directory)
-    ex = LocalExecutor(spec)
-    for name, rt in ex.runtimes.items():
-        if ckpt.has_module(directory, name):
-            ex.set_state(name, ckpt.load_module(directory, name, rt.state))
-    return spec, tok, ex
+    return spec, tok, LocalExecutor(spec, checkpoint=directory)
 
 
 def student_spec(req: DistillRequest) -> spec_lib.PathwaySpec:

@@ -129,9 +129,7 @@ class DiPaCoContext(Context):
                     f"router_checkpoint {req.router_checkpoint} has no weights for module(s) "
                     f"{', '.join(missing)} of pathway {rpathway!r}"
                 )
-            frozen = LocalExecutor(rspec)
-            for m in modules:
-                frozen.set_state(m, ckpt.load_module(req.router_checkpoint, m, frozen.state(m)))
+            frozen = LocalExecutor(rspec.only(rpathway), checkpoint=req.router_checkpoint)
         else:
             rpathway = req.router_pathway or self.pathway
             frozen, rspec = initial, self.base

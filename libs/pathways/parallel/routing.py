@@ -117,9 +117,7 @@ def load(checkpoint: str | Path | None, spec=None) -> PathRouter | None:
 
     meta = json.loads((d / ROUTER_FILE).read_text())
     rspec, _ = ckpt.load_spec(d)
-    ex = LocalExecutor(rspec)
-    for m in rspec.pathway(meta["pathway"]).modules:
-        ex.set_state(m, ckpt.load_module(d, m, ex.state(m)))
+    ex = LocalExecutor(rspec.only(meta["pathway"]), checkpoint=d)
     router = PathRouter(
         Features(ex, meta["pathway"], meta["prefix"]), dipaco.Router.from_dict(meta), meta["family"]
     )

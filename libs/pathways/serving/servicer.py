@@ -398,7 +398,8 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                         f"checkpoint {request.checkpoint!r}: module {e.name!r} has another "
                         f"config than the served one ({cfg} != {e.cfg})"
                     )
-            states = [ckpt.load_module(directory, e.name, e.rt.state) for e in self.engines]
+            # read into the modules' abstract shapes, as at start: no copy beside the served one
+            states = [ckpt.restore_module(directory, e.name, e.cfg) for e in self.engines]
             source = f"checkpoint {directory}"
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(states))
         compacted = False

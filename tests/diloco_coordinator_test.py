@@ -39,9 +39,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def broker_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("broker")
+
+
+@pytest.fixture(scope="module")
+def client(broker_dir):
     """An embedded broker and one worker with K + 1 pool processes (the job waits in one)."""
-    with coordinator(tmp_path_factory.mktemp("broker"), concurrency=K + 1) as c:
+    with coordinator(broker_dir, concurrency=K + 1) as c:
         yield c
 
 
@@ -65,7 +70,7 @@ def final_params(req: DiLoCoRequest) -> dict:
     return run.params()
 
 
-def test_h1_plain_averaging_job_equals_synchronous_data_parallel_sgd(client, tmp_path):
+def test_h1_plain_averaging_job_equals_synchronous_data_parallel_sgd(client, broker_dir, tmp_path):
     lr, steps = 0.05, 3
     req = job(
         tmp_path / "diloco",
@@ -109,6 +114,9 @@ def test_h1_plain_averaging_job_equals_synchronous_data_parallel_sgd(client, tmp
         for a, b in zip(jax.tree.leaves(got[n]), jax.tree.leaves(ref.state(n))):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     assert mean_losses[-1] < mean_losses[0]  # it did train
+    # The worker's tasks compiled into the shared cache (`coordinator.worker.use_compile_cache`),
+    # and what they computed through it equals the reference above.
+    assert list((broker_dir / "xla-cache").glob("*-cache"))
 
 
 def assert_same_run(ref: DiLoCoRequest, req: DiLoCoRequest) -> None:

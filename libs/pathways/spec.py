@@ -36,6 +36,9 @@ class Pathway:
     # The attention mask of every call through this pathway (`mask:` in the spec): causal by
     # default for text, bidirectional for other inputs (an image's patches see each other).
     causal: bool = True
+    # DiPaCo (`grid:` in the spec): module of this pathway -> its number of choices; a DiPaCo job
+    # on this pathway trains every combination as a path (`pathways.parallel.dipaco.grid`)
+    grid: tuple[tuple[str, int], ...] = ()
 
 
 def default_mask(first: ModuleConfig) -> str:
@@ -69,6 +72,8 @@ class PathwaySpec:
             mask = MASKS[0] if p.causal else MASKS[1]
             if mask != default_mask(self.modules[p.modules[0]]):
                 pathways[p.name]["mask"] = mask
+            if p.grid:
+                pathways[p.name]["grid"] = dict(p.grid)
         plugins = {"plugins": list(self.plugins)} if self.plugins else {}
         placement = (
             {"placement": {m: p.to_dict() for m, p in self.placement.items()}}
@@ -191,9 +196,9 @@ def _check_name(name, what: str) -> str:
 
 def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
     _check_name(name, "pathway name")
-    declared_len, mask = None, None
+    declared_len, mask, grid = None, None, None
     if isinstance(raw, dict):
-        declared_len, mask = raw.get("max_seq_len"), raw.get("mask")
+        declared_len, mask, grid = raw.get("max_seq_len"), raw.get("mask"), raw.get("grid")
         raw = raw.get("modules")
     if not isinstance(raw, list) or not raw:
         raise SpecError(f"pathway {name!r}: must be a non-empty list of module names, got {raw!r}")
@@ -283,4 +288,29 @@ def _pathway(name: str, raw: Any, modules: dict[str, ModuleConfig]) -> Pathway:
         mask = default_mask(first)
     if mask not in MASKS:
         raise SpecError(f"pathway {name!r}: mask must be one of {', '.join(MASKS)}; got {mask!r}")
-    return Pathway(name=name, modules=tuple(chain), max_seq_len=max_len, causal=mask == MASKS[0])
+    return Pathway(
+        name=name,
+        modules=tuple(chain),
+        max_seq_len=max_len,
+        causal=mask == MASKS[0],
+        grid=_grid(name, grid, chain),
+    )
+
+
+def _grid(name: str, raw: Any, chain: list[str]) -> tuple[tuple[str, int], ...]:
+    """A pathway's `grid:` (module -> choices >= 1, modules of the pathway, in the given order)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise SpecError(
+            f"pathway {name!r}: grid must map modules of the pathway to their number of "
+            f"choices, e.g. {{attn-0: 2}}; got {raw!r}"
+        )
+    out = []
+    for m, n in raw.items():
+        if m not in chain:
+            raise SpecError(f"pathway {name!r}: grid names {m!r}, which is not in the pathway")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise SpecError(f"pathway {name!r}: grid[{m!r}] must be an integer >= 1, got {n!r}")
+        out.append((str(m), n))
+    return tuple(out)

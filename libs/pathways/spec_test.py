@@ -1,5 +1,6 @@
 """Tests for the pathway spec: valid files load; each contract error names modules and values."""
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -97,6 +98,25 @@ def test_only_keeps_one_pathway_and_its_modules():
     assert spec_lib.from_dict(one.to_dict()) == one  # still a valid spec
     with pytest.raises(SpecError, match="unknown pathway 'nope'"):
         spec.only("nope")
+
+
+def test_a_pathway_declares_a_dipaco_grid():
+    data = _data()
+    data["pathways"]["full"] = {"modules": ["embed", "lower", "upper", "head"]}
+    data["pathways"]["full"]["grid"] = {"upper": 2, "lower": 3}
+    spec = spec_lib.from_dict(data)
+    assert spec.pathway("full").grid == (("upper", 2), ("lower", 3))  # in the order given
+    assert spec.pathway("shallow").grid == ()
+    assert spec_lib.from_dict(spec.to_dict()) == spec
+    for grid, words in [
+        ({"middle": 2}, "pathway 'full': grid names 'middle', which is not in the pathway"),
+        ({"upper": 0}, "pathway 'full': grid['upper'] must be an integer >= 1, got 0"),
+        ({"upper": True}, "grid['upper'] must be an integer >= 1, got True"),
+        ([2], "pathway 'full': grid must map modules of the pathway to their number of choices"),
+    ]:
+        data["pathways"]["full"]["grid"] = grid
+        with pytest.raises(SpecError, match=re.escape(words)):
+            spec_lib.from_dict(data)
 
 
 def _error(mutate) -> str:

@@ -124,7 +124,7 @@ def submit_parallel_and_follow(args) -> int:
     if args.parallel == "dipaco":
         cls = DiPaCoRequest
         given.update(
-            grid=parse_grid(args.grid),
+            grid=parse_grid(args.grid) if args.grid else spec_grid(args.spec, args.pathway),
             router_checkpoint=(
                 str(Path(args.router_checkpoint).absolute()) if args.router_checkpoint else None
             ),
@@ -169,6 +169,22 @@ def submit_parallel_and_follow(args) -> int:
         f"{final['eval_loss']:.3f}, {moved:.1f} MB exchanged; checkpoint {final['out']}"
     )
     return 0
+
+
+def spec_grid(spec_path: str, pathway: str | None) -> dict[str, int]:
+    """The `grid:` the spec declares for `pathway` (default: its first), for a DiPaCo job given
+    no --grid."""
+    from pathways import spec as spec_lib
+
+    spec = spec_lib.load(spec_path)
+    name = pathway or spec.default_pathway
+    grid = dict(spec.pathway(name).grid)
+    if not grid:
+        raise ValueError(
+            f"--parallel dipaco needs --grid MODULE=N[,MODULE=N...] or a grid: in pathway "
+            f"{name!r} of {spec_path}"
+        )
+    return grid
 
 
 def parse_grid(text: str | None) -> dict[str, int]:

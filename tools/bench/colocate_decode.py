@@ -52,8 +52,8 @@ def main(argv=None) -> int:
         "--threads",
         type=int,
         default=0,
-        help="XLA threads of every server and of the local executor (default: the CPUs split "
-        "between the per-module layout's servers, the same for every layout)",
+        help="XLA threads of every server and of the local executor (default: all the CPUs, "
+        "as Fleet gives them)",
     )
     p.add_argument(
         "--kv-cache-mb",
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     spec0 = spec_lib.load(args.spec)
     pathway = args.pathway or spec0.default_pathway
     chain = list(spec0.pathway(pathway).modules)
-    threads = args.threads or launcher.cpu_share(len(chain))
+    threads = args.threads or launcher.cpus()
     cpu.limit_threads(threads)  # before this process's first computation
     res = {"spec": args.spec, "pathway": pathway, "tokens": args.tokens, "threads": threads}
     res.update(wire=args.wire, sessions=args.sessions, layouts={})

@@ -21,7 +21,6 @@ import time
 import numpy as np
 
 from pathways import cpu
-from pathways import spec as spec_lib
 from pathways.deploy import launcher
 from pathways.executor.remote import RemoteExecutor
 from pathways.sampling import SamplingParams
@@ -138,7 +137,7 @@ def main(argv=None) -> int:
         "--server-threads",
         type=int,
         default=0,
-        help="XLA threads of each module server (default: the CPUs split between the servers)",
+        help="XLA threads of each module server (default: all the CPUs, as Fleet gives them)",
     )
     p.add_argument(
         "--local-threads",
@@ -163,10 +162,8 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         p.error(f"--rounds must be >= 1; got {args.rounds}")
     levels = [int(x) for x in args.concurrency.split(",")]
-    spec0 = spec_lib.load(args.spec)
-    spec_modules = len(spec0.pathway(args.pathway or spec0.default_pathway).modules)
     # Before this process's first computation: XLA sizes its thread pool once.
-    server_threads = args.server_threads or launcher.cpu_share(spec_modules)
+    server_threads = args.server_threads or launcher.cpus()
     local_threads = cpu.limit_threads(args.local_threads or server_threads)
     with tempfile.TemporaryDirectory() as d:
         local = testing.make_checkpoint(d, args.spec)

@@ -18,10 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pathways import certs, transport
 
 
+def cpus() -> int:
+    """The CPUs this process may run on."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, n or 1)
+
+
 def cpu_share(servers: int) -> int:
-    """XLA threads per server when `servers` module servers share this machine's CPUs."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cpus or 1) // max(1, servers))
+    """XLA threads per server when `servers` module servers split this machine's CPUs."""
+    return max(1, cpus() // max(1, servers))
 
 
 _given: set[int] = set()  # ports free_port() handed out (their servers may not listen yet)
@@ -358,9 +363,10 @@ class Fleet:
         identities: certs.Identities | None = None,
         gateway_args: list[str] = (),
         metrics: bool = False,
+        split_cpus: bool = False,
     ):
         """`metrics`: every module server and the gateway serve GET /metrics on a free side
-        port (`metrics_urls`: process name -> URL)."""
+        port (`metrics_urls`: process name -> URL). `split_cpus`: see `server_env`."""
         self.checkpoint, self.modules = str(checkpoint), modules
         self.metrics, self.metrics_urls = metrics, {}
         # Each service's certificate (None: every process in plaintext); this process checks
@@ -369,6 +375,7 @@ class Fleet:
         self.client_tls = self.identities.tls(certs.CLIENT)
         self.replicas, self.with_gateway = dict(replicas or {}), gateway
         self.env, self.log, self.module_args = env, log, list(module_args)
+        self.split_cpus = split_cpus
         self.gateway_args = list(gateway_args)  # extra gateway flags (`up`: its API keys)
         self.servers: dict[str, list[Process]] = {}
         self.gateway: Process | None = None
@@ -388,10 +395,20 @@ class Fleet:
         return [a for a in self.module_args if a != "--training"]
 
     def server_env(self, servers: int) -> dict[str, str]:
-        """Environment of the module servers: the machine's CPUs split between `servers`
-        (unless PATHWAYS_CPU_THREADS is set here or in `env`)."""
+        """Environment of the module servers. Each computes with all the machine's CPUs (XLA's
+        default), unless PATHWAYS_CPU_THREADS is set here or in `env`, or the fleet splits them
+        (`split_cpus`: CPUs / `servers` each). A pathway's hops run one after another, and the
+        gateway's lockstep moves concurrent sessions through them together, so mostly one server
+        computes at a time and a split leaves the other shares idle: GPT-2 small's 4 servers on 2
+        cores decoded 13.2 tok/s for one session and 32.1 for 8 with one thread each, 26.7 and
+        103.8 with two (BENCHMARKS.md, "Two XLA threads per server"). Split where several
+        pathways keep different servers busy at once."""
         env = dict(self.env or {})
-        if "PATHWAYS_CPU_THREADS" not in env and "PATHWAYS_CPU_THREADS" not in os.environ:
+        if (
+            self.split_cpus
+            and "PATHWAYS_CPU_THREADS" not in env
+            and "PATHWAYS_CPU_THREADS" not in os.environ
+        ):
             env["PATHWAYS_CPU_THREADS"] = str(cpu_share(servers))
         return env
 

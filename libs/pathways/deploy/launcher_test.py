@@ -39,3 +39,14 @@ def test_waiting_for_health_fails_fast_when_a_sibling_dies(tmp_path):
     with pytest.raises(launcher.StartupError, match="dead exited with code 2"):
         launcher.wait_all_healthy([sleeper], timeout=30, also=[dead])
     launcher.stop_all([sleeper, dead])
+
+
+def test_module_servers_get_every_cpu_unless_the_fleet_splits_them(monkeypatch):
+    monkeypatch.delenv("PATHWAYS_CPU_THREADS", raising=False)
+    fleet = launcher.Fleet("ckpt", ["embed", "head"], env={"A": "1"})
+    assert fleet.server_env(4) == {"A": "1"}  # XLA's default pool: all the CPUs
+    split = launcher.Fleet("ckpt", ["embed", "head"], split_cpus=True)
+    assert split.server_env(4) == {"PATHWAYS_CPU_THREADS": str(launcher.cpu_share(4))}
+    assert launcher.cpu_share(4) == max(1, launcher.cpus() // 4)
+    given = launcher.Fleet("ckpt", ["embed"], env={"PATHWAYS_CPU_THREADS": "3"}, split_cpus=True)
+    assert given.server_env(4) == {"PATHWAYS_CPU_THREADS": "3"}  # what the caller set wins

@@ -17,6 +17,7 @@ from pathways.deploy import launcher
 from pathways.deploy import local as local_dep
 from pathways.deploy.local import LocalDeployment
 from pathways.executor.remote import RemoteExecutor
+from pathways.executor.replicas import StaticReplicaSource
 from pathways.sampling import SamplingParams
 from pathways.serving import testing
 from pathways.tokenizers import ByteTokenizer
@@ -107,6 +108,27 @@ def test_generation_through_chains_equals_local(fleet):
                 )
         finally:
             ex.close()
+
+
+def test_a_replica_source_listing_a_group_under_its_server_name(fleet):
+    """What Kubernetes discovery gives (`pathways k8s render --colocate`: one Service per group,
+    watched as "attn-0+attn-1"): the executor told the groups makes one call per group, and a
+    module of a group has its server's replicas (Publish reaches them)."""
+    f, _, local = fleet
+    servers = {"embed": f.endpoints["embed"], "head": f.endpoints["head"]}
+    servers["attn-0+attn-1"] = f.endpoints["attn-0"]
+    ex = RemoteExecutor(local.spec, StaticReplicaSource(servers), colocated=[["attn-0", "attn-1"]])
+    try:
+        hops = ex._hops(local.spec.pathway("tiny").modules)
+        assert [h for h, _ in hops] == ["embed", "attn-0+attn-1", "head"]
+        assert ex.replicas["attn-1"].source.replicas("attn-1") == f.endpoints["attn-0"]
+        np.testing.assert_array_equal(
+            gen.greedy_ids(ex, "tiny", IDS, N), gen.greedy_ids(local, "tiny", IDS, N)
+        )
+    finally:
+        ex.close()
+    with pytest.raises(ValueError, match="colocated groups go with a ReplicaSource"):
+        RemoteExecutor(local.spec, f.endpoints, colocated=[["attn-0", "attn-1"]])
 
 
 def test_concurrent_sessions_batch_through_a_chain(fleet):

@@ -9,6 +9,7 @@ import sys
 
 from pathways import checkpoint as ckpt
 from pathways import transport
+from pathways.deploy.local import server_names
 from pathways.serving import auth
 from pathways.serving.episodes import DEFAULT_TTL_S
 from pathways.serving.gateway import MAX_PROMPT_BYTES, GatewayServer
@@ -57,6 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         "--kubeconfig",
         help="k8s discovery from outside the cluster with this kubeconfig's credentials "
         "(default: the pod's service account)",
+    )
+    p.add_argument(
+        "--colocate",
+        action="append",
+        default=[],
+        help="k8s discovery: consecutive modules one server hosts, e.g. attn-0,attn-1 "
+        "(repeatable; env PATHWAYS_COLOCATE, groups separated by ';'): their Service is named "
+        "after the group and a step through them is one call",
     )
     p.add_argument(
         "--wire-dtype",
@@ -161,6 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.discover == "k8s" and args.kubeconfig and not args.namespace:
         p.error("--discover k8s with --kubeconfig needs --namespace (or PATHWAYS_NAMESPACE)")
     spec, tok = ckpt.load_spec(args.checkpoint)
+    colocate = args.colocate or [g for g in os.environ.get("PATHWAYS_COLOCATE", "").split(";") if g]
+    groups = [[m.strip() for m in g.split(",")] for g in colocate]
+    if groups and args.discover != "k8s":
+        p.error(
+            "--colocate needs --discover k8s (with --module addresses, list a group's modules "
+            "at the same addresses)"
+        )
+    try:
+        # a group's server as discovery and the executor name it ("attn-0+attn-1")
+        servers = [s.replace(",", "+") for s in server_names(spec, list(spec.modules), groups)]
+    except ValueError as e:
+        p.error(str(e))
     try:
         tls = (
             transport.TLSConfig.plaintext()
@@ -175,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         from pathways.k8s import discovery  # the Kubernetes client only when discovering
 
         if args.kubeconfig:
-            watcher = discovery.from_kubeconfig(spec.modules, args.namespace, args.kubeconfig)
+            watcher = discovery.from_kubeconfig(servers, args.namespace, args.kubeconfig)
         else:
-            watcher = discovery.in_cluster(spec.modules, args.namespace)
+            watcher = discovery.in_cluster(servers, args.namespace)
         replicas = watcher
     else:
         replicas = parse_modules(modules)
@@ -199,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             max_prompt_bytes=args.max_prompt_bytes,
             session_ttl_s=args.session_ttl_s,
             pathways_file=args.pathways_file or None,
+            colocated=groups,
         )
         server.serve_forever()
     except StoreError as e:  # a pathways file that does not apply: say which entry, exit 2

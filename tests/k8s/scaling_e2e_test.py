@@ -1,7 +1,8 @@
 """End to end on a real Kubernetes v1.20 control plane with a kubelet that runs pods as processes:
 the rendered module Deployments serve generation through a gateway that discovers replicas from
 the Services' Endpoints; `kubectl scale` up moves traffic onto the new replicas, and scaling back
-down loses no request."""
+down loses no request. attn-1 and head are co-located (`render(colocate=...)`: one Deployment and
+Service, attn-1-head, whose server steps both as one program; the gateway told with --colocate)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from pathways import certs, transport
 from pathways import generate as gen
 from pathways import spec as spec_lib
 from pathways.deploy import launcher
-from pathways.k8s import discovery, names, pods, render
+from pathways.k8s import cluster, discovery, names, pods, render
 from pathways.sampling import SamplingParams
 from pathways.serving import testing
 from pathways.tokenizers import ByteTokenizer
@@ -38,6 +39,8 @@ NODE = "process-node"
 IMAGES = {"module-server": "services.module_server.main", "gateway": "services.gateway.main"}
 # The gateway runs outside the cluster (a kubeconfig, not a service account) and generation needs
 # no coordinator, broker or HTTP front: their workloads are not applied; everything else is.
+COLOCATED = ["attn-1", "head"]  # one server; pathway "tiny" steps through both
+PATHWAY = "tiny"
 NOT_APPLIED = {
     ("gateway", "Deployment"),
     ("coordinator", "Deployment"),
@@ -99,6 +102,7 @@ def deployed(tmp_path_factory):
         checkpoint_uri=f"file://{ckpt}",
         namespace=NAMESPACE,
         training_uri=f"file://{training}",
+        colocate=[COLOCATED],
     )
     render.write(files, base)
     docs = [
@@ -129,6 +133,7 @@ def deployed(tmp_path_factory):
             port = launcher.free_port()
             argv = ["services.gateway.main", "--checkpoint", str(ckpt), "--port", str(port)]
             argv += ["--discover", "k8s", "--kubeconfig", kubeconfig, "--namespace", NAMESPACE]
+            argv += ["--colocate", ",".join(COLOCATED)]
             with open(logs / "gateway.log", "w") as out:
                 # grpc_proxy: the gateway reaches pod IPs through the test kubelet's pod network.
                 env = {
@@ -172,7 +177,7 @@ class Traffic:
             k = 0
             while not self._stop.is_set():
                 req = gateway_pb2.GenerateRequest(
-                    pathway="tiny-shallow",
+                    pathway=PATHWAY,
                     prompt=f"client {i} request {k}:",
                     sampling=gateway_pb2.SamplingOptions(max_new_tokens=8),
                 )
@@ -203,7 +208,7 @@ LONG_PROMPT, LONG_N = "def scale(replicas):", 64
 def _long_generation(address: str, out: list) -> None:
     """One long greedy generation; appends its token ids (or the error)."""
     req = gateway_pb2.GenerateRequest(
-        pathway="tiny-shallow",
+        pathway=PATHWAY,
         prompt=LONG_PROMPT,
         sampling=gateway_pb2.SamplingOptions(max_new_tokens=LONG_N),
     )
@@ -273,7 +278,7 @@ def test_scaling_a_module_moves_traffic_and_loses_no_request(deployed):
         assert any(n for name, n in held.items() if name != survivor.name), held
         want = gen.generate(
             d.local,
-            "tiny-shallow",
+            PATHWAY,
             [LONG_PROMPT],
             ByteTokenizer(),
             SamplingParams(max_new_tokens=LONG_N),
@@ -287,9 +292,10 @@ def test_scaling_a_module_moves_traffic_and_loses_no_request(deployed):
         traffic.stop()
     assert traffic.failures == []
     assert traffic.ok >= 12
-    # The other modules were not touched.
-    assert [len(d.kubelet.running(names.MODULE_LABEL, m)) for m in ("embed", "attn-1", "head")] == [
-        1,
-        1,
-        1,
-    ]
+    # The other servers were not touched; the co-located pair is one server, one Service.
+    others = ("embed", "attn-1-head")
+    assert [len(d.kubelet.running(names.MODULE_LABEL, m)) for m in others] == [1, 1]
+    assert len(_endpoints(d.api, "attn-1-head")) == 1
+    assert d.kubelet.running(names.MODULE_LABEL, "head") == []
+    # `pathways k8s scale head` scales head's server, the group's (here to the same count).
+    assert cluster.scale(d.api, NAMESPACE, "head", 1) == 1

@@ -41,6 +41,14 @@ def register(sub) -> None:
         default=render.DEFAULT_REGISTRY,
         help="prefix of the module-server/gateway/coordinator/http-front images (default: %(default)s)",
     )
+    r.add_argument(
+        "--colocate",
+        action="append",
+        default=[],
+        metavar="MODULE,MODULE[,...]",
+        help="consecutive modules of a pathway that one server hosts and steps as one program, "
+        "as pathways up --colocate: one Deployment per group, named after it (repeatable)",
+    )
     r.add_argument("--namespace", default=render.DEFAULT_NAMESPACE)
     r.add_argument("--out", required=True, help="directory for the base (stale modules removed)")
     r.set_defaults(func=cmd_render)
@@ -73,9 +81,14 @@ def cmd_render(args) -> int:
         gateway_state_uri=args.gateway_state_uri,
         image_registry=args.image_registry,
         namespace=args.namespace,
+        colocate=[g.split(",") for g in args.colocate],
     )
     render.write(files, args.out)
-    print(f"wrote {len(files)} files for {len(spec.modules)} modules to {args.out}")
+    servers = sum(1 for f in files if f.startswith("modules/"))
+    print(
+        f"wrote {len(files)} files for {len(spec.modules)} modules ({servers} module servers) "
+        f"to {args.out}"
+    )
     return 0
 
 

@@ -19,7 +19,7 @@ import contextlib
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import grpc
 import numpy as np
@@ -30,6 +30,7 @@ from pathways.executor.decode_stream import DecodeStream, send_group, session_st
 from pathways.executor.failover import MOVE, ModuleSession, move, open_on
 from pathways.executor.lockstep import Entry, Lockstep
 from pathways.executor.replicas import (
+    HostedSource,
     RemoteError,
     ReplicaSet,
     ReplicaSource,
@@ -67,6 +68,10 @@ class RemoteExecutor:
             the server handler's µs, the step's µs).
         tls: TLS settings of the channels to module servers (default: this process's,
             `transport.default()`).
+        colocated: groups of consecutive modules each hosted by one server (`--module a,b`),
+            which a `ReplicaSource` lists under "a+b" (Kubernetes: one Service per group); a
+            step through a group is one call. Fixed `endpoints` need none: modules listed at
+            the same addresses are taken as one server's.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class RemoteExecutor:
         group_steps: bool = True,
         step_timing: bool = False,
         tls: transport.TLSConfig | None = None,
+        colocated: Sequence[Sequence[str]] = (),
     ):
         self.spec = spec
         self.tls = transport.default() if tls is None else tls
@@ -101,6 +107,16 @@ class RemoteExecutor:
             self._static = {m: list(a) for m, a in endpoints.items()}
         else:
             modules, source, self._static = list(spec.modules), endpoints, None
+        self._server = {}  # a co-located module -> its server's name ("a+b")
+        if colocated:
+            if self._static is not None:
+                raise ValueError(
+                    "colocated groups go with a ReplicaSource; fixed endpoints list a group's "
+                    "modules at the same addresses"
+                )
+            source = HostedSource(source, colocated)
+            self._server = source.server
+        self._source = source
         missing = sorted({m for p in spec.pathways.values() for m in p.modules} - set(modules))
         self.served = {
             name for name, p in spec.pathways.items() if not set(p.modules) & set(missing)
@@ -193,13 +209,17 @@ class RemoteExecutor:
 
     def _hops(self, modules) -> list[tuple[str, list[str]]]:
         """The calls a step through `modules` makes, as (name, modules): consecutive modules
-        listed at the same addresses are served by one server hosting them as one chain
-        (`--module a,b`: one program per step), so they are one call, named "a+b" (its
-        replicas, wire bytes and timings are counted under that name). Fixed endpoints only."""
+        listed at the same addresses, or in one of `colocated`'s groups, are served by one server
+        hosting them as one chain (`--module a,b`: one program per step), so they are one call,
+        named "a+b" (its replicas, wire bytes and timings are counted under that name)."""
         groups: list[list[str]] = []
+        static = self._static or {}
         for m in modules:
-            static = self._static or {}
-            if groups and m in static and static[m] == static.get(groups[-1][-1]):
+            prev = groups[-1][-1] if groups else None
+            if prev is not None and (
+                (m in static and static[m] == static.get(prev))
+                or (m in self._server and self._server[m] == self._server.get(prev))
+            ):
                 groups[-1].append(m)
             else:
                 groups.append([m])
@@ -209,7 +229,11 @@ class RemoteExecutor:
             if name not in self.replicas:
                 with self._table_lock:
                     if name not in self.replicas:
-                        source = StaticReplicaSource({name: self._static[ms[0]]})
+                        source = (
+                            StaticReplicaSource({name: self._static[ms[0]]})
+                            if self._static is not None
+                            else self._source  # lists a group's server under "a+b"
+                        )
                         self.replicas[name] = ReplicaSet(name, source, self._options, tls=self.tls)
                         self.wire_bytes[name] = [0, 0]
                         self.step_timings[name] = collections.deque(maxlen=4096)

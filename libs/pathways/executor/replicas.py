@@ -46,6 +46,27 @@ class StaticReplicaSource:
         pass  # never changes
 
 
+class HostedSource:
+    """A source whose servers may host several modules each (`groups`: each group's modules,
+    hosted by one server listed under "a+b"): a hosted module's replicas are its server's."""
+
+    def __init__(self, source: ReplicaSource, groups):
+        self.source = source
+        self.server = {m: "+".join(g) for g in groups for m in g}
+        self._members = {"+".join(g): list(g) for g in groups}
+
+    def replicas(self, module: str) -> list[str]:
+        return self.source.replicas(self.server.get(module, module))
+
+    def subscribe(self, callback: Callback) -> None:
+        def relay(name: str, addresses: list[str]) -> None:
+            callback(name, addresses)
+            for m in self._members.get(name, ()):
+                callback(m, addresses)
+
+        self.source.subscribe(relay)
+
+
 class RemoteError(Exception):
     """A module call failed; `code` is the gRPC status (pass it on), the message names the module,
     `retry_after_s` is the module server's hint with RESOURCE_EXHAUSTED (None: it gave none)."""

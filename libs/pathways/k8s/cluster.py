@@ -105,13 +105,15 @@ def status(api: client.ApiClient, namespace: str) -> list[ModuleStatus]:
 
 
 def scale(api: client.ApiClient, namespace: str, module: str, replicas: int) -> int:
-    """Sets `module`'s Deployment to `replicas` through the scale subresource; returns the previous
-    desired count."""
+    """Sets `module`'s Deployment to `replicas` through the scale subresource (a co-located
+    module's: its group's); returns the previous desired count."""
     if replicas < 0:
         raise ClusterError(f"--replicas must be >= 0, got {replicas}")
     apps = client.AppsV1Api(api)
     rows = status(api, namespace)
     by_name = {r.module: r for r in rows} | {r.deployment: r for r in rows}
+    # a module co-located with others (`render(colocate=...)`, "attn-1+head"): its server's
+    by_name |= {m: r for r in rows if "+" in r.module for m in r.module.split("+")}
     row = by_name.get(module) or by_name.get(names.dns_name(module))
     if row is None:
         known = ", ".join(r.module for r in rows) or "none"

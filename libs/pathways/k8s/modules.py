@@ -31,11 +31,17 @@ def module_objects(
 ) -> list[dict[str, Any]]:
     """The objects that run and expose `module` (the spec's name) of `kind`; the server mounts
     the training volume, where it saves its part of a checkpoint when a job trains through it.
-    `placement` (the spec's entry for the module): accelerators, nodes, resources, image."""
-    name = names.dns_name(module)
-    labels = names.labels("module", module)
+    `placement` (the spec's entry for the module): accelerators, nodes, resources, image.
+
+    `module` may name consecutive modules that one server hosts and steps as one program
+    ("attn-0,attn-1"; `kind`: the chain's, a cache when any module keeps one): its objects are
+    named after the group ("attn-0+attn-1" -> attn-0-attn-1), and it only serves (training
+    goes through servers of one module each)."""
+    server = module.replace(",", "+")
+    name = names.dns_name(server)
+    labels = names.labels("module", server)
     selector = {names.APP_LABEL: names.APP, names.MODULE_LABEL: name}
-    meta = {"name": name, "labels": labels, "annotations": {names.MODULE_NAME_ANNOTATION: module}}
+    meta = {"name": name, "labels": labels, "annotations": {names.MODULE_NAME_ANNOTATION: server}}
     return [
         _placed(
             _deployment(meta, selector, module, kind, image, checkpoint_uri, training_uri),
@@ -95,8 +101,8 @@ def _deployment(
             {"name": "PATHWAYS_PATH_ROOTS", "value": pods.TRAINING_DIR},
             # Jobs train through module servers (TrainingService on a copy of the weights, for
             # the coordinator's and other module servers' certificates); what they learn is
-            # served after an admin's `pathways publish`.
-            {"name": "PATHWAYS_TRAINING", "value": "1"},
+            # served after an admin's `pathways publish`. A server of several modules only serves.
+            *([] if "," in module else [{"name": "PATHWAYS_TRAINING", "value": "1"}]),
         ],
         "resources": RESOURCES_WITH_CACHE if kind.has_cache else RESOURCES_WITHOUT_CACHE,
         **pods.grpc_probes(),

@@ -69,12 +69,17 @@ def _selector(component: str) -> dict[str, str]:
 
 
 def gateway(
-    image: str, checkpoint_uri: str, state_uri: str = pods.DEFAULT_GATEWAY_STATE_URI
+    image: str,
+    checkpoint_uri: str,
+    state_uri: str = pods.DEFAULT_GATEWAY_STATE_URI,
+    colocate: list[str] = (),
 ) -> list[dict[str, Any]]:
     """Gateway Deployment + Service. The gateway finds each module's replicas by watching the
     Endpoints of the module's headless Service (pathways.k8s.discovery, with the discovery
     ServiceAccount), so `kubectl scale` changes the replicas new sessions go to; it keeps its
-    pathway table's changes in a file on the volume `state_uri` (pods.GATEWAY_STATE_DIR)."""
+    pathway table's changes in a file on the volume `state_uri` (pods.GATEWAY_STATE_DIR).
+    `colocate`: groups of modules one server hosts ("attn-0,attn-1"; their Service is the
+    group's), passed as --colocate."""
     volumes, mounts = pods.common_volumes(checkpoint_uri)
     state_volume, state_mount = pods.gateway_state_volume(state_uri)
     tls_volume, tls_mount, tls_env = pods.tls("gateway")
@@ -100,6 +105,7 @@ def gateway(
         str(pods.METRICS_PORT),
         "--pathways-file",
         pods.gateway_pathways_file(checkpoint_uri),
+        *(a for g in colocate for a in ("--colocate", g)),
     ]
     container = {
         "name": "gateway",

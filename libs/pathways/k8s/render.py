@@ -3,11 +3,13 @@ plus the gateway, coordinator workers, broker, spec ConfigMap, RBAC and network 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pathways.deploy.local import server_names
 from pathways.k8s import modules as module_objs
 from pathways.k8s import names, platform, pods
 from pathways.modules import registry as kinds
@@ -41,6 +43,7 @@ def render(
     namespace: str = DEFAULT_NAMESPACE,
     training_uri: str = pods.DEFAULT_TRAINING_URI,
     gateway_state_uri: str = pods.DEFAULT_GATEWAY_STATE_URI,
+    colocate: Sequence[Sequence[str]] = (),
 ) -> dict[str, str]:
     """The kustomize base for `spec`, as {relative filename: YAML text}.
 
@@ -55,6 +58,11 @@ def render(
       gateway_state_uri: `pvc://CLAIM[/SUBPATH]` or `file:///PATH`, mounted read-write in the
         gateway, which keeps its pathway table's runtime changes there (`--pathways-file`, one
         file per checkpoint URI). A volume for one writer: one gateway replica.
+      colocate: groups of consecutive modules of a pathway that one server hosts and steps as
+        one program (`pathways up --colocate`): one Deployment, Service and HPA per group, named
+        after it ("attn-0+attn-1" -> attn-0-attn-1), scaled as one; the gateway is told the
+        groups (a step through a group is one call). Such a server only serves: pipeline
+        training through the services needs the modules on servers of their own.
 
     Raises:
       ValueError: a bad checkpoint, training or gateway state URI, or module names that clash
@@ -63,23 +71,28 @@ def render(
     pods.checkpoint_volume(checkpoint_uri)  # fail early, with the URI in the message
     pods.training_volume(training_uri)
     pods.gateway_state_volume(gateway_state_uri)
-    dns = names.module_names(list(spec.modules))
+    groups = [[m.strip() for m in g] for g in colocate]
+    servers = server_names(spec, list(spec.modules), groups)  # checks the groups
+    dns = names.module_names([s.replace(",", "+") for s in servers])
     registry = image_registry.rstrip("/")
     image = {role: f"{registry}/{name}:latest" for role, name in IMAGES.items()}
 
     files: dict[str, str] = {}
-    for module, cfg in spec.modules.items():
+    for server in servers:
+        hosted = server.split(",")
         objs = module_objs.module_objects(
-            module,
-            kinds.of(cfg),
+            server,
+            _kind([spec.modules[m] for m in hosted]),
             image["module"],
             checkpoint_uri,
             training_uri,
-            placement=spec.placement.get(module),
+            placement=_placement(spec, hosted),
         )
-        files[f"modules/{dns[module]}.yaml"] = to_yaml(objs)
+        files[f"modules/{dns[server.replace(',', '+')]}.yaml"] = to_yaml(objs)
     files["gateway.yaml"] = to_yaml(
-        platform.gateway(image["gateway"], checkpoint_uri, gateway_state_uri)
+        platform.gateway(
+            image["gateway"], checkpoint_uri, gateway_state_uri, [",".join(g) for g in groups]
+        )
     )
     files["http-front.yaml"] = to_yaml(platform.http_front(image["http_front"]))
     files["coordinator.yaml"] = to_yaml(
@@ -123,6 +136,31 @@ def render(
     )
     files["kustomization.yaml"] = header + yaml.dump(kustomization, Dumper=_Dumper, sort_keys=False)
     return dict(sorted(files.items()))
+
+
+def _kind(configs):
+    """The kind of a server hosting `configs` (one module: its own; a chain: a cache when any
+    module keeps one, a head when the last is)."""
+    if len(configs) == 1:
+        return kinds.of(configs[0])
+    from pathways.serving.chain import ChainKind
+
+    return ChainKind(
+        "chain",
+        is_head=kinds.of(configs[-1]).is_head,
+        has_cache=any(kinds.of(c).has_cache for c in configs),
+    )
+
+
+def _placement(spec: PathwaySpec, hosted: list[str]):
+    """The placement of a server hosting `hosted`: theirs, which must be one and the same."""
+    placed = [spec.placement.get(m) for m in hosted]
+    if any(p != placed[0] for p in placed):
+        shown = ", ".join(f"{m}: {spec.placement.get(m)}" for m in hosted)
+        raise ValueError(
+            f"colocate: {','.join(hosted)} run in one pod and need one placement; got {shown}"
+        )
+    return placed[0]
 
 
 def write(files: dict[str, str], out: str | Path) -> list[Path]:

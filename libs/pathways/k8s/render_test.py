@@ -283,3 +283,58 @@ def test_http_front_is_a_client_of_the_gateway_service():
         "pathways-http-front"
     )
     assert objs["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+
+
+def _two_layers() -> dict:
+    spec = copy.deepcopy(SPEC)
+    spec["modules"]["attn_1"] = dict(spec["modules"]["attn_0"])
+    spec["pathways"] = {"p": ["embed", "attn_0", "attn_1", "head"], "q": ["embed", "head"]}
+    return spec
+
+
+def test_colocated_modules_are_one_deployment_named_after_the_group():
+    spec = spec_lib.from_dict(_two_layers())
+    files = render.render(spec, colocate=[["attn_0", "attn_1"]])
+    assert sorted(f for f in files if f.startswith("modules/")) == [
+        "modules/attn-0-attn-1.yaml",
+        "modules/embed.yaml",
+        "modules/head.yaml",
+    ]
+    objs = _by_kind(_docs(files, "modules/attn-0-attn-1.yaml"))
+    assert set(objs) == {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
+    dep = objs["Deployment"]
+    assert dep["metadata"]["name"] == objs["Service"]["metadata"]["name"] == "attn-0-attn-1"
+    assert dep["metadata"]["annotations"]["pathways.dev/module-name"] == "attn_0+attn_1"
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][c["args"].index("--module") + 1] == "attn_0,attn_1"
+    env = {e["name"] for e in c["env"]}
+    assert "PATHWAYS_TRAINING" not in env  # a chain server only serves
+    assert c["resources"] == render.module_objs.RESOURCES_WITH_CACHE
+    # a module alone still trains through its server
+    alone = _pod_spec(files, "modules/embed.yaml")["containers"][0]
+    assert "PATHWAYS_TRAINING" in {e["name"] for e in alone["env"]}
+    gw = _pod_spec(files, "gateway.yaml")["containers"][0]["args"]
+    assert gw[gw.index("--colocate") + 1] == "attn_0,attn_1"
+    assert (
+        "--colocate" not in _pod_spec(render.render(spec), "gateway.yaml")["containers"][0]["args"]
+    )
+
+
+@pytest.mark.parametrize(
+    "colocate, words",
+    [
+        ([["attn_1", "attn_0"]], "'attn_1,attn_0' are not consecutive modules of any pathway"),
+        ([["attn_0", "nope"]], "colocate: unknown module 'nope'"),
+        ([["attn_0"]], "colocate: a group names 2 or more modules"),
+    ],
+)
+def test_bad_colocate_groups_are_refused_naming_them(colocate, words):
+    with pytest.raises(ValueError, match=words):
+        render.render(spec_lib.from_dict(_two_layers()), colocate=colocate)
+
+
+def test_colocated_modules_need_one_placement():
+    data = _two_layers()
+    data["placement"] = {"attn_0": {"accelerator": "nvidia.com/gpu", "count": 1}}
+    with pytest.raises(ValueError, match="run in one pod and need one placement"):
+        render.render(spec_lib.from_dict(data), colocate=[["attn_0", "attn_1"]])

@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from concurrent import futures
 
 import grpc
@@ -451,6 +452,7 @@ class GatewayServer:
         max_prompt_bytes: int = MAX_PROMPT_BYTES,
         session_ttl_s: float = DEFAULT_TTL_S,
         pathways_file: str | None = None,
+        colocated: Sequence[Sequence[str]] = (),
     ):
         """`keys`: the API keys callers must present (None: no keys, every caller is admin;
         logged). `allowed_addresses`: "host:port" patterns AddModule may dial (None: the
@@ -461,7 +463,8 @@ class GatewayServer:
         (Infer with a session) is closed after this long without a step. `pathways_file`: where
         the pathway table's changes are kept across restarts (`serving.pathway_store`; applied
         here before serving, StoreError naming the entry when it cannot be; None: they last as
-        long as this process)."""
+        long as this process). `colocated`: groups of modules one server hosts, with a
+        ReplicaSource (see RemoteExecutor)."""
         telemetry.init("pathways-gateway", prometheus=bool(metrics_port))
         self.metrics_host, self.metrics_port, self.metrics_server = host, metrics_port, None
         self.tls = transport.default() if tls is None else tls
@@ -473,6 +476,7 @@ class GatewayServer:
             max_message_mb=max_message_mb,
             lockstep_wait_s=lockstep_wait_s,
             tls=self.tls,  # its certificate is its client certificate at the module servers
+            colocated=colocated,
         )
         store = None
         if pathways_file:

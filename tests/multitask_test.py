@@ -2,6 +2,7 @@
 the tasks in turn for a few steps lowers each task's loss, fused and through the pipeline engine.
 Speech needs espeak-ng (its data set): without it, text and vision train and the test says so."""
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ from pathways.data import TokenData
 from pathways.datasets import speech
 from pathways.datasets.digits import digits
 from pathways.executor.local import LocalExecutor
+from pathways.multitask import MultiTaskTrainer, Task, local_stages
 from pathways.tokenizers import ByteTokenizer
 from pathways.train import LocalTrainer, TrainConfig
 
@@ -63,3 +65,62 @@ def test_every_task_learns_through_the_shared_modules(tmp_path, engine, monkeypa
     assert np.abs(np.asarray(ex.state("shared-0").blocks[0].q.kernel[...]) - start).max() > 1e-3
     if "speech" not in trainers:
         pytest.skip("text and vision trained; speech not: espeak-ng is not installed")
+
+
+def _rounds(spec, tasks, base, out, optimizers, stop=None, resume=False):
+    """Task losses per round of a MultiTaskTrainer over fresh in-process stages."""
+    ex = LocalExecutor(spec)
+    mt = MultiTaskTrainer(
+        spec,
+        tasks,
+        local_stages(ex, spec, tasks, base, optimizers),
+        base,
+        out,
+        ByteTokenizer(),
+        optimizers=optimizers,
+    )
+    if resume:
+        assert mt.try_resume()
+    hist = mt.run(should_stop=None if stop is None else lambda: mt.step >= stop)
+    return [[r["task_losses"][t.pathway] for t in tasks] for r in hist]
+
+
+def test_per_task_optimizers_train_as_each_task_by_itself_in_turn(tmp_path):
+    """A multi-task run's default, per-task optimizer states: each task's updates of a shared
+    module step that task's own AdamW state and schedule, so rounds of the job's trainer equal
+    each task's own LocalTrainer taking one step in turn (the sharing benchmark's setting, lr
+    factors included), and resume from a checkpoint exactly; one shared state does not."""
+    spec = spec_lib.load(SPEC)
+    tok = ByteTokenizer()
+    rounds = 4
+    base = TrainConfig(steps=rounds, lr=3e-3, warmup=1, eval_every=rounds, save_every=2)
+    tasks = [
+        Task("text", TokenData.build([TEXT, TEXT[:400]], tok), 8, 32),
+        Task("digits", digits(), 8, 16, lr_scale={"shared-0": 0.3, "shared-1": 0.3}),
+    ]
+    per_task = _rounds(spec, tasks, base, tmp_path / "per-task", "per-task")
+    shared = _rounds(spec, tasks, base, tmp_path / "shared", "shared")
+    ex = LocalExecutor(spec)
+    trainers = [
+        LocalTrainer(
+            ex,
+            t.pathway,
+            dataclasses.replace(base, batch_size=t.batch_size, seq_len=t.seq_len),
+            t.data,
+            tmp_path / "alone" / t.pathway,
+            tok,
+            lr_scale=t.lr_scale or None,
+        )
+        for t in tasks
+    ]
+    alone = [
+        [tr.run(should_stop=lambda tr=tr, s=step: tr.step >= s)[-1]["loss"] for tr in trainers]
+        for step in range(1, rounds + 1)
+    ]
+    np.testing.assert_allclose(per_task, alone, rtol=1e-4)
+    assert np.abs(np.asarray(shared[-1]) / np.asarray(alone[-1]) - 1).max() > 1e-3
+    # Interrupted after 2 rounds (its checkpoint: train/<module>@<task> per state), resumed.
+    _rounds(spec, tasks, base, tmp_path / "resumed", "per-task", stop=2)
+    assert (tmp_path / "resumed/train/shared-0@digits").is_dir()
+    rest = _rounds(spec, tasks, base, tmp_path / "resumed", "per-task", resume=True)
+    np.testing.assert_allclose(rest, per_task[2:], rtol=1e-6)

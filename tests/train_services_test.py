@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pathways import checkpoint as ckpt
+from pathways import messages
 from pathways.deploy.launcher import Fleet, free_port
 from pathways.executor.local import LocalExecutor
 from pathways.pipeline.client import RemoteStage, RemoteStageError, remote_stages
@@ -140,6 +141,27 @@ def test_training_calls_out_of_order_or_malformed_get_clear_statuses(fleet):
         with pytest.raises(PipelineError, match="stage 'head' failed in F0"):
             run_step(stages, inputs, targets[:, :3], 2)
         assert np.isfinite(run_step(stages, inputs, targets, 2)["loss"])
+        # Named optimizers (multi-task runs): bad names and configs, and Apply naming none of
+        # them, get INVALID_ARGUMENT naming the field; the stage keeps training.
+        good, bad = messages.optimizer_config(CFG), training_pb2.OptimizerConfig(lr=1e-2)
+        for optimizers, match in (
+            ([("a/b", good)], r"optimizers\[0\].name must match"),
+            ([("text", good), ("text", good)], r"optimizers\[1\].name 'text' is given twice"),
+            ([("text", good), ("digits", bad)], r"optimizers\[1\].optimizer.steps"),
+        ):
+            req = training_pb2.ConfigureRequest(module="attn-0", optimizer=good)
+            for name, opt in optimizers:
+                req.optimizers.add(name=name, optimizer=opt)
+            with pytest.raises(RemoteStageError, match="INVALID_ARGUMENT: " + match):
+                attn._call("Configure", req)
+        attn.configure(CFG, optimizers={"text": CFG, "digits": CFG})
+        attn.forward(0, np.zeros((2, 4, 128), np.float32))
+        attn.backward(0, np.zeros((2, 4, 128), np.float32))
+        attn.use("speech")
+        with pytest.raises(RemoteStageError, match="INVALID_ARGUMENT: optimizer: .*no optimizer"):
+            attn.apply()
+        attn.use("digits")
+        assert attn.apply()["grad_norm"] == 0.0
     finally:
         for st in stages:
             st.close()

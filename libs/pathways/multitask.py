@@ -7,6 +7,14 @@ of each task in order (the task mixing schedule); before a task's steps every st
 pathway takes that pathway's attention mask (causal text, bidirectional images and audio), which
 through the services travels with each call. A module's learning-rate schedule counts the
 updates it will get: the sum over the tasks that use it.
+
+Optimizer states ("per-task", the default): a module's updates from each task step that task's
+own AdamW state and schedule (the stage's named optimizers), as training each task by itself
+would, so one task's gradients never move another's steps through a shared momentum; "shared":
+one AdamW state per module for every task, its schedule counting all their updates. With task
+mixing weights (`lr_scale`) only per-task states keep each task's share to its factor: a shared
+momentum carries the other tasks' gradients into the text task's full-rate steps
+(BENCHMARKS.md "Sharing": text +11 % against +1.1 % at the same factors).
 """
 
 from __future__ import annotations
@@ -52,6 +60,47 @@ def module_configs(spec: PathwaySpec, tasks: list[Task], base: TrainConfig) -> d
     return out
 
 
+OPTIMIZERS = ("per-task", "shared")
+
+
+def task_configs(spec: PathwaySpec, tasks: list[Task], base: TrainConfig) -> dict:
+    """Per module, per task through it: `base` with the task's updates of it (rounds x its
+    weight) and warm-up in proportion: the named optimizers of "per-task" states."""
+    out = {}
+    for t in tasks:
+        steps = base.steps * t.weight
+        cfg = dataclasses.replace(base, steps=steps, warmup=min(base.warmup * t.weight, steps - 1))
+        for m in spec.pathway(t.pathway).modules:
+            out.setdefault(m, {})[t.pathway] = cfg
+    return out
+
+
+def local_stages(
+    executor,
+    spec: PathwaySpec,
+    tasks: list[Task],
+    base: TrainConfig,
+    optimizers: str = "per-task",
+) -> dict:
+    """One in-process stage per module of the tasks' pathways over `executor`'s runtimes (the
+    job's engine "pipeline"), with its optimizer(s) (see the module docstring)."""
+    from pathways.pipeline.stage import LocalStage
+    from pathways.train import make_optimizer
+
+    _check_optimizers(optimizers)
+    per_module = module_configs(spec, tasks, base)
+    stages = {m: LocalStage(executor.runtimes[m], make_optimizer(c)) for m, c in per_module.items()}
+    if optimizers == "per-task":
+        for m, per_task in task_configs(spec, tasks, base).items():
+            stages[m].set_optimizers({p: make_optimizer(c) for p, c in per_task.items()})
+    return stages
+
+
+def _check_optimizers(optimizers: str) -> None:
+    if optimizers not in OPTIMIZERS:
+        raise ValueError(f"optimizers must be one of {', '.join(OPTIMIZERS)}; got {optimizers!r}")
+
+
 class MultiTaskTrainer:
     """Rounds of every task's steps over shared stages; checkpoints, metrics and exact resume
     as `train.Trainer` (a round is a step of metrics.jsonl)."""
@@ -67,7 +116,11 @@ class MultiTaskTrainer:
         *,
         n_micro: int = 1,
         schedule: str = "1f1b",
+        optimizers: str = "per-task",
     ):
+        """`stages` must have been made for `optimizers` (`local_stages`, or remote stages
+        configured with `task_configs`' named optimizers for "per-task")."""
+        _check_optimizers(optimizers)
         if not tasks:
             raise ValueError("a multi-task run needs at least one task")
         names = [t.pathway for t in tasks]
@@ -94,6 +147,7 @@ class MultiTaskTrainer:
                 )
         self.spec, self.tasks, self.stages, self.cfg = spec, tasks, stages, cfg
         self.out, self.tokenizer = Path(out), tokenizer
+        self.optimizers = optimizers
         self.engines = {
             t.pathway: PipelineEngine(
                 [stages[m] for m in spec.pathway(t.pathway).modules], n_micro, schedule
@@ -107,6 +161,8 @@ class MultiTaskTrainer:
         for st in self.engines[task.pathway].stages:
             st.set_causal(causal)
             st.lr_scale = task.lr_scale.get(st.name, 1.0)
+            if self.optimizers == "per-task":
+                st.use(task.pathway)
         return self.engines[task.pathway]
 
     def eval_losses(self) -> dict[str, float]:

@@ -212,8 +212,13 @@ ROBOTICS = ("doorkey", "reacher")
 # frozen / adapters: after text alone, the others train only their own modules
 # (adapters: plus residual bottlenecks after each shared module); weighted and
 # adapters-weighted: all in turn, every task but text moving the shared modules at
-# lr x --shared-lr-scale (a task mixing weight), with or without adapters.
-SETTINGS = ("alone", "shared", "frozen", "adapters", "weighted", "adapters-weighted")
+# lr x --shared-lr-scale (a task mixing weight), with or without adapters; job: weighted as the
+# coordinator's multi-task job trains (`MultiTaskTrainer` over one stage per module, each task
+# its own AdamW state of each module, the job's default); job-shared: the same with one AdamW
+# state per module for all tasks (the job's optimizers="shared").
+SETTINGS = (
+    "alone", "shared", "frozen", "adapters", "weighted", "adapters-weighted", "job", "job-shared"
+)  # fmt: skip
 
 
 def _with_adapters(spec, bottleneck: int, tasks=("digits", "speech")):
@@ -427,7 +432,65 @@ def sharing(args) -> list[dict]:
             )
             what = "adapters, " if pathways else ""
             record(f"{what}shared, {_weights_label(per_task)}", ex, trainers, seconds)
+        jobs = [("job", "per-task"), ("job-shared", "shared")]
+        for (setting, optimizers), per_task in itertools.product(jobs, factors):
+            if setting not in settings:
+                continue
+            ex = LocalExecutor(spec, seed=args.sharing_seed)
+            trainers, seconds = _job_in_turn(
+                ex, spec, tasks, names, per_task, text_modules, out / setting, optimizers
+            )
+            record(f"{setting}, {_weights_label(per_task)}", ex, trainers, seconds)
     return rows
+
+
+def _job_in_turn(
+    ex, spec, tasks, names, per_task, text_modules, out, optimizers
+) -> tuple[dict, float]:
+    """Tasks `names` trained as a multi-task coordinator job with engine "pipeline" trains
+    them (`build_multitask`'s stages and trainer, on this benchmark's data and configs): one
+    round = one step of each task in turn, every task but text moving the shared modules at lr
+    x per_task[task], with `optimizers` states. Returns per task an object with the metrics'
+    `pathway` and `eval_loss()`."""
+    from types import SimpleNamespace
+
+    from pathways.multitask import MultiTaskTrainer, Task, local_stages
+
+    cfgs = {n: tasks[n][1] for n in names}
+    if len({c.steps for c in cfgs.values()}) != 1:
+        raise ValueError("the job setting runs rounds of every task: give them equal steps")
+    base = cfgs["text"]
+    mt_tasks = [
+        Task(
+            n,
+            tasks[n][0],
+            cfgs[n].batch_size,
+            cfgs[n].seq_len,
+            lr_scale=(
+                {m: per_task[n] for m in spec.pathway(n).modules if m in text_modules}
+                if n in per_task
+                else {}
+            ),
+        )
+        for n in names
+    ]
+    trainer = MultiTaskTrainer(
+        spec,
+        mt_tasks,
+        local_stages(ex, spec, mt_tasks, base, optimizers),
+        base,
+        out,
+        ByteTokenizer(),
+        optimizers=optimizers,
+    )
+    t0 = time.perf_counter()
+    trainer.run()
+    seconds = time.perf_counter() - t0
+    losses = trainer.eval_losses()
+    views = {
+        n: SimpleNamespace(pathway=n, cfg=cfgs[n], eval_loss=lambda n=n: losses[n]) for n in names
+    }
+    return views, seconds
 
 
 def _scales(raw: str) -> tuple[float, ...]:

@@ -7,8 +7,10 @@ modules they share, in this process's stages or through the module services.
          "lr_scale": {"shared-0": 0.1, "shared-1": 0.1}}])
 
 `steps` counts rounds: each round runs `weight` steps of every task in order; `lr_scale` scales a
-task's updates of the modules it names (a mixing weight on modules it shares). The checkpoint in
-`out` holds each module once (shared by every pathway using it) with its optimizer state.
+task's updates of the modules it names (a mixing weight on modules it shares). `optimizers`:
+"per-task" (default: each task its own AdamW state of every module it trains) or "shared" (one
+per module; see `pathways.multitask`). The checkpoint in `out` holds each module once (shared by
+every pathway using it) with its optimizer state(s).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, ClassVar
 from pathways.config import positive_int, unknown_fields
 from pathways.coordinator.jobs import DATASETS
 from pathways.pipeline.schedule import SCHEDULES
+
+OPTIMIZERS = ("per-task", "shared")  # pathways.multitask's (not imported here: jax, optax)
 
 ENGINES = ("pipeline", "services")  # one stage per module: shared by the tasks' pathways
 TASK_FIELDS = ("pathway", "dataset", "batch_size", "seq_len", "weight", "lr_scale")
@@ -74,6 +78,7 @@ class MultiTaskRequest:
     schedule: str = "1f1b"
     micro_batches: int = 1
     modules: dict[str, str] = dataclasses.field(default_factory=dict)  # engine "services"
+    optimizers: str = "per-task"  # or "shared": see pathways.multitask
 
     def __post_init__(self):
         object.__setattr__(self, "data", tuple(self.data))
@@ -83,6 +88,10 @@ class MultiTaskRequest:
         names = [t["pathway"] for t in self.tasks]
         if len(set(names)) != len(names):
             raise ValueError(f"each pathway may be one task only; got {', '.join(names)}")
+        if self.optimizers not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizers must be one of {', '.join(OPTIMIZERS)}; got {self.optimizers!r}"
+            )
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {', '.join(ENGINES)}; got {self.engine!r}")
         if self.schedule not in SCHEDULES:
@@ -139,9 +148,13 @@ def build_multitask(req: MultiTaskRequest):
     from pathways import tokenizers
     from pathways.coordinator.runner import library_dataset
     from pathways.executor.local import LocalExecutor
-    from pathways.multitask import MultiTaskTrainer, Task, module_configs
-    from pathways.pipeline.stage import LocalStage
-    from pathways.train import make_optimizer
+    from pathways.multitask import (
+        MultiTaskTrainer,
+        Task,
+        local_stages,
+        module_configs,
+        task_configs,
+    )
 
     spec = spec_lib.load(req.spec)
     if spec.tokenizer.get("kind") != "byte":
@@ -166,24 +179,24 @@ def build_multitask(req: MultiTaskRequest):
         seq = t["seq_len"] or pathway.max_seq_len
         tasks.append(Task(t["pathway"], data, t["batch_size"], seq, t["weight"], t["lr_scale"]))
     cfg = req.train_config()
-    per_module = module_configs(spec, tasks, cfg)
     if req.engine == "services":
         from pathways.pipeline.client import RemoteStage
 
+        per_module = module_configs(spec, tasks, cfg)
         missing = [m for m in per_module if m not in req.modules]
         if missing:
             raise ValueError(f"no module service address for {', '.join(missing)}")
         stages = {m: RemoteStage(m, spec.modules[m].kind, req.modules[m]) for m in per_module}
+        named = task_configs(spec, tasks, cfg) if req.optimizers == "per-task" else {}
         try:
             for m, st in stages.items():
-                st.configure(per_module[m])
+                st.configure(per_module[m], optimizers=named.get(m))
         except Exception:
             for st in stages.values():
                 st.close()
             raise
     else:
-        ex = LocalExecutor(spec, seed=req.seed)
-        stages = {m: LocalStage(ex.runtimes[m], make_optimizer(c)) for m, c in per_module.items()}
+        stages = local_stages(LocalExecutor(spec, seed=req.seed), spec, tasks, cfg, req.optimizers)
     return MultiTaskTrainer(
         spec,
         tasks,
@@ -193,4 +206,5 @@ def build_multitask(req: MultiTaskRequest):
         tok,
         n_micro=req.micro_batches,
         schedule=req.schedule,
+        optimizers=req.optimizers,
     )

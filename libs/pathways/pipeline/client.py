@@ -39,6 +39,7 @@ class RemoteStage:
         # The attention mask its calls carry (None: Configure's); see set_causal.
         self.causal: bool | None = None
         self.lr_scale = 1.0  # factor of the next updates (ApplyRequest.lr_scale)
+        self.optimizer = ""  # the named optimizer the next updates step (ApplyRequest.optimizer)
         self._stream = None  # (request queue, response iterator) of the current step
         self._channel = transport.channel(address, transport.grpc_options(max_message_mb), tls)
         self._stub = training_pb2_grpc.TrainingServiceStub(self._channel)
@@ -54,20 +55,34 @@ class RemoteStage:
                 f"{e.code().name}: {e.details()}"
             ) from None
 
-    def configure(self, cfg: TrainConfig, frozen: bool = False, causal: bool = True) -> int:
-        """Starts a training run on the server; `causal`: the pathway's attention mask."""
+    def configure(
+        self,
+        cfg: TrainConfig,
+        frozen: bool = False,
+        causal: bool = True,
+        optimizers: dict[str, TrainConfig] | None = None,
+    ) -> int:
+        """Starts a training run on the server; `causal`: the pathway's attention mask;
+        `optimizers`: named ones instead of `cfg`'s (see `LocalStage.set_optimizers`)."""
         opt = messages.optimizer_config(cfg)
         req = training_pb2.ConfigureRequest(
             module=self.name, optimizer=opt, frozen=frozen, bidirectional=not causal
         )
+        for name, c in (optimizers or {}).items():
+            req.optimizers.add(name=name, optimizer=messages.optimizer_config(c))
         r = self._call("Configure", req)
         self.causal = causal
+        self.optimizer = next(iter(optimizers), "") if optimizers else ""
         if r.kind != self.kind:
             raise RemoteStageError(
                 f"module {self.name!r} at {self.address} is {r.kind}, but "
                 f"the spec says {self.kind}"
             )
         return r.parameters
+
+    def use(self, key: str) -> None:
+        """The named optimizer the next updates step (the server checks the name)."""
+        self.optimizer = key
 
     def set_causal(self, causal: bool) -> None:
         """The attention mask of the pathway the next steps train (every call carries it, so
@@ -209,7 +224,7 @@ class RemoteStage:
 
     def apply(self) -> dict:
         self._end_stream()
-        req = training_pb2.ApplyRequest(lr_scale=self.lr_scale)
+        req = training_pb2.ApplyRequest(lr_scale=self.lr_scale, optimizer=self.optimizer)
         return {"grad_norm": self._call("Apply", req).grad_norm}
 
     def evaluate(self, x, targets=None):

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pathways import codec, messages, paths, transport
+from pathways import codec, messages, names, paths, transport
 from pathways.pipeline import peer
 from pathways.pipeline.stage import LocalStage
 from pathways.serving import auth
@@ -194,6 +194,18 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             cfg = messages.train_config(request.optimizer)
         except ValueError as e:
             raise InvalidArgument(f"optimizer.{e}") from None
+        named = {}
+        for i, o in enumerate(request.optimizers):
+            try:
+                names.check(o.name, f"optimizers[{i}].name")
+                if o.name in named:
+                    raise ValueError(f"optimizers[{i}].name {o.name!r} is given twice")
+                named[o.name] = make_optimizer(messages.train_config(o.optimizer))
+            except ValueError as e:
+                msg = str(e)
+                raise InvalidArgument(
+                    msg if msg.startswith("optimizers[") else f"optimizers[{i}].optimizer.{msg}"
+                ) from None
         self.inbox.abort()  # a step left waiting by a driver that died must not block a new run
         with self._lock:
             self.stage = LocalStage(
@@ -202,6 +214,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
                 frozen=request.frozen,
                 causal=not request.bidirectional,
             )
+            if named:
+                self.stage.set_optimizers(named)
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.engine.rt.state))
         return training_pb2.ConfigureResponse(kind=self.engine.kind.name, parameters=n)
 
@@ -299,6 +313,11 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
             scale = request.lr_scale if request.HasField("lr_scale") else 1.0
             if not scale > 0:  # NaN too
                 raise InvalidArgument(f"lr_scale must be > 0; got {scale}")
+            if request.optimizer:
+                try:
+                    st.use(request.optimizer)
+                except ValueError as e:
+                    raise InvalidArgument(f"optimizer: {e}") from None
             st.lr_scale = scale
             grad_norm = st.apply()["grad_norm"]
             self.applied += 1

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pathways import names
 from pathways.runtime import ModuleRuntime
 
 
@@ -144,12 +145,52 @@ class LocalStage:
         # it shares with other tasks (`multitask`); 1 otherwise.
         self.lr_scale = 1.0
         self._jits = _stage_jits(runtime.graphdef, runtime.kind.is_head, causal)
-        # The accumulator is not donated: nothing returned has its place (it is zeroed afresh).
-        self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1))
-        self.opt_state = tx.init(runtime.state)
+        # The optimizer the next apply uses (tx, its update program, opt_state) is named
+        # `optimizer`; "" unless set_optimizers gave the stage several (multi-task runs: each
+        # task's own AdamW state of a module the tasks share); the others wait in _parked.
+        self.optimizer = ""
+        self._parked: dict[str, tuple] = {}
+        self._set_current(tx, tx.init(runtime.state))
         self._acc = jax.tree.map(jnp.zeros_like, runtime.state)
         # Micro-batches in flight: their inputs (and targets), None when no backward will run.
         self._saved: dict[int, tuple | None] = {}
+
+    def _set_current(self, tx, opt_state) -> None:
+        self.tx, self.opt_state = tx, opt_state
+        # The accumulator is not donated: nothing returned has its place (it is zeroed afresh).
+        self._upd = jax.jit(functools.partial(_update, tx), donate_argnums=(0, 1))
+
+    @property
+    def optimizers(self) -> list[str]:
+        """The names of this stage's optimizers, the current one first."""
+        return [self.optimizer, *self._parked]
+
+    def set_optimizers(self, txs: dict[str, optax.GradientTransformation]) -> None:
+        """Replaces the stage's optimizer by one per name (fresh states; names as pathways
+        are named), the first one current; `use` switches between them."""
+        if not txs:
+            raise ValueError(f"stage {self.name!r}: set_optimizers needs at least one")
+        for key in txs:
+            names.check(key, "optimizer name")
+        self._parked = {}
+        for key, tx in txs.items():
+            self._set_current(tx, tx.init(self.rt.state))
+            self._parked[key] = (self.tx, self._upd, self.opt_state)
+        self.optimizer = next(iter(txs))
+        self.tx, self._upd, self.opt_state = self._parked.pop(self.optimizer)
+
+    def use(self, key: str) -> None:
+        """Makes optimizer `key` the one the next apply steps (between steps only)."""
+        if key == self.optimizer:
+            return
+        if key not in self._parked:
+            raise ValueError(
+                f"stage {self.name!r} has no optimizer {key!r}; it has "
+                f"{', '.join(repr(k) for k in self.optimizers)}"
+            )
+        self._parked[self.optimizer] = (self.tx, self._upd, self.opt_state)
+        self.optimizer = key
+        self.tx, self._upd, self.opt_state = self._parked.pop(key)
 
     def forward(self, mb: int, x, targets=None):
         if mb in self._saved:
@@ -241,22 +282,34 @@ class LocalStage:
 
     def save(self, directory) -> None:
         """Writes this module's parameters and optimizer state into a checkpoint directory."""
-        from pathlib import Path
-
         from pathways import checkpoint as ckpt
 
         ckpt.save_module(directory, self.name, self.rt.state)
-        ckpt.save_tree(Path(directory) / "train" / self.name, self.optimizer_leaves())
+        current = self.optimizer
+        for key in self.optimizers:  # named ones: train/<module>@<name> ('@' is in no name)
+            self.use(key)
+            ckpt.save_tree(_optimizer_dir(directory, self.name, key), self.optimizer_leaves())
+        self.use(current)
 
     def load(self, directory) -> None:
-        from pathlib import Path
-
         from pathways import checkpoint as ckpt
 
         self.rt.state = ckpt.load_module(directory, self.name, self.rt.state)
-        opt = Path(directory) / "train" / self.name
-        if opt.exists():  # a serving checkpoint has parameters only: keep a fresh optimizer
-            self.load_optimizer_leaves(ckpt.load_tree(opt, self.optimizer_leaves()))
-        else:
-            self.opt_state = self.tx.init(self.rt.state)
+        current = self.optimizer
+        for key in self.optimizers:
+            self.use(key)
+            opt = _optimizer_dir(directory, self.name, key)
+            if opt.exists():  # a serving checkpoint has parameters only: keep a fresh optimizer
+                self.load_optimizer_leaves(ckpt.load_tree(opt, self.optimizer_leaves()))
+            else:
+                self.opt_state = self.tx.init(self.rt.state)
+        self.use(current)
         self.reset()
+
+
+def _optimizer_dir(directory, module: str, key: str):
+    """Where a module's optimizer state lives in a checkpoint: train/<module>, or for a named
+    optimizer (a task's) train/<module>@<name>."""
+    from pathlib import Path
+
+    return Path(directory) / "train" / (f"{module}@{key}" if key else module)

@@ -4,7 +4,7 @@
 A checkpoint of examples/robotics.yaml (--checkpoint: a trained one; default: random weights,
 as the control loop's cost does not depend on their values, only the episodes' lengths do) is
 served by every module of the task's pathway in its own server process and a gateway, on
-loopback, plaintext. A rollout is episodes of the simulator whose every control step is one
+loopback, in plaintext and (--transports) with mutual TLS, as `pathways up` serves by default. A rollout is episodes of the simulator whose every control step is one
 gateway Infer call (`pathways.client.Episode`: one observation in, one action out; the episode's
 window of K = max_seq_len steps in the attention module's KV cache, re-prefilled once full). Per
 step: the time from sending the observation to having the action (client, gateway, three module
@@ -58,6 +58,7 @@ def in_process(checkpoint: Path, task: str, episodes: int) -> dict:
     return {
         "task": task,
         "path": "in process",
+        "transport": "-",
         "concurrent": 1,
         "episodes": episodes,
         "episodes_per_s": episodes / wall,
@@ -66,7 +67,9 @@ def in_process(checkpoint: Path, task: str, episodes: int) -> dict:
     }
 
 
-def through_gateway(address: str, task: str, episodes: int, concurrent: int) -> dict:
+def through_gateway(
+    address: str, task: str, episodes: int, concurrent: int, tls=None, transport: str = "plaintext"
+) -> dict:
     """`concurrent` threads, each rolling out `episodes` episodes (its own seeds) through the
     gateway; all start together after their warm-up."""
     from pathways.client import Client
@@ -77,7 +80,7 @@ def through_gateway(address: str, task: str, episodes: int, concurrent: int) -> 
 
     def run(i: int) -> None:
         try:
-            with Client(address, timeout=120) as c:
+            with Client(address, tls=tls, timeout=120) as c:
                 episode = c.episode(task)
                 rollout(task, episode, [WARM_UP_SEED + i])
                 ready.wait()
@@ -108,6 +111,7 @@ def through_gateway(address: str, task: str, episodes: int, concurrent: int) -> 
     return {
         "task": task,
         "path": "gateway",
+        "transport": transport,
         "concurrent": concurrent,
         "episodes": episodes * concurrent,
         "episodes_per_s": episodes * concurrent / wall,
@@ -124,9 +128,17 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--lockstep-ms", type=float, default=20.0, help="the gateway's (default)")
     ap.add_argument("--batch-wait-ms", type=float, default=None, help="module servers' (default)")
+    ap.add_argument(
+        "--transports",
+        nargs="+",
+        choices=["plaintext", "tls"],
+        default=["plaintext"],
+        help="tls: every process with its own certificate, clients checked (mutual TLS)",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default: a dated file in results/)")
     args = ap.parse_args()
 
+    from pathways import certs
     from pathways import checkpoint as ckpt
     from pathways import spec as spec_lib
     from pathways.deploy import launcher
@@ -149,16 +161,28 @@ def main() -> None:
             rows.append(in_process(checkpoint, task, args.episodes))
             print(rows[-1], flush=True)
             spec, _ = ckpt.load_spec(checkpoint)
-            fleet = launcher.Fleet(
-                str(checkpoint),
-                spec.pathway(task).modules,
-                module_args=["--batch-wait-ms", str(batch_wait_ms)],
-                gateway_args=["--lockstep-ms", str(args.lockstep_ms)],
-            )
-            with fleet:
-                for n in args.concurrency:
-                    rows.append(through_gateway(fleet.gateway.address, task, args.episodes, n))
-                    print(rows[-1], flush=True)
+            for transport in args.transports:
+                tls_dir = Path(tmp) / "tls" if transport == "tls" else None
+                fleet = launcher.Fleet(
+                    str(checkpoint),
+                    spec.pathway(task).modules,
+                    module_args=["--batch-wait-ms", str(batch_wait_ms)],
+                    gateway_args=["--lockstep-ms", str(args.lockstep_ms)],
+                    identities=certs.Identities(tls_dir),
+                )
+                with fleet:
+                    for n in args.concurrency:
+                        rows.append(
+                            through_gateway(
+                                fleet.gateway.address,
+                                task,
+                                args.episodes,
+                                n,
+                                tls=fleet.client_tls,
+                                transport=transport,
+                            )
+                        )
+                        print(rows[-1], flush=True)
             write_json(
                 out,
                 "robotics_serving",
@@ -172,6 +196,7 @@ def main() -> None:
         [
             ("task", "task", ""),
             ("path", "path", ""),
+            ("transport", "transport", ""),
             ("concurrent", "rollouts", "d"),
             ("episodes", "episodes", "d"),
             ("mean_steps", "steps/ep", ".0f"),

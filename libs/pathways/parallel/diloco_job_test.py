@@ -83,6 +83,29 @@ def test_resumed_job_equals_an_uninterrupted_one(files):
     assert {p.name for p in (files / "part" / "modules").iterdir()} == {"embed", "attn", "head"}
 
 
+def test_a_worker_lost_in_a_round_rejoins_with_its_inner_state_of_that_rounds_start(files):
+    req = request(files, "lost")
+    run = req.build_run()
+    run.start()
+    ok = [diloco_job.worker_round(req, 0, k, run.positions[k]) for k in range(2)]
+    run.finish_round(ok, 1.0)
+    kept = {
+        f.name: diloco_job.load_arrays(f)
+        for f in (files / "lost/diloco/round-000001/inner/worker-1").iterdir()
+    }
+    # Round 1: worker 1 trains and writes its round-2 state, but is lost (late past the deadline).
+    results = [diloco_job.worker_round(req, 1, k, run.positions[k]) for k in range(2)]
+    rec = run.finish_round([results[0], {"worker": 1, "round": 1, "lost": True}], 1.0)
+    assert rec["workers_lost"] == [1] and run.positions == [4, 2]
+    carried = files / "lost/diloco/round-000002/inner/worker-1"
+    assert sorted(f.name for f in carried.iterdir()) == sorted(kept)
+    for name, first in kept.items():  # its state of round 1's start, not what it wrote after
+        for x, y in zip(diloco_job.load_arrays(carried / name), first, strict=True):
+            np.testing.assert_array_equal(x, y)
+    back = diloco_job.worker_round(req, 2, 1, run.positions[1])
+    assert not back["fresh_inner"] and back["position"] == 4
+
+
 def test_bytes_per_worker_count_the_download_and_the_upload(files):
     rec = diloco_job.run_in_process(request(files, "b", steps=2))[0]
     run = diloco_job.DiLoCoRun(request(files, "b", steps=2))

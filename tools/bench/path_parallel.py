@@ -1,18 +1,22 @@
 """DiLoCo against ordinary and synchronous data-parallel training: eval loss, bytes, wall time.
 
-Every row trains the same pathway from the same initial parameters (from scratch: no warm-up) on
-the same data, with the same total tokens and the same eval set, in one run:
+Every row trains the same pathway from the same initial parameters on the same data, with the
+same total tokens and the same eval set, in one run. The initial parameters are random (from
+scratch) or, with --warmup-steps W, those of W shared warm-up steps of one worker on batches of
+K*b (other batches than the rows': seed + 1), as the DiLoCo paper starts from a pretrained model;
+the warm-up's tokens are not counted in the rows'.
 
     single        one worker, batches of K*b, S steps (no communication at all)
     sync-dp       K workers, gradients averaged every step (S steps; each worker uploads and
                   downloads every parameter's gradient per step)
     diloco-H      K workers, each H inner AdamW steps on batches of b from its own shard, then an
-                  outer Nesterov step (lr 0.7, momentum 0.9) per module on the averaged
+                  outer Nesterov step (lr 0.7, momentum 0.9 by default) per module on the averaged
                   pseudo-gradients (S / H rounds; per round each worker downloads the parameters
                   and uploads its pseudo-gradient)
     diloco-H-int8 the same with int8 pseudo-gradients (one scale per 64 values)
     fault-H       diloco-H with one worker lost (its round's work dropped) in each of 3 rounds; it
-                  rejoins the next round with a fresh inner optimizer and its shard's batches again
+                  rejoins the next round with its inner optimizer state of the lost round's start
+                  (as the job does) and its shard's batches again
     dense-b       one worker, batches of b, S steps: the tokens of one DiPaCo path
     dipaco-4xH    DiPaCo: 2 x 2 choices of the first two attention modules = 4 paths, each the
                   size of the dense model, documents routed by k-means (`parallel/dipaco.py`),
@@ -25,7 +29,8 @@ modelled for links of 10 Gb/s, 1 Gb/s and 100 Mb/s as compute + bytes per worker
 exchanges x latency (50 ms per exchange by default).
 
     PYTHONPATH=libs:.:build/gen .venv/py312/bin/python -m tools.bench.path_parallel --quick
-    (the full run: H in 10, 50, 200 over 2,000 steps per worker; about an hour on 2 cores)
+    (the full run: H in 10, 50, 200 over 2,000 steps per worker of 8 x 64 tokens after a shared
+    warm-up of 500 steps; about 1.5 hours on 2 quiet cores)
 """
 
 from __future__ import annotations
@@ -59,19 +64,40 @@ class Setup:
         self.ex = LocalExecutor(self.spec, seed=args.seed)
         self.names = [rt.name for rt in self.ex.chain(self.pathway)]
         self.init = {n: self.ex.state(n) for n in self.names}
+        self.outer = {"outer_lr": args.outer_lr, "outer_momentum": args.outer_momentum}
+        self.warmup_s = self._warm_up() if args.warmup_steps else 0.0
         self.params = sum(
             int(np.prod(a.shape)) for n in self.names for a in jax.tree.leaves(self.init[n])
         )
         self.shards = [diloco.shard(self.data.train, args.workers, k) for k in range(args.workers)]
 
-    def train_config(self, batch: int) -> TrainConfig:
+    def _warm_up(self) -> float:
+        """W steps of one worker on batches of K*b from the whole data (seed + 1): every row's
+        initial parameters. Returns its seconds."""
         a = self.args
+        batch = a.batch_size * a.workers
+        cfg = self.train_config(batch, steps=a.warmup_steps)
+        worker = diloco.InnerWorker(self.ex, self.pathway, diloco.inner_optimizer("adamw", cfg))
+        batches = (self.data.batch(s, batch, a.seq_len, a.seed + 1) for s in range(a.warmup_steps))
+        t0 = time.perf_counter()
+        self.init, _, _ = worker.train(self.init, worker.init_opt(), batches)
+        seconds = time.perf_counter() - t0
+        print(
+            f"warm-up: {a.warmup_steps} steps in {seconds:.0f} s, eval loss "
+            f"{self.eval_loss(self.init):.4f}",
+            flush=True,
+        )
+        return seconds
+
+    def train_config(self, batch: int, steps: int | None = None) -> TrainConfig:
+        a = self.args
+        steps = steps or a.steps
         return TrainConfig(
-            steps=a.steps,
+            steps=steps,
             batch_size=batch,
             seq_len=a.seq_len,
             lr=a.lr,
-            warmup=max(1, a.steps // 15),
+            warmup=max(1, steps // 15),
             seed=a.seed,
         )
 
@@ -158,7 +184,7 @@ def run_dense(setup: Setup) -> dict:
 def run_dipaco(setup: Setup, h: int) -> dict:
     """4 paths: the first two attention modules of the pathway, 2 choices each (embedding and
     head shared by all paths); every copy starts from the dense model's initial parameters
-    (from scratch, no warm-up). Training documents (512 tokens) go to paths by k-means on the
+    (the warm-up's, or random). Training documents (512 tokens) go to paths by k-means on the
     frozen initial dense pathway's mean hidden state of their first 64 tokens, balanced; each
     path trains S steps of batches of b on its documents, modules synchronised every h steps
     among the paths that use them. Eval: each eval sequence routed (unbalanced) to one path."""
@@ -177,7 +203,7 @@ def run_dipaco(setup: Setup, h: int) -> dict:
     path_tokens = {p: docs[assigned == i].reshape(-1) for i, p in enumerate(paths)}
     base = {m: m if m in setup.init else m.rsplit(".", 1)[0] for m in spec.modules}
     ex = LocalExecutor(spec, {m: setup.init[base[m]] for m in spec.modules})
-    cfg = diloco.DiLoCoConfig(workers=len(paths), inner_steps=h)
+    cfg = diloco.DiLoCoConfig(workers=len(paths), inner_steps=h, **setup.outer)
     t0 = time.perf_counter()
     dipaco.simulate(ex, paths, setup.train_config(a.batch_size), cfg, path_tokens, a.steps // h)
     seconds = time.perf_counter() - t0
@@ -212,7 +238,7 @@ def run_dipaco(setup: Setup, h: int) -> dict:
 def run_diloco(setup: Setup, h: int, compress: str = "none", lose: dict | None = None) -> dict:
     """S / h rounds of K workers; `lose` maps a round to the worker lost in it."""
     a, k = setup.args, setup.args.workers
-    cfg = diloco.DiLoCoConfig(workers=k, inner_steps=h, compress=compress)
+    cfg = diloco.DiLoCoConfig(workers=k, inner_steps=h, compress=compress, **setup.outer)
     worker = diloco.InnerWorker(
         setup.ex, setup.pathway, diloco.inner_optimizer("adamw", setup.train_config(a.batch_size))
     )
@@ -236,7 +262,8 @@ def run_diloco(setup: Setup, h: int, compress: str = "none", lose: dict | None =
             )
             local, opt, _ = worker.train(params, inner[w], batches)
             if lose and lose.get(r) == w:  # killed before it uploaded: its work is dropped
-                inner[w] = worker.init_opt()  # it rejoins afresh; its position stays
+                # It rejoins with its inner state of this round's start (as the job carries it
+                # over) and retrains from its position, which stays.
                 continue
             inner[w] = opt
             positions[w] += h
@@ -277,10 +304,25 @@ def main() -> None:
     ap.add_argument("--eval-batches", type=int, default=8)
     ap.add_argument("--latency-ms", type=float, default=50.0, help="per exchange, for the model")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--outer-lr", type=float, default=0.7, help="DiLoCo's outer Nesterov step")
+    ap.add_argument("--outer-momentum", type=float, default=0.9)
+    ap.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="shared warm-up steps (0: from scratch; default: 500, --quick 0)",
+    )
+    ap.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        help="only these rows (e.g. sync-dp diloco-50; default: every row)",
+    )
     ap.add_argument("--out", default=None, help="JSON record (default: a dated file in results/)")
     args = ap.parse_args()
     quick = dict(steps=120, inner=[3, 12, 30], batch_size=8, seq_len=64, max_data_mb=1.0)
-    full = dict(steps=2000, inner=[10, 50, 200], batch_size=16, seq_len=128, max_data_mb=8.0)
+    full = dict(steps=2000, inner=[10, 50, 200], batch_size=8, seq_len=64, max_data_mb=8.0)
+    quick["warmup_steps"], full["warmup_steps"] = 0, 500
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -288,32 +330,39 @@ def main() -> None:
         ap.error(f"--steps {args.steps} must be a multiple of every --inner value {args.inner}")
     out = Path(args.out) if args.out else dated_path(ROOT / "tools/bench/results", "path_parallel")
 
-    setup = Setup(args)
-    rows = [
-        {"row": "single", **run_synchronous(setup, sharded=False)},
-        {"row": "sync-dp", **run_synchronous(setup, sharded=True)},
-    ]
-    for h in args.inner:
-        rows.append({"row": f"diloco-{h}", "h": h, **run_diloco(setup, h)})
     mid = args.inner[len(args.inner) // 2]
-    rows.append({"row": f"diloco-{mid}-int8", "h": mid, **run_diloco(setup, mid, "int8")})
     rounds = args.steps // mid
     rng = np.random.default_rng(args.seed)
     lost_rounds = sorted(rng.choice(np.arange(1, rounds), size=min(3, rounds - 1), replace=False))
     lose = {int(r): int(rng.integers(0, args.workers)) for r in lost_rounds}
-    rows.append(
-        {"row": f"fault-{mid}", "h": mid, "lost": lose, **run_diloco(setup, mid, lose=lose)}
-    )
-    rows.append({"row": "dense-b", **run_dense(setup)})
-    rows.append({"row": f"dipaco-4x{mid}", "h": mid, **run_dipaco(setup, mid)})
+    plan = [
+        ("single", {}, lambda: run_synchronous(setup, sharded=False)),
+        ("sync-dp", {}, lambda: run_synchronous(setup, sharded=True)),
+        *((f"diloco-{h}", {"h": h}, lambda h=h: run_diloco(setup, h)) for h in args.inner),
+        (f"diloco-{mid}-int8", {"h": mid}, lambda: run_diloco(setup, mid, "int8")),
+        (f"fault-{mid}", {"h": mid, "lost": lose}, lambda: run_diloco(setup, mid, lose=lose)),
+        ("dense-b", {}, lambda: run_dense(setup)),
+        (f"dipaco-4x{mid}", {"h": mid}, lambda: run_dipaco(setup, mid)),
+    ]
+    unknown = sorted(set(args.rows or ()) - {name for name, _, _ in plan})
+    if unknown:
+        ap.error(f"--rows: no row {', '.join(unknown)}; rows: {', '.join(n for n, _, _ in plan)}")
+    setup = Setup(args)
+    rows = []
+    for name, extra, run in plan:
+        if args.rows is None or name in args.rows:
+            rows.append({"row": name, **extra, **run()})
+            print(f"{name}: eval loss {rows[-1]['curve'][-1][1]:.4f}", flush=True)
 
     for r in rows:
         r["eval_loss"] = r["curve"][-1][1]
-    sync = next(r for r in rows if r["row"] == "sync-dp")
+    sync = next((r for r in rows if r["row"] == "sync-dp"), None)
     for r in rows:
-        r["vs_sync_dp"] = r["eval_loss"] / sync["eval_loss"] - 1
+        r["vs_sync_dp"] = r["eval_loss"] / sync["eval_loss"] - 1 if sync else None
         r["bytes_ratio"] = (
-            sync["bytes_per_worker"] / r["bytes_per_worker"] if r["bytes_per_worker"] else None
+            sync["bytes_per_worker"] / r["bytes_per_worker"]
+            if sync and r["bytes_per_worker"]
+            else None
         )
         for link, bw in LINKS.items():
             r[f"wall_{link}"] = (
@@ -321,7 +370,12 @@ def main() -> None:
             )
     print(
         f"{args.spec}: {setup.params / 1e6:.2f} M parameters, K={args.workers} workers, "
-        f"S={args.steps} steps per worker, b={args.batch_size} x {args.seq_len} tokens"
+        f"S={args.steps} steps per worker, b={args.batch_size} x {args.seq_len} tokens, "
+        + (
+            f"after a shared warm-up of {args.warmup_steps} steps ({setup.warmup_s:.0f} s)"
+            if args.warmup_steps
+            else "from scratch"
+        )
     )
     print_table(
         rows,

@@ -46,14 +46,29 @@ def _percentiles(seconds: list[float]) -> dict:
     }
 
 
-def in_process(checkpoint: Path, task: str, episodes: int) -> dict:
+def _paced(period_ms: float):
+    """An on_step that holds a rollout's steps to one per `period_ms` (a control loop at a fixed
+    rate: the processes idle between steps, as they do under a real robot); None: back to back."""
+    if not period_ms:
+        return None
+    state = {"next": None}
+
+    def on_step(env, action):
+        now = time.perf_counter()
+        state["next"] = max(state["next"] or now, now - period_ms / 1e3) + period_ms / 1e3
+        time.sleep(max(0.0, state["next"] - time.perf_counter()))
+
+    return on_step
+
+
+def in_process(checkpoint: Path, task: str, episodes: int, period_ms: float = 0.0) -> dict:
     from pathways.robotics.policy import Policy, rollout
     from pathways.transcribe import load_executor
 
     policy = Policy(load_executor(checkpoint, task), task)
     rollout(task, policy, [WARM_UP_SEED])
     t0 = time.perf_counter()
-    r = rollout(task, policy, range(episodes))
+    r = rollout(task, policy, range(episodes), on_step=_paced(period_ms))
     wall = time.perf_counter() - t0
     return {
         "task": task,
@@ -68,7 +83,13 @@ def in_process(checkpoint: Path, task: str, episodes: int) -> dict:
 
 
 def through_gateway(
-    address: str, task: str, episodes: int, concurrent: int, tls=None, transport: str = "plaintext"
+    address: str,
+    task: str,
+    episodes: int,
+    concurrent: int,
+    tls=None,
+    transport: str = "plaintext",
+    period_ms: float = 0.0,
 ) -> dict:
     """`concurrent` threads, each rolling out `episodes` episodes (its own seeds) through the
     gateway; all start together after their warm-up."""
@@ -85,7 +106,8 @@ def through_gateway(
                 rollout(task, episode, [WARM_UP_SEED + i])
                 ready.wait()
                 go.wait()
-                results[i] = rollout(task, episode, range(i * episodes, (i + 1) * episodes))
+                seeds = range(i * episodes, (i + 1) * episodes)
+                results[i] = rollout(task, episode, seeds, on_step=_paced(period_ms))
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
             ready.abort()
@@ -135,6 +157,12 @@ def main() -> None:
         default=["plaintext"],
         help="tls: every process with its own certificate, clients checked (mutual TLS)",
     )
+    ap.add_argument(
+        "--period-ms",
+        type=float,
+        default=0.0,
+        help="one control step per PERIOD ms (e.g. 20: a 50 Hz loop; 0: steps back to back)",
+    )
     ap.add_argument("--out", default=None, help="JSON path (default: a dated file in results/)")
     args = ap.parse_args()
 
@@ -158,7 +186,7 @@ def main() -> None:
             spec = spec_lib.load(ROOT / "examples/robotics.yaml")
             testing.make_checkpoint(checkpoint, spec)
         for task in args.tasks:
-            rows.append(in_process(checkpoint, task, args.episodes))
+            rows.append(in_process(checkpoint, task, args.episodes, args.period_ms))
             print(rows[-1], flush=True)
             spec, _ = ckpt.load_spec(checkpoint)
             for transport in args.transports:
@@ -180,6 +208,7 @@ def main() -> None:
                                 n,
                                 tls=fleet.client_tls,
                                 transport=transport,
+                                period_ms=args.period_ms,
                             )
                         )
                         print(rows[-1], flush=True)

@@ -391,7 +391,8 @@ def main() -> None:
             ("wall_100Mb/s", "100Mb/s s", ".1f"),
         ],
     )
-    print(f"fault-{mid}: lost (round: worker) {lose}")
+    if any(r["row"] == f"fault-{mid}" for r in rows):
+        print(f"fault-{mid}: lost (round: worker) {lose}")
     plot = out.with_suffix(".png")
     _plot(rows, plot)
     print(f"wrote {write_json(out, 'path_parallel', rows, args=vars(args), plot=plot.name)}")

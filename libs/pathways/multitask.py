@@ -88,12 +88,14 @@ def local_stages(
     from pathways.train import make_optimizer
 
     _check_optimizers(optimizers)
-    per_module = module_configs(spec, tasks, base)
-    stages = {m: LocalStage(executor.runtimes[m], make_optimizer(c)) for m, c in per_module.items()}
     if optimizers == "per-task":
-        for m, per_task in task_configs(spec, tasks, base).items():
-            stages[m].set_optimizers({p: make_optimizer(c) for p, c in per_task.items()})
-    return stages
+        txs = {
+            m: {p: make_optimizer(c) for p, c in per_task.items()}
+            for m, per_task in task_configs(spec, tasks, base).items()
+        }
+    else:
+        txs = {m: make_optimizer(c) for m, c in module_configs(spec, tasks, base).items()}
+    return {m: LocalStage(executor.runtimes[m], tx) for m, tx in txs.items()}
 
 
 def _check_optimizers(optimizers: str) -> None:

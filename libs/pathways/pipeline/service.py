@@ -210,12 +210,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         with self._lock:
             self.stage = LocalStage(
                 self.engine.rt,
-                make_optimizer(cfg),
+                named or make_optimizer(cfg),
                 frozen=request.frozen,
                 causal=not request.bidirectional,
             )
-            if named:
-                self.stage.set_optimizers(named)
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.engine.rt.state))
         return training_pb2.ConfigureResponse(kind=self.engine.kind.name, parameters=n)
 

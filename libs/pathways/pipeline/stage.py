@@ -129,13 +129,13 @@ class LocalStage:
     def __init__(
         self,
         runtime: ModuleRuntime,
-        tx: optax.GradientTransformation,
+        tx: optax.GradientTransformation | dict[str, optax.GradientTransformation],
         *,
         frozen: bool = False,
         input_grad: bool = True,
         causal: bool = True,
     ):
-        self.rt, self.tx = runtime, tx
+        self.rt = runtime  # self.tx: the current optimizer (below)
         self.frozen, self.input_grad = frozen, input_grad
         self.name, self.kind = runtime.name, runtime.kind.name
         # A stage fed the pathway's input (tokens, images) has no input gradient to pass back.
@@ -150,7 +150,10 @@ class LocalStage:
         # task's own AdamW state of a module the tasks share); the others wait in _parked.
         self.optimizer = ""
         self._parked: dict[str, tuple] = {}
-        self._set_current(tx, tx.init(runtime.state))
+        if isinstance(tx, dict):  # named optimizers from the start: no unused default state
+            self.set_optimizers(tx)
+        else:
+            self._set_current(tx, tx.init(runtime.state))
         self._acc = jax.tree.map(jnp.zeros_like, runtime.state)
         # Micro-batches in flight: their inputs (and targets), None when no backward will run.
         self._saved: dict[int, tuple | None] = {}

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pathways import cpu, names, tokenizers
 from pathways import modules as mod
-from pathways import names, tokenizers
 from pathways import spec as spec_lib
 
 _checkpointer = None
@@ -102,6 +102,128 @@ def restore_module(directory: str | Path, name: str, cfg) -> nnx.State:
             f"checkpoint {path} does not hold parameters of module {name!r} as configured "
             f"({type(cfg).__name__}): {e}"
         ) from None
+
+
+STREAM_CHUNK_BYTES = 16 << 20  # per read: ~20 ms of Orbax's per call against memory
+
+
+def stream_module(directory: str | Path, name: str, cfg, chunk_bytes: int | None = None):
+    """Module `name`'s parameters read a few arrays at a time: yields (key path in the
+    module's nnx.State, float32 numpy array) in the order `jax.tree.flatten` gives the state's
+    leaves, each read of the checkpoint holding at most `chunk_bytes` (or one array, where an
+    array is larger). A caller that converts each array and drops it (bfloat16/int8 storage:
+    `ModuleRuntime.load_serving`) never holds the module's float32 weights whole.
+
+    Problems are found before the first array is yielded: a missing tree is FileNotFoundError,
+    one of another structure or shape ValueError, as for `restore_module`."""
+    leaves = check_module(directory, name, cfg)
+    path = module_dir(directory, name).absolute()
+    chunk_bytes = STREAM_CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    groups, group, size = [], [], 0
+    for p, x in leaves:
+        n = int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+        if group and size + n > chunk_bytes:
+            groups.append(group)
+            group, size = [], 0
+        group.append((p, x))
+        size += n
+    groups.append(group)
+    for group in groups:
+        item: dict = {}
+        for p, x in group:
+            *parents, last = _pure_keys(p)
+            node = item
+            for k in parents:
+                node = node.setdefault(k, {})
+            node[last] = jax.ShapeDtypeStruct(x.shape, x.dtype)
+        read = _restore_partial(path, item)
+        del item
+        for p, _ in group:
+            *parents, last = _pure_keys(p)
+            node = read
+            for k in parents:
+                node = node[k]
+            x, node[last] = node[last], None  # the caller's reference is the last one
+            yield p, x
+            del x
+        del read
+        # What the read and the caller's conversions freed goes back to the OS before the next
+        # read: glibc keeps freed blocks below its mmap threshold (up to 32 MB) in its arenas
+        # otherwise, and each read would add its own to the peak.
+        cpu.release_free_memory()
+
+
+def check_module(directory: str | Path, name: str, cfg) -> list:
+    """Checks that the checkpoint holds module `name`'s parameters as `cfg` shapes them,
+    reading only the tree's metadata (FileNotFoundError, ValueError naming the first
+    difference); returns the module's abstract leaves with their key paths."""
+    path = module_dir(directory, name).absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint tree {path} does not exist")
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.state(mod.abstract(cfg)))[0]
+    _check_shapes(path, name, cfg, [(_pure_keys(p), x) for p, x in leaves])
+    return leaves
+
+
+def _pure_keys(path) -> list:
+    """A key path of an nnx.State leaf as the keys of its `nnx.to_pure_dict` (no `.value`)."""
+    return [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+
+
+def _check_shapes(path: Path, name: str, cfg, wanted) -> None:
+    """Every array of `wanted` ((pure-dict keys, ShapeDtypeStruct) pairs) is in the tree at
+    `path` with that shape, and the tree holds nothing else (its metadata only is read)."""
+    with _lock:
+        meta = _ckpt().metadata(path)
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    have = {
+        tuple(_key_str(k) for k in keys): tuple(getattr(m, "shape", ()))
+        for keys, m in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+    want = {tuple(str(k) for k in keys): tuple(x.shape) for keys, x in wanted}
+    if have != want:
+        missing = sorted(set(want) - set(have))
+        extra = sorted(set(have) - set(want))
+        shapes = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        what = "; ".join(
+            s
+            for s in (
+                missing and f"missing {'/'.join(missing[0])}",
+                extra and f"unexpected {'/'.join(extra[0])}",
+                shapes
+                and f"{'/'.join(shapes[0])} has shape {have[shapes[0]]}, not {want[shapes[0]]}",
+            )
+            if s
+        )
+        raise ValueError(
+            f"checkpoint {path} does not hold parameters of module {name!r} as configured "
+            f"({type(cfg).__name__}): {what}"
+        )
+
+
+def _key_str(k) -> str:
+    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def _restore_partial(path: Path, item: dict) -> dict:
+    """The arrays of `item` (a nested dict of ShapeDtypeStructs, part of the saved tree) read
+    from the tree at `path` as numpy arrays; the rest of the tree is not read."""
+    import orbax.checkpoint as ocp
+
+    global _partial
+    with _lock:
+        if _partial is None:
+            _partial = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        args = ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray), item),
+            partial_restore=True,
+        )
+        return _partial.restore(path, args=args)
+
+
+_partial = None
 
 
 def save_spec(directory: str | Path, spec: spec_lib.PathwaySpec, tokenizer) -> None:

@@ -129,16 +129,54 @@ class ModuleRuntime:
         leaves = [x for _, x in paths_leaves]
         del paths_leaves
         gc.collect()  # a module built around the arrays may hold them in a reference cycle
+
+        def take():
+            for i, path in enumerate(paths):
+                x, leaves[i] = leaves[i], None
+                yield path, x
+
+        self._servings.update(self._convert(take(), treedef, natives))
+
+    def _convert(self, source, treedef, natives) -> dict:
+        """{native: serving copy} from the float32 (path, array) pairs `source` yields in leaf
+        order, each array converted for every copy and released before the next is taken."""
         copies: dict[bool, list] = {native: [] for native in natives}
-        for i, path in enumerate(paths):
-            x, leaves[i] = leaves[i], None
-            for native in natives:
+        for path, x in source:
+            x = jnp.asarray(x)  # a checkpoint's numpy array: on the device, as a step takes it
+            for i, native in enumerate(natives):
+                if i and not self._packs:  # the copies are alike: one array serves both
+                    copies[native].append(copies[natives[0]][-1])
+                    continue
                 # Done before the next array starts (eager ops are dispatched asynchronously:
                 # the float32 input would otherwise stay alive until its conversion ran).
                 copies[native].append(jax.block_until_ready(self._serving_leaf(path, x, native)))
             del x
-        for native in natives:
-            self._servings[native] = jax.tree.unflatten(treedef, copies[native])
+        if any(len(c) != treedef.num_leaves for c in copies.values()):
+            raise ValueError(
+                f"module {self.name!r}: {len(next(iter(copies.values())))} parameters given, "
+                f"{treedef.num_leaves} expected"
+            )
+        return {native: jax.tree.unflatten(treedef, c) for native, c in copies.items()}
+
+    def load_serving(self, source) -> None:
+        """Serves the float32 parameters `source` yields as (key path, array) in this module's
+        leaf order, stored as `weights` says, without ever holding them whole: each array is
+        converted and released before the next is read (`checkpoint.stream_module` reads a
+        checkpoint a few arrays at a time). For a process that only serves bfloat16/int8
+        weights: its peak is about the stored copy plus one read, not one float32 copy (a
+        module server's start; Publish of a checkpoint). `state` is rebuilt from the serving
+        copy on first use, as after `compact`. The copies in use stay until every array has
+        been converted, so a failing source changes nothing."""
+        if self.mesh is not None:
+            raise ValueError(f"module {self.name!r}: streamed weights are not placed on a mesh")
+        template = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+            self._template if self._state is None else self._state,
+        )
+        natives = sorted({self._native_for(False), self._native_for(True)})
+        servings = self._convert(source, jax.tree.structure(template), natives)
+        self._template, self._state, self._servings, self._flats = template, None, servings, {}
+        self.version = getattr(self, "version", -1) + 1
 
     @property
     def serving_state(self):
@@ -150,6 +188,8 @@ class ModuleRuntime:
         or as XLA's dot takes them. A process keeps both only where the kernels were chosen
         for one shape class and not the other (`kernels.chosen`: e.g. decode steps but not
         prefill chunks on some CPUs), so each step computes with the faster one."""
+        if native not in self._servings and not self._packs and (not native) in self._servings:
+            self._servings[native] = self._servings[not native]  # alike: one copy serves both
         if native not in self._servings:
             serving = jax.tree_util.tree_map_with_path(
                 lambda path, x: self._serving_leaf(path, x, native), self._state
@@ -159,12 +199,18 @@ class ModuleRuntime:
             self._servings[native] = serving
         return self._servings[native]
 
+    @property
+    def _packs(self) -> bool:
+        """Whether the native kernels' serving copy differs from XLA's (packed kernels: float32
+        and bfloat16 storage); for int8 both copies are the same arrays."""
+        return self.weights in kernels.WEIGHTS
+
     def _serving_leaf(self, path, x, native: bool):
         """One float32 parameter (`path`: its key path) as the serving copy for `native` holds
         it: linear kernels packed for the native matmul where it is used and `weights` is one it
         takes (packed kernels are 3-D: `store_leaf` leaves them), then stored as `weights` says
         (the token table as on the XLA path)."""
-        if native and self.weights in kernels.WEIGHTS:
+        if native and self._packs:
             x = kernels.pack_leaf(path, x, self.weights, True)
         return weights_lib.store_leaf(path, x, self.weights)
 

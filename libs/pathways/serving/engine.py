@@ -13,7 +13,9 @@ import dataclasses
 
 import jax
 import numpy as np
+from flax import nnx
 
+from pathways import checkpoint as ckpt
 from pathways import modules as mod
 from pathways import sharding
 from pathways.executor.base import bucket
@@ -22,6 +24,10 @@ from pathways.sampling import SamplingBatch
 from pathways.serving.errors import InvalidArgument
 from pathways.serving.limits import ProgramCap
 from pathways.serving.sessions import ServerSession
+
+
+def _abstract_state(cfg):
+    return nnx.state(mod.abstract(cfg))
 
 
 @dataclasses.dataclass
@@ -64,6 +70,29 @@ class ModuleEngine:
         self.max_seq_len = getattr(cfg, "max_seq_len", 0)
         # Distinct shapes this engine has compiled (a module server caps them; in-process: none).
         self.programs = ProgramCap(None)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        name: str,
+        cfg,
+        directory,
+        slots: int = 0,
+        weights: str = "float32",
+        native=None,
+        mesh=None,
+    ) -> ModuleEngine:
+        """The engine of module `name` with the weights the checkpoint `directory` holds,
+        never initialised first. Stored as bfloat16/int8 (off a mesh), they are read a few
+        arrays at a time and converted as read (`checkpoint.stream_module`): the process never
+        holds the float32 weights whole. Otherwise they are read whole into the module's
+        abstract shapes (`checkpoint.restore_module`), the one float32 copy being the weights."""
+        if weights != "float32" and mesh is None:
+            engine = cls(name, cfg, _abstract_state(cfg), slots, weights, native, mesh=mesh)
+            engine.rt.load_serving(ckpt.stream_module(directory, name, cfg))
+            return engine
+        state = ckpt.restore_module(directory, name, cfg)
+        return cls(name, cfg, state, slots, weights, native, mesh=mesh)
 
     # ---- the slot pool -----------------------------------------------------------------------
     def take(self, n: int) -> np.ndarray:

@@ -160,9 +160,9 @@ class ModuleServer:
         slots = slot_count(self.cfgs, s)
         engines = []
         for module, cfg in zip(s.modules, self.cfgs):
-            state = ckpt.restore_module(s.checkpoint, module, cfg)  # no random weights first
-            e = ModuleEngine(module, cfg, state, slots, weights=s.weights, mesh=mesh)
-            del state  # the runtime holds the weights now (on a mesh: only its placed copy)
+            # No random weights first; bfloat16/int8 weights are converted as they are read,
+            # so the float32 copy is never whole (on a mesh: only its placed copy is kept).
+            e = ModuleEngine.from_checkpoint(module, cfg, s.checkpoint, slots, s.weights, mesh=mesh)
             # One copy of the weights while only serving, made before any step: each float32
             # array is dropped once its serving form exists, so the peak is about one copy, not
             # both (training through this server or its stateless Forward rebuild the float32

@@ -375,7 +375,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
 
             # A copy: training donates its buffers to its next update.
             states = [jax.tree.map(lambda a: jnp.array(a, copy=True), self.training_state())]
-            source = "its training copy"
+            source, streamed = "its training copy", [False]
         else:
             directory = request.checkpoint
             if self.roots is not None:
@@ -398,14 +398,31 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                         f"checkpoint {request.checkpoint!r}: module {e.name!r} has another "
                         f"config than the served one ({cfg} != {e.cfg})"
                     )
-            # read into the modules' abstract shapes, as at start: no copy beside the served one
-            states = [ckpt.restore_module(directory, e.name, e.cfg) for e in self.engines]
+            # As at start: bfloat16/int8 weights converted as read (`stream_module`: every
+            # module's tree checked first, from its metadata), others read into the modules'
+            # abstract shapes; no float32 copy beside the served one.
+            streamed = [e.rt.weights != "float32" and e.rt.mesh is None for e in self.engines]
+            try:
+                shapes = [  # the abstract leaves of each streamed module
+                    [x for _, x in ckpt.check_module(directory, e.name, e.cfg)] if stream else None
+                    for e, stream in zip(self.engines, streamed)
+                ]
+            except ValueError as err:
+                raise FailedPrecondition(f"checkpoint {request.checkpoint!r}: {err}") from None
+            states = [
+                abstract if stream else ckpt.restore_module(directory, e.name, e.cfg)
+                for e, stream, abstract in zip(self.engines, streamed, shapes)
+            ]
+            for e, stream in zip(self.engines, streamed):
+                if stream:
+                    e.rt.load_serving(ckpt.stream_module(directory, e.name, e.cfg))
             source = f"checkpoint {directory}"
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(states))
         compacted = False
-        for e, state in zip(self.engines, states):
-            e.rt.state = state
-            compacted |= e.rt.compact()  # one copy of the weights while serving, as at start
+        for e, state, stream in zip(self.engines, states, streamed):
+            if not stream:
+                e.rt.state = state
+                compacted |= e.rt.compact()  # one copy of the weights while serving, as at start
         if compacted:
             from pathways import cpu
 

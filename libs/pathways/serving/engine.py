@@ -26,10 +26,6 @@ from pathways.serving.limits import ProgramCap
 from pathways.serving.sessions import ServerSession
 
 
-def _abstract_state(cfg):
-    return nnx.state(mod.abstract(cfg))
-
-
 @dataclasses.dataclass
 class Step:
     """One session's rows of one decode step (the unit the batcher concatenates)."""
@@ -88,7 +84,8 @@ class ModuleEngine:
         holds the float32 weights whole. Otherwise they are read whole into the module's
         abstract shapes (`checkpoint.restore_module`), the one float32 copy being the weights."""
         if weights != "float32" and mesh is None:
-            engine = cls(name, cfg, _abstract_state(cfg), slots, weights, native, mesh=mesh)
+            shapes = nnx.state(mod.abstract(cfg))  # no arrays: filled by the stream below
+            engine = cls(name, cfg, shapes, slots, weights, native, mesh=mesh)
             engine.rt.load_serving(ckpt.stream_module(directory, name, cfg))
             return engine
         state = ckpt.restore_module(directory, name, cfg)

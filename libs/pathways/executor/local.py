@@ -129,25 +129,28 @@ class LocalExecutor:
     def decode(self, session: Session, tokens, *, return_logits=False):
         tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
         session.check_room(np.ones(session.batch_size, np.int32))
-        positions = session.lengths[:, None].astype(np.int32)
+        positions = session.lengths[:, None].astype(np.int32)  # each row's next position
+        # Every position is within max_seq_len (check_room): no padding to leave out.
+        window = bucket(int(positions.max()) + 1, session.max_seq_len)
         result = self._run(
-            session, tokens, positions, np.zeros(session.batch_size, np.int32), return_logits
-        )
+            session, tokens, positions, np.zeros(session.batch_size, np.int32), return_logits,
+            window,
+        )  # fmt: skip
         session.lengths += 1
         return result
 
-    def _run(self, session, tokens, positions, last, return_logits) -> StepResult:
+    def _run(self, session, tokens, positions, last, return_logits, window=None) -> StepResult:
         slots = self._slots.get(session.id)
         if slots is None:
             raise KeyError(f"unknown session {session.id!r}")
-        window = bucket(
-            int(positions[positions < session.max_seq_len].max()) + 1, session.max_seq_len
-        )
+        if window is None:  # the attended positions: padding (at max_seq_len) left out
+            window = bucket(
+                int(positions[positions < session.max_seq_len].max()) + 1, session.max_seq_len
+            )
         # numpy arguments go straight into the jitted calls (jnp.asarray or jnp.arange would each
         # dispatch an eager computation first).
         x = np.array(tokens, np.int32)  # a copy: the caller may reuse its array
         pos = np.asarray(positions, np.int32)
-        engines = self._engines(session.pathway)
         last = np.asarray(last, np.int32)
         # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
         # call runs asynchronously, so the in-place += below could race with its read.
@@ -167,6 +170,7 @@ class LocalExecutor:
                     with_logits=return_logits,
                 )
             else:
+                engines = self._engines(session.pathway)
                 for e in engines[:-1]:
                     x = e.step(x, pos, slots.get(e.name), window=window)
                 s = session.sampling

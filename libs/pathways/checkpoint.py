@@ -26,6 +26,7 @@ from pathways import modules as mod
 from pathways import spec as spec_lib
 
 _checkpointer = None
+_partial = None  # the checkpointer of partial restores (`_restore_partial`)
 # One Orbax checkpointer per process, and it is not safe for concurrent saves from threads.
 _lock = threading.Lock()
 
@@ -221,9 +222,6 @@ def _restore_partial(path: Path, item: dict) -> dict:
             partial_restore=True,
         )
         return _partial.restore(path, args=args)
-
-
-_partial = None
 
 
 def save_spec(directory: str | Path, spec: spec_lib.PathwaySpec, tokenizer) -> None:

@@ -18,6 +18,13 @@ from pathways.modules import registry
 from pathways.sampling import sample
 
 
+def streams_weights(weights: str, mesh) -> bool:
+    """Whether a module's weights are read from a checkpoint a few arrays at a time and
+    converted as read (`ModuleRuntime.load_serving`): bfloat16/int8 storage off a mesh, where the
+    serving copy is smaller than the float32 parameters; otherwise they are read whole."""
+    return weights != "float32" and mesh is None
+
+
 class ModuleRuntime:
     """One module's parameters and its jitted, functional entry points (no nnx.jit graph mode).
 

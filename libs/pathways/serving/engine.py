@@ -19,7 +19,7 @@ from pathways import checkpoint as ckpt
 from pathways import modules as mod
 from pathways import sharding
 from pathways.executor.base import bucket
-from pathways.runtime import ModuleRuntime
+from pathways.runtime import ModuleRuntime, streams_weights
 from pathways.sampling import SamplingBatch
 from pathways.serving.errors import InvalidArgument
 from pathways.serving.limits import ProgramCap
@@ -83,7 +83,7 @@ class ModuleEngine:
         arrays at a time and converted as read (`checkpoint.stream_module`): the process never
         holds the float32 weights whole. Otherwise they are read whole into the module's
         abstract shapes (`checkpoint.restore_module`), the one float32 copy being the weights."""
-        if weights != "float32" and mesh is None:
+        if streams_weights(weights, mesh):
             shapes = nnx.state(mod.abstract(cfg))  # no arrays: filled by the stream below
             engine = cls(name, cfg, shapes, slots, weights, native, mesh=mesh)
             engine.rt.load_serving(ckpt.stream_module(directory, name, cfg))

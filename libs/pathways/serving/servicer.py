@@ -357,6 +357,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
 
         from pathways import checkpoint as ckpt
         from pathways import paths
+        from pathways.runtime import streams_weights
 
         self._check_ready()
         why = self.publishers.refusal(context) if self.publishers is not None else None
@@ -401,7 +402,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             # As at start: bfloat16/int8 weights converted as read (`stream_module`: every
             # module's tree checked first, from its metadata), others read into the modules'
             # abstract shapes; no float32 copy beside the served one.
-            streamed = [e.rt.weights != "float32" and e.rt.mesh is None for e in self.engines]
+            streamed = [streams_weights(e.rt.weights, e.rt.mesh) for e in self.engines]
             try:
                 shapes = [  # the abstract leaves of each streamed module
                     [x for _, x in ckpt.check_module(directory, e.name, e.cfg)] if stream else None

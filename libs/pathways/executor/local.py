@@ -72,6 +72,7 @@ class LocalExecutor:
         self._slots: dict[str, dict[str, np.ndarray]] = {}
         self._fixed: dict[str, tuple] = {}
         self._grad_fns: dict[str, Any] = {}
+        self._zeros: dict[int, np.ndarray] = {}  # batch size -> a decode step's `last`
         # pathway -> its engines as one chain (`ChainEngine`: the fused program and the
         # parameter leaves it passes, looked up once per parameter change rather than per
         # token: ~25 us of Python per step otherwise, 5 % of a tiny model's).
@@ -121,25 +122,34 @@ class LocalExecutor:
 
     def prefill(self, session: Session, prompts: list[list[int]], *, return_logits=False):
         lengths = session.check_prompts(prompts)
+        # Arrays of its own (pad_prompts makes them): passed to the step without copying.
         tokens, positions, last = pad_prompts(prompts, session.lengths, session.max_seq_len)
         result = self._run(session, tokens, positions, last, return_logits)
         session.lengths += lengths
         return result
 
     def decode(self, session: Session, tokens, *, return_logits=False):
-        tokens = np.asarray(tokens, np.int32).reshape(session.batch_size, 1)
-        session.check_room(np.ones(session.batch_size, np.int32))
-        positions = session.lengths[:, None].astype(np.int32)  # each row's next position
-        # Every position is within max_seq_len (check_room): no padding to leave out.
-        window = bucket(int(positions.max()) + 1, session.max_seq_len)
+        b = session.batch_size
+        # A copy: the caller may reuse its array, and on CPU jax may alias a numpy argument
+        # while the call runs asynchronously. (The per-token path: a tiny model's step is
+        # ~0.3 ms, so a few us of Python here show.)
+        x = np.array(np.asarray(tokens, np.int32).reshape(b, 1))
+        top = int(session.lengths.max())  # every row's next position is below max_seq_len
+        if top >= session.max_seq_len:
+            session.check_room(np.ones(b, np.int32))  # raises, naming the limit
+        positions = session.lengths[:, None].astype(np.int32)  # a copy (+= below)
+        last = self._zeros.get(b)
+        if last is None:  # never written: safe to pass (and alias) on every step
+            last = self._zeros[b] = np.zeros(b, np.int32)
         result = self._run(
-            session, tokens, positions, np.zeros(session.batch_size, np.int32), return_logits,
-            window,
-        )  # fmt: skip
+            session, x, positions, last, return_logits, bucket(top + 1, session.max_seq_len)
+        )
         session.lengths += 1
         return result
 
-    def _run(self, session, tokens, positions, last, return_logits, window=None) -> StepResult:
+    def _run(self, session, x, positions, last, return_logits, window=None) -> StepResult:
+        """One step of the session's rows: x (B, T) and positions (B, T) int32 arrays of the
+        caller's own (passed without copying), last (B,) the head's positions in them."""
         slots = self._slots.get(session.id)
         if slots is None:
             raise KeyError(f"unknown session {session.id!r}")
@@ -147,20 +157,16 @@ class LocalExecutor:
             window = bucket(
                 int(positions[positions < session.max_seq_len].max()) + 1, session.max_seq_len
             )
-        # numpy arguments go straight into the jitted calls (jnp.asarray or jnp.arange would each
-        # dispatch an eager computation first).
-        x = np.array(tokens, np.int32)  # a copy: the caller may reuse its array
-        pos = np.asarray(positions, np.int32)
-        last = np.asarray(last, np.int32)
-        # A copy of steps: on CPU, jax may alias a numpy argument without copying it, and the
-        # call runs asynchronously, so the in-place += below could race with its read.
-        steps = session.steps.copy()
         with self._lock:
             if self.fuse:
                 (rows, *settings), draw = self._fixed[session.id]
+                # The step counts seed only a draw: a greedy session's program takes none. A
+                # copy: on CPU jax may alias a numpy argument, and the call runs asynchronously,
+                # so the in-place += below could race with its read.
+                steps = session.steps.copy() if draw else None
                 out, logits = self._chain(session.pathway).run(
                     x,
-                    pos,
+                    positions,
                     rows,
                     last,
                     settings,
@@ -172,10 +178,10 @@ class LocalExecutor:
             else:
                 engines = self._engines(session.pathway)
                 for e in engines[:-1]:
-                    x = e.step(x, pos, slots.get(e.name), window=window)
+                    x = e.step(x, positions, slots.get(e.name), window=window)
                 s = session.sampling
                 out, logits = engines[-1].rt.serve_head(
-                    x, last, s.temperature, s.top_k, s.top_p, s.seed, steps
+                    x, last, s.temperature, s.top_k, s.top_p, s.seed, session.steps.copy()
                 )
         session.steps += 1
         return StepResult(

@@ -4,7 +4,9 @@ Three sides on the same parameters, measured alternately in one run (medians of 
 ratios): the `LocalExecutor` session API as users call it (prefill + decode; its step through a
 pathway is one fused program by default), the same executor with `fuse=False` (one program per
 module, as the module servers run them), and the baseline: the whole pathway's cached step written
-by hand as one jitted function. Greedy tokens of all three are compared.
+by hand as one jitted function. Greedy tokens of all three are compared. Prefill is timed as its
+own call (open a session, prefill, close it); decode is the time of a generation's decode steps
+alone (after its prefill's token is read, until the last token is read), per token.
 
     ./pants run tools/bench/local_decode.py -- [--specs examples/tiny.yaml ...] [--repeat 5]
     (or: PYTHONPATH=libs:.:build/gen .venv/py312/bin/python -m tools.bench.local_decode)
@@ -13,6 +15,7 @@ by hand as one jitted function. Greedy tokens of all three are compared.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import jax
@@ -81,11 +84,13 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
         def generate():
             s, r = prefill()
             out = [int(r.tokens[0])]
+            t0 = time.perf_counter()
             for _ in range(new_tokens):
                 r = executor.decode(s, r.tokens)
                 out.append(int(r.tokens[0]))
+            decode_s = time.perf_counter() - t0
             executor.close_session(s)
-            return out
+            return out, decode_s
 
         return (lambda: executor.close_session(prefill()[0])), generate
 
@@ -111,6 +116,7 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
     def base_generate():
         tok, caches = base_prefill()
         out = [int(tok[0])]
+        t0 = time.perf_counter()
         for i in range(new_tokens):
             pos = np.array([[prompt_len + i]], np.int32)
             tok, caches = step(
@@ -123,23 +129,22 @@ def bench_spec(path: Path, prompt_len: int, new_tokens: int, repeat: int) -> dic
             )
             tok = np.asarray(tok)
             out.append(int(tok[0]))
-        return out
+        return out, time.perf_counter() - t0
 
     sides = {
         "executor": session_sides(ex),
         "unfused": session_sides(unfused),
         "baseline": (lambda: base_prefill(), base_generate),
     }
-    tokens = {name: gen() for name, (_, gen) in sides.items()}  # compiles every bucket
-    times = {name: {"prefill": [], "total": []} for name in sides}
+    tokens = {name: gen()[0] for name, (_, gen) in sides.items()}  # compiles every bucket
+    times = {name: {"prefill": [], "decode": []} for name in sides}
     for _ in range(repeat):  # alternate the sides: drift hits them alike
         for name, (prefill, generate) in sides.items():
             times[name]["prefill"] += timed(prefill, 1)
-            times[name]["total"] += timed(generate, 1)
+            times[name]["decode"].append(generate()[1])  # the decode steps' own time
 
     def decode_s(name, i):
-        t = times[name]
-        return (t["total"][i] - t["prefill"][i]) / new_tokens
+        return times[name]["decode"][i] / new_tokens
 
     def ratio(name, phase):  # median over repetitions of baseline time / this side's time
         if phase == "decode":

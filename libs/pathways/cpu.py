@@ -11,6 +11,12 @@ thread.
 `limit_threads(n)` makes the pool n threads wide without pinning the process: it narrows the
 affinity mask to n CPUs, creates the client, then gives every thread of the process the full mask
 back (threads started while narrowed inherited the narrow mask; a mask is per thread on Linux).
+
+`configure_dispatch()` (run when `pathways.runtime` is imported, and by `limit_threads`) turns
+JAX's asynchronous CPU dispatch off unless `PATHWAYS_CPU_DISPATCH=async`: a decode step's caller
+waits for its token before the next step can start, so a step handed to another thread and
+waited for costs a cross-CPU wake-up per step and overlaps nothing (measured on a 2-vCPU AMD
+EPYC: the tiny spec 0.32 -> 0.24 ms/token, GPT-2 small 11.7 -> 9.8 ms/token; training no slower).
 """
 
 from __future__ import annotations
@@ -20,6 +26,25 @@ import logging
 import os
 
 log = logging.getLogger(__name__)
+
+DISPATCH_ENV = "PATHWAYS_CPU_DISPATCH"
+DISPATCH_MODES = ("sync", "async")
+
+
+def configure_dispatch() -> str:
+    """Sets JAX's CPU dispatch from PATHWAYS_CPU_DISPATCH (`sync`, the default: a computation
+    runs on the thread that calls it; `async`: JAX's default, on a thread of its own); returns
+    the mode. It takes effect when JAX creates its CPU client: a process's first computation."""
+    mode = os.environ.get(DISPATCH_ENV, "sync").strip().lower() or "sync"
+    if mode not in DISPATCH_MODES:
+        log.warning(
+            "%s=%r is not one of %s: using sync", DISPATCH_ENV, mode, ", ".join(DISPATCH_MODES)
+        )
+        mode = "sync"
+    import jax
+
+    jax.config.update("jax_cpu_enable_async_dispatch", mode == "async")
+    return mode
 
 
 def backend_started() -> bool:
@@ -41,6 +66,7 @@ def limit_threads(n: int) -> int:
         log.warning("cpu threads: no sched_setaffinity on this platform; XLA picks its own")
         return 0
     allowed = sorted(os.sched_getaffinity(0))
+    configure_dispatch()  # before the client exists: it reads the setting once
     if n <= 0 or n >= len(allowed):
         return len(allowed)
     if backend_started():

@@ -11,11 +11,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathways import kernels, sharding
+from pathways import cpu, kernels, sharding
 from pathways import modules as mod
 from pathways import weights as weights_lib
 from pathways.modules import registry
 from pathways.sampling import sample
+
+# On CPU a step runs on the thread that calls it unless PATHWAYS_CPU_DISPATCH=async: the first
+# computation of the process creates JAX's CPU client with this setting (`cpu.configure_dispatch`).
+cpu.configure_dispatch()
 
 
 def streams_weights(weights: str, mesh) -> bool:

@@ -12,11 +12,14 @@ thread.
 affinity mask to n CPUs, creates the client, then gives every thread of the process the full mask
 back (threads started while narrowed inherited the narrow mask; a mask is per thread on Linux).
 
-`configure_dispatch()` (run when `pathways.runtime` is imported, and by `limit_threads`) turns
-JAX's asynchronous CPU dispatch off unless `PATHWAYS_CPU_DISPATCH=async`: a decode step's caller
-waits for its token before the next step can start, so a step handed to another thread and
-waited for costs a cross-CPU wake-up per step and overlaps nothing (measured on a 2-vCPU AMD
-EPYC: the tiny spec 0.32 -> 0.24 ms/token, GPT-2 small 11.7 -> 9.8 ms/token; training no slower).
+`configure_dispatch()` (run when `pathways.runtime` is imported, and by `limit_threads`) sets
+JAX's CPU dispatch from `PATHWAYS_CPU_DISPATCH`: `async` (the default, JAX's own) runs each
+computation on a thread of JAX's; `sync` runs it on the thread that calls it. A decode step's
+caller waits for its token before the next step, so async dispatch costs a cross-CPU wake-up per
+step and overlaps nothing there; but XLA then runs a program's independent ops one after another,
+which costs the larger steps. Measured on a 2-vCPU AMD EPYC (A/B, 5 runs per side, BENCHMARKS.md):
+sync made the tiny spec's decode 1.26x faster and its prefill 0.86x; GPT-2 small decode 0.99x,
+prefill 0.95x; through module servers 1.00-1.06x. So it is opt-in, for small models' decode.
 """
 
 from __future__ import annotations
@@ -32,15 +35,15 @@ DISPATCH_MODES = ("sync", "async")
 
 
 def configure_dispatch() -> str:
-    """Sets JAX's CPU dispatch from PATHWAYS_CPU_DISPATCH (`sync`, the default: a computation
-    runs on the thread that calls it; `async`: JAX's default, on a thread of its own); returns
-    the mode. It takes effect when JAX creates its CPU client: a process's first computation."""
-    mode = os.environ.get(DISPATCH_ENV, "sync").strip().lower() or "sync"
+    """Sets JAX's CPU dispatch from PATHWAYS_CPU_DISPATCH (`async`, the default and JAX's: a
+    computation runs on a thread of JAX's; `sync`: on the thread that calls it); returns the
+    mode. It takes effect when JAX creates its CPU client: a process's first computation."""
+    mode = os.environ.get(DISPATCH_ENV, "async").strip().lower() or "async"
     if mode not in DISPATCH_MODES:
         log.warning(
-            "%s=%r is not one of %s: using sync", DISPATCH_ENV, mode, ", ".join(DISPATCH_MODES)
+            "%s=%r is not one of %s: using async", DISPATCH_ENV, mode, ", ".join(DISPATCH_MODES)
         )
-        mode = "sync"
+        mode = "async"
     import jax
 
     jax.config.update("jax_cpu_enable_async_dispatch", mode == "async")

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import pathways.runtime  # noqa: F401 - the dispatch probe imports it (a dependency for Pants)
 from pathways import cpu
 
 PROBE = """
@@ -88,13 +89,9 @@ def dispatch_probe(mode: str | None) -> dict:
     if mode is not None:
         env[cpu.DISPATCH_ENV] = mode
     out = subprocess.run(
-        [sys.executable, "-c", DISPATCH_PROBE],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=True,
+        [sys.executable, "-c", DISPATCH_PROBE], capture_output=True, text=True, env=env, timeout=120
     )
+    assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -196,9 +196,10 @@ class ModuleRuntime:
 
     def _serving_copy(self, native: bool):
         """The serving parameters with linear kernels packed for the native matmul (`native`)
-        or as XLA's dot takes them. A process keeps both only where the kernels were chosen
-        for one shape class and not the other (`kernels.chosen`: e.g. decode steps but not
-        prefill chunks on some CPUs), so each step computes with the faster one."""
+        or as XLA's dot takes them. A float32 module keeps both only where the kernels were
+        chosen for one shape class and not the other (`kernels.chosen`: e.g. decode steps but
+        not prefill chunks on some CPUs), so each step computes with the faster one; a bfloat16
+        module keeps one (`_native_for`)."""
         if native not in self._servings and not self._packs and (not native) in self._servings:
             self._servings[native] = self._servings[not native]  # alike: one copy serves both
         if native not in self._servings:
@@ -242,7 +243,15 @@ class ModuleRuntime:
         return self._serving_copy(self._native_for(prefill))
 
     def _native_for(self, prefill: bool) -> bool:
-        return self.native_ops and kernels.chosen("prefill" if prefill else "decode")
+        if not self.native_ops:
+            return False
+        decode = kernels.chosen("decode")
+        if self.weights == "bfloat16":
+            # bfloat16 is asked for to halve the weights' bytes; a packed copy beside an XLA one
+            # (kernels chosen for one shape class only) would hold as many as float32. One copy:
+            # prefill chunks compute with the decode steps' choice.
+            return decode
+        return kernels.chosen("prefill") if prefill else decode
 
     def step(self, x, positions, cache=None, slots=None, *, window: int | None = None, causal=True):
         """The module's step with the serving parameters: (output, cache). With a cache (kinds

@@ -411,7 +411,8 @@ def test_auto_uses_the_kernels_only_for_the_shapes_where_they_measured_faster(
     decode steps (an AVX2 build here: 1.9x faster decode, 1.8x slower prefill), with the
     measurement forced: where they are slower for every shape, serving weights are not packed;
     where only decode gains, a module keeps a packed copy for decode steps and an XLA copy for
-    prefill chunks; every way, a session computes what XLA's ops compute."""
+    prefill chunks (a bfloat16 one keeps the decode copy only); every way, a session computes
+    what XLA's ops compute."""
     times = {"decode": (1.0, 2.0) if decode else (2.0, 1.0)}
     times["prefill"] = (1.0, 2.0) if prefill else (2.0, 1.0)
     code = f"""
@@ -445,12 +446,23 @@ def test_auto_uses_the_kernels_only_for_the_shapes_where_they_measured_faster(
         for a, b in zip(logits[None], logits[False]):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
         print("same as xla")
+        ex = LocalExecutor(spec, weights="bfloat16")
+        for rt in ex.runtimes.values():
+            rt.compact()
+        s = ex.open_session("p", [SamplingParams()])
+        ex.decode(s, ex.prefill(s, [list(range(1, 11))]).tokens)
+        print("bfloat16 copies", sorted(ex.runtimes["attn"]._servings))
     """
     done = _python(code, tmp_path / "cache", PATHWAYS_KERNELS="auto")
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["chosen", *map(str, [decode or prefill, decode, prefill])]
     copies = [True] if decode and prefill else [False] if not decode else [False, True]
-    assert lines[1:] == [f"copies {copies}", "same as xla"], done.stdout
+    # bfloat16 weights keep one copy (two would hold as many bytes as float32): the decode one.
+    assert lines[1:] == [
+        f"copies {copies}",
+        "same as xla",
+        f"bfloat16 copies [{decode}]",
+    ], done.stdout
     [decision] = (tmp_path / "cache").rglob("decision.json")
     record = json.loads(decision.read_text())
     assert record["chosen"] == {"decode": decode, "prefill": prefill}

@@ -13,11 +13,11 @@ affinity mask to n CPUs, creates the client, then gives every thread of the proc
 back (threads started while narrowed inherited the narrow mask; a mask is per thread on Linux).
 
 `configure_dispatch()` (run when `pathways.runtime` is imported, and by `limit_threads`) sets
-JAX's CPU dispatch from `PATHWAYS_CPU_DISPATCH`: `async` (the default, JAX's own) runs each
+JAX's CPU dispatch from `PATHWAYS_CPU_DISPATCH`: `async` (JAX's own, the default) runs each
 computation on a thread of JAX's; `sync` runs it on the thread that calls it. A decode step's
 caller waits for its token before the next step, so async dispatch costs a cross-CPU wake-up per
-step and overlaps nothing there; but XLA then runs a program's independent ops one after another,
-which costs the larger steps. Measured on a 2-vCPU AMD EPYC (A/B, 5 runs per side, BENCHMARKS.md):
+step and overlaps nothing there; but run inline, a program's independent ops run one after
+another, which costs the larger steps. Measured on a 2-vCPU AMD EPYC (A/B, 5 runs per side, BENCHMARKS.md):
 sync made the tiny spec's decode 1.26x faster and its prefill 0.86x; GPT-2 small decode 0.99x,
 prefill 0.95x; through module servers 1.00-1.06x. So it is opt-in, for small models' decode.
 """
@@ -35,19 +35,23 @@ DISPATCH_MODES = ("sync", "async")
 
 
 def configure_dispatch() -> str:
-    """Sets JAX's CPU dispatch from PATHWAYS_CPU_DISPATCH (`async`, the default and JAX's: a
-    computation runs on a thread of JAX's; `sync`: on the thread that calls it); returns the
-    mode. It takes effect when JAX creates its CPU client: a process's first computation."""
-    mode = os.environ.get(DISPATCH_ENV, "async").strip().lower() or "async"
-    if mode not in DISPATCH_MODES:
-        log.warning(
-            "%s=%r is not one of %s: using async", DISPATCH_ENV, mode, ", ".join(DISPATCH_MODES)
-        )
-        mode = "async"
+    """Sets JAX's CPU dispatch where PATHWAYS_CPU_DISPATCH asks (`sync`: a computation runs on
+    the thread that calls it; `async`: on a thread of JAX's, JAX's default); unset, JAX's own
+    setting stays. Returns the mode in effect. It applies when JAX creates its CPU client: a
+    process's first computation."""
     import jax
 
-    jax.config.update("jax_cpu_enable_async_dispatch", mode == "async")
-    return mode
+    mode = os.environ.get(DISPATCH_ENV, "").strip().lower()
+    if mode and mode not in DISPATCH_MODES:
+        log.warning(
+            "%s=%r is not one of %s: JAX's setting stays",
+            DISPATCH_ENV,
+            mode,
+            ", ".join(DISPATCH_MODES),
+        )
+    elif mode:
+        jax.config.update("jax_cpu_enable_async_dispatch", mode == "async")
+    return "async" if jax.config.read("jax_cpu_enable_async_dispatch") else "sync"
 
 
 def backend_started() -> bool:

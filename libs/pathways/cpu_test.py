@@ -107,5 +107,5 @@ def test_steps_run_on_the_calling_thread_when_sync_is_asked_for():
 def test_an_unknown_dispatch_mode_warns_and_keeps_the_default(monkeypatch, caplog):
     monkeypatch.setenv(cpu.DISPATCH_ENV, "eager")
     with caplog.at_level("WARNING", logger="pathways.cpu"):
-        assert cpu.configure_dispatch() == "async"
+        assert cpu.configure_dispatch() == "async"  # JAX's default, left as it is
     assert "PATHWAYS_CPU_DISPATCH='eager' is not one of sync, async" in caplog.text

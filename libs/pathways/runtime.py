@@ -17,8 +17,8 @@ from pathways import weights as weights_lib
 from pathways.modules import registry
 from pathways.sampling import sample
 
-# On CPU, PATHWAYS_CPU_DISPATCH=sync runs a step on the thread that calls it (default: JAX's async
-# dispatch); the process's first computation creates JAX's CPU client with it (`cpu.configure_dispatch`).
+# On CPU, PATHWAYS_CPU_DISPATCH=sync runs a step on the thread that calls it (default: JAX's
+# async dispatch); the process's first computation creates JAX's CPU client with it.
 cpu.configure_dispatch()
 
 

@@ -133,7 +133,7 @@ class LocalExecutor:
         # A copy: the caller may reuse its array, and on CPU jax may alias a numpy argument
         # while the call runs asynchronously. (The per-token path: a tiny model's step is
         # ~0.3 ms, so a few us of Python here show.)
-        x = np.array(np.asarray(tokens, np.int32).reshape(b, 1))
+        x = np.array(tokens, np.int32).reshape(b, 1)
         top = int(session.lengths.max())  # every row's next position is below max_seq_len
         if top >= session.max_seq_len:
             session.check_room(np.ones(b, np.int32))  # raises, naming the limit

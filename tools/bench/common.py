@@ -66,7 +66,7 @@ def machine() -> dict:
         "kernels": kernels.mode(),  # PATHWAYS_KERNELS: auto (default), xla or native
         # The shape classes the native kernels compute here (auto: as measured).
         "kernels_chosen": {shape: kernels.chosen(shape) for shape in kernels.SHAPES},
-        # JAX's CPU dispatch (PATHWAYS_CPU_DISPATCH: sync by default, or async)
+        # JAX's CPU dispatch (PATHWAYS_CPU_DISPATCH=sync or async; unset: JAX's, async)
         "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
     }
 

@@ -93,23 +93,33 @@ def applied(kubeconfig, tmp_path_factory) -> list[dict]:
         yaml.safe_dump_all([d for d in docs if d["kind"] == "Namespace"] + _volumes())
     )
     _kubectl(kubeconfig, "apply", "-f", str(volumes))
-    _kubectl(
-        kubeconfig,
-        *("-n", NAMESPACE, "wait", "--for=jsonpath={.status.phase}=Bound", "--timeout=30s"),
-        f"pvc/{TRAINING_CLAIM}",
-        f"pvc/{GATEWAY_STATE_CLAIM}",
+    # The volume controller binds a pre-bound claim as soon as it has seen both objects; where it
+    # saw the claim first, only its periodic resync (15 s) binds it, and a loaded CI machine has
+    # been slower than 30 s.
+    claims = [f"pvc/{TRAINING_CLAIM}", f"pvc/{GATEWAY_STATE_CLAIM}"]
+    bound = subprocess.run(
+        ["kubectl", "--kubeconfig", kubeconfig, "-n", NAMESPACE, "wait"]
+        + ["--for=jsonpath={.status.phase}=Bound", "--timeout=120s", *claims],
+        capture_output=True,
+        text=True,
     )
+    if bound.returncode != 0:
+        pytest.fail(
+            f"claims not bound: {bound.stderr.strip()}\n"
+            + _kubectl(kubeconfig, "-n", NAMESPACE, "describe", *claims)
+            + _kubectl(kubeconfig, "get", "pv", "-o", "wide")
+        )
     manifest = base.parent / "applied.yaml"
     manifest.write_text(yaml.safe_dump_all([d for d in docs if d["kind"] != "Namespace"]))
     _kubectl(kubeconfig, "apply", "-f", str(manifest))
     _kubectl(
         kubeconfig,
-        *("-n", NAMESPACE, "wait", "--for=condition=Available", "--timeout=60s"),
+        *("-n", NAMESPACE, "wait", "--for=condition=Available", "--timeout=180s"),
         *("deployment", "--all"),
     )
     _kubectl(
         kubeconfig,
-        *("-n", NAMESPACE, "rollout", "status", "--timeout=60s"),
+        *("-n", NAMESPACE, "rollout", "status", "--timeout=180s"),
         f"statefulset/{names.BROKER}",
     )
     return docs

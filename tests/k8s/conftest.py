@@ -34,19 +34,6 @@ def kubeconfig(tmp_path_factory) -> str:
                 30,
                 "stand-in kubelet to register node-1",
             )
-            # up.sh returns once the API server is ready; the controller manager starts beside it
-            # and, on a loaded machine, takes a while to sync its informers and run its controllers
-            # (volume binding, ReplicaSets). Its service-account controller creating `default` in
-            # the default namespace says it is running.
-            wait_for(
-                lambda: subprocess.run(
-                    ["kubectl", "--kubeconfig", path, "get", "serviceaccount", "default"],
-                    capture_output=True,
-                ).returncode
-                == 0,
-                120,
-                "the controller manager to run (serviceaccount/default)",
-            )
             yield path
         finally:
             kubelet.terminate()

@@ -110,6 +110,20 @@ def control_plane(run_dir: Path) -> Iterator[tuple[str, dict[str, str]]]:
         )
         if up.returncode != 0:
             pytest.fail(f"k8s-local up.sh failed:\n{up.stdout}\n{up.stderr}")
-        yield str(run_dir / "kubeconfig"), env
+        kubeconfig = str(run_dir / "kubeconfig")
+        # up.sh returns once the API server is ready; the controller manager starts beside it and,
+        # on a loaded machine, takes a while to sync its informers and run its controllers (volume
+        # binding, ReplicaSets). Its service-account controller creating `default` in the default
+        # namespace says it runs.
+        wait_for(
+            lambda: subprocess.run(
+                ["kubectl", "--kubeconfig", kubeconfig, "get", "serviceaccount", "default"],
+                capture_output=True,
+            ).returncode
+            == 0,
+            120,
+            "the controller manager to run (serviceaccount/default in namespace default)",
+        )
+        yield kubeconfig, env
     finally:
         subprocess.run([str(path / "down.sh")], env=env, capture_output=True)

@@ -16,7 +16,6 @@ registered with XLA as FFI targets, so jitted programs call them like any other 
          while on some CPUs the kernels lose on prefill;
   xla    XLA's own ops; the kernels are never built;
   native the native kernels for every shape, or an error saying why they cannot be built.
-`PATHWAYS_KERNELS_MARCH=haswell` (any -march value) builds them for another ISA than this CPU's.
 `PATHWAYS_KERNELS_MARCH=haswell` (any -march value) builds them for another instruction set than
 this CPU's (to measure the AVX2 code on a CPU that also has AVX-512).
 `PATHWAYS_AMX=off` keeps bfloat16-weight prefill in float32 arithmetic even where AMX tiles

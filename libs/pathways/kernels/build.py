@@ -5,10 +5,11 @@ into one shared library, cached by a hash of the sources, compiler, JAX version 
 registered with XLA as FFI targets, so jitted programs call them like any other op.
 
 `PATHWAYS_KERNELS` picks the implementation:
-  auto   (default) measured: on a CPU, the kernels are built and matmuls of each shape class
-         are timed against XLA's on this machine, once (the decision is cached beside the built
-         library, and one process measures while others wait for it): a decode step's (1 and 8
-         rows against GPT-2-sized weights) and a prefill chunk's (128 rows). The kernels then
+  auto   (default) measured: on a CPU, the kernels are built and each shape class's work is
+         timed against XLA's on this machine, once (the decision is cached beside the built
+         library, and one process measures while others wait for it): GPT-2-sized transformer
+         blocks one after another, a decode step's (1 and 8 rows, with the KV cache's write and
+         attention) and a prefill chunk's (128 rows' matmuls). The kernels then
          compute the shapes where they were faster, XLA's ops the others; where neither shape
          gains (or no C++ compiler is found, or JAX computes on an accelerator) everything stays
          XLA's. Why measure: XLA's CPU dot costs twice as much for 8 rows as for one (the
@@ -39,6 +40,7 @@ from importlib import resources
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
@@ -195,11 +197,27 @@ def _load() -> bool:
 
 
 _lib_path: Path | None = None
-# Matmuls over more weights than the caches hold (decode streams every weight from memory once
-# per token): GPT-2-sized kernels, `layers` of them per timed pass, for each shape class's rows.
-_PROBE_K, _PROBE_N = 768, 3072
-_PROBES = {"decode": ((1, 8), 12), "prefill": ((128,), 4)}  # shape -> (rows, layers)
+# What each shape class's probe runs (`_measure`): `layers` GPT-2-small-sized transformer blocks'
+# matmuls one after another (each layer's input is the previous one's output, as in a model;
+# independent matmuls could overlap on XLA's threads, which a model's chain cannot), over more
+# weights than the caches hold (decode streams every weight from memory once per token). A
+# decode step also writes and attends its rows' KV cache (native: the kernels' attention op;
+# XLA: the scatter, window gather and attention the model's XLA path does), which the first
+# probe left out; a prefill chunk's attention is XLA's either way, so not probed.
+# `tools/bench/backend_choice.py` compares the probes' predictions with a model's times.
+_D, _HEADS, _FF = 768, 12, 3072
+_PROBE_WEIGHTS = {
+    **{name: (_D, _D) for name in ("q", "k", "v", "o")},  # one matmul each, as the modules do
+    "up": (_D, _FF),
+    "down": (_FF, _D),
+}
+_PROBES = {"decode": ((1, 8), 6), "prefill": ((128,), 4)}  # shape -> (rows, layers)
+_PROBE_WINDOW, _PROBE_CONTEXT = 256, 512  # cached positions attended to; the cache's length
+_PROBE_REPEAT = 7  # alternated passes per side; the medians decide (one probe run: ~3 s)
 _MARGIN = 1.1  # the kernels must be this much faster to be chosen
+# Bumped when the probe changes: a decision cached by another probe is measured again.
+# 1: independent 768x3072 matmuls (until 2026-12-07); 2: chained blocks with the cache step.
+_PROBE_VERSION = 2
 
 
 def decide(lib: Path | None, measure=None) -> dict[str, bool]:
@@ -217,7 +235,8 @@ def decide(lib: Path | None, measure=None) -> dict[str, bool]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             record = json.loads(cached.read_text())
-            return {shape: bool(record["chosen"][shape]) for shape in SHAPES}
+            if record.get("probe") == _PROBE_VERSION:
+                return {shape: bool(record["chosen"][shape]) for shape in SHAPES}
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none yet, or an older format: measure
         return _decide(_measure, cached)
@@ -237,43 +256,112 @@ def _decide(measure, cached: Path | None) -> dict[str, bool]:
             xla_s * 1e3,
         )
     if cached is not None:
-        record = {"chosen": decision, "seconds": times, "margin": _MARGIN}
+        record = {
+            "chosen": decision,
+            "seconds": times,
+            "margin": _MARGIN,
+            "probe": _PROBE_VERSION,
+        }
         cached.write_text(json.dumps(record))
     return decision
 
 
 def _measure() -> dict[str, tuple[float, float]]:
-    """Median seconds of one pass of each shape class's matmuls: {shape: (native, XLA)},
-    the two alternated."""
+    """Median seconds of one pass of each shape class's probe (`_PROBES`): {shape: (native,
+    XLA)}, the two alternated."""
     import statistics
     import time
 
     import numpy as np
 
+    from pathways.kernels.attention import attend_cached
     from pathways.kernels.matmul import matmul, pack
 
     rng = np.random.default_rng(0)
-    native = jax.jit(lambda x, ps: [matmul(x, p, _PROBE_N) for p in ps])
-    xla = jax.jit(lambda x, ws: [x @ w for w in ws])
+    sides = {
+        "native": (jax.jit(_probe_blocks(matmul, attend_cached), donate_argnames="cache"), pack),
+        "xla": (
+            jax.jit(_probe_blocks(lambda x, w, n: x @ w, _xla_attend), donate_argnames="cache"),
+            lambda w: w,
+        ),
+    }
     out = {}
-    for shape, (rows, layers) in _PROBES.items():
-        ws = [rng.standard_normal((_PROBE_K, _PROBE_N), np.float32) for _ in range(layers)]
-        xla_ws = [jax.device_put(w) for w in ws]
-        packed = [pack(w) for w in xla_ws]
-        xs = [jax.device_put(rng.standard_normal((m, _PROBE_K), np.float32)) for m in rows]
-        sides = (("native", native, packed), ("xla", xla, xla_ws))
-        for _, fn, args in sides:
+    for shape, (rows, n_layers) in _PROBES.items():
+        decode = shape == "decode"
+        weights = [
+            {
+                name: jax.device_put(rng.standard_normal(kn, np.float32) * 0.02)
+                for name, kn in _PROBE_WEIGHTS.items()
+            }
+            for _ in range(n_layers)
+        ]
+        params = {
+            side: [{k: prepare(w) for k, w in layer.items()} for layer in weights]
+            for side, (_, prepare) in sides.items()
+        }
+        xs = [
+            jax.device_put(rng.standard_normal((m, 1, _D) if decode else (1, m, _D), np.float32))
+            for m in rows
+        ]
+        cache_shape = (n_layers, 8, _PROBE_CONTEXT, _HEADS, _D // _HEADS)
+        caches = {side: [np.zeros(cache_shape, np.float32)] * 2 for side in sides}
+
+        def one_pass(side: str, params=params, xs=xs, caches=caches, decode=decode) -> None:
+            fn = sides[side][0]
             for x in xs:
-                jax.block_until_ready(fn(x, args))  # compiled here, not timed
-        times = {"native": [], "xla": []}
-        for _ in range(5):
-            for name, fn, args in sides:
+                if not decode:
+                    jax.block_until_ready(fn(x, params[side]))
+                    continue
+                m = x.shape[0]
+                positions = np.full((m, 1), _PROBE_WINDOW - 1, np.int32)
+                slots = np.arange(m, dtype=np.int32)
+                _, *cache = fn(x, params[side], caches[side], positions, slots)
+                caches[side] = jax.block_until_ready(cache)
+
+        for side in sides:
+            one_pass(side)  # compiled here, not timed
+        times = {side: [] for side in sides}
+        for _ in range(_PROBE_REPEAT):
+            for side in sides:
                 t0 = time.perf_counter()
-                for x in xs:
-                    jax.block_until_ready(fn(x, args))
-                times[name].append(time.perf_counter() - t0)
+                one_pass(side)
+                times[side].append(time.perf_counter() - t0)
         out[shape] = (statistics.median(times["native"]), statistics.median(times["xla"]))
     return out
+
+
+def _probe_blocks(mm, attend, window: int = _PROBE_WINDOW):
+    """A chain of transformer blocks' work with matmul `mm(x, w, n)` and a decode step's cache
+    attention `attend` over `window` positions (see `_PROBES`): (x, layers) -> x for a prefill
+    chunk, (x, layers, cache, positions, slots) -> (x, *cache) for a decode step."""
+
+    def run(x, layers, cache=None, positions=None, slots=None):
+        for i, w in enumerate(layers):
+            q, k, v = (mm(x, w[name], _D) for name in "qkv")
+            if cache is None:  # prefill: attention is XLA's on both sides, not probed
+                a = q + k + v
+            else:
+                b, t = x.shape[:2]
+                q, k, v = (y.reshape(b, t, _HEADS, -1) for y in (q, k, v))
+                a, *cache = attend(q, k, v, positions, slots, *cache, layer=i, window=window)
+            x = x + mm(a, w["o"], _D)
+            x = x + mm(jax.nn.gelu(mm(x, w["up"], _FF)), w["down"], _D)
+        return x if cache is None else (x, *cache)
+
+    return run
+
+
+def _xla_attend(q, k, v, positions, slots, ck, cv, *, layer: int, window: int):
+    """A decode step's attention as the model's XLA path computes it: the cache write, the
+    window's gather, a masked softmax over it."""
+    ck = ck.at[layer, slots[:, None], positions].set(k, mode="drop")
+    cv = cv.at[layer, slots[:, None], positions].set(v, mode="drop")
+    k_ctx, v_ctx = ck[layer, slots, :window], cv[layer, slots, :window]  # (B, W, N, H)
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k_ctx) / jnp.sqrt(jnp.float32(q.shape[-1]))
+    mask = jnp.arange(window)[None, None, None, :] <= positions[:, None, :, None]
+    probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", probs, v_ctx)
+    return out.reshape(*q.shape[:2], -1), ck, cv
 
 
 def _load_library() -> bool:

@@ -487,6 +487,52 @@ def test_decide_applies_its_margin():
     assert decide(None, measure(1.0, 1.2)) == {"decode": True, "prefill": False}
 
 
+def test_a_decision_of_another_probe_is_measured_again(tmp_path, monkeypatch):
+    """A decision cached by an earlier version of the probe (a record without this version)
+    is measured again and rewritten; the rewritten one is read, not measured."""
+    build = kernels.build
+    lib = tmp_path / "libpathways_kernels.so"  # decide keeps decision.json beside it
+    old = {"chosen": {"decode": False, "prefill": False}, "seconds": {}, "margin": 1.1}
+    (tmp_path / "decision.json").write_text(json.dumps(old))
+    monkeypatch.setattr(build, "_measure", lambda: {"decode": (1.0, 2.0), "prefill": (1.0, 2.0)})
+    assert build.decide(lib) == {"decode": True, "prefill": True}
+    record = json.loads((tmp_path / "decision.json").read_text())
+    assert record["probe"] == build._PROBE_VERSION and record["chosen"]["prefill"]
+    monkeypatch.setattr(build, "_measure", None)  # calling it would fail
+    assert build.decide(lib) == {"decode": True, "prefill": True}
+
+
+@pytest.mark.usefixtures("native")
+def test_the_probe_computes_the_same_blocks_both_ways():
+    """The decision's probe compares like with like: its native and XLA sides (matmuls, and a
+    decode step's cache write and attention) compute the same outputs and caches."""
+    build = kernels.build
+    rng = np.random.default_rng(0)
+    layers = [
+        {k: jnp.asarray(rng.standard_normal(kn, np.float32) * 0.02) for k, kn in w.items()}
+        for w in [build._PROBE_WEIGHTS] * 2
+    ]
+    packed = [{k: kernels.pack(w) for k, w in layer.items()} for layer in layers]
+    window = 8  # within the small cache
+    native = jax.jit(build._probe_blocks(kernels.matmul, kernels.attend_cached, window))
+    xla = jax.jit(build._probe_blocks(lambda x, w, n: x @ w, build._xla_attend, window))
+    x = jnp.asarray(rng.standard_normal((3, 1, build._D), np.float32))
+    cache_shape = (2, 4, 16, build._HEADS, build._D // build._HEADS)
+    cache = [jnp.asarray(rng.standard_normal(cache_shape, np.float32)) for _ in range(2)]
+    positions, slots = jnp.asarray([[5], [0], [7]], jnp.int32), jnp.asarray([2, 0, 3], jnp.int32)
+    got = native(x, packed, [jnp.copy(c) for c in cache], positions, slots)
+    want = xla(x, layers, [jnp.copy(c) for c in cache], positions, slots)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    prefill = jnp.asarray(rng.standard_normal((1, 5, build._D), np.float32))
+    np.testing.assert_allclose(
+        np.asarray(native(prefill, packed)), np.asarray(xla(prefill, layers)), rtol=1e-4, atol=1e-5
+    )
+    times = build._measure()  # and the probe itself runs: positive times, both sides
+    assert sorted(times) == sorted(build.SHAPES)
+    assert all(t > 0 for pair in times.values() for t in pair), times
+
+
 def test_unknown_shape_class_is_an_error():
     with pytest.raises(ValueError, match="'training'"):
         kernels.chosen("training")

@@ -240,6 +240,40 @@ def test_attend_cached_matches_xla_reference(t, h, jit):
 
 
 @pytest.mark.usefixtures("native")
+def test_attend_cached_split_over_a_two_thread_pool():
+    """With two threads in XLA's pool the (row, kv head) pairs are split between them, chunks
+    starting and ending inside a row's heads: the same outputs and cache as XLA's ops."""
+    code = """
+        from pathways import cpu
+        assert cpu.limit_threads(2) == 2  # before JAX's first computation
+        import jax.numpy as jnp
+        import numpy as np
+        from pathways import kernels
+        from pathways.modules.layers import attend
+        assert kernels.available()
+        rng = np.random.default_rng(0)
+        b, t, n, kv, h, window = 3, 2, 6, 3, 20, 12  # 18 (row, kv head) pairs in 8 chunks
+        q = rng.standard_normal((b, t, n, h), dtype=np.float32)
+        k, v = (rng.standard_normal((b, t, kv, h), dtype=np.float32) for _ in range(2))
+        ck, cv = (rng.standard_normal((2, 4, 16, kv, h), dtype=np.float32) for _ in range(2))
+        positions = np.array([[3, 4], [9, 16], [11, 12]], np.int32)  # 16: padding; 12: unseen
+        slots = np.array([2, 0, 3], np.int32)
+        out, k_out, v_out = kernels.attend_cached(
+            q, k, v, positions, slots, jnp.array(ck), jnp.array(cv), layer=1, window=window
+        )
+        k_ref = jnp.asarray(ck).at[1, slots[:, None], positions].set(k, mode="drop")
+        v_ref = jnp.asarray(cv).at[1, slots[:, None], positions].set(v, mode="drop")
+        mask = np.arange(window)[None, None, :] <= positions[:, :, None]
+        ref = attend(q, k_ref[1, slots, :window], v_ref[1, slots, :window], mask)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(k_out, k_ref)
+        np.testing.assert_array_equal(v_out, v_ref)
+        print("ok")
+    """
+    assert _python(code, PATHWAYS_KERNELS="native").stdout.strip() == "ok"
+
+
+@pytest.mark.usefixtures("native")
 @pytest.mark.parametrize(
     "slot, position, window, message",
     [

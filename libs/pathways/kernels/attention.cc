@@ -7,7 +7,7 @@
 //   2. each query q[b, t] (N heads; head n reads kv head n / (N / K)) attends to the keys at
 //      positions s < window with s <= positions[b, t] of its slot: softmax(q.k / sqrt(H)) . v.
 // Both caches are aliased to the outputs: nothing is copied. The (row, kv head) pairs are split
-// over XLA's intra-op pool where it has more than one thread.
+// over XLA's intra-op pool where it has more than one thread and the step reads enough keys.
 //
 // XLA computes the same with a scatter, a gather of each row's window and two batched dots; on
 // a decode step that gather and the layout changes around the dots cost ~0.6 ms per GPT-2 layer
@@ -27,6 +27,9 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// Keys a step reads, at least, before its work is split over the pool (see AttendCached).
+constexpr int64_t kSplitFloats = 64 * 1024;
 
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
@@ -181,7 +184,13 @@ ffi::Error AttendCached(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   // Split the items over XLA's intra-op pool as the matmul splits its panels (see matmul.cc):
   // every participant takes chunks from a shared counter; this thread waits only for chunks
   // someone took, so a task that starts late finds nothing left and waiting cannot deadlock.
-  const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
+  // Little work (a small model, or few positions) stays on this thread: waking the pool's costs
+  // more than it saves there.
+  int64_t key_floats = 0;
+  for (int64_t bt = 0; bt < b_dim * t_dim; ++bt) {
+    key_floats += (std::min<int64_t>(pos[bt], window - 1) + 1) * row;
+  }
+  const int64_t threads = key_floats < kSplitFloats ? 1 : std::max<int64_t>(pool.num_threads(), 1);
   const int64_t chunks = std::min<int64_t>(threads * 4, n_items);
   if (threads <= 1 || chunks <= 1) {
     items(0, n_items);

@@ -241,8 +241,9 @@ def test_attend_cached_matches_xla_reference(t, h, jit):
 
 @pytest.mark.usefixtures("native")
 def test_attend_cached_split_over_a_two_thread_pool():
-    """With two threads in XLA's pool the (row, kv head) pairs are split between them, chunks
-    starting and ending inside a row's heads: the same outputs and cache as XLA's ops."""
+    """With two threads in XLA's pool a step with enough keys to read has its (row, kv head)
+    pairs split between them, chunks starting and ending inside a row's heads: the same
+    outputs and cache as XLA's ops."""
     code = """
         from pathways import cpu
         assert cpu.limit_threads(2) == 2  # before JAX's first computation
@@ -252,11 +253,13 @@ def test_attend_cached_split_over_a_two_thread_pool():
         from pathways.modules.layers import attend
         assert kernels.available()
         rng = np.random.default_rng(0)
-        b, t, n, kv, h, window = 3, 2, 6, 3, 20, 12  # 18 (row, kv head) pairs in 8 chunks
+        # 24 (row, kv head) pairs in 8 chunks, ending inside rows of 4 kv heads; ~1,200
+        # positions of keys (a step reading fewer than 64K floats stays on one thread)
+        b, t, n, kv, h, t_max, window = 3, 2, 8, 4, 64, 300, 260
         q = rng.standard_normal((b, t, n, h), dtype=np.float32)
         k, v = (rng.standard_normal((b, t, kv, h), dtype=np.float32) for _ in range(2))
-        ck, cv = (rng.standard_normal((2, 4, 16, kv, h), dtype=np.float32) for _ in range(2))
-        positions = np.array([[3, 4], [9, 16], [11, 12]], np.int32)  # 16: padding; 12: unseen
+        ck, cv = (rng.standard_normal((2, 4, t_max, kv, h), dtype=np.float32) for _ in range(2))
+        positions = np.array([[100, 101], [250, t_max], [259, 260]], np.int32)  # padding; unseen
         slots = np.array([2, 0, 3], np.int32)
         out, k_out, v_out = kernels.attend_cached(
             q, k, v, positions, slots, jnp.array(ck), jnp.array(cv), layer=1, window=window

@@ -32,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # bench -> (its JSON output flag, [(regex over a figure's path, higher is better)]).
 BENCHES = {
-    "local_decode": ("--out", [(r"executor_(prefill|decode)_ms$", False)]),
+    "local_decode": (
+        "--out",
+        [(r"executor_(prefill|decode)_ms$", False), (r"executor_decode_vs_baseline$", True)],
+    ),
     "remote_decode": (
         "--json",
         [(r"wire/[^/]+/(remote_tok_s|concurrent_tok_s/\d+)$", True)],

@@ -224,11 +224,12 @@ def decide(lib: Path | None, measure=None) -> dict[str, bool]:
     """For each shape class, whether the native kernels are faster than XLA here
     (PATHWAYS_KERNELS=auto): {shape: bool}.
 
-    Measured once per built library (sources, compiler, CPU flags) and cached beside it as
-    decision.json; one process measures, others started meanwhile wait and read its decision.
-    `measure() -> {shape: (native_s, xla_s)}` can be given (tests force a decision).
+    Measured once per built library (sources, compiler, CPU flags) and set of XLA flags, and
+    cached beside the library (`_decision_path`); one process measures, others started meanwhile
+    wait and read its decision. `measure() -> {shape: (native_s, xla_s)}` can be given (tests
+    force a decision).
     """
-    cached = lib.parent / "decision.json" if lib is not None else None
+    cached = _decision_path(lib) if lib is not None else None
     if measure is not None or cached is None:
         return _decide(measure or _measure, None)
     with open(lib.parent / ".decide.lock", "w") as lock:
@@ -240,6 +241,15 @@ def decide(lib: Path | None, measure=None) -> dict[str, bool]:
         except (OSError, ValueError, KeyError, TypeError):
             pass  # none yet, or an older format: measure
         return _decide(_measure, cached)
+
+
+def _decision_path(lib: Path) -> Path:
+    """decision.json beside the library, or, where XLA_FLAGS is set (they change what XLA's side
+    of the probe runs: e.g. --xla_cpu_max_isa), decision-<hash of the flags>.json."""
+    flags = os.environ.get("XLA_FLAGS", "").strip()
+    if not flags:
+        return lib.parent / "decision.json"
+    return lib.parent / f"decision-{hashlib.sha256(flags.encode()).hexdigest()[:12]}.json"
 
 
 def _decide(measure, cached: Path | None) -> dict[str, bool]:
@@ -261,6 +271,7 @@ def _decide(measure, cached: Path | None) -> dict[str, bool]:
             "seconds": times,
             "margin": _MARGIN,
             "probe": _PROBE_VERSION,
+            "xla_flags": os.environ.get("XLA_FLAGS", "").strip(),
         }
         cached.write_text(json.dumps(record))
     return decision

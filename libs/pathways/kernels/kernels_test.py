@@ -500,7 +500,7 @@ def test_auto_uses_the_kernels_only_for_the_shapes_where_they_measured_faster(
         "same as xla",
         f"bfloat16 copies [{decode}]",
     ], done.stdout
-    [decision] = (tmp_path / "cache").rglob("decision.json")
+    [decision] = (tmp_path / "cache").rglob("decision*.json")
     record = json.loads(decision.read_text())
     assert record["chosen"] == {"decode": decode, "prefill": prefill}
     assert record["seconds"]["prefill"] == list(times["prefill"])
@@ -528,6 +528,7 @@ def test_a_decision_of_another_probe_is_measured_again(tmp_path, monkeypatch):
     """A decision cached by an earlier version of the probe (a record without this version)
     is measured again and rewritten; the rewritten one is read, not measured."""
     build = kernels.build
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     lib = tmp_path / "libpathways_kernels.so"  # decide keeps decision.json beside it
     old = {"chosen": {"decode": False, "prefill": False}, "seconds": {}, "margin": 1.1}
     (tmp_path / "decision.json").write_text(json.dumps(old))
@@ -537,6 +538,25 @@ def test_a_decision_of_another_probe_is_measured_again(tmp_path, monkeypatch):
     assert record["probe"] == build._PROBE_VERSION and record["chosen"]["prefill"]
     monkeypatch.setattr(build, "_measure", None)  # calling it would fail
     assert build.decide(lib) == {"decode": True, "prefill": True}
+
+
+def test_each_set_of_xla_flags_gets_its_own_decision(tmp_path, monkeypatch):
+    """XLA's flags change what XLA's side of the probe runs (e.g. --xla_cpu_max_isa=AVX2): a
+    process started with other flags measures for itself and leaves the other decision alone."""
+    build = kernels.build
+    lib = tmp_path / "libpathways_kernels.so"
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(build, "_measure", lambda: {"decode": (1.0, 2.0), "prefill": (2.0, 1.0)})
+    assert build.decide(lib) == {"decode": True, "prefill": False}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    monkeypatch.setattr(build, "_measure", lambda: {"decode": (2.0, 1.0), "prefill": (2.0, 1.0)})
+    assert build.decide(lib) == {"decode": False, "prefill": False}
+    [flagged] = tmp_path.glob("decision-*.json")
+    assert json.loads(flagged.read_text())["xla_flags"] == "--xla_cpu_max_isa=AVX2"
+    monkeypatch.setattr(build, "_measure", None)  # both are cached now
+    assert build.decide(lib) == {"decode": False, "prefill": False}
+    monkeypatch.delenv("XLA_FLAGS")
+    assert build.decide(lib) == {"decode": True, "prefill": False}
 
 
 @pytest.mark.usefixtures("native")

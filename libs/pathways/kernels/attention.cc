@@ -184,7 +184,7 @@ ffi::Error AttendCached(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
   // Split the items over XLA's intra-op pool as the matmul splits its panels (see matmul.cc):
   // every participant takes chunks from a shared counter; this thread waits only for chunks
   // someone took, so a task that starts late finds nothing left and waiting cannot deadlock.
-  // Little work (a small model, or few positions) stays on this thread: waking the pool's costs
+  // Little work (a small model, or few positions) stays on this thread: waking the pool costs
   // more than it saves there.
   int64_t key_floats = 0;
   for (int64_t bt = 0; bt < b_dim * t_dim; ++bt) {

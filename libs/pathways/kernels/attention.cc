@@ -14,14 +14,12 @@
 // (a third of the layer), for ~0.2 MFLOP of work.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -181,34 +179,15 @@ ffi::Error AttendCached(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buff
     }
   };
   const int64_t n_items = b_dim * t_dim * kv_heads;
-  // Split the items over XLA's intra-op pool as the matmul splits its panels (see matmul.cc):
-  // every participant takes chunks from a shared counter; this thread waits only for chunks
-  // someone took, so a task that starts late finds nothing left and waiting cannot deadlock.
-  // Little work (a small model, or few positions) stays on this thread: waking the pool costs
-  // more than it saves there.
+  // Split the items over XLA's intra-op pool as the matmul splits its panels (pool.h). Little
+  // work (a small model, or few positions) stays on this thread: waking the pool costs more
+  // than it saves there.
   int64_t key_floats = 0;
   for (int64_t bt = 0; bt < b_dim * t_dim; ++bt) {
     key_floats += (std::min<int64_t>(pos[bt], window - 1) + 1) * row;
   }
   const int64_t threads = key_floats < kSplitFloats ? 1 : std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t chunks = std::min<int64_t>(threads * 4, n_items);
-  if (threads <= 1 || chunks <= 1) {
-    items(0, n_items);
-    return ffi::Error::Success();
-  }
-  struct Work {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto work = std::make_shared<Work>();
-  auto run = [work, chunks, n_items, items] {
-    for (int64_t c; (c = work->next.fetch_add(1)) < chunks;) {
-      items(n_items * c / chunks, n_items * (c + 1) / chunks);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run] { run(); });
-  run();
-  while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  pathways::SplitOverPool(pool, threads, n_items, std::min<int64_t>(threads * 4, n_items), items);
   return ffi::Error::Success();
 }
 

@@ -1,4 +1,4 @@
-"""Building and registering the native CPU kernels (`*.cc` beside this file).
+"""Building and registering the native CPU kernels (`*.cc` and `pool.h` beside this file).
 
 The sources are compiled on first use with the machine's C++ compiler (`-O3 -march=native`)
 into one shared library, cached by a hash of the sources, compiler, JAX version and CPU, and
@@ -110,7 +110,7 @@ def _sources() -> dict[str, bytes]:
     return {
         f.name: f.read_bytes()
         for f in sorted(package.iterdir(), key=lambda f: f.name)
-        if f.name.endswith(".cc")
+        if f.name.endswith((".cc", ".h"))
     }
 
 
@@ -142,10 +142,11 @@ def _build() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if lib.exists():
             return lib
-        paths = []
+        paths = []  # the .cc files compile; headers (pool.h) are copied beside them
         for name, text in sources.items():
             (out_dir / name).write_bytes(text)
-            paths.append(str(out_dir / name))
+            if name.endswith(".cc"):
+                paths.append(str(out_dir / name))
         tmp = out_dir / f".build-{os.getpid()}.so"
         cmd = [cxx, *_flags(), "-I", jax.ffi.include_dir(), *paths, "-o", str(tmp)]
         done = subprocess.run(cmd, capture_output=True, text=True)

@@ -16,11 +16,8 @@
 // accumulate in float32 (as any bfloat16 GEMM does). Elsewhere it takes the float32 path above.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -39,6 +36,7 @@
 #include <unistd.h>
 #endif
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 
@@ -329,30 +327,10 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<T> 
     Panels(p0, p1, xp, m_dim, k_dim, wp, yp, n_dim);
   };
 
-  // Split the panels over XLA's intra-op pool when it has more than one thread. Every
-  // participant (this thread and the scheduled tasks) takes chunks of panels from a shared
-  // counter, and this thread waits only for chunks someone has taken: a task that starts late
-  // (its pool threads busy, e.g. with another such call) finds nothing left and returns, so
-  // waiting can never deadlock. The state lives on the heap for such late tasks.
+  // Split the panels over XLA's intra-op pool when it has more than one thread (pool.h).
   const int64_t threads = std::max<int64_t>(pool.num_threads(), 1);
-  const int64_t chunks = std::min<int64_t>(threads * 4, panels);
-  if (threads <= 1 || chunks <= 1) {
-    panels_of(0, panels);
-    return ffi::Error::Success();
-  }
-  struct Work {
-    std::atomic<int64_t> next{0}, done{0};
-  };
-  auto work = std::make_shared<Work>();
-  auto run = [work, chunks, panels, panels_of] {
-    for (int64_t c; (c = work->next.fetch_add(1)) < chunks;) {
-      panels_of(panels * c / chunks, panels * (c + 1) / chunks);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  for (int64_t t = 1; t < threads; ++t) pool.Schedule([run] { run(); });
-  run();
-  while (work->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
+  pathways::SplitOverPool(pool, threads, panels, std::min<int64_t>(threads * 4, panels),
+                          panels_of);
   return ffi::Error::Success();
 }
 

@@ -106,8 +106,6 @@ def main(argv=None) -> int:
         "attend_cached",
         rows,
         argv=sys.argv[1:],
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        kernels_march=os.environ.get("PATHWAYS_KERNELS_MARCH", "native"),
     )
     print(f"wrote {os.path.relpath(out, ROOT) if out.is_absolute() else out}")
     return 0

@@ -158,8 +158,6 @@ def main(argv=None) -> int:
         "backend_choice",
         rows,
         argv=sys.argv[1:],
-        xla_flags=os.environ.get("XLA_FLAGS", ""),
-        kernels_march=os.environ.get("PATHWAYS_KERNELS_MARCH", "native"),
         margin=build._MARGIN,
         probes={v: {k: list(t) for k, t in p.items()} for v, p in probes.items()},
     )

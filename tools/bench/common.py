@@ -68,6 +68,10 @@ def machine() -> dict:
         "kernels_chosen": {shape: kernels.chosen(shape) for shape in kernels.SHAPES},
         # JAX's CPU dispatch (PATHWAYS_CPU_DISPATCH=sync or async; unset: JAX's, async)
         "cpu_async_dispatch": bool(jax.config.read("jax_cpu_enable_async_dispatch")),
+        # What else changes the code that runs: XLA's flags (e.g. --xla_cpu_max_isa=AVX2) and
+        # the instruction set the kernels are built for (PATHWAYS_KERNELS_MARCH).
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "kernels_march": os.environ.get("PATHWAYS_KERNELS_MARCH", "native"),
     }
 
 

@@ -45,9 +45,21 @@ BENCHES = {
     # The model's times with the kernels for every shape, and with XLA's ops (a control).
     "backend_choice": ("--json", [(r"model_(native|xla)_ms$", False)]),
     "attend_cached": ("--json", [(r"/(native|xla)_ms$", False)]),
+    "decode_rows": ("--json", [(r"/(native|xla)_ms$", False)]),
 }
 # Fields that name a row (its figures are keyed by them, not by the row's position).
-ROW_KEYS = ("spec", "pathway", "impl", "engine", "micro_batches", "shape", "sessions", "window")
+ROW_KEYS = (
+    "spec",
+    "pathway",
+    "impl",
+    "engine",
+    "micro_batches",
+    "shape",
+    "sessions",
+    "window",
+    "weights",
+    "rows",
+)
 
 
 def figures(record: dict, patterns) -> dict[str, tuple[float, bool]]:

@@ -280,7 +280,18 @@ def _decide(measure, cached: Path | None) -> dict[str, bool]:
 
 def _measure() -> dict[str, tuple[float, float]]:
     """Median seconds of one pass of each shape class's probe (`_PROBES`): {shape: (native,
-    XLA)}, the two alternated."""
+    XLA)}, the two alternated.
+
+    Runs eagerly even when the first use of the kernels is inside a trace (`kernels.matmul`
+    called in a jitted function): there, calling the probe's programs would only stage them
+    into the caller's program, and the probe would time the staging (~1 ms for both sides) and
+    cache that as the machine's decision.
+    """
+    with jax.ensure_compile_time_eval():
+        return _measure_eagerly()
+
+
+def _measure_eagerly() -> dict[str, tuple[float, float]]:
     import statistics
     import time
 

@@ -58,7 +58,9 @@ def _packed_reference(w, weights):
 
 @pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("weights", kernels.WEIGHTS)
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 20])  # > 8: several row groups (bf16: widened panels)
+# 3: AVX2's float32 weights as memory operands; > 8: several row groups; 50: more than 6 groups,
+# bfloat16 panels widened once (matmul.cc's kWidenGroups)
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 20, 50])
 @pytest.mark.parametrize("k, n", [(7, 1), (72, 33), (7, 100)])
 def test_matmul_matches_float64_reference(weights, m, k, n):
     x = _normal(0, (m, k))
@@ -434,6 +436,41 @@ def test_matmul_split_over_a_two_thread_pool():
     assert _python(code, PATHWAYS_KERNELS="native").stdout.strip() == "ok"
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return next(
+        (set(ln.split(":", 1)[1].split()) for ln in text.splitlines() if ln.startswith("flags")),
+        set(),
+    )
+
+
+@pytest.mark.slow  # compiles the kernels for AVX2 in a fresh cache and reruns their tests: ~15 s
+@pytest.mark.usefixtures("native")
+@pytest.mark.skipif(
+    not {"avx2", "fma"} <= _cpu_flags(), reason="the AVX2 build runs only on a CPU with AVX2/FMA"
+)
+def test_the_avx2_build_computes_what_the_reference_does(tmp_path):
+    """The kernels compiled for AVX2 (`PATHWAYS_KERNELS_MARCH=haswell`: 8 lanes, 16 registers,
+    other row groups and passes than AVX-512's) pass the matmul and attention tests: the code
+    AVX2-only machines run, checked on machines with AVX-512 too."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "JAX_PLATFORMS": "cpu"}
+    env.update(
+        PATHWAYS_KERNELS="native",
+        PATHWAYS_KERNELS_MARCH="haswell",
+        PATHWAYS_CACHE_DIR=str(tmp_path),
+    )
+    tests = "matmul_matches or matmul_leading or attend_cached_matches or split_over"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and " skipped" not in done.stdout, done.stdout[-2000:]
+    built = list(tmp_path.glob("kernels/*/libpathways_kernels.so"))
+    assert len(built) == 1, "the AVX2 tests ran on a library built elsewhere"
+
+
 @pytest.mark.slow  # compiles the kernels in a fresh cache: ~8 s
 @pytest.mark.usefixtures("native")
 @pytest.mark.parametrize(
@@ -588,6 +625,34 @@ def test_the_probe_computes_the_same_blocks_both_ways():
     times = build._measure()  # and the probe itself runs: positive times, both sides
     assert sorted(times) == sorted(build.SHAPES)
     assert all(t > 0 for pair in times.values() for t in pair), times
+
+
+@pytest.mark.usefixtures("native")
+def test_the_probe_runs_its_programs_when_first_asked_inside_a_trace(monkeypatch):
+    """`kernels.matmul` first called in a jitted function decides there: the probe must still
+    run its programs, not stage them into the caller's (it timed the staging, ~1 ms both sides,
+    and cached that as the machine's decision)."""
+    build = kernels.build
+    monkeypatch.setattr(build, "_PROBES", {"decode": ((1,), 1), "prefill": ((4,), 1)})
+    monkeypatch.setattr(build, "_PROBE_REPEAT", 1)
+    waited = []
+    real = jax.block_until_ready
+
+    def spy(x):
+        waited.extend(type(leaf) for leaf in jax.tree.leaves(x))
+        return real(x)
+
+    monkeypatch.setattr(jax, "block_until_ready", spy)
+    seen = {}
+
+    @jax.jit
+    def first_use(x):
+        seen["times"] = build._measure()
+        return x + 1
+
+    assert float(first_use(1.0)) == 2.0
+    assert sorted(seen["times"]) == sorted(build.SHAPES)
+    assert waited and not any(issubclass(t, jax.core.Tracer) for t in waited), set(waited)
 
 
 def test_unknown_shape_class_is_an_error():

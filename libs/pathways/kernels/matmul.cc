@@ -53,10 +53,12 @@ constexpr int64_t kAheadBytes = 4096;
 // Vectors of the machine's width, and as many rows per pass over a panel as its registers hold:
 // R rows x V vectors of accumulators, V weight vectors and a broadcast x. With AVX-512 (32
 // registers of 16 lanes) a pass covers the panel's 32 columns for 8 rows. With AVX2 (16 of 8
-// lanes) one or two rows take the whole panel (4 vectors) in a pass, more rows take it in two
-// halves of 2 vectors for up to 6 rows each. The first version used 16-lane vectors everywhere:
+// lanes) one or two rows (three with float32 weights, see Panel) take the whole panel (4
+// vectors) in a pass, more rows take it in two halves of 2 vectors for up to 6 rows each: as
+// groups of 3 rows x 4 vectors, with the weights as memory operands loaded 3 times each, 6 rows
+// ran 1.25x slower and prefill 30 % slower. The first version used 16-lane vectors everywhere:
 // on AVX2 they spilled to the stack and a GPT-2 decode step ran 4x (1 row) to 11x (8 rows)
-// slower than now; 3 rows x 4 vectors left the weights as memory operands, loaded 3 times each.
+// slower than now.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16, kRegs = 32, kRowGroup = 8;
 #elif defined(__AVX__)
@@ -114,11 +116,17 @@ void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64
 }
 
 // R rows times one packed panel -> columns n0.. of R rows of y, in as few passes as the
-// registers allow (see kRegs).
+// registers allow (see kRegs). Float32 weights need no register of their own where the FMA
+// reads them from memory (x86; they are in L1 after the first row): AVX2's 3 rows take the
+// panel in one pass of 12 accumulator chains instead of two passes of 6, which wait on the FMA's
+// latency (a 3-row step's matmuls 1.3-1.4x faster, measured with an AVX2 build on a Zen 5).
+// Bfloat16 weights are widened in registers first, so they keep the register rule.
 template <int R, typename W>
 void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0) {
-  constexpr int V = (R + 1) * kVecs + 1 <= kRegs ? kVecs : 2;
-  static_assert(R * V + V + 1 <= kRegs, "accumulators and weights fit the registers");
+  constexpr bool weights_in_regs = (R + 1) * kVecs + 1 <= kRegs;
+  constexpr bool weights_from_memory = std::is_same_v<W, float> && R * kVecs + 1 <= kRegs;
+  constexpr int V = weights_in_regs || weights_from_memory ? kVecs : 2;
+  static_assert(V == kVecs || R * V + V + 1 <= kRegs, "accumulators and weights fit the registers");
   for (int c0 = 0; c0 < kPanel; c0 += V * kLanes) Pass<R, V>(x, k_dim, panel, c0, y, n_dim, n0);
 }
 
@@ -138,17 +146,25 @@ void Rows(int rows, const float* x, int64_t k_dim, const W* panel, float* y, int
   }
 }
 
-// Panels [p0, p1): each panel once, all row groups against it while it is in cache. With more
-// row groups than one, a bfloat16 panel is widened once into a float32 copy (K * 32 floats, in
-// L2) instead of once per group: prefill of 128 tokens ran 25 % slower than float32 without.
+// Panels [p0, p1): each panel once, all row groups against it while it is in cache. With many
+// row groups a bfloat16 panel is widened once into a float32 copy (K * 32 floats, in L2) instead
+// of once per group: prefill of 128 tokens ran 25 % slower than float32 without. With few the
+// copy costs more than it saves (it writes twice the bytes the panel has): measured on GPT-2
+// small's matmuls (`tools/bench/decode_rows.py`), widening at 2 to 4 groups made 8 to 32 rows
+// 1.3-1.6x slower (AVX2's 8-row decode step slower than XLA's dot); it pays from ~8 groups.
+// The copy is each thread's own and kept between calls.
+constexpr int kWidenGroups = 6;  // widen where a call has more row groups than this
+
 template <typename W>
 void Panels(int64_t p0, int64_t p1, const float* x, int64_t m_dim, int64_t k_dim, const W* w,
             float* y, int64_t n_dim) {
-  std::vector<float> wide;
-  if (!std::is_same_v<W, float> && m_dim > kRowGroup) wide.resize(k_dim * kPanel);
+  const bool widen =
+      !std::is_same_v<W, float> && (m_dim + kRowGroup - 1) / kRowGroup > kWidenGroups;
+  thread_local std::vector<float> wide;
+  if (widen && wide.size() < static_cast<size_t>(k_dim * kPanel)) wide.resize(k_dim * kPanel);
   for (int64_t p = p0; p < p1; ++p) {
     const W* panel = w + p * k_dim * kPanel;
-    if (!wide.empty()) {
+    if (widen) {
       for (int64_t i = 0; i < k_dim * kPanel; i += kLanes) {
         const vf v = Load(panel + i);
         std::memcpy(wide.data() + i, &v, sizeof v);
@@ -156,10 +172,10 @@ void Panels(int64_t p0, int64_t p1, const float* x, int64_t m_dim, int64_t k_dim
     }
     for (int64_t m = 0; m < m_dim; m += kRowGroup) {
       const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, m_dim - m));
-      if (wide.empty()) {
-        Rows(rows, x + m * k_dim, k_dim, panel, y + m * n_dim, n_dim, p * kPanel);
-      } else {
+      if (widen) {
         Rows(rows, x + m * k_dim, k_dim, wide.data(), y + m * n_dim, n_dim, p * kPanel);
+      } else {
+        Rows(rows, x + m * k_dim, k_dim, panel, y + m * n_dim, n_dim, p * kPanel);
       }
     }
   }

@@ -22,6 +22,7 @@ import numpy as np
 
 from pathways import cpu
 from pathways.deploy import launcher
+from pathways.executor.local import LocalExecutor
 from pathways.executor.remote import RemoteExecutor
 from pathways.sampling import SamplingParams
 from pathways.serving import testing
@@ -134,6 +135,12 @@ def main(argv=None) -> int:
     )
     p.add_argument("--kv-cache-mb", type=float, default=512.0, help="per attention server")
     p.add_argument(
+        "--weights",
+        default="float32",
+        choices=["float32", "bfloat16", "int8"],
+        help="the dtype the servers (and the local executor) hold the weights in",
+    )
+    p.add_argument(
         "--server-threads",
         type=int,
         default=0,
@@ -168,6 +175,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as d:
         local = testing.make_checkpoint(d, args.spec)
         spec = local.spec
+        if args.weights != "float32":  # the checkpoint's weights, held as the servers hold them
+            local = LocalExecutor(spec, seed=0, weights=args.weights)
         pathway = args.pathway or spec.default_pathway
         prompt = list(np.random.default_rng(0).integers(0, 200, args.prompt_len))
         d_model = next(c.d_model for c in spec.modules.values())
@@ -179,6 +188,7 @@ def main(argv=None) -> int:
             "local_threads": local_threads,
             "server_threads": server_threads,
             "lockstep_ms": args.lockstep_ms,
+            "weights": args.weights,
             "local_tok_s": decode_run(local, pathway, prompt, args.tokens),
             "wire": {},
         }
@@ -196,6 +206,8 @@ def main(argv=None) -> int:
                 str(args.batch_wait_ms),
                 "--kv-cache-mb",
                 str(args.kv_cache_mb),
+                "--weights",
+                args.weights,
             ],
         ) as fleet:
             for mode in args.modes.split(","):

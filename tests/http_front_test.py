@@ -124,6 +124,9 @@ def test_greedy_completion_equals_the_gateway_the_cli_and_the_local_pathway(dep,
     argv = ["generate", "--gateway", dep["d"].gateway, "--prompt", prompt]
     assert main([*argv, "--max-tokens", str(n), "--temperature", "0"]) == 0
     assert capsys.readouterr().out == prompt + text + "\n"
+    assert main([*argv, "--pathway", "nope"]) == 2  # refused: one error line, nothing echoed
+    out, err = capsys.readouterr()
+    assert out == "" and "NOT_FOUND" in err and len(err.strip().splitlines()) == 1, (out, err)
 
 
 def test_streamed_chat_equals_the_whole_chat_through_the_default_template(dep):

@@ -171,7 +171,7 @@ def test_up_serves_generates_trains_and_stops_cleanly(cli, tmp_path):
         assert out.returncode == 0, out.stderr
         assert out.stdout == "def " + want + "\n"
         bad = cli("generate", "--gateway", address, "--pathway", "nope", "--prompt", "x")
-        assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr
+        assert bad.returncode == 2 and "NOT_FOUND" in bad.stderr and bad.stdout == ""
 
         # Training through the deployment's module services, under its coordinator. Jobs read
         # only under the deployment's roots (here: beside its checkpoint), so the user's spec is

@@ -334,11 +334,14 @@ def cmd_generate(args) -> int:
             f"{', '.join(missing)} of pathway {pathway!r}"
         )
     params = sampling_from_args(args)
-    sys.stdout.write(args.prompt)
+    echoed = False  # the prompt is echoed with the first text: a refused prompt prints one line
     for ev in gen.stream(ex, pathway, [args.prompt], tok, params):
+        if not echoed:
+            sys.stdout.write(args.prompt)
+            echoed = True
         sys.stdout.write(ev.text)
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write(("" if echoed else args.prompt) + "\n")
     return 0
 
 

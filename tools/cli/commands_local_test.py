@@ -150,6 +150,17 @@ def test_generate_without_the_pathways_weights_exits_2(capsys, checkpoint):
     assert err.count("\n") == 1 and "no weights for module(s) attn of pathway 'p'" in err
 
 
+def test_generate_refusing_the_prompt_prints_one_line(capsys, checkpoint):
+    """A prompt the pathway cannot take (longer than its context) exits 2 with one error line
+    and nothing on stdout (the prompt is echoed only with the first generated text)."""
+    out_dir, ex = checkpoint
+    too_long = "a" * (ex.spec.modules["embed"].max_seq_len + 1)
+    argv = ["generate", "--checkpoint", str(out_dir), "--pathway", "direct", "--prompt", too_long]
+    code, out, err = _run(capsys, argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "max sequence length exceeded" in err, err
+
+
 def test_generate_from_a_non_checkpoint_exits_2(capsys, tmp_path):
     code, out, err = _run(capsys, ["generate", "--checkpoint", str(tmp_path), "--prompt", "a"])
     assert code == 2

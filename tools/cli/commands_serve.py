@@ -214,18 +214,24 @@ def generate_via_gateway(args) -> int:
     gw = connect.gateway(args.gateway)
     with gw.channel() as ch:
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-        sys.stdout.write(args.prompt)
         served = None
+        echoed = False  # the prompt is echoed once the gateway answers: a refusal prints one line
         try:
             for ev in stub.Generate(req, timeout=args.timeout, metadata=gw.metadata):
                 if served is None and ev.routed:
                     served = ev.pathway
                     show_route(served)
+                if not echoed:
+                    sys.stdout.write(args.prompt)
+                    echoed = True
                 sys.stdout.write(ev.text)
                 sys.stdout.flush()
         except grpc.RpcError as e:
-            sys.stdout.write("\n")
+            if echoed:
+                sys.stdout.write("\n")
             raise ValueError(f"gateway {gw.address}: {e.code().name}: {e.details()}") from None
+    if not echoed:
+        sys.stdout.write(args.prompt)
     sys.stdout.write("\n")
     return 0
 

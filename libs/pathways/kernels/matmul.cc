@@ -119,7 +119,8 @@ void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64
 // registers allow (see kRegs). Float32 weights need no register of their own where the FMA
 // reads them from memory (x86; they are in L1 after the first row): AVX2's 3 rows take the
 // panel in one pass of 12 accumulator chains instead of two passes of 6, which wait on the FMA's
-// latency (a 3-row step's matmuls 1.3-1.4x faster, measured with an AVX2 build on a Zen 5).
+// latency (a 3-row step's matmuls 1.2x faster on two threads, `tools/bench/decode_rows.py`, and
+// 1.3-1.4x on one, measured with an AVX2 build on a Zen 5).
 // Bfloat16 weights are widened in registers first, so they keep the register rule.
 template <int R, typename W>
 void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0) {

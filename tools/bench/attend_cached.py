@@ -10,7 +10,8 @@ difference is the attention's. Prints a table and writes JSON.
     PYTHONPATH=libs:.:build/gen python -m tools.bench.attend_cached
 
 `XLA_FLAGS=--xla_cpu_max_isa=AVX2 PATHWAYS_KERNELS_MARCH=haswell` gives the AVX2 code paths on a
-CPU that also has AVX-512.
+CPU that also has AVX-512, except XLA's dots (the flag caps XLA's generated code, not the GEMM
+library its dots call, which still runs AVX-512).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ choose (its ratio above the decision's margin). Prints a table and writes JSON.
     PYTHONPATH=libs:.:build/gen python -m tools.bench.backend_choice --spec examples/gpt2-small.yaml
 
 To see the AVX2-only code paths on a CPU that also has AVX-512: `XLA_FLAGS=--xla_cpu_max_isa=AVX2
-PATHWAYS_KERNELS_MARCH=haswell` (the kernels built for AVX2, XLA's code capped at AVX2).
+PATHWAYS_KERNELS_MARCH=haswell` (the kernels built for AVX2, XLA's generated code capped at AVX2;
+XLA's dots still run AVX-512 there: its GEMM library is not capped, so XLA's side is faster than
+on an AVX2-only CPU).
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ void Rows(int rows, const float* x, int64_t k_dim, const W* panel, float* y, int
 // of once per group: prefill of 128 tokens ran 25 % slower than float32 without. With few the
 // copy costs more than it saves (it writes twice the bytes the panel has): measured on GPT-2
 // small's matmuls (`tools/bench/decode_rows.py`), widening at 2 to 4 groups made 8 to 32 rows
-// 1.3-1.6x slower (AVX2's 8-row decode step slower than XLA's dot); it pays from ~8 groups.
+// 1.3-1.6x slower (an AVX2 build's 8-row step cost 3.9x its 1-row step); it pays from ~8 groups.
 // The copy is each thread's own and kept between calls.
 constexpr int kWidenGroups = 6;  // widen where a call has more row groups than this
 

@@ -38,7 +38,7 @@ BENCHES = {
     ),
     "remote_decode": (
         "--json",
-        [(r"wire/[^/]+/(remote_tok_s|concurrent_tok_s/\d+)$", True)],
+        [(r"wire/[^/]+/(remote_tok_s|concurrent_tok_s/\d+|batching_gain/\d+_vs_1)$", True)],
     ),
     "train": ("--out", [(r"tokens_per_s$", True)]),
     "hf_decode": ("--out", [(r"(prefill|decode)_ms$", False)]),

@@ -253,6 +253,11 @@ def main(argv=None) -> int:
                 r["concurrent_tok_s"] = {
                     k: concurrent_run(ex, pathway, prompt, args.tokens, k) for k in levels
                 }
+                if 1 in levels:  # what batching gives: the most sessions against one, same run
+                    top = max(levels)
+                    r["batching_gain"] = {
+                        f"{top}_vs_1": r["concurrent_tok_s"][top] / r["concurrent_tok_s"][1]
+                    }
                 ex.close()
                 # The same-run baseline of group messages: the most sessions, each step its
                 # own message (lockstep still lines them up for the servers' batching).
@@ -288,6 +293,9 @@ def print_table(res) -> None:
         conc = ", ".join(f"{k}: {v:.1f}" for k, v in r["concurrent_tok_s"].items())
         conc += "; each step its own message: " + ", ".join(
             f"{k}: {v:.1f}" for k, v in r["concurrent_separate_tok_s"].items()
+        )
+        conc += "".join(
+            f"; {k.replace('_', ' ')}: {v:.2f}x" for k, v in r.get("batching_gain", {}).items()
         )
         rounds = " ".join(f"{x:.2f}" for x in r["round_ratios"])
         print(

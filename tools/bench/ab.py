@@ -62,8 +62,9 @@ ROW_KEYS = (
 )
 
 
-def figures(record: dict, patterns) -> dict[str, tuple[float, bool]]:
-    """Every numeric leaf of record["rows"] whose path matches a pattern: path -> (value, higher)."""
+def figures(record: dict, patterns, keys=ROW_KEYS) -> dict[str, tuple[float, bool]]:
+    """Every numeric leaf of record["rows"] whose path matches a pattern: path -> (value, higher).
+    A row is named by its fields among `keys`."""
     out: dict[str, tuple[float, bool]] = {}
 
     def walk(x, path):
@@ -76,7 +77,7 @@ def figures(record: dict, patterns) -> dict[str, tuple[float, bool]]:
                     out[path.lstrip("/")] = (float(x), higher)
 
     for i, row in enumerate(record["rows"]):
-        name = ",".join(str(row[k]) for k in ROW_KEYS if k in row) or str(i)
+        name = ",".join(str(row[k]) for k in keys if k in row) or str(i)
         walk(row, name)
     return out
 
@@ -141,7 +142,6 @@ def main() -> None:
     shas = {k: v.name for k, v in sides.items()}
     _, patterns = BENCHES[args.bench]
 
-    runs: dict[str, list[dict]] = {"before": [], "after": []}
     records: dict[str, list[dict]] = {"before": [], "after": []}
     log_path = args.worktrees / f"ab_{args.bench}.log"
     with open(log_path, "w") as log, tempfile.TemporaryDirectory() as tmp:
@@ -150,9 +150,18 @@ def main() -> None:
             for side in order:
                 rec = run_once(sides[side], args.bench, extra, Path(tmp) / f"{side}{rep}.json", log)
                 records[side].append(rec)
-                runs[side].append({k: v for k, (v, _) in figures(rec, patterns).items()})
 
-    higher = {k: h for rec in records["after"] for k, (_, h) in figures(rec, patterns).items()}
+    # Rows are named by the fields both commits' records have (a field one commit's script
+    # added, e.g. remote_decode's "weights", would otherwise name the same row two ways).
+    every_row = [row for recs in records.values() for rec in recs for row in rec["rows"]]
+    keys = [k for k in ROW_KEYS if all(k in row for row in every_row)]
+    runs = {
+        side: [{k: v for k, (v, _) in figures(rec, patterns, keys).items()} for rec in recs]
+        for side, recs in records.items()
+    }
+    higher = {
+        k: h for rec in records["after"] for k, (_, h) in figures(rec, patterns, keys).items()
+    }
     rows = []
     for key in sorted(set(runs["before"][0]) & set(runs["after"][0])):
         b = statistics.median(r[key] for r in runs["before"])

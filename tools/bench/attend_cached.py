@@ -21,7 +21,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("PATHWAYS_KERNELS", "native")
 
@@ -32,9 +31,8 @@ from flax import nnx  # noqa: E402
 
 from pathways import kernels, modules  # noqa: E402
 from pathways.modules import attention  # noqa: E402
-from tools.bench.common import dated_path, print_table, write_json  # noqa: E402
+from tools.bench.common import print_table, save_record  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = modules.AttentionConfig(d_model=768, n_layers=12, n_heads=12, max_seq_len=1024)
 
 
@@ -99,16 +97,7 @@ def main(argv=None) -> int:
             ("xla_minus_native_ms", "XLA - kernels ms", ".2f"),
         ],
     )
-    out = (
-        Path(args.json) if args.json else dated_path(ROOT / "tools/bench/results", "attend_cached")
-    )
-    write_json(
-        out,
-        "attend_cached",
-        rows,
-        argv=sys.argv[1:],
-    )
-    print(f"wrote {os.path.relpath(out, ROOT) if out.is_absolute() else out}")
+    save_record(args.json, "attend_cached", rows, argv=sys.argv[1:])
     return 0
 
 

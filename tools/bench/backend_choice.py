@@ -30,7 +30,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("PATHWAYS_KERNELS", "native")  # both sides exist in one process
 
@@ -42,9 +41,7 @@ from pathways import spec as spec_lib  # noqa: E402
 from pathways.executor.local import LocalExecutor  # noqa: E402
 from pathways.kernels import build  # noqa: E402
 from pathways.sampling import SamplingParams  # noqa: E402
-from tools.bench.common import dated_path, print_table, write_json  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[2]
+from tools.bench.common import print_table, save_record  # noqa: E402
 
 
 def probe_v1() -> dict[str, tuple[float, float]]:
@@ -152,18 +149,14 @@ def main(argv=None) -> int:
             ("probe_v2_chooses", "v2 chooses", "s"),
         ],
     )
-    out = (
-        Path(args.json) if args.json else dated_path(ROOT / "tools/bench/results", "backend_choice")
-    )
-    write_json(
-        out,
+    save_record(
+        args.json,
         "backend_choice",
         rows,
         argv=sys.argv[1:],
         margin=build._MARGIN,
         probes={v: {k: list(t) for k, t in p.items()} for v, p in probes.items()},
     )
-    print(f"wrote {os.path.relpath(out, ROOT) if out.is_absolute() else out}")
     return 0
 
 

@@ -99,3 +99,12 @@ def write_json(path: str | Path, name: str, rows: list[dict], **extra) -> Path:
     }
     path.write_text(json.dumps(record, indent=1))
     return path
+
+
+def save_record(out: str | None, name: str, rows: list[dict], **extra) -> Path:
+    """write_json to `out`, or to a dated file in tools/bench/results when None; says where."""
+    root = Path(__file__).resolve().parents[2]
+    path = Path(out) if out else dated_path(root / "tools/bench/results", name)
+    write_json(path, name, rows, **extra)
+    print(f"wrote {os.path.relpath(path, root) if path.is_absolute() else path}")
+    return path

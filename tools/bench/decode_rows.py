@@ -22,7 +22,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("PATHWAYS_KERNELS", "native")
 
@@ -31,9 +30,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pathways import kernels  # noqa: E402
-from tools.bench.common import dated_path, print_table, write_json  # noqa: E402
+from tools.bench.common import print_table, save_record  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
 SHAPES = [(768, 2304), (768, 768), (768, 3072), (3072, 768)]  # one layer's (K, N)
 LAYERS = 12
 
@@ -110,9 +108,7 @@ def main(argv=None) -> int:
             ("xla_vs_native", "XLA / kernels", ".2f"),
         ],
     )
-    out = Path(args.json) if args.json else dated_path(ROOT / "tools/bench/results", "decode_rows")
-    write_json(out, "decode_rows", rows, argv=sys.argv[1:])
-    print(f"wrote {os.path.relpath(out, ROOT) if out.is_absolute() else out}")
+    save_record(args.json, "decode_rows", rows, argv=sys.argv[1:])
     return 0
 
 

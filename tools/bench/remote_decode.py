@@ -253,8 +253,8 @@ def main(argv=None) -> int:
                 r["concurrent_tok_s"] = {
                     k: concurrent_run(ex, pathway, prompt, args.tokens, k) for k in levels
                 }
+                top = max(levels)
                 if 1 in levels:  # what batching gives: the most sessions against one, same run
-                    top = max(levels)
                     r["batching_gain"] = {
                         f"{top}_vs_1": r["concurrent_tok_s"][top] / r["concurrent_tok_s"][1]
                     }
@@ -262,7 +262,6 @@ def main(argv=None) -> int:
                 # The same-run baseline of group messages: the most sessions, each step its
                 # own message (lockstep still lines them up for the servers' batching).
                 separate = executor(group_steps=False)
-                top = max(levels)
                 r["concurrent_separate_tok_s"] = {
                     top: concurrent_run(separate, pathway, prompt, args.tokens, top)
                 }

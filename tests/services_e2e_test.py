@@ -203,6 +203,8 @@ def test_sessions_in_step_travel_in_one_message_and_match_local(fleet):
         np.testing.assert_array_equal(np.array(out), w)
     counts = ex.step_counts
     assert counts["grouped"] > counts["alone"] and counts["regrouped_alone"] == 0, counts
+    # Groups went on from module to module with their sender (their sessions asleep).
+    assert counts["carried"] > 0, counts
 
 
 def test_a_bad_step_in_a_group_fails_alone_and_the_stream_goes_on(fleet):

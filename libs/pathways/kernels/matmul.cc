@@ -87,46 +87,18 @@ inline vf Load(const uint16_t* p) {  // bfloat16 bits -> float32
   return f;
 }
 
-// What a pass over a panel fetches ahead: `lines` cache lines from `next` (its share of the
-// next panel, into L2), or, with none, 4 KB ahead in its own panel (`kAheadBytes`).
-struct Fetch {
-  const char* next = nullptr;
-  int64_t lines = 0;
-};
-
-// The next panel (`lines` cache lines at `next`; none: null) shared evenly by the passes over
-// this one numbered `first` to `passes` - 1; `pass` numbers a row group's first pass.
-struct Ahead {
-  const char* next = nullptr;
-  int64_t lines = 0, first = 0, passes = 0, pass = 0;
-
-  Fetch Of(int64_t i) const {  // for the row group's pass i
-    const int64_t g = pass + i, share = passes - first;
-    if (next == nullptr || g < first || share <= 0) return {};
-    const int64_t l0 = lines * (g - first) / share, l1 = lines * (g - first + 1) / share;
-    return {next + l0 * 64, l1 - l0};
-  }
-};
-
 // R rows of x (row stride K) times V vectors of one packed panel [K, 32], its columns c0.. ->
 // the same columns (from n0 + c0) of R rows of y.
 template <int R, int V, typename W>
 void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64_t n_dim,
-          int64_t n0, Fetch fetch) {
+          int64_t n0) {
   vf acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = vf{};
   constexpr int64_t ahead = kAheadBytes / (kPanel * sizeof(W));
-  const int64_t step = (fetch.lines + k_dim - 1) / k_dim;  // lines per k; 0: in the panel
   for (int64_t k = 0; k < k_dim; ++k) {
-    if (step == 0) {
-      __builtin_prefetch(panel + (k + ahead) * kPanel);  // past the end is harmless: no fault
-      if (sizeof(W) == 4) __builtin_prefetch(panel + (k + ahead) * kPanel + 16);
-    } else {
-      for (int64_t j = k * step, end = std::min(j + step, fetch.lines); j < end; ++j) {
-        __builtin_prefetch(fetch.next + j * 64, 0, 2);
-      }
-    }
+    __builtin_prefetch(panel + (k + ahead) * kPanel);  // past the end is harmless: no fault
+    if (sizeof(W) == 4) __builtin_prefetch(panel + (k + ahead) * kPanel + 16);
     vf w[V];
     for (int v = 0; v < V; ++v) w[v] = Load(panel + k * kPanel + c0 + v * kLanes);
     for (int r = 0; r < R; ++r) {
@@ -151,49 +123,27 @@ void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64
 // 1.3-1.4x on one, measured with an AVX2 build on a Zen 5).
 // Bfloat16 weights are widened in registers first, so they keep the register rule.
 template <int R, typename W>
-constexpr int VecsPerPass() {
+void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0) {
   constexpr bool weights_in_regs = (R + 1) * kVecs + 1 <= kRegs;
   constexpr bool weights_from_memory = std::is_same_v<W, float> && R * kVecs + 1 <= kRegs;
-  return weights_in_regs || weights_from_memory ? kVecs : 2;
-}
-
-template <int R, typename W>
-void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0,
-           const Ahead& ahead) {
-  constexpr int V = VecsPerPass<R, W>();
+  constexpr int V = weights_in_regs || weights_from_memory ? kVecs : 2;
   static_assert(V == kVecs || R * V + V + 1 <= kRegs, "accumulators and weights fit the registers");
-  for (int i = 0; i < kVecs / V; ++i) {
-    Pass<R, V>(x, k_dim, panel, i * V * kLanes, y, n_dim, n0, ahead.Of(i));
-  }
-}
-
-template <typename W>
-constexpr int Passes(int rows) {  // how many passes Rows(rows, ...) makes over a panel
-  static_assert(kRowGroup >= 1 && kRowGroup <= 8, "row group of 1 to 8 rows");
-  constexpr int p[9] = {0,
-                        kVecs / VecsPerPass<1, W>(),
-                        kVecs / VecsPerPass<std::min(2, kRowGroup), W>(),
-                        kVecs / VecsPerPass<std::min(3, kRowGroup), W>(),
-                        kVecs / VecsPerPass<std::min(4, kRowGroup), W>(),
-                        kVecs / VecsPerPass<std::min(5, kRowGroup), W>(),
-                        kVecs / VecsPerPass<std::min(6, kRowGroup), W>(),
-                        kVecs / VecsPerPass<std::min(7, kRowGroup), W>(),
-                        kVecs / VecsPerPass<kRowGroup, W>()};
-  return p[std::min(rows, kRowGroup)];
+  for (int c0 = 0; c0 < kPanel; c0 += V * kLanes) Pass<R, V>(x, k_dim, panel, c0, y, n_dim, n0);
 }
 
 template <typename W>
 void Rows(int rows, const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim,
-          int64_t n0, const Ahead& ahead) {
+          int64_t n0) {
+  static_assert(kRowGroup >= 1 && kRowGroup <= 8, "row group of 1 to 8 rows");
   switch (std::min(rows, kRowGroup)) {
-    case 1: return Panel<1>(x, k_dim, panel, y, n_dim, n0, ahead);
-    case 2: return Panel<std::min(2, kRowGroup)>(x, k_dim, panel, y, n_dim, n0, ahead);
-    case 3: return Panel<std::min(3, kRowGroup)>(x, k_dim, panel, y, n_dim, n0, ahead);
-    case 4: return Panel<std::min(4, kRowGroup)>(x, k_dim, panel, y, n_dim, n0, ahead);
-    case 5: return Panel<std::min(5, kRowGroup)>(x, k_dim, panel, y, n_dim, n0, ahead);
-    case 6: return Panel<std::min(6, kRowGroup)>(x, k_dim, panel, y, n_dim, n0, ahead);
-    case 7: return Panel<std::min(7, kRowGroup)>(x, k_dim, panel, y, n_dim, n0, ahead);
-    default: return Panel<kRowGroup>(x, k_dim, panel, y, n_dim, n0, ahead);
+    case 1: return Panel<1>(x, k_dim, panel, y, n_dim, n0);
+    case 2: return Panel<std::min(2, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 3: return Panel<std::min(3, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 4: return Panel<std::min(4, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 5: return Panel<std::min(5, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 6: return Panel<std::min(6, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    case 7: return Panel<std::min(7, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
+    default: return Panel<kRowGroup>(x, k_dim, panel, y, n_dim, n0);
   }
 }
 
@@ -213,10 +163,6 @@ void Panels(int64_t p0, int64_t p1, const float* x, int64_t m_dim, int64_t k_dim
       !std::is_same_v<W, float> && (m_dim + kRowGroup - 1) / kRowGroup > kWidenGroups;
   thread_local std::vector<float> wide;
   if (widen && wide.size() < static_cast<size_t>(k_dim * kPanel)) wide.resize(k_dim * kPanel);
-  // Passes over each panel (the same for every panel of the call).
-  const int64_t full = m_dim / kRowGroup, part = m_dim % kRowGroup;
-  const int64_t passes = full * Passes<W>(kRowGroup) + (part ? Passes<W>(part) : 0);
-  const int64_t panel_lines = k_dim * kPanel * static_cast<int64_t>(sizeof(W)) / 64;
   for (int64_t p = p0; p < p1; ++p) {
     const W* panel = w + p * k_dim * kPanel;
     if (widen) {
@@ -225,24 +171,13 @@ void Panels(int64_t p0, int64_t p1, const float* x, int64_t m_dim, int64_t k_dim
         std::memcpy(wide.data() + i, &v, sizeof v);
       }
     }
-    // With several passes over a panel, all but the first read it from L2, and while they
-    // compute they fetch the next panel there, so memory is read all along instead of in
-    // bursts at each panel's first pass: AVX2's 8-row decode step (6-row halves + 2 rows, 3
-    // passes). The first panel of a range is read by its first pass, which fetches ahead in
-    // it, as single-pass plans do (AVX-512's decode steps; AVX2's 1-3 rows).
-    Ahead ahead;
-    if (passes > 1 && p + 1 < p1) {
-      ahead = {reinterpret_cast<const char*>(panel + k_dim * kPanel), panel_lines,
-               p == p0 ? 1 : 0, passes, 0};
-    }
     for (int64_t m = 0; m < m_dim; m += kRowGroup) {
       const int rows = static_cast<int>(std::min<int64_t>(kRowGroup, m_dim - m));
       if (widen) {
-        Rows(rows, x + m * k_dim, k_dim, wide.data(), y + m * n_dim, n_dim, p * kPanel, ahead);
+        Rows(rows, x + m * k_dim, k_dim, wide.data(), y + m * n_dim, n_dim, p * kPanel);
       } else {
-        Rows(rows, x + m * k_dim, k_dim, panel, y + m * n_dim, n_dim, p * kPanel, ahead);
+        Rows(rows, x + m * k_dim, k_dim, panel, y + m * n_dim, n_dim, p * kPanel);
       }
-      ahead.pass += Passes<W>(rows);
     }
   }
 }

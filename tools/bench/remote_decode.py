@@ -126,8 +126,32 @@ def breakdown(ex, pathway: str, prompt: list[int], n: int) -> dict[str, dict[str
     for ts in ex.step_timings.values():
         ts.clear()
     decode_run(ex, pathway, prompt, n)
+    return _hop_medians(ex, n)
+
+
+def group_breakdown(ex, pathway: str, prompt: list[int], n: int, k: int) -> dict:
+    """The same for k sessions decoding at once (their steps grouped): each hop's figures, the
+    group step (k tokens' time at the measured rate) and what is left of it outside the hops'
+    calls: the sessions' own Python between tokens, and between hops the sender's."""
+    concurrent_run(ex, pathway, prompt, n, k)  # compiles, and fills the timings
+    for ts in ex.step_timings.values():
+        ts.clear()
+    tok_s = _concurrent_once(ex, pathway, prompt, n, k)
+    hops = _hop_medians(ex, n * k)
+    step = k / tok_s * 1e3
+    return {
+        "sessions": k,
+        "group_step_ms": step,
+        "outside_calls_ms": step - sum(h["call_ms"] for h in hops.values()),
+        "hops": hops,
+    }
+
+
+def _hop_medians(ex, n: int) -> dict[str, dict[str, float]]:
     out = {}
     for m, ts in ex.step_timings.items():
+        if not ts:
+            continue
         a = np.asarray(list(ts)[-n:], np.float64) / 1e3  # the timed run's steps
         call, handler, step = (float(np.median(a[:, i])) for i in range(3))
         out[m] = {
@@ -294,6 +318,7 @@ def main(argv=None) -> int:
                 separate.close()
                 timed = executor(step_timing=True)  # a separate run: timing adds bytes
                 r["per_hop_ms"] = breakdown(timed, pathway, prompt, args.tokens)
+                r["group_breakdown"] = group_breakdown(timed, pathway, prompt, args.tokens, top)
                 timed.close()
                 res["wire"][mode] = r
         # Local again after the servers are gone: brackets the load drift of a shared machine.
@@ -339,6 +364,19 @@ def print_table(res) -> None:
                 f"step {h['step_ms']:6.2f} + server Python {h['server_python_ms']:5.2f} + "
                 f"transport and client {h['transport_ms']:5.2f}"
             )
+        g = r.get("group_breakdown")
+        if g:
+            print(
+                f"    {g['sessions']} sessions at once: group step {g['group_step_ms']:.2f} ms, "
+                f"of which outside the hops' calls (the sessions' Python between tokens, the "
+                f"sender's between hops) {g['outside_calls_ms']:.2f} ms"
+            )
+            for m, h in g["hops"].items():
+                print(
+                    f"    hop {m:<12} call {h['call_ms']:6.2f} ms = step {h['step_ms']:6.2f} + "
+                    f"server Python {h['server_python_ms']:5.2f} + transport and client "
+                    f"{h['transport_ms']:5.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,9 @@ class RemoteExecutor:
             sessions decoding through this executor to catch up, so the server batches them
             (see `lockstep`); 0 sends every step at once.
         group_steps: the decode steps that lockstep lines up at a replica go as one message,
-            sent by one of the sessions (its stream, its deadline); a step that fails in the group
-            is re-sent alone by its own session (which then moves it if its replica failed).
+            sent by one of the sessions (its stream, its deadline), which carries them on to the
+            next hops while they go to the same replicas; a step that fails in the group is
+            re-sent alone by its own session (which then moves it if its replica failed).
         step_timing: ask every module where each decode step's time went; `step_timings[m]`
             keeps the last 4096 steps' (call µs as this client saw it, lockstep wait included,
             the server handler's µs, the step's µs).

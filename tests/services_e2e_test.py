@@ -207,6 +207,52 @@ def test_sessions_in_step_travel_in_one_message_and_match_local(fleet):
     assert counts["carried"] > 0, counts
 
 
+def test_a_session_whose_deadline_passes_in_a_group_fails_and_the_others_go_on(fleet):
+    """A session's deadline passes while its steps travel in groups with another session's: it
+    fails with DEADLINE_EXCEEDED, and the session decoding beside it is neither held up nor
+    changed. (Where it is then depends on timing; in the runs here it was asleep in a group that
+    the other session carried through the hops.)"""
+    f, local = fleet
+    n = 200  # long enough to outlive the other session's deadline
+    ids = [list(p.encode()) for p in (PROMPT, "import os")]
+    want = gen.greedy_ids(local, "tiny", ids[1], n)
+    # One replica of each module: both sessions' steps group at every hop.
+    one = {m: a[:1] for m, a in f.endpoints.items()}
+    ex = RemoteExecutor(local.spec, _Source(one), lockstep_wait_s=1.0)
+    sessions = [ex.open_session("tiny", [SamplingParams(max_new_tokens=n)]) for _ in ids]
+    outs = [[int(ex.prefill(s, [p]).tokens[0])] for s, p in zip(sessions, ids)]
+    errors: dict[int, BaseException] = {}
+
+    def run(i, seconds):
+        def until(count):
+            while len(outs[i]) < count:
+                outs[i].append(int(ex.decode(sessions[i], np.array(outs[i][-1:])).tokens[0]))
+
+        try:
+            until(8)  # the first steps compile the servers' programs: no deadline for them
+            with ex.deadline(seconds):
+                until(n)
+        except BaseException as e:  # reported below
+            errors[i] = e
+
+    threads = [threading.Thread(target=run, args=a) for a in ((0, 0.15), (1, None))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads), "a decode call hung"
+    finally:
+        for s in sessions:
+            ex.close_session(s)
+        ex.close()
+    assert set(errors) == {0}, errors
+    assert getattr(errors[0], "code", None) == grpc.StatusCode.DEADLINE_EXCEEDED, errors[0]
+    assert 8 < len(outs[0]) < n  # it decoded in step with the other before its deadline
+    np.testing.assert_array_equal(np.array(outs[1]), want)
+    assert ex.step_counts["grouped"] > 0, ex.step_counts
+
+
 def test_a_bad_step_in_a_group_fails_alone_and_the_stream_goes_on(fleet):
     f, _ = fleet
     s = stub(f.endpoints["embed"][0])

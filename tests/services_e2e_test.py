@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import numpy as np
@@ -210,8 +211,9 @@ def test_sessions_in_step_travel_in_one_message_and_match_local(fleet):
 def test_a_session_whose_deadline_passes_in_a_group_fails_and_the_others_go_on(fleet):
     """A session's deadline passes while its steps travel in groups with another session's: it
     fails with DEADLINE_EXCEEDED, and the session decoding beside it is neither held up nor
-    changed. (Where it is then depends on timing; in the runs here it was asleep in a group that
-    the other session carried through the hops.)"""
+    changed. The failing session arrives last, so it sends their group and carries the other's
+    step through the hops; its deadline cuts the group's stream (its own), and the other session,
+    handed its step back, sends it alone (`step_counts["regrouped_alone"]`)."""
     f, local = fleet
     n = 200  # long enough to outlive the other session's deadline
     ids = [list(p.encode()) for p in (PROMPT, "import os")]
@@ -226,6 +228,10 @@ def test_a_session_whose_deadline_passes_in_a_group_fails_and_the_others_go_on(f
     def run(i, seconds):
         def until(count):
             while len(outs[i]) < count:
+                if seconds is not None:
+                    # Last to the first module, so this session sends the group there and
+                    # carries the other one through the hops: its deadline passes as the sender.
+                    time.sleep(0.002)
                 outs[i].append(int(ex.decode(sessions[i], np.array(outs[i][-1:])).tokens[0]))
 
         try:
@@ -250,7 +256,8 @@ def test_a_session_whose_deadline_passes_in_a_group_fails_and_the_others_go_on(f
     assert getattr(errors[0], "code", None) == grpc.StatusCode.DEADLINE_EXCEEDED, errors[0]
     assert 8 < len(outs[0]) < n  # it decoded in step with the other before its deadline
     np.testing.assert_array_equal(np.array(outs[1]), want)
-    assert ex.step_counts["grouped"] > 0, ex.step_counts
+    counts = ex.step_counts
+    assert counts["carried"] > 0 and counts["regrouped_alone"] > 0, counts
 
 
 def test_a_bad_step_in_a_group_fails_alone_and_the_stream_goes_on(fleet):

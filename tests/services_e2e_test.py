@@ -211,9 +211,10 @@ def test_sessions_in_step_travel_in_one_message_and_match_local(fleet):
 def test_a_session_whose_deadline_passes_in_a_group_fails_and_the_others_go_on(fleet):
     """A session's deadline passes while its steps travel in groups with another session's: it
     fails with DEADLINE_EXCEEDED, and the session decoding beside it is neither held up nor
-    changed. The failing session arrives last, so it sends their group and carries the other's
-    step through the hops; its deadline cuts the group's stream (its own), and the other session,
-    handed its step back, sends it alone (`step_counts["regrouped_alone"]`)."""
+    changed. The failing session arrives last (it pauses before each step), so it mostly sends
+    their group and carries the other's step through the hops; where its deadline cuts the
+    group's stream (its own), the other session, handed its step back, sends it alone. (Checked:
+    with failed steps not handed back, the other session hangs and this fails.)"""
     f, local = fleet
     n = 200  # long enough to outlive the other session's deadline
     ids = [list(p.encode()) for p in (PROMPT, "import os")]
@@ -257,7 +258,7 @@ def test_a_session_whose_deadline_passes_in_a_group_fails_and_the_others_go_on(f
     assert 8 < len(outs[0]) < n  # it decoded in step with the other before its deadline
     np.testing.assert_array_equal(np.array(outs[1]), want)
     counts = ex.step_counts
-    assert counts["carried"] > 0 and counts["regrouped_alone"] > 0, counts
+    assert counts["carried"] > 0, counts
 
 
 def test_a_bad_step_in_a_group_fails_alone_and_the_stream_goes_on(fleet):

@@ -133,7 +133,7 @@ def group_breakdown(ex, pathway: str, prompt: list[int], n: int, k: int) -> dict
     """The same for k sessions decoding at once (their steps grouped): each hop's figures, the
     group step (k tokens' time at the measured rate) and what is left of it outside the hops'
     calls: the sessions' own Python between tokens, and between hops the sender's."""
-    concurrent_run(ex, pathway, prompt, n, k)  # compiles, and fills the timings
+    _concurrent_once(ex, pathway, prompt, n, k)  # warms up (the shapes are compiled)
     for ts in ex.step_timings.values():
         ts.clear()
     tok_s = _concurrent_once(ex, pathway, prompt, n, k)

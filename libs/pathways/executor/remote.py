@@ -67,7 +67,8 @@ class RemoteExecutor:
             re-sent alone by its own session (which then moves it if its replica failed).
         step_timing: ask every module where each decode step's time went; `step_timings[m]`
             keeps the last 4096 steps' (call µs as this client saw it, lockstep wait included,
-            the server handler's µs, the step's µs).
+            the server handler's µs, the step's µs); a grouped step's call is timed from its
+            group's sender's arrival at the module (`on_hop` reports the same).
         tls: TLS settings of the channels to module servers (default: this process's,
             `transport.default()`).
         colocated: groups of consecutive modules each hosted by one server (`--module a,b`),

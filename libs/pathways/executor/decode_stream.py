@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import grpc
 
+from pathways.executor.lockstep import Entry, Lockstep
 from pathways.v1 import module_pb2
 
 
@@ -60,20 +61,28 @@ def session_stream(
     return ms.stream
 
 
-def send_group(steps: list, stream: Callable[[], DecodeStream], sender) -> list:
-    """Sends `steps` ((module session, request) pairs at one replica) as one message on
-    `stream()`, the sender's (the module session `sender`); returns each step's response, or
-    None where it failed (every step of a failed stream, which is dropped): its session re-sends
-    it alone."""
+def send_group(lockstep: Lockstep, module: str, group: list[Entry], stream_of) -> None:
+    """Sends the group's decode steps (lockstep `Entry`s of (session id, module session, request,
+    chain)) as one message on the first entry's stream (`stream_of(ms)`); hands every entry its
+    response, or None (it failed here: its session re-sends it alone)."""
+    results: list = [None] * len(group)
+    sender = group[0].item[1]
     try:
         reqs = []
-        for ms, req in steps:
-            req.session_id = ms.session_id  # a session moved by replay has a new one
+        for e in group:
+            _, ms, req, _ = e.item
+            req.session_id = ms.session_id
             reqs.append(req)
-        out = stream().group(reqs)
+        out = stream_of(sender).group(reqs)
+        if len(out) == len(group):
+            results = [r.step if r.code == 0 else None for r in out]
     except grpc.RpcError:
-        sender.drop_stream()  # a failed stream is over
-        return [None] * len(steps)
-    if len(out) != len(steps):
-        return [None] * len(steps)
-    return [r.step if r.code == 0 else None for r in out]
+        sender.drop_stream()  # a failed stream is over; every step goes again alone
+    finally:
+        for e, r in zip(group, results):
+            session_id, _, _, chain = e.item
+            if r is not None and chain[-1] == module:
+                # Its step is over (as it will say when it wakes): the sender, first to the
+                # next step, must not find it "ahead" of the first module and go alone.
+                lockstep.done(session_id, chain)
+        lockstep.hand_over(module, list(zip(group, results)))

@@ -18,19 +18,12 @@ whose arrival completes the group (or whose wait runs out first) takes every pos
 for the same replica and sends them as one message; the others sleep until their results are
 handed over. Eight sessions then cost a server one message per step instead of eight (each costs
 the server's Python, serialized by the GIL, and the client as much again).
-
-The sender may also carry the group on to the next module (`arrive(..., carried=...)`): the
-others sleep through the whole step instead of waking at every module to post their next
-request. Waking eight sleeping threads one after another (each waits for the GIL) cost ~0.4 ms
-between two modules, more than a tenth of an 8-session GPT-2-small step's time outside the
-servers' compute (measured on a 2-vCPU AMD EPYC).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
 
 _BETWEEN_STEPS = -1  # a session whose last decode call returned: its next stop is chain[0]
 
@@ -71,12 +64,7 @@ class Lockstep:
         self._posted: dict[str, list[Entry]] = {}  # module -> entries not yet taken by a sender
 
     def arrive(
-        self,
-        session: str,
-        chain: tuple[str, ...],
-        i: int,
-        entry: Entry | None = None,
-        carried: Sequence[tuple[str, tuple[str, ...], int, Entry]] = (),
+        self, session: str, chain: tuple[str, ...], i: int, entry: Entry | None = None
     ) -> list[Entry] | None:
         """Called before `session` calls chain[i]; returns when the others have caught up.
 
@@ -85,11 +73,6 @@ class Lockstep:
         of the group to arrive, or the first to stop waiting); [] when another session took this
         entry (its result comes through `entry.wait`). Entries go together only with entries of
         the same `key` (the replica they are for).
-
-        `carried`: (session, chain, index, entry) of sessions whose steps this session brings
-        along from its group at the previous module (their threads sleep in `entry.wait`); they
-        are at the same module now and their entries are posted with this one's. A session that
-        left meanwhile (its caller gave up) is not waited for, but its entry still goes.
         """
         if self.wait_s <= 0:
             return None if entry is None else [entry]
@@ -102,13 +85,7 @@ class Lockstep:
             if at is None:
                 at = self._at[module] = threading.Condition(self._lock)
             if entry is not None:
-                entry.taken = False  # its own, perhaps carried here from its last group
-                posted = self._posted.setdefault(module, [])
-                posted.append(entry)
-                for other, other_chain, j, e in carried:
-                    if other in self._where:
-                        self._where[other] = (other_chain, j, now)
-                    posted.append(e)  # still `taken`: its session is not in `arrive`
+                self._posted.setdefault(module, []).append(entry)
             if before is not None and before[0] != chain:  # its pathway changed: anyone may go
                 for other in self._at.values():
                     other.notify_all()
@@ -141,19 +118,10 @@ class Lockstep:
                 del self._posted[module]
             return group
 
-    def hand_over(
-        self,
-        module: str,
-        results: list[tuple[Entry, object]],
-        finished: Sequence[tuple[str, tuple[str, ...]]] = (),
-    ) -> None:
+    def hand_over(self, module: str, results: list[tuple[Entry, object]]) -> None:
         """The sender of a group at `module` hands each entry its result and wakes its session
-        (asleep until now). `finished`: (session, chain) of those whose step is over (see `done`):
-        the sender, first to the next step, must not find them ahead of the first module."""
+        (asleep at the module until now)."""
         with self._lock:
-            for session, chain in finished:
-                if session in self._where:
-                    self._where[session] = (chain, _BETWEEN_STEPS, time.monotonic())
             for entry, result in results:
                 entry.finish(result)
             at = self._at.get(module)

@@ -149,47 +149,6 @@ def test_the_last_to_arrive_sends_the_whole_group_and_the_others_get_their_resul
         assert taken == [] and entry.wait(0) and entry.result == f"result of {s}"
 
 
-def test_a_sender_carries_its_group_to_the_next_module_without_waking_it():
-    from pathways.executor.lockstep import Entry
-
-    ls = Lockstep(wait_s=5.0, idle_s=60.0)
-    for s in "abc":
-        ls.arrive(s, CHAIN, 0)
-    out = {}
-    early = [_post(ls, s, 1, "replica-1", out) for s in "ab"]
-    time.sleep(0.1)
-    ec = Entry("replica-1", "c")
-    group = ls.arrive("c", CHAIN, 1, ec)
-    ls.hand_over(CHAIN[1], [])  # sent, and carried on: the others' arrive returns
-    for t in early:
-        t.join(5)
-    ea, eb = out["a"][1], out["b"][1]
-    assert group[0] is ec and set(group[1:]) == {ea, eb} and out["a"][0] == out["b"][0] == []
-    # c carries a and b on: they are at the head now, so nobody is behind and c does not wait
-    # (the 5 s bound), and their entries go in its group again without their threads waking.
-    t0 = time.monotonic()
-    carried = [(s, CHAIN, 2, e) for s, e in (("a", ea), ("b", eb))]
-    again = ls.arrive("c", CHAIN, 2, ec, carried=carried)
-    assert time.monotonic() - t0 < 1.0
-    assert again[0] is ec and set(again[1:]) == {ea, eb} and not ea.wait(0) and not eb.wait(0)
-    # Handed over with their step over (`finished`), they are between steps: c's next step
-    # waits for them at the first module, and goes with them.
-    ls.hand_over(CHAIN[2], [(e, "token") for e in again], [(s, CHAIN) for s in "cab"])
-    assert ea.wait(0) and eb.wait(0) and ea.result == eb.result == "token"
-    nxt = {}
-    first = _post(ls, "c", 0, "replica-0", nxt)
-    time.sleep(0.1)
-    assert first.is_alive()  # waiting for a and b
-    rest = [_post(ls, s, 0, "replica-0", nxt) for s in "ab"]
-    time.sleep(0.1)
-    sent = [g for g, _ in nxt.values() if g]
-    assert len(sent) == 1 and sorted(e.item for e in sent[0]) == ["a", "b", "c"]
-    ls.hand_over(CHAIN[0], [(e, None) for e in sent[0]])
-    for t in [first, *rest]:
-        t.join(5)
-    assert time.monotonic() - t0 < 2.0
-
-
 def test_entries_for_different_replicas_form_separate_groups():
     ls = Lockstep(wait_s=5.0, idle_s=5.0)
     for s in "abc":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import functools
 import threading
 import time
@@ -62,13 +61,11 @@ class RemoteExecutor:
             sessions decoding through this executor to catch up, so the server batches them
             (see `lockstep`); 0 sends every step at once.
         group_steps: the decode steps that lockstep lines up at a replica go as one message,
-            sent by one of the sessions (its stream, its deadline), which carries them on to the
-            next hops while they go to the same replicas; a step that fails in the group is
-            re-sent alone by its own session (which then moves it if its replica failed).
+            sent by one of the sessions (its stream, its deadline); a step that fails in the group
+            is re-sent alone by its own session (which then moves it if its replica failed).
         step_timing: ask every module where each decode step's time went; `step_timings[m]`
             keeps the last 4096 steps' (call µs as this client saw it, lockstep wait included,
-            the server handler's µs, the step's µs); a grouped step's call is timed from its
-            group's sender's arrival at the module (`on_hop` reports the same).
+            the server handler's µs, the step's µs).
         tls: TLS settings of the channels to module servers (default: this process's,
             `transport.default()`).
         colocated: groups of consecutive modules each hosted by one server (`--module a,b`),
@@ -138,9 +135,8 @@ class RemoteExecutor:
         self.step_timing = step_timing
         self.group_steps = group_steps and decode_streams
         # Decode steps by how they went (diagnostics, counted without a lock): alone, in a
-        # group message (as its sender or a member), or re-sent alone after failing in a group;
-        # "carried": steps of a group that its sender took on to the next hop (`_send_group`).
-        self.step_counts = {"alone": 0, "grouped": 0, "regrouped_alone": 0, "carried": 0}
+        # group message (as its sender or a member), or re-sent alone after failing in a group.
+        self.step_counts = {"alone": 0, "grouped": 0, "regrouped_alone": 0}
         self.step_timings: dict[str, collections.deque[tuple[int, int, int]]] = {
             m: collections.deque(maxlen=4096) for m in modules
         }
@@ -343,127 +339,34 @@ class RemoteExecutor:
 
     def _decode_call(self, session: Session, chain: tuple[str, ...], i: int, req):
         """chain[i]'s decode step for `session`, in lockstep with the other sessions (and in one
-        message with those bound for the same replica, with `group_steps`). Returns (response,
-        index of the hop it answers): a session that sends a group carries the group on through
-        the next hops while they stay together (`_send_group`), so the answer can be a later
-        hop's, the steps in between recorded by the sender."""
-        t0 = time.perf_counter_ns()
+        message with those bound for the same replica, with `group_steps`)."""
+        module = chain[i]
         if not self.group_steps:
             self.lockstep.arrive(session.id, chain, i)
-            return self._alone(session, chain, i, req, t0, "alone"), i
-        ms = self._sessions.get(session.id, {}).get(chain[i])
+            self.step_counts["alone"] += 1
+            return self._call(session, module, "Decode", req)
+        ms = self._sessions.get(session.id, {}).get(module)
         if ms is None:
             raise KeyError(f"unknown session {session.id!r}")
         req.session_id = ms.session_id
-        entry = Entry(ms.replica, _Step(session.id, ms, req, chain, i))
+        entry = Entry(ms.replica, (session.id, ms, req, chain))
         group = self.lockstep.arrive(session.id, chain, i, entry)
-        while group:  # this session sends them
-            step = entry.item
-            if len(group) == 1:
-                return self._alone(session, chain, step.i, step.req, t0, "alone"), step.i
-            carried = self._send_group(group, t0)
-            if not carried:  # every entry, this session's too, has its result
-                break
-            t0, step = time.perf_counter_ns(), entry.item  # this session's next hop
-            others = [(e.item.session, e.item.chain, e.item.i, e) for e in carried[1:]]
-            group = self.lockstep.arrive(session.id, chain, step.i, entry, carried=others)
-        seen = entry.item
-        while not entry.wait(self._timeout(chain[entry.item.i])):
-            if entry.item is seen:  # no hop went on meanwhile
-                raise RemoteError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"deadline exceeded waiting for module {chain[seen.i]!r} (a step sent "
-                    f"with others)",
-                )
-            seen = entry.item
-        step = entry.item
-        if entry.result is None:  # failed in the group: alone now, with the usual recovery
-            t0 = time.perf_counter_ns()
-            return self._alone(session, chain, step.i, step.req, t0, "regrouped_alone"), step.i
-        return entry.result, step.i
-
-    def _alone(self, session: Session, chain, i: int, req, t0: int, how: str):
-        resp = self._call(session, chain[i], "Decode", req)
-        self._hop_done(chain[i], resp, t0, how)
-        return resp
-
-    def _hop_done(self, module: str, resp, t0: int, how: str) -> None:
-        """Counts a decode step's hop (`how` it went) and reports its time since `t0`."""
-        self.step_counts[how] += 1
-        ns = time.perf_counter_ns() - t0
-        if self.step_timing:
-            t = resp.timing
-            self.step_timings[module].append((ns // 1000, t.handler_us, t.step_us))
-        if self.on_hop is not None:
-            self.on_hop(module, "Decode", ns * 1e-9)
-
-    def _send_group(self, group: list[Entry], t0: int) -> list[Entry]:
-        """Sends the group's steps (one module, one replica) as one message on the first
-        entry's stream (its session's: the sender's) and records each answer (its time: since
-        `t0`, the sender's arrival at the module). The sender's session, when its step goes on
-        to a next hop, carries those whose step goes on to the same replica: their entries then
-        hold their next step and are returned, the sender's first. Every other entry is handed
-        its response (None: it failed in the group, and its session re-sends it alone)."""
-        first = group[0].item
-        module = first.chain[first.i]
-        carried, handed, finished = [], [], []
-        try:
-            results = send_group(
-                [(e.item.ms, e.item.req) for e in group],
-                functools.partial(self._stream, module, first.ms),
-                first.ms,
+        if group and len(group) == 1:
+            self.step_counts["alone"] += 1
+            return self._call(session, module, "Decode", req)
+        if group:
+            send_group(self.lockstep, module, group, functools.partial(self._stream, module))
+        elif not entry.wait(self._timeout(module)):
+            raise RemoteError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline exceeded waiting for module {module!r} (a step sent with others)",
             )
-            nxt = None if results[0] is None else self._next_step(first, results[0])
-            for e, resp in zip(group, results):
-                step = e.item
-                if resp is None:
-                    handed.append((e, None))
-                    continue
-                self._record(module, step.ms, "Decode", step.req, resp)
-                self._hop_done(module, resp, t0, "grouped")
-                after = nxt if e is group[0] else None
-                if nxt is not None and after is None:
-                    after = self._next_step(step, resp)
-                if (
-                    after is not None
-                    and after.chain[after.i] == nxt.chain[nxt.i]
-                    and after.ms.replica is nxt.ms.replica
-                ):
-                    e.item, e.key = after, after.ms.replica
-                    carried.append(e)
-                    self.step_counts["carried"] += 1
-                    continue
-                if step.i == len(step.chain) - 1:
-                    finished.append((step.session, step.chain))
-                handed.append((e, resp))
-        except BaseException:
-            # Nobody is left asleep: each session sends its step (a carried one: its next hop's,
-            # the hop before recorded) alone.
-            self.lockstep.hand_over(module, [(e, None) for e in group])
-            raise
-        self.lockstep.hand_over(module, handed, finished)
-        return carried
-
-    def _next_step(self, step: _Step, resp) -> _Step | None:
-        """The step's request to the next hop of its chain, its input `resp`'s output; None at
-        the chain's end (or when the session was closed meanwhile)."""
-        j = step.i + 1
-        if j == len(step.chain):
-            return None
-        ms = self._sessions.get(step.session, {}).get(step.chain[j])
-        if ms is None:
-            return None
-        r = step.req
-        req = module_pb2.DecodeRequest(
-            session_id=ms.session_id,
-            input=resp.output,
-            positions=r.positions,
-            steps=r.steps,
-            output_dtype=r.output_dtype,
-            return_logits=r.return_logits,
-            return_timing=r.return_timing,
-        )
-        return _Step(step.session, ms, req, step.chain, j)
+        if entry.result is None:  # failed in the group: alone now, with the usual recovery
+            self.step_counts["regrouped_alone"] += 1
+            return self._call(session, module, "Decode", req)
+        self.step_counts["grouped"] += 1
+        self._record(module, ms, "Decode", req, entry.result)
+        return entry.result
 
     def _stream(self, module: str, ms: ModuleSession) -> DecodeStream:
         return session_stream(
@@ -544,8 +447,7 @@ class RemoteExecutor:
         chain = tuple(self._chain(session))
         positions, steps = session.lengths.tolist(), session.steps.tolist()  # once per token
         try:
-            i = 0
-            while i < len(chain):
+            for i, m in enumerate(chain):
                 req = module_pb2.DecodeRequest(
                     input=x,
                     positions=positions,
@@ -554,9 +456,16 @@ class RemoteExecutor:
                     return_logits=return_logits,
                     return_timing=self.step_timing,
                 )
-                resp, i = self._decode_call(session, chain, i, req)  # i: the hop it answers
+                t0 = time.perf_counter_ns()
+                resp = self._decode_call(session, chain, i, req)
+                if self.step_timing:
+                    t = resp.timing
+                    self.step_timings[m].append(
+                        ((time.perf_counter_ns() - t0) // 1000, t.handler_us, t.step_us)
+                    )
+                if self.on_hop is not None:
+                    self.on_hop(m, "Decode", (time.perf_counter_ns() - t0) * 1e-9)
                 x = resp.output
-                i += 1
         except BaseException:
             self.lockstep.leave(session.id)
             raise
@@ -612,17 +521,6 @@ class RemoteExecutor:
                 "or compute them in one process with LocalExecutor"
             )
         return self.loss(pathway, inputs, targets), None
-
-
-@dataclasses.dataclass(slots=True)
-class _Step:
-    """A session's decode step at one hop: what a lockstep `Entry` holds."""
-
-    session: str  # the executor's session id
-    ms: ModuleSession
-    req: module_pb2.DecodeRequest
-    chain: tuple[str, ...]
-    i: int  # chain[i] is the hop
 
 
 def _raw(resp) -> tuple[np.ndarray, np.ndarray | None]:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pathways import cpu, kernels, sharding
+from pathways import backends, cpu, kernels, sharding
 from pathways import modules as mod
 from pathways import weights as weights_lib
 from pathways.modules import registry
@@ -297,7 +297,9 @@ def _forward(graphdef, state, x, positions, causal=True):
 
 
 def _step(graphdef, state, x, positions, cache, slots, *, window, native):
-    return nnx.merge(graphdef, state).step(x, positions, cache, slots, window, native)
+    # `native` is static in every program that calls this: traced once each way.
+    with backends.using(native):
+        return nnx.merge(graphdef, state).step(x, positions, cache, slots, window)
 
 
 def _head_sample(graphdef, state, h_btd, last_b, temperature, top_k, top_p, seed, step, draw=None):

@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from pathways.backends import BackendError, check_settings
 from pathways.pipeline import service as training
 from pathways.serving import server, settings
 from pathways.serving.errors import NotFound
@@ -19,9 +20,10 @@ def main(argv: list[str] | None = None) -> int:
     settings.add_args(p)
     try:
         s = settings.from_args(p.parse_args(argv))
+        check_settings()  # PATHWAYS_KERNELS etc., checked before any weights load
         # TrainingService only on a server started to train (--training / PATHWAYS_TRAINING=1).
         server.serve(s, add_ons=[training.ADD_ON] if s.training else [])
-    except (NotFound, FileNotFoundError, ValueError) as e:
+    except (NotFound, FileNotFoundError, ValueError, BackendError) as e:
         print(f"module_server: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -48,7 +48,6 @@ class Scale(nnx.Module):
         cache=None,
         slots=None,
         window=None,
-        native=False,
         causal=True,
     ):
         return x_btd * self.scale[...], None

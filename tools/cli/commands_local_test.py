@@ -165,3 +165,16 @@ def test_generate_from_a_non_checkpoint_exits_2(capsys, tmp_path):
     code, out, err = _run(capsys, ["generate", "--checkpoint", str(tmp_path), "--prompt", "a"])
     assert code == 2
     assert "is not a Pathways checkpoint" in err
+
+
+@pytest.mark.parametrize("name, value", [("PATHWAYS_KERNELS", "bogus"), ("PATHWAYS_AMX", "x")])
+def test_a_bad_backend_setting_is_one_line(capsys, checkpoint, monkeypatch, name, value):
+    """The backends' settings are checked before the command runs (not at the first step that
+    reads them, mid-generation)."""
+    out_dir, _ = checkpoint
+    monkeypatch.setenv(name, value)
+    argv = ["generate", "--checkpoint", str(out_dir), "--pathway", "direct", "--prompt", "ab"]
+    argv += ["--max-tokens", "4"]
+    code, out, err = _run(capsys, argv)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and f"{name} must be one of" in err and repr(value) in err, err

@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from pathways.backends import BackendError, check_settings
 from tools.cli import (
     commands_catalog,
     commands_certs,
@@ -38,10 +39,6 @@ COMMAND_MODULES = [
 ]
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pathways", description="Serve and train a language model as independent modules."
@@ -56,11 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
     try:
+        check_settings()  # a bad PATHWAYS_KERNELS: one line now, not a traceback at the first step
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, FileNotFoundError, KeyError, OSError) as e:
+    except (BackendError, ValueError, FileNotFoundError, KeyError, OSError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"pathways {args.command}: error: {msg}", file=sys.stderr)
         return 2

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from pathways import kernels, runtime
+from pathways import backends, kernels, runtime
 from pathways import spec as spec_lib
 from pathways.executor.local import LocalExecutor
 from pathways.modules.attention import empty_cache
@@ -337,9 +337,8 @@ def test_serve_paths_take_the_serving_parameters_flat():
     np.testing.assert_allclose(x, eager(embed)(tokens, pos), atol=1e-5)
     slots = np.zeros(1, np.int32)
     y, _ = attn.step(x, pos, empty_cache(attn.cfg, 1), slots, window=8)
-    y_ref, _ = eager(attn).forward_cached(
-        x, pos, empty_cache(attn.cfg, 1), slots, 8, attn.native_ops
-    )
+    with backends.using(attn.native_attention):
+        y_ref, _ = eager(attn).forward_cached(x, pos, empty_cache(attn.cfg, 1), slots, 8)
     np.testing.assert_allclose(y, y_ref, atol=1e-4)
     greedy = (np.zeros(1, np.float32), np.zeros(1, np.int32), np.ones(1, np.float32))
     tokens_out, logits = head.serve_head(

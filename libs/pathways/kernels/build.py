@@ -42,10 +42,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from pathways import backends
+
 log = logging.getLogger(__name__)
 
-MODES = ("xla", "auto", "native")
-DEFAULT_MODE = "auto"
+MODES = backends.SETTINGS["PATHWAYS_KERNELS"]
 # Shape classes a decision covers: matmuls of at most MAX_DECODE_ROWS rows (and a decode step's
 # attention against the cache), and larger ones.
 SHAPES = ("decode", "prefill")
@@ -67,15 +68,16 @@ def _flags() -> list[str]:
     return [f"-march={march}" if f == "-march=native" and march else f for f in _FLAGS]
 
 
-class KernelError(RuntimeError):
-    """The native kernels were required (PATHWAYS_KERNELS=native) but cannot be built or loaded."""
+class KernelError(backends.BackendError):
+    """The native kernels were required (PATHWAYS_KERNELS=native) but cannot be built or loaded,
+    or a setting of theirs is not one they know."""
 
 
 def mode() -> str:
-    value = os.environ.get("PATHWAYS_KERNELS", DEFAULT_MODE).strip().lower() or DEFAULT_MODE
-    if value not in MODES:
-        raise KernelError(f"PATHWAYS_KERNELS must be one of {', '.join(MODES)}; got {value!r}")
-    return value
+    try:
+        return backends.setting("PATHWAYS_KERNELS")
+    except backends.BackendError as e:  # as a KernelError: what callers of the kernels catch
+        raise KernelError(str(e)) from None
 
 
 def cache_dir() -> Path:
@@ -408,14 +410,14 @@ def _load_library() -> bool:
     return True
 
 
-AMX_MODES = ("auto", "off")
+AMX_MODES = backends.SETTINGS["PATHWAYS_AMX"]
 
 
 def amx_mode() -> str:
-    value = os.environ.get("PATHWAYS_AMX", "auto").strip().lower() or "auto"
-    if value not in AMX_MODES:
-        raise KernelError(f"PATHWAYS_AMX must be one of {', '.join(AMX_MODES)}; got {value!r}")
-    return value
+    try:
+        return backends.setting("PATHWAYS_AMX")
+    except backends.BackendError as e:
+        raise KernelError(str(e)) from None
 
 
 def tiles_available() -> bool:

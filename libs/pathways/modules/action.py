@@ -86,9 +86,7 @@ class Action(nnx.Module):
         y = self.head(x).astype(jnp.float32)
         return jnp.tanh(y) if self.cfg.squash == "tanh" else y
 
-    def step(
-        self, h_btd, positions=None, cache=None, slots=None, window=None, native=False, causal=True
-    ):
+    def step(self, h_btd, positions=None, cache=None, slots=None, window=None, causal=True):
         """The kind's one step (see `modules.kind`): outputs per step; no cache."""
         return self(h_btd), None
 

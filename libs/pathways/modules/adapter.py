@@ -56,9 +56,7 @@ class Adapter(nnx.Module):
         r_btr = jax.nn.gelu(self.down(self.norm(x_btd)), approximate=True)
         return x_btd + self.up(r_btr).astype(x_btd.dtype)
 
-    def step(
-        self, x_btd, positions=None, cache=None, slots=None, window=None, native=False, causal=True
-    ):
+    def step(self, x_btd, positions=None, cache=None, slots=None, window=None, causal=True):
         """The kind's one step (see `modules.kind`): per position, so any mask; no cache."""
         return self(x_btd), None
 

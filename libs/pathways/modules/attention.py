@@ -143,31 +143,29 @@ class Attention(nnx.Module):
             x_btd = block.finish(x_btd, attend(q, k, v, mask))
         return x_btd
 
-    def step(
-        self, x_btd, positions_bt, cache=None, slots_b=None, window=None, native=False, causal=True
-    ):
+    def step(self, x_btd, positions_bt, cache=None, slots_b=None, window=None, causal=True):
         """The kind's one step (see `modules.kind`): the stateless forward without a cache
         (with the call's mask), else `forward_cached` (sessions generate text: causal).
         Returns (y_btd, cache)."""
         if cache is None:
             return self(x_btd, positions_bt, causal), None
-        return self.forward_cached(x_btd, positions_bt, cache, slots_b, window, native)
+        return self.forward_cached(x_btd, positions_bt, cache, slots_b, window)
 
-    def forward_cached(self, x_btd, positions_bt, cache, slots_b, window: int, native=False):
+    def forward_cached(self, x_btd, positions_bt, cache, slots_b, window: int):
         """Prefill (T > 1) or decode (T == 1) for the sessions in `slots_b`.
 
         Writes this chunk's keys/values at (slot, position) and attends to the first `window`
         cache positions with a causal mask. Padding rows carry position == max_seq_len: their
-        writes are dropped and their outputs are garbage the caller ignores. `native` does a
-        decode step's (T == 1) cache update and attention in one op of the optional backend
-        (`attend_cached` in `pathways.backends`), in place; prefill chunks keep XLA's batched
-        dots, which are faster when many queries share the keys.
+        writes are dropped and their outputs are garbage the caller ignores. Where the runtime
+        traces the step using an optional backend (`pathways.backends.using`), a decode step's
+        (T == 1) cache update and attention are that backend's `attend_cached`, in place; prefill
+        chunks keep XLA's batched dots, which are faster when many queries share the keys.
 
         Returns:
             (y_btd, new_cache).
         """
-        if native and x_btd.shape[1] == 1:
-            attend_cached = backends.op("attend_cached")
+        attend_cached = backends.optional("attend_cached") if x_btd.shape[1] == 1 else None
+        if attend_cached is not None:
 
             def attend_layer(i, q, k, v, ks, vs):
                 return attend_cached(q, k, v, positions_bt, slots_b, ks, vs, layer=i, window=window)

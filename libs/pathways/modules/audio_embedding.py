@@ -145,7 +145,6 @@ class AudioEmbedding(nnx.Module):
         cache=None,
         slots=None,
         window=None,
-        native=False,
         causal=True,
     ):
         """The kind's one step (see `modules.kind`): positions follow from the waveform's

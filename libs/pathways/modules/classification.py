@@ -58,9 +58,7 @@ class Classification(nnx.Module):
         pooled_bd = self.norm(h_btd).mean(axis=1)
         return self.head(pooled_bd).astype(jnp.float32)  # (B, C)
 
-    def step(
-        self, h_btd, positions=None, cache=None, slots=None, window=None, native=False, causal=True
-    ):
+    def step(self, h_btd, positions=None, cache=None, slots=None, window=None, causal=True):
         """The kind's one step (see `modules.kind`): class logits (B, C); no cache."""
         return self(h_btd), None
 

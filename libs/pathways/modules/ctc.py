@@ -98,9 +98,7 @@ class Ctc(nnx.Module):
             raise ValueError(f"ctc reads hidden states of shape (B, T, D); got {h_btd.shape}")
         return self.head(self.norm(h_btd)).astype(jnp.float32)  # (B, T, C)
 
-    def step(
-        self, h_btd, positions=None, cache=None, slots=None, window=None, native=False, causal=True
-    ):
+    def step(self, h_btd, positions=None, cache=None, slots=None, window=None, causal=True):
         """The kind's one step (see `modules.kind`): symbol logits (B, T, C); no cache."""
         return self(h_btd), None
 

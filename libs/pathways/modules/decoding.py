@@ -50,9 +50,7 @@ class Decoding(nnx.Module):
     def __call__(self, h_btd: jax.Array) -> jax.Array:
         return self.head(self.norm(h_btd)).astype(jnp.float32)
 
-    def step(
-        self, h, positions=None, cache=None, slots=None, window=None, native=False, causal=True
-    ):
+    def step(self, h, positions=None, cache=None, slots=None, window=None, causal=True):
         """The kind's one step (see `modules.kind`): logits for hidden states of any leading
         shape ((B, T, D) or the sampled rows' (B, D)); positions unused, no cache."""
         return self(h), None

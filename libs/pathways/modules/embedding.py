@@ -64,7 +64,6 @@ class Embedding(nnx.Module):
         cache=None,
         slots=None,
         window=None,
-        native=False,
         causal=True,
     ):
         """The kind's one step (see `modules.kind`): no cache, so (hidden states, None)."""

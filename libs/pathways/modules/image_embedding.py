@@ -91,7 +91,6 @@ class ImageEmbedding(nnx.Module):
         cache=None,
         slots=None,
         window=None,
-        native=False,
         causal=True,
     ):
         """The kind's one step (see `modules.kind`): patch positions are fixed by the image, so

@@ -3,7 +3,7 @@
 A kind is a frozen config dataclass (with a `kind` name, `input_contract` and `output_contract`)
 plus a Flax NNX module built as `module(cfg, rngs)` with one step:
 
-    module.step(x, positions, cache=None, slots=None, window=None, native=False, causal=True)
+    module.step(x, positions, cache=None, slots=None, window=None, causal=True)
         -> (y, cache)
 
 `cache=None` is the stateless forward (training, whole batches); kinds without a per-session
@@ -12,8 +12,8 @@ is causal, an image or an utterance is not); kinds that do not attend ignore it,
 (with a cache) generate text, so they are causal. A head (`is_head`) maps hidden states to its
 outputs (a decoding head: logits of any leading shape; a classification head pools (B, T, D)
 into (B, classes)) and has `loss(h, targets, mask=None)`, where targets are whatever its task
-predicts (next tokens (B, T), labels (B,)). `native` selects the native CPU kernels where a kind
-has them (the backend seam of issue 18 will take it out of the signature); others ignore it.
+predicts (next tokens (B, T), labels (B,)). No step takes a backend: an op with a faster
+implementation on some device is asked of `pathways.backends` while the step is traced.
 """
 
 from __future__ import annotations

@@ -160,9 +160,7 @@ class ObservationEmbedding(nnx.Module):
         pos = jnp.clip(positions_bt, 0, self.cfg.max_seq_len - 1)
         return self.encode(obs_bto) + self.positions[...][pos]
 
-    def step(
-        self, obs_bto, positions_bt, cache=None, slots=None, window=None, native=False, causal=True
-    ):
+    def step(self, obs_bto, positions_bt, cache=None, slots=None, window=None, causal=True):
         """The kind's one step (see `modules.kind`): no cache, so (hidden states, None)."""
         return self(obs_bto, positions_bt), None
 

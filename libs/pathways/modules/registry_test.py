@@ -40,7 +40,7 @@ class _Other(nnx.Module):
     def __init__(self, cfg, rngs):
         self.cfg = cfg
 
-    def step(self, x, positions, cache=None, slots=None, window=None, native=False):
+    def step(self, x, positions, cache=None, slots=None, window=None):
         return x, None
 
 

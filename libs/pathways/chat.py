@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pathways.config import unknown_fields
+
 FILE = "chat_template.json"
 
 
@@ -51,9 +53,9 @@ class ChatTemplate:
     def from_dict(cls, data: Any) -> ChatTemplate:
         if not isinstance(data, dict) or not isinstance(data.get("roles"), dict):
             raise ChatError('a chat template is {"roles": {ROLE: FORMAT, ...}, ...}', "roles")
-        unknown = set(data) - {"roles", "generation_prompt", "stop"}
+        unknown = unknown_fields(cls, data)
         if unknown:
-            raise ChatError(f"chat template: unknown field(s) {', '.join(sorted(unknown))}", "")
+            raise ChatError(f"chat template: unknown field(s) {', '.join(unknown)}", "")
         stop = data.get("stop", [])
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise ChatError("chat template: stop must be a list of non-empty strings", "stop")

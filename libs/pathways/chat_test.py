@@ -45,3 +45,9 @@ def test_checkpoint_round_trip_and_bad_files(tmp_path):
     (tmp_path / chat.FILE).write_text("{")
     with pytest.raises(chat.ChatError, match=chat.FILE):
         chat.load(tmp_path)
+
+
+def test_unknown_template_fields_are_named():
+    data = {"roles": {"user": "U: {content}"}, "stops": [], "colour": "red"}
+    with pytest.raises(chat.ChatError, match=r"chat template: unknown field\(s\) colour, stops"):
+        chat.ChatTemplate.from_dict(data)

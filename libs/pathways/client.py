@@ -25,7 +25,7 @@ from pathlib import Path
 
 import grpc
 
-from pathways import chat, telemetry, transport
+from pathways import chat, messages, telemetry, transport
 from pathways.serving import auth
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -188,11 +188,14 @@ def request(
 ) -> gateway_pb2.GenerateRequest:
     """A GenerateRequest (the gateway checks the values and names the bad one); `max_tokens`
     None: the gateway's default (64)."""
-    opts = gateway_pb2.SamplingOptions(temperature=temperature, top_k=top_k, seed=seed, stop=stop)
-    if max_tokens is not None:
-        opts.max_new_tokens = max_tokens
-    if top_p is not None:
-        opts.top_p = top_p
+    opts = messages.sampling_options(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        max_new_tokens=max_tokens,
+        stop=stop,
+    )
     return gateway_pb2.GenerateRequest(pathway=pathway, prompt=prompt, sampling=opts)
 
 

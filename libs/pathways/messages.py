@@ -1,20 +1,44 @@
 """Settings between their dataclasses and their wire messages, in one place: sampling
 (`SamplingParams` <-> `SamplingOptions`, `RowSampling`) and the optimizer (`TrainConfig` <->
-`OptimizerConfig`). Values are checked where the dataclass is built; errors name the field."""
+`OptimizerConfig`). Values are checked where the dataclass is built; errors name the field.
+
+Light on purpose (no jax at import): clients build their `SamplingOptions` here too."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pathways.sampling import SamplingParams
 from pathways.v1 import gateway_pb2, module_pb2, training_pb2
 
 if TYPE_CHECKING:
+    from pathways.sampling import SamplingParams
     from pathways.train import TrainConfig
+
+
+def sampling_options(
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float | None = None,
+    seed: int = 0,
+    max_new_tokens: int | None = None,
+    stop: Sequence[str] = (),
+) -> gateway_pb2.SamplingOptions:
+    """A client's options, sent unchecked: the gateway checks them and names the bad one (as a
+    gRPC status). `top_p`, `max_new_tokens` None: unset, so the gateway's defaults apply."""
+    o = gateway_pb2.SamplingOptions(temperature=temperature, top_k=top_k, seed=seed, stop=stop)
+    if top_p is not None:
+        o.top_p = top_p
+    if max_new_tokens is not None:
+        o.max_new_tokens = max_new_tokens
+    return o
 
 
 def sampling_from_options(o: gateway_pb2.SamplingOptions) -> SamplingParams:
     """Proto options -> SamplingParams (unset top_p/max_new_tokens take the library defaults)."""
+    from pathways.sampling import SamplingParams  # jax: servers only
+
     return SamplingParams(
         temperature=o.temperature,
         top_k=o.top_k,
@@ -33,6 +57,8 @@ def row_sampling(s: SamplingParams) -> module_pb2.RowSampling:
 
 
 def sampling_from_row(r: module_pb2.RowSampling) -> SamplingParams:
+    from pathways.sampling import SamplingParams
+
     return SamplingParams(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p, seed=r.seed)
 
 

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from pathways import messages
@@ -23,5 +26,20 @@ def test_optimizer_round_trip_and_errors_name_the_field():
     back = messages.train_config(messages.optimizer_config(cfg))
     for name in ("steps", "lr", "warmup", "min_lr_ratio", "weight_decay", "clip"):
         assert getattr(back, name) == getattr(cfg, name)
-    with pytest.raises(ValueError, match="lr must be > 0"):
+    with pytest.raises(ValueError, match="lr must be a positive number, got 0.0"):
         messages.train_config(training_pb2.OptimizerConfig(steps=3, lr=0.0))
+
+
+def test_client_options_unset_take_the_gateway_defaults():
+    o = messages.sampling_options(temperature=0.5, stop=["\n"])
+    assert not o.HasField("top_p") and not o.HasField("max_new_tokens")
+    assert messages.sampling_from_options(o) == SamplingParams(temperature=0.5, stop=("\n",))
+    o = messages.sampling_options(top_k=3, top_p=0.25, seed=7, max_new_tokens=0)
+    assert messages.sampling_from_options(o) == SamplingParams(
+        top_k=3, top_p=0.25, seed=7, max_new_tokens=0
+    )
+
+
+def test_clients_import_it_without_jax():
+    code = "import sys, pathways.messages; assert 'jax' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -25,9 +25,10 @@ import dataclasses
 import re
 from typing import Any
 
+from pathways.config import unknown_fields
+
 ACCELERATORS = ("nvidia.com/gpu", "amd.com/gpu", "google.com/tpu")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
-_FIELDS = ("accelerator", "count", "node_selector", "tolerations", "memory", "cpu", "image")
 
 
 class PlacementError(ValueError):
@@ -78,10 +79,11 @@ def _entry(module: str, raw: Any, modules) -> ModulePlacement:
         raise PlacementError(f"{where}: no such module; modules: {', '.join(modules)}")
     if not isinstance(raw, dict):
         raise PlacementError(f"{where}: must be a mapping, got {raw!r}")
-    unknown = sorted(set(raw) - set(_FIELDS))
+    unknown = unknown_fields(ModulePlacement, raw)
     if unknown:
+        known = [f.name for f in dataclasses.fields(ModulePlacement)]
         raise PlacementError(
-            f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(_FIELDS)}"
+            f"{where}: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}"
         )
     accelerator = str(raw.get("accelerator") or "")
     if accelerator and accelerator not in ACCELERATORS:

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from pathways import checkpoint as ckpt
-from pathways.config import positive_int
+from pathways.config import positive_int, positive_number, require
 from pathways.data import TokenData
 from pathways.executor.local import LocalExecutor
 from pathways.pipeline.runner import run_step
@@ -48,10 +48,26 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "save_every"):
             positive_int(name, getattr(self, name))
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        if not (isinstance(self.warmup, int) and 0 <= self.warmup < self.steps):
-            raise ValueError(f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}")
+        positive_number("lr", self.lr)
+        require(
+            isinstance(self.warmup, int) and 0 <= self.warmup < self.steps,
+            f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}",
+        )
+
+    @classmethod
+    def with_warmup(
+        cls, steps: int, warmup: int | None = None, *, fit: bool = False, **fields
+    ) -> TrainConfig:
+        """A job's settings where its warmup may be left out: None warms up for
+        `default_warmup(steps)`. `fit` caps the warmup below `steps` rather than failing, for jobs
+        whose step count is derived (rounds, a baseline's steps) and may be shorter than it."""
+        warmup = default_warmup(steps) if warmup is None else warmup
+        return cls(steps=steps, warmup=min(warmup, steps - 1) if fit else warmup, **fields)
+
+
+def default_warmup(steps: int) -> int:
+    """The warmup of a job that names none: a fifteenth of its steps, at least one."""
+    return max(1, steps // 15)
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:

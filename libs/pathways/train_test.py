@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from pathways import spec as spec_lib
+from pathways.config import ConfigError
 from pathways.data import TokenData
 from pathways.executor.local import LocalExecutor
 from pathways.tokenizers import ByteTokenizer
@@ -135,6 +136,18 @@ def test_train_config_validation(kwargs, words):
         TrainConfig(**kwargs)
     for w in words:
         assert w in str(e.value)
+
+
+def test_with_warmup_defaults_to_a_fifteenth_and_fit_caps_it_below_steps():
+    assert TrainConfig.with_warmup(300, lr=0.5).warmup == 20
+    assert TrainConfig.with_warmup(10).warmup == 1
+    assert TrainConfig.with_warmup(10, 0).warmup == 0
+    assert TrainConfig.with_warmup(1, fit=True).warmup == 0
+    assert TrainConfig.with_warmup(10, 50, fit=True).warmup == 9
+    with pytest.raises(ConfigError, match=r"warmup must be in \[0, steps=10\), got 50"):
+        TrainConfig.with_warmup(10, 50)
+    with pytest.raises(ConfigError, match="lr must be a positive number, got '1e-3'"):
+        TrainConfig(lr="1e-3")
 
 
 def test_lr_scale_scales_one_modules_updates(tmp_path):

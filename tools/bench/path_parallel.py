@@ -92,13 +92,8 @@ class Setup:
     def train_config(self, batch: int, steps: int | None = None) -> TrainConfig:
         a = self.args
         steps = steps or a.steps
-        return TrainConfig(
-            steps=steps,
-            batch_size=batch,
-            seq_len=a.seq_len,
-            lr=a.lr,
-            warmup=max(1, steps // 15),
-            seed=a.seed,
+        return TrainConfig.with_warmup(
+            steps, batch_size=batch, seq_len=a.seq_len, lr=a.lr, seed=a.seed
         )
 
     def eval_loss(self, params) -> float:

@@ -261,12 +261,12 @@ def cmd_train(args) -> int:
             f"is {emb_vocab}"
         )
     data = data_lib.TokenData.build(texts, tok)
-    cfg = TrainConfig(
-        steps=args.steps,
+    cfg = TrainConfig.with_warmup(
+        args.steps,
+        args.warmup,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=args.lr,
-        warmup=args.warmup if args.warmup is not None else max(1, args.steps // 15),
         eval_every=args.eval_every,
         save_every=args.save_every,
         seed=args.seed,

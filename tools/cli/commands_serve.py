@@ -199,10 +199,11 @@ def generate_via_gateway(args) -> int:
     """`pathways generate --gateway HOST:PORT`: streams tokens from GatewayService.Generate."""
     import grpc
 
+    from pathways import messages
     from pathways.v1 import gateway_pb2, gateway_pb2_grpc
     from tools.cli import connect
 
-    opts = gateway_pb2.SamplingOptions(
+    opts = messages.sampling_options(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,

@@ -109,11 +109,11 @@ class MultiTaskRequest:
     def train_config(self):
         from pathways.train import TrainConfig
 
-        warmup = self.warmup if self.warmup is not None else max(1, self.steps // 15)
-        return TrainConfig(
-            steps=self.steps,
+        return TrainConfig.with_warmup(
+            self.steps,
+            self.warmup,
+            fit=True,
             lr=self.lr,
-            warmup=min(warmup, self.steps - 1),
             eval_every=self.eval_every,
             eval_batches=self.eval_batches,
             save_every=self.save_every,

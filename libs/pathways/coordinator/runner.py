@@ -15,12 +15,11 @@ from pathways.train import LocalTrainer, PipelineEngine, TrainConfig, Trainer
 
 def train_config(req: JobRequest) -> TrainConfig:
     """The job's training settings: every `TrainConfig` field the request has, by name (a field
-    added to both needs no code here); a request without `warmup` warms up for steps / 15."""
+    added to both needs no code here); a request without `warmup` warms up for `train.default_warmup(steps)`.
+    """
     names = [f.name for f in dataclasses.fields(TrainConfig) if hasattr(req, f.name)]
     given = {name: getattr(req, name) for name in names}
-    if given.get("warmup") is None:
-        given["warmup"] = max(1, req.steps // 15)
-    return TrainConfig(**given)
+    return TrainConfig.with_warmup(given.pop("steps"), given.pop("warmup", None), **given)
 
 
 def library_dataset(name: str):

@@ -120,12 +120,13 @@ def train_baseline(req: DistillRequest) -> dict[str, Any]:
         _, tok = ckpt.load_spec(req.teacher)
         s_spec = student_spec(req)
         pathway = req.student_pathway or s_spec.default_pathway
-        cfg = TrainConfig(
-            steps=req.baseline_steps,
+        cfg = TrainConfig.with_warmup(
+            req.baseline_steps,
+            req.warmup,
+            fit=True,
             batch_size=req.batch_size,
             seq_len=req.seq_len,
             lr=req.lr,
-            warmup=min(req.warmup, req.baseline_steps - 1),
             eval_every=req.baseline_steps,
             eval_batches=req.eval_batches,
             save_every=req.baseline_steps,

@@ -118,13 +118,13 @@ class DiLoCoRequest:
 
     def train_config(self) -> TrainConfig:
         """The inner optimizer's settings; its schedule spans a worker's `steps` inner steps."""
-        warmup = self.warmup if self.warmup is not None else max(1, self.steps // 15)
-        return TrainConfig(
-            steps=self.steps,
+        return TrainConfig.with_warmup(
+            self.steps,
+            self.warmup,
+            fit=True,
             batch_size=self.batch_size,
             seq_len=self.seq_len,
             lr=self.lr,
-            warmup=min(warmup, self.steps - 1),
             weight_decay=self.weight_decay,
             clip=self.clip,
             seed=self.seed,

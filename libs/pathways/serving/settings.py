@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 from pathways import paths, transport
+from pathways.config import positive_int, positive_number
 from pathways.weights import STORAGE as WEIGHTS
 
 
@@ -102,8 +103,7 @@ class ModuleServerSettings:
             "max_micro_batches",
             "max_programs",
         ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            positive_int(name, getattr(self, name))
         if self.weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}; got {self.weights!r}")
         if self.training and self.weights != "float32":
@@ -127,8 +127,7 @@ class ModuleServerSettings:
         if self.cpu_threads < 0:
             raise ValueError(f"cpu_threads must be >= 0, got {self.cpu_threads!r}")
         for name in ("kv_cache_mb", "session_ttl_s", "max_message_mb", "max_inbox_mb"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+            positive_number(name, getattr(self, name))
         if self.path_roots:
             self.roots()  # a filesystem root or an empty list is an error now
         for name in ("health_port", "metrics_port"):

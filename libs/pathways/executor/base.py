@@ -22,6 +22,21 @@ def bucket(n: int, limit: int, minimum: int = 32) -> int:
     return min(b, limit)
 
 
+def padded_length(t: int, limit: int) -> int:
+    """The length a call of `t` positions is padded to (8, 16, 32, ... up to `limit`, the
+    module's context; never below t): calls of every length compile ~log2(limit) programs."""
+    return max(bucket(t, limit=limit, minimum=8), t)
+
+
+def prompt_positions(starts, lengths, t: int, pad_position: int) -> np.ndarray:
+    """(B, t) int32 positions of right-padded prompts: row i's `lengths[i]` positions from
+    `starts[i]` on, then `pad_position` (past every real one: a cache drops its writes)."""
+    positions = np.full((len(lengths), t), pad_position, np.int32)
+    for i, n in enumerate(lengths):
+        positions[i, :n] = starts[i] + np.arange(n)
+    return positions
+
+
 @dataclasses.dataclass
 class Session:
     """A batch of sequences being generated on one pathway; holds their per-row progress."""
@@ -123,11 +138,9 @@ def pad_prompts(prompts: list[list[int]], starts: np.ndarray, pad_position: int)
         tokens (B, T) int32, positions (B, T) int32, last_index (B,) int32.
     """
     lengths = np.array([len(p) for p in prompts], np.int32)
-    # Bucketed so that prompts of nearby lengths share one compiled program.
-    t = max(bucket(int(lengths.max()), limit=pad_position, minimum=8), int(lengths.max()))
+    t = padded_length(int(lengths.max()), pad_position)  # nearby lengths share one program
     tokens = np.zeros((len(prompts), t), np.int32)
-    positions = np.full((len(prompts), t), pad_position, np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-        positions[i, : len(p)] = starts[i] + np.arange(len(p))
+    positions = prompt_positions(starts, lengths, t, pad_position)
     return tokens, positions, lengths - 1

@@ -394,7 +394,11 @@ def _training_copy(engine: ModuleEngine) -> ModuleEngine:
 
 
 def _mount(server, m: Mount) -> None:
-    servicer = TrainingServicer(m.engine, m.servicer, m.channel_options, m.tls, m.roots, m.settings)
+    if len(m.engines) != 1:  # the server's settings refuse it first (--training)
+        raise ValueError("training serves one module per server")
+    servicer = TrainingServicer(
+        m.engines[0], m.servicer, m.channel_options, m.tls, m.roots, m.settings
+    )
     # ModuleService.Publish(from_training) serves what this copy has learnt.
     m.servicer.training_state = lambda: servicer.engine.rt.state
     training_pb2_grpc.add_TrainingServiceServicer_to_server(servicer, server)

@@ -1,12 +1,13 @@
-"""Consecutive modules in one process as one engine, their steps one compiled program.
+"""Consecutive modules in one process as one engine, their steps one compiled program: how
+sessions are stepped, in-process and in a module server.
 
 Each module stays its own `ModuleEngine` (its own parameters, checkpoint entry and KV-cache
 pool); only a session step through all of them compiles as one program (`runtime.fused_step`),
 so XLA schedules across the module boundaries and a step costs one dispatch, not one per module.
-`LocalExecutor` steps each pathway through one; a module server started with several modules
-(`--module attn-lower,attn-upper`) serves one, with the chain's contract (the first module's
-input, the last one's output) and the module engine's interface, so the servicer and the
-batcher serve it as they serve one module.
+`LocalExecutor` steps each pathway through one (`run`); a module server serves its module, or
+several (`--module attn-lower,attn-upper`), through one, with the chain's contract (the first
+module's input, the last one's output): `prefill` and `decode` (sessions' steps concatenated by
+the batcher) are the server's steps.
 """
 
 from __future__ import annotations
@@ -15,12 +16,23 @@ import dataclasses
 
 import numpy as np
 
-from pathways.executor.base import bucket
+from pathways.executor.base import bucket, padded_length, prompt_positions
 from pathways.modules import registry
 from pathways.runtime import fused_step
-from pathways.serving.engine import ModuleEngine, Step, _concat_sampling, _greedy, _pad_axis
+from pathways.sampling import SamplingBatch
+from pathways.serving.engine import ModuleEngine, pad_axis
 from pathways.serving.limits import ProgramCap
 from pathways.serving.sessions import ServerSession
+
+
+@dataclasses.dataclass
+class Step:
+    """One session's rows of one decode step (the unit the batcher concatenates)."""
+
+    session: ServerSession
+    x: np.ndarray  # (B, 1) int32 tokens or (B, 1, D) float32
+    positions: np.ndarray  # (B,) int32
+    steps: np.ndarray  # (B,) int32, decoding modules only
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,15 +161,17 @@ class ChainEngine:
 
     # ---- the module engine's interface, for a server ----------------------------------------
     def prefill(self, s: ServerSession, x, starts, lengths, steps, want_logits: bool):
-        """As `ModuleEngine.prefill`, through every module in one program."""
-        b, t = x.shape[:2]
-        pad = s.max_seq_len
-        tp = max(bucket(t, limit=pad, minimum=8), t)  # the buckets clients use
-        x = _pad_axis(x, 1, tp)
-        positions = np.full((b, tp), pad, np.int32)
-        for i in range(b):
-            positions[i, : lengths[i]] = starts[i] + np.arange(lengths[i])
-        window = bucket(int(positions[positions < pad].max()) + 1, pad)
+        """One prefill chunk of session `s` through every module (one program): x (B, T) rows
+        of `lengths` real positions from `starts` on; `steps` the head's. Returns (output,
+        logits or None): (B, T, D) hidden states, or the head's (B,) tokens."""
+        t, pad = x.shape[1], s.max_seq_len
+        # Lengths padded to the buckets clients use (executor.base.pad_prompts), so a client
+        # sending every length from 1 to max_seq_len compiles ~log2(max_seq_len) programs, not
+        # one each; padding positions are dropped and their outputs cut off.
+        tp = padded_length(t, pad)
+        x = pad_axis(x, 1, tp)
+        positions = prompt_positions(starts, lengths, tp, pad)
+        window = self._window(int(positions[positions < pad].max()) + 1, pad)
         self.programs.admit(("chain prefill", x.shape, x.dtype.str, window))
         out, logits = self._step(
             x, positions, s.slots, np.asarray(lengths, np.int32) - 1, s.sampling, steps,
@@ -168,8 +182,10 @@ class ChainEngine:
         return np.asarray(out)[:, :t], None
 
     def decode(self, items: list[Step], want_logits: bool):
-        """As `ModuleEngine.decode`: one step for several sessions at once, through every
-        module in one program; per-item (output, logits)."""
+        """One decode step for several sessions at once (the batcher's), through every module
+        in one program; per-item (output, logits). A lone session runs at its own batch size
+        (what the local executor computes); a mixed batch pads to a power of two so few
+        programs get compiled."""
         one = len(items) == 1
         sizes = [it.session.batch_size for it in items]
         cat = (lambda xs: xs[0]) if one else np.concatenate
@@ -192,7 +208,7 @@ class ChainEngine:
             if sampling is not None:
                 sampling = _concat_sampling([sampling, _greedy(p - r)])
                 steps = np.concatenate([steps, np.zeros(p - r, np.int32)])
-        window = bucket(int(pos[:r].max()) + 1, limit)
+        window = self._window(int(pos[:r].max()) + 1, limit)
         self.programs.admit(("chain decode", x.shape, x.dtype.str, window))
         out, logits = self._step(
             x, pos[:, None], slots, np.zeros(p, np.int32), sampling, steps, window, want_logits
@@ -206,6 +222,11 @@ class ChainEngine:
             results.append((out[at : at + n], None if logits is None else logits[at : at + n]))
             at += n
         return results
+
+    def _window(self, top: int, limit: int) -> int:
+        """The cache positions a step attends to (`top` and below, bucketed); 0 in a chain
+        without a cache, whose program does not depend on it (compiled once, not per window)."""
+        return bucket(top, limit) if self.cached else 0
 
     def _step(self, x, positions, slots, last, sampling, steps, window, want_logits):
         rows = [slots] * len(self.cached)
@@ -232,3 +253,16 @@ class ChainEngine:
         for e in self.engines[: modules or len(self.engines)]:
             x = e.forward(x, causal)
         return x
+
+
+def _greedy(n: int) -> SamplingBatch:
+    return SamplingBatch(
+        np.zeros(n, np.float32),
+        np.zeros(n, np.int32),
+        np.ones(n, np.float32),
+        np.zeros(n, np.uint32),
+    )
+
+
+def _concat_sampling(batches: list[SamplingBatch]) -> SamplingBatch:
+    return SamplingBatch(*(np.concatenate(cols) for cols in zip(*(b.as_tuple() for b in batches))))

@@ -1,15 +1,15 @@
-"""One module's compute for sessions: its runtime (`ModuleRuntime`, the jitted entry points) and
-a pool of KV-cache slots; no model math of its own.
+"""One module's compute: its runtime (`ModuleRuntime`, the jitted entry points) and a pool of
+KV-cache slots; no model math of its own.
 
-The same engine steps sessions for a module server (a fixed pool; its `SessionTable` hands slots
-out, and `Batcher` concatenates sessions into one decode step) and in-process (`LocalExecutor`
-is a chain of engines: `take`/`give` hand slots out and the pool grows on demand, and co-located
-engines' steps fuse into one program, `runtime.fused_step`).
+Sessions are stepped through a chain of these (`serving.chain.ChainEngine`, one module or
+several, their steps one compiled program): in-process (`LocalExecutor`: `take`/`give` hand
+slots out and the pool grows on demand) and in a module server (a fixed pool; its `SessionTable`
+hands slots out, and `Batcher` concatenates sessions into one decode step). Here: the pool, the
+input checks, a step of this module alone (`step`, for unfused in-process runs) and the
+stateless forward.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import jax
 import numpy as np
@@ -18,22 +18,10 @@ from flax import nnx
 from pathways import checkpoint as ckpt
 from pathways import modules as mod
 from pathways import sharding
-from pathways.executor.base import bucket
+from pathways.executor.base import bucket, padded_length
 from pathways.runtime import ModuleRuntime, streams_weights
-from pathways.sampling import SamplingBatch
 from pathways.serving.errors import InvalidArgument
 from pathways.serving.limits import ProgramCap
-from pathways.serving.sessions import ServerSession
-
-
-@dataclasses.dataclass
-class Step:
-    """One session's rows of one decode step (the unit the batcher concatenates)."""
-
-    session: ServerSession
-    x: np.ndarray  # (B, 1) int32 tokens or (B, 1, D) float32
-    positions: np.ndarray  # (B,) int32
-    steps: np.ndarray  # (B,) int32, decoding modules only
 
 
 class ModuleEngine:
@@ -189,80 +177,7 @@ class ModuleEngine:
         if x.shape[1] == 0 or x.shape[0] == 0:
             raise InvalidArgument(f"{field} is empty: shape {list(x.shape)}")
 
-    # ---- steps -------------------------------------------------------------------------------
-    def prefill(self, s: ServerSession, x, starts, lengths, steps, want_logits: bool):
-        """Returns (output, logits or None); output is (B, T, D) or (B,) tokens for a head."""
-        b, t = x.shape[:2]
-        pad = s.max_seq_len
-        # Lengths padded to the buckets clients use (executor.base.pad_prompts), so a client
-        # sending every length from 1 to max_seq_len compiles ~log2(max_seq_len) programs,
-        # not one each; padding positions are dropped and their outputs cut off.
-        tp = max(bucket(t, limit=pad, minimum=8), t)
-        x = _pad_axis(x, 1, tp)
-        positions = np.full((b, tp), pad, np.int32)
-        for i in range(b):
-            positions[i, : lengths[i]] = starts[i] + np.arange(lengths[i])
-        if self.kind.is_head:
-            return self._head(x, lengths - 1, s.sampling, steps, want_logits)
-        # numpy arguments go straight into the jitted call: jnp.asarray would dispatch an eager
-        # device_put per array first (~0.1 ms each, on every hop of every token).
-        if self.cache is None:
-            return np.asarray(self.step(x, positions))[:, :t], None
-        real = positions[positions < pad]
-        window = bucket(int(real.max()) + 1, s.max_seq_len)
-        y = self.step(x, positions, s.slots, window=window)
-        return (y if tp == t else np.asarray(y)[:, :t]), None
-
-    def decode(self, items: list[Step], want_logits: bool):
-        """One decode step for several sessions at once; returns per-item (output, logits)."""
-        one = len(items) == 1  # a lone session: nothing to concatenate
-        sizes = [it.session.batch_size for it in items]
-        x = items[0].x if one else np.concatenate([it.x for it in items])
-        pos = items[0].positions if one else np.concatenate([it.positions for it in items])
-        r = len(pos)
-        # A lone session runs at its own batch size (identical to the local executor); a mixed
-        # batch pads to a power of two so few programs get compiled.
-        p = r if one else bucket(r, limit=1 << 30, minimum=1)
-        limit = max(it.session.max_seq_len for it in items)
-        if self.kind.is_head:
-            if one:
-                sampling, steps = items[0].session.sampling, items[0].steps
-            else:
-                sampling = _concat_sampling([it.session.sampling for it in items])
-                steps = np.concatenate([it.steps for it in items])
-            if p > r:
-                x = np.concatenate([x, np.zeros((p - r, *x.shape[1:]), x.dtype)])
-                steps = np.concatenate([steps, np.zeros(p - r, np.int32)])
-                sampling = _concat_sampling([sampling, _greedy(p - r)])
-            out, logits = self._head(x, np.zeros(p, np.int32), sampling, steps, want_logits)
-        else:
-            if p > r:  # padding rows sit past every real position (a cache drops their writes)
-                x = np.concatenate([x, np.zeros((p - r, *x.shape[1:]), x.dtype)])
-                pos = np.concatenate([pos, np.full(p - r, self.max_seq_len or limit, np.int32)])
-            positions = pos[:, None]
-            if self.cache is None:
-                out = self.step(x, positions)
-            else:
-                slots = (
-                    items[0].session.slots
-                    if one
-                    else np.concatenate(
-                        [it.session.slots for it in items] + [np.zeros(p - r, np.int32)]
-                    )
-                )
-                window = bucket(int(pos[:r].max()) + 1, limit)
-                out = self.step(x, positions, slots, window=window)
-            logits = None
-        out = np.asarray(out)
-        logits = np.asarray(logits) if logits is not None else None
-        if one:
-            return [(out, logits)]
-        results, at = [], 0
-        for n in sizes:
-            results.append((out[at : at + n], None if logits is None else logits[at : at + n]))
-            at += n
-        return results
-
+    # ---- the stateless forward -------------------------------------------------------------
     def forward(self, x, causal: bool = True):
         """A stateless forward with the call's attention mask. The batch is padded to a power
         of two and so is the length where padding cannot change the real positions (a causal
@@ -271,13 +186,13 @@ class ModuleEngine:
         and a pooling head would average it, so their lengths are kept."""
         b, t = x.shape[:2]
         bp = bucket(b, limit=1 << 30, minimum=1)
-        x = _pad_axis(x, 0, bp)
+        x = pad_axis(x, 0, bp)
         per_position = self.cfg.input_contract[0] in ("tokens", "hidden") and (
             self.cfg.output_contract[0] in ("hidden", "logits")
         )
         if causal and per_position:
-            tp = max(bucket(t, limit=self.max_seq_len or 1 << 30, minimum=8), t)
-            x = _pad_axis(x, 1, tp)
+            tp = padded_length(t, self.max_seq_len or 1 << 30)
+            x = pad_axis(x, 1, tp)
         else:
             tp = t
         positions = np.broadcast_to(np.arange(tp, dtype=np.int32), (bp, tp))
@@ -289,38 +204,11 @@ class ModuleEngine:
         out = np.asarray(out)[:b]
         return out[:, :t] if per_position else out
 
-    def _head(self, x, last, sampling: SamplingBatch, steps, want_logits):
-        s = sampling
-        self.programs.admit(("head", x.shape, x.dtype.str))
-        out, logits = self.rt.serve_head(
-            x,
-            np.asarray(last, np.int32),
-            s.temperature,
-            s.top_k,
-            s.top_p,
-            s.seed,
-            np.asarray(steps, np.int32),
-        )
-        return out, (logits if want_logits else None)
 
-
-def _pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
+def pad_axis(x: np.ndarray, axis: int, size: int) -> np.ndarray:
     """x zero-padded along `axis` to `size` (x itself when it is that long)."""
     if x.shape[axis] >= size:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, size - x.shape[axis])
     return np.pad(x, widths)
-
-
-def _greedy(n: int) -> SamplingBatch:
-    return SamplingBatch(
-        np.zeros(n, np.float32),
-        np.zeros(n, np.int32),
-        np.ones(n, np.float32),
-        np.zeros(n, np.uint32),
-    )
-
-
-def _concat_sampling(batches: list[SamplingBatch]) -> SamplingBatch:
-    return SamplingBatch(*(np.concatenate(cols) for cols in zip(*(b.as_tuple() for b in batches))))

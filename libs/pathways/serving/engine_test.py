@@ -1,4 +1,4 @@
-"""ModuleEngine pads what clients send to bucketed shapes: outputs as if unpadded, and a bounded
+"""Engines pad what clients send to bucketed shapes: outputs as if unpadded, and a bounded
 number of compiled programs whatever lengths and batch sizes arrive."""
 
 from __future__ import annotations
@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 from pathways.modules import AttentionConfig, EmbeddingConfig
+from pathways.serving.chain import ChainEngine
 from pathways.serving.engine import ModuleEngine
+from pathways.serving.limits import ProgramCap
 from pathways.serving.sessions import SessionTable
 
 
@@ -29,17 +31,25 @@ def test_forward_of_any_shape_matches_the_unpadded_module_and_compiles_few_progr
     assert compiled <= 16 < len(shapes), (compiled, len(shapes))
 
 
-def test_prefill_of_any_length_gives_the_unpadded_outputs():
+def test_prefill_of_any_length_gives_the_unpadded_outputs_and_few_programs():
+    """A server's step (a chain of its one module): every length padded to a bucket, the
+    outputs cut back; a module without a cache compiles one program per padded length, not one
+    per window (its program does not depend on it)."""
     cfg = EmbeddingConfig(vocab_size=11, d_model=8, max_seq_len=64)
     eng = ModuleEngine("embed", cfg, None, slots=1)
+    chain = ChainEngine([eng])
+    chain.programs = ProgramCap(100)
     s = SessionTable(capacity=1, ttl_s=60).open(1, 64, None)
     module = eng.rt.module()
-    for t in (1, 5, 9, 19, 64):
-        x = (np.arange(t, dtype=np.int32)[None] * 7) % 11
-        y, _ = eng.prefill(s, x, np.zeros(1, np.int32), np.array([t], np.int32), None, False)
-        pos = np.arange(t, dtype=np.int32)[None]
-        assert np.asarray(y).shape == (1, t, 8)
-        np.testing.assert_allclose(np.asarray(y), module(x, pos), rtol=1e-6, atol=1e-6)
+    for t in (1, 5, 9, 19, 33, 64):
+        for start in (0, 64 - t):
+            x = (np.arange(t, dtype=np.int32)[None] * 7) % 11
+            starts = np.array([start], np.int32)
+            y, _ = chain.prefill(s, x, starts, np.array([t], np.int32), None, False)
+            pos = start + np.arange(t, dtype=np.int32)[None]
+            assert np.asarray(y).shape == (1, t, 8)
+            np.testing.assert_allclose(np.asarray(y), module(x, pos), rtol=1e-6, atol=1e-6)
+    assert len(chain.programs) == 4  # lengths 8, 16, 32, 64 whatever the positions
 
 
 def test_the_slot_pool_grows_keeping_what_open_sessions_wrote_and_reuses_freed_slots():

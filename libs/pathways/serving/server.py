@@ -41,11 +41,11 @@ STREAMING_METHODS = (
 
 @dataclasses.dataclass(frozen=True)
 class Mount:
-    """What an add-on gets from the module server: the served module's engine and servicer, the
-    options and TLS settings of its own channels to other servers, and the directories it may
+    """What an add-on gets from the module server: the served modules' engines and the servicer,
+    the options and TLS settings of its own channels to other servers, and the directories it may
     read and write for its callers."""
 
-    engine: ModuleEngine
+    engines: tuple[ModuleEngine, ...]
     servicer: ModuleServicer
     channel_options: list
     tls: transport.TLSConfig
@@ -177,9 +177,12 @@ class ModuleServer:
                     "; ".join(e.rt.placement.notes) or "every array split",
                 )
             engines.append(e)
-        # Several modules: one engine stepping them as one program (serving.chain).
-        engine = engines[0] if len(engines) == 1 else chain.ChainEngine(engines)
+        # Its module(s) stepped as one program (serving.chain), under one cap on compiled shapes
+        # (sessions' steps, and each module's stateless Forward).
+        engine = chain.ChainEngine(engines)
         engine.programs = limits.ProgramCap(s.max_programs)
+        for e in engines:
+            e.programs = engine.programs
         table = SessionTable(slots, s.session_ttl_s)
         self.budget = limits.MemoryBudget(s.memory_budget_mb)
         self.budget.check_start()  # the weights and the KV cache fit the budget
@@ -190,10 +193,11 @@ class ModuleServer:
         self.servicer.publishers = auth.PeerPolicy(s.publishers.split(","), "Publish")
         self.servicer.roots = s.roots()
         module_pb2_grpc.add_ModuleServiceServicer_to_server(self.servicer, self.server)
-        # Add-ons share the port and the served module's engine (training: the same weights).
+        # Add-ons share the port and the served modules' engines (training: the same weights).
         for a in self.add_ons:
             options = transport.grpc_options(s.max_message_mb)
-            a.add(self.server, Mount(engine, self.servicer, options, self.tls, s.roots(), s))
+            mount = Mount(tuple(engines), self.servicer, options, self.tls, s.roots(), s)
+            a.add(self.server, mount)
         self.server.start()
         warm_up(self.servicer)
         # Again: an add-on that read the float32 parameters (training copies them) had them

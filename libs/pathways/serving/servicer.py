@@ -1,4 +1,5 @@
-"""`pathways.v1.ModuleService` over a ModuleEngine: validation, sessions, batching, status codes."""
+"""`pathways.v1.ModuleService` over a chain of module engines (`ChainEngine`: the server's one module,
+or several): validation, sessions, batching, status codes."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ import numpy as np
 
 from pathways import codec, messages, transport
 from pathways.config import to_dict
-from pathways.executor.base import bucket
+from pathways.executor.base import bucket, padded_length
 from pathways.sampling import SamplingBatch
 from pathways.serving.batcher import Batcher
-from pathways.serving.engine import ModuleEngine, Step
+from pathways.serving.chain import ChainEngine, Step
 from pathways.serving.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -57,7 +58,7 @@ def _failed(e: BaseException) -> module_pb2.GroupStepResult:
 class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
     def __init__(
         self,
-        engine: ModuleEngine,
+        engine: ChainEngine,
         table: SessionTable,
         max_batch: int,
         batch_wait_s: float,
@@ -67,8 +68,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
         """`max_call_tokens`: rows x positions one Prefill or Forward may carry; `budget`: the
         server's memory budget, reserved around each Prefill and Forward (None: unbounded)."""
         self.engine, self.table = engine, table
-        # The modules served, in order: one engine's, or a chain's (`serving.chain`).
-        self.engines = list(getattr(engine, "engines", [engine]))
+        self.engines = engine.engines  # the modules served, in order
         self.names = [e.name for e in self.engines]
         self.max_call_tokens, self.budget = max_call_tokens, budget
         # Publish: who may call it (auth.PeerPolicy; None: anyone, in-process use), where its
@@ -199,7 +199,7 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
                 raise InvalidArgument(
                     f"input has {t} positions; the session's max_seq_len is {s.max_seq_len}"
                 )
-            tp = max(bucket(t, limit=s.max_seq_len, minimum=8), t)  # as the engine pads
+            tp = padded_length(t, s.max_seq_len)  # as the engine pads
             self.check_tokens(b, tp, "input (padded)")
             lengths = _rows(request.lengths, "lengths", b, 1, t)
             # Bounded before adding: int32 starts near 2**31 would wrap and pass the check.
@@ -339,8 +339,9 @@ class ModuleServicer(module_pb2_grpc.ModuleServiceServicer):
             )
         b, t = x.shape[:2]
         bp = bucket(b, limit=1 << 30, minimum=1)  # as the engine pads (at most)
-        tp = max(bucket(t, limit=self.engine.max_seq_len or 1 << 30, minimum=8), t)
-        tp, field = positions_field(self.engine.cfg, "input (padded)", tp)
+        tp = padded_length(t, self.engine.max_seq_len or 1 << 30)
+        # Counted as the first module reads them (an audio embedding: frames, not samples).
+        tp, field = positions_field(self.engines[0].cfg, "input (padded)", tp)
         self.check_tokens(bp, tp, field)
         with self.reserve(bp, tp, tp, "Forward"):
             if n == len(self.engines):

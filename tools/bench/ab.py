@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tools.bench.common import cpu_model, dated_path, print_table
+from tools.bench.common import cpu_isa, cpu_model, dated_path, print_table
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -187,6 +187,7 @@ def main() -> None:
         "bench": args.bench,
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "before": {"rev": args.before, "commit": shas["before"]},
         "after": {"rev": args.after, "commit": shas["after"]},
         "bench_args": extra,

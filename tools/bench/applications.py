@@ -188,7 +188,9 @@ def speech(args) -> list[dict]:
                             **common,
                             "split": what,
                             "speakers": group,
-                            "decoding": f"beam {beam}" if beam > 1 else "greedy",
+                            "decoding": (
+                                f"beam {beam}" if beam > 1 else "greedy"
+                            ),  # not a module kind
                             "utterances": len(idx),
                             **rates,
                             "transcribe_seconds": decode_s if group == "all" else None,

@@ -51,6 +51,33 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The instruction-set features a CPU result depends on (matmul code paths, XLA's and the kernels').
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16")
+
+
+def cpu_isa() -> dict:
+    """The CPU's family/model numbers and which of `ISA_FLAGS` it has ("AMD EPYC" alone does not
+    say Zen 2 (AVX2 only) from Zen 5 (AVX-512)); {} where /proc/cpuinfo is not there."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if not key:
+            break  # the first processor's block only
+        fields.setdefault(key, value.strip())
+    flags = set(fields.get("flags", "").split())
+    return {
+        "vendor": fields.get("vendor_id", ""),
+        "family": fields.get("cpu family", ""),
+        "model": fields.get("model", ""),
+        "flags": [f for f in ISA_FLAGS if f in flags],
+    }
+
+
 def machine() -> dict:
     """What a result depends on: CPU model and count, JAX backend and devices, kernel choice."""
     import jax
@@ -60,6 +87,7 @@ def machine() -> dict:
     return {
         "cpus": os.cpu_count(),
         "cpu_model": cpu_model(),
+        "cpu_isa": cpu_isa(),
         "platform": platform.platform(),
         "jax_backend": jax.default_backend(),
         "devices": [str(d) for d in jax.devices()],

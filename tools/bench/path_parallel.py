@@ -46,6 +46,7 @@ from pathways import data as data_lib
 from pathways import spec as spec_lib
 from pathways import tokenizers
 from pathways.executor.local import LocalExecutor
+from pathways.modules import registry
 from pathways.parallel import diloco, dipaco
 from pathways.train import TrainConfig
 from tools.bench.common import dated_path, print_table, write_json
@@ -184,7 +185,8 @@ def run_dipaco(setup: Setup, h: int) -> dict:
     path trains S steps of batches of b on its documents, modules synchronised every h steps
     among the paths that use them. Eval: each eval sequence routed (unbalanced) to one path."""
     a = setup.args
-    attn = [m for m in setup.names if setup.spec.modules[m].kind == "attention"][:2]
+    # The first two modules with a KV cache: the attention modules (the grid's choices).
+    attn = [m for m in setup.names if registry.of(setup.spec.modules[m]).has_cache][:2]
     spec = spec_lib.from_dict(
         dipaco.grid(setup.spec.to_dict(), setup.pathway, {m: 2 for m in attn})
     )

@@ -188,9 +188,9 @@ def speech(args) -> list[dict]:
                             **common,
                             "split": what,
                             "speakers": group,
-                            "decoding": (
+                            "decoding": (  # not a module kind
                                 f"beam {beam}" if beam > 1 else "greedy"
-                            ),  # not a module kind
+                            ),
                             "utterances": len(idx),
                             **rates,
                             "transcribe_seconds": decode_s if group == "all" else None,

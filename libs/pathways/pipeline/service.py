@@ -406,5 +406,10 @@ def _mount(server, m: Mount) -> None:
 
 # A module server started with --training mounts TrainingService (same port, its own copy of the
 # weights): services/module_server.
-ADD_ON = AddOn(SERVICE, _mount)
+ADD_ON = AddOn(
+    SERVICE,
+    _mount,
+    # Steps streams; RunStep and Deliver wait on the other stages' servers.
+    streaming_methods=tuple(f"/{SERVICE}/{m}" for m in ("Steps", "RunStep", "Deliver")),
+)
 __all__ = ["ADD_ON", "SERVICE", "TrainingServicer"]

@@ -30,13 +30,8 @@ from pathways.v1 import module_pb2, module_pb2_grpc
 log = logging.getLogger(__name__)
 SERVICE = module_pb2.DESCRIPTOR.services_by_name["ModuleService"].full_name
 # Calls that hold a handler thread for as long as their client keeps them open (or wait on other
-# servers): limits.StreamSlots keeps threads free of them.
-STREAMING_METHODS = (
-    f"/{SERVICE}/DecodeStream",
-    "/pathways.v1.TrainingService/Steps",
-    "/pathways.v1.TrainingService/RunStep",
-    "/pathways.v1.TrainingService/Deliver",
-)
+# servers): limits.StreamSlots keeps threads free of them (add-ons name their own).
+STREAMING_METHODS = (f"/{SERVICE}/DecodeStream",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +51,13 @@ class Mount:
 @dataclasses.dataclass(frozen=True)
 class AddOn:
     """A service mounted beside ModuleService on the module server's port (training, which lives
-    outside serving/): its full name, for reflection, and `add(grpc_server, mount)`, called once
-    the weights are loaded, before the server starts."""
+    outside serving/): its full name, for reflection, `add(grpc_server, mount)`, called once
+    the weights are loaded, before the server starts, and its methods that hold a handler thread
+    while open (streams, calls that wait on other servers: "/package.Service/Method")."""
 
     name: str
     add: Callable[[grpc.Server, Mount], None]
+    streaming_methods: tuple[str, ...] = ()
 
 
 def slot_count(cfgs, s: ModuleServerSettings) -> int:
@@ -113,9 +110,8 @@ class ModuleServer:
         transport.announce(self.tls, f"module server {settings.module!r}")
         # Streaming calls never take the last threads: health, reflection and unary calls
         # always find one (limits.StreamSlots).
-        self.streams = limits.StreamSlots(
-            settings.workers, settings.stream_reserve(), STREAMING_METHODS
-        )
+        streaming = STREAMING_METHODS + tuple(m for a in self.add_ons for m in a.streaming_methods)
+        self.streams = limits.StreamSlots(settings.workers, settings.stream_reserve(), streaming)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(settings.workers),
             options=transport.server_options(settings.max_message_mb),

@@ -469,8 +469,7 @@ def composite_forward(runtimes: list[ModuleRuntime], states: list[Any], inputs, 
     module: an image embedding turns (B, H, W, C) into (B, patches, D)."""
     x = inputs
     for rt, st in zip(runtimes, states):
-        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        x, _ = nnx.merge(rt.graphdef, st).step(x, positions, causal=causal)
+        x = mod.forward(nnx.merge(rt.graphdef, st), x, causal=causal)
     return x
 
 

@@ -28,15 +28,14 @@ from pathways.train import make_optimizer
 def _loss(graphdef, is_head, ce_weight, state, x, y, targets):
     """(loss, (distillation term, a second metric)): MSE + relative MSE, or KL + CE."""
     m = nnx.merge(graphdef, state)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     if is_head:
-        logits, _ = m.step(x, positions)  # (B, T, V)
+        logits = mod.forward(m, x)  # (B, T, V)
         logp_s = jax.nn.log_softmax(logits)
         logp_t = jax.nn.log_softmax(y)
         kl = (jnp.exp(logp_t) * (logp_t - logp_s)).sum(-1).mean()
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return kl + ce_weight * ce, (kl, ce)
-    pred, _ = m.step(x, positions)  # (B, T, D)
+    pred = mod.forward(m, x)  # (B, T, D)
     mse = jnp.mean((pred - y) ** 2)
     return mse, (mse, mse / jnp.maximum(jnp.mean(y**2), 1e-12))
 

@@ -203,8 +203,7 @@ class LocalExecutor:
         x = jnp.asarray(forward_input(inputs))
         for rt in chain if head else chain[:-1]:
             # Positions per module: an image embedding turns (B, H, W, C) into (B, patches, D).
-            positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-            x = rt.forward(rt.state, x, positions, causal=causal)
+            x = rt.forward(rt.state, x, mod.positions(x), causal=causal)
         return np.asarray(x)
 
     def loss(self, pathway: str, inputs, targets) -> float:

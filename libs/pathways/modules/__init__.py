@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from pathways.config import ConfigError, from_dict
@@ -50,6 +52,17 @@ def config_from_dict(data: dict[str, Any], where: str = "") -> ModuleConfig:
     return from_dict(cls, data, where)
 
 
+def positions(x) -> jax.Array:
+    """(B, T) positions 0..T-1 of every row of x (B, T, ...): a stateless call's."""
+    return jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+
+
+def forward(module: nnx.Module, x, *, causal: bool = True):
+    """A module's stateless step over x at positions 0..T-1 (training, distillation, whole
+    batches): its output only. `causal` is the call's attention mask (the pathway's)."""
+    return module.step(x, positions(x), causal=causal)[0]
+
+
 def build(cfg: ModuleConfig, seed: int = 0) -> nnx.Module:
     """Instantiates the module for `cfg` with freshly initialised parameters."""
     return registry.of(cfg).build(cfg, seed)
@@ -75,7 +88,9 @@ __all__ = [
     "ModuleConfig",
     "abstract",
     "build",
+    "forward",
     "from_state",
+    "positions",
     "config_from_dict",
     "registry",
     "ActionConfig",

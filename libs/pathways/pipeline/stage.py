@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from pathways import modules as mod
 from pathways import names
 from pathways.runtime import ModuleRuntime
 
@@ -47,8 +48,7 @@ def _apply_module(graphdef, is_head, causal, state, x, targets):
     m = nnx.merge(graphdef, state)
     if is_head:
         return m.loss(x, targets)
-    positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    return m.step(x, positions, causal=causal)[0]
+    return mod.forward(m, x, causal=causal)
 
 
 def _backward(graphdef, is_head, causal, state, x, targets, grad, acc):

@@ -92,11 +92,17 @@ class ChainEngine:
             any(e.kind.has_cache for e in engines),
         )
         self.max_seq_len = min((e.max_seq_len for e in engines if e.max_seq_len), default=0)
-        self.cfg = ChainConfig(
-            self.names,
-            tuple(first.cfg.input_contract),
-            tuple(last.cfg.output_contract),
-            self.max_seq_len,
+        # One module: its own config (Describe shows it; limits read its fields, e.g. an audio
+        # embedding's input_positions); several: the chain's contract.
+        self.cfg = (
+            first.cfg
+            if len(engines) == 1
+            else ChainConfig(
+                self.names,
+                tuple(first.cfg.input_contract),
+                tuple(last.cfg.output_contract),
+                self.max_seq_len,
+            )
         )
         self.cached = [e for e in engines if e.kind.has_cache]
         self.programs = ProgramCap(None)

@@ -70,3 +70,28 @@ def test_the_slot_pool_grows_keeping_what_open_sessions_wrote_and_reuses_freed_s
     eng.give(a)
     np.testing.assert_array_equal(eng.take(2), [0, 1])  # freed slots first, no growth
     assert eng.capacity == 5
+
+
+def test_a_server_of_one_module_describes_that_module():
+    """A server steps its module through a chain of one; Describe still shows the module's own
+    config (what the gateway's AddModule rebuilds the module's config from), and the limits read
+    its fields; a chain of several shows the chain's contract."""
+    import json
+
+    from pathways.config import to_dict
+    from pathways.serving.server import _Ctx
+    from pathways.serving.servicer import ModuleServicer
+    from pathways.v1 import module_pb2
+
+    cfg = AttentionConfig(d_model=8, n_layers=1, n_heads=2, max_seq_len=16)
+    chain = ChainEngine([ModuleEngine("attn", cfg, None, slots=1)])
+    assert chain.cfg == cfg
+    svc = ModuleServicer(chain, SessionTable(capacity=1, ttl_s=60), 4, 0.001)
+    svc.ready = True
+    r = svc.Describe(module_pb2.DescribeRequest(), _Ctx())
+    assert (r.name, r.kind) == ("attn", "attention")
+    assert json.loads(r.config_json) == json.loads(json.dumps(to_dict(cfg)))
+    two = ChainEngine(
+        [ModuleEngine("a", cfg, None, slots=1), ModuleEngine("b", cfg, None, slots=1)]
+    )
+    assert two.cfg.modules == ("a", "b")

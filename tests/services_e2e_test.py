@@ -414,6 +414,50 @@ def test_killing_the_replica_a_group_is_sent_to_gives_every_session_its_text(fle
         np.testing.assert_array_equal(np.array(out), w)
 
 
+def test_a_replica_stopped_gracefully_mid_generation_gives_the_same_text(fleet):
+    """SIGTERM mid-generation (a scale-down; grace 0, so the calls still open on it are cut at
+    once, the session's decode stream among them): the session moves to another replica and
+    replays, and its text is the local one. (The SIGKILL tests cover abrupt death.)"""
+    f, local = fleet
+    args = [*f.module_args, "--grace-s", "0"]
+    extra = launcher.start_module(f.checkpoint, "attn-0", f.server_env(9), None, args)
+    ids = list(PROMPT.encode())
+    want = gen.greedy_ids(local, "tiny", ids, N)
+    ex = None
+    try:
+        launcher.wait_healthy(extra.address, extra.proc, 300)
+        src = _Source({**f.endpoints, "attn-0": [extra.address]})
+        ex = RemoteExecutor(local.spec, src)
+        session = ex.open_session("tiny", [SamplingParams(max_new_tokens=N)])
+        assert ex._sessions[session.id]["attn-0"].replica.address == extra.address
+        src.addresses["attn-0"] = f.endpoints["attn-0"]  # where it can move to
+        out = [int(ex.prefill(session, [ids]).tokens[0])]
+        errors = []
+
+        def steps():
+            try:
+                while len(out) < N:
+                    out.append(int(ex.decode(session, np.array(out[-1:])).tokens[0]))
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        t = threading.Thread(target=steps)
+        t.start()
+        while len(out) < N // 2 and t.is_alive():
+            time.sleep(0.001)
+        extra.stop()  # SIGTERM mid-step; returns once it has exited, its grace over
+        t.join(120)
+        assert not errors, errors
+        assert extra.proc.returncode == 0
+        assert ex._sessions[session.id]["attn-0"].replica.address != extra.address
+        ex.close_session(session)
+    finally:
+        if ex is not None:
+            ex.close()
+        extra.kill()
+    np.testing.assert_array_equal(np.array(out), want)
+
+
 def test_killing_a_replica_under_a_gateway_stream_gives_the_same_text(fleet):
     f, local = fleet
     n = 200  # long enough that the gateway is still generating when the replica dies

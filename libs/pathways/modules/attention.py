@@ -228,5 +228,6 @@ KIND = registry.register(
         f"{c.kv_heads} kv heads, {c.mlp}, {c.norm}",
         partition=partition,
         cache_partition=cache_partition,
+        score_heads=lambda c: c.n_heads,
     )
 )

@@ -57,6 +57,8 @@ class Kind:
             (see `pathways.sharding`). None or [] replicates. None for the whole kind: all
             replicated.
         cache_partition: the same for the leaves of its cache (path: the leaf's key).
+        score_heads: `cfg -> n`: attention scores a position computes per attended position
+            (its heads; 0 for kinds that do not attend), for the memory a call reserves.
     """
 
     name: str
@@ -68,6 +70,7 @@ class Kind:
     details: Callable[[Any], str] = _no_details
     partition: Callable[[Any, tuple, tuple], list] | None = None
     cache_partition: Callable[[Any, tuple, tuple], list] | None = None
+    score_heads: Callable[[Any], int] = lambda cfg: 0
 
     def __post_init__(self):
         field = next((f for f in dataclasses.fields(self.config) if f.name == "kind"), None)

@@ -125,7 +125,7 @@ class ModuleEngine:
         width = max(widths or [getattr(cfg, "d_model", 1)])
         n = rows * positions
         total = n * width * 4 * 16  # residual stream, q/k/v, the MLP's 4x hidden, copies
-        total += n * max(window, positions) * getattr(cfg, "n_heads", 0) * 4 * 2
+        total += n * max(window, positions) * self.kind.score_heads(cfg) * 4 * 2
         if self.kind.is_head:
             total += rows * cfg.output_contract[1] * 4 * 4  # logits, probabilities, sort
         return total

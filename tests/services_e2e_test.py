@@ -414,48 +414,55 @@ def test_killing_the_replica_a_group_is_sent_to_gives_every_session_its_text(fle
         np.testing.assert_array_equal(np.array(out), w)
 
 
-def test_a_replica_stopped_gracefully_mid_generation_gives_the_same_text(fleet):
-    """SIGTERM mid-generation (a scale-down; grace 0, so the calls still open on it are cut at
-    once, the session's decode stream among them): the session moves to another replica and
-    replays, and its text is the local one. (The SIGKILL tests cover abrupt death.)"""
+def test_a_step_cut_by_a_stopping_replica_moves_its_session(fleet):
+    """SIGTERM (a scale-down; grace 0, so what is still open on the replica is cut at once) while
+    a step is in flight there: that session and the other one on the replica move and replay,
+    and their texts are the local ones. The step is held in flight by the batcher (a 3 s batch
+    wait, another session active). The SIGKILL tests cover abrupt death."""
     f, local = fleet
-    args = [*f.module_args, "--grace-s", "0"]
+    args = [*f.module_args, "--grace-s", "0", "--batch-wait-ms", "3000"]
     extra = launcher.start_module(f.checkpoint, "attn-0", f.server_env(9), None, args)
-    ids = list(PROMPT.encode())
-    want = gen.greedy_ids(local, "tiny", ids, N)
+    prompts = [list(p.encode()) for p in (PROMPT, "import os")]
+    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in prompts]
     ex = None
     try:
         launcher.wait_healthy(extra.address, extra.proc, 300)
         src = _Source({**f.endpoints, "attn-0": [extra.address]})
         ex = RemoteExecutor(local.spec, src)
-        session = ex.open_session("tiny", [SamplingParams(max_new_tokens=N)])
-        assert ex._sessions[session.id]["attn-0"].replica.address == extra.address
-        src.addresses["attn-0"] = f.endpoints["attn-0"]  # where it can move to
-        out = [int(ex.prefill(session, [ids]).tokens[0])]
+        a, b = [ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in prompts]
+        src.addresses["attn-0"] = f.endpoints["attn-0"]  # where they can move to
+        outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip((a, b), prompts)]
+
+        def step(i, s):
+            outs[i].append(int(ex.decode(s, np.array(outs[i][-1:])).tokens[0]))
+
+        step(1, b)  # b is active: a's next step waits in attn-0's batcher for b's
         errors = []
 
-        def steps():
+        def a_step():
             try:
-                while len(out) < N:
-                    out.append(int(ex.decode(session, np.array(out[-1:])).tokens[0]))
+                step(0, a)
             except BaseException as e:  # reported below
                 errors.append(e)
 
-        t = threading.Thread(target=steps)
+        t = threading.Thread(target=a_step)
         t.start()
-        while len(out) < N // 2 and t.is_alive():
-            time.sleep(0.001)
-        extra.stop()  # SIGTERM mid-step; returns once it has exited, its grace over
-        t.join(120)
+        time.sleep(1.0)
+        assert t.is_alive()  # a's step is held at attn-0
+        extra.stop()
+        t.join(60)
         assert not errors, errors
-        assert extra.proc.returncode == 0
-        assert ex._sessions[session.id]["attn-0"].replica.address != extra.address
-        ex.close_session(session)
+        for i, s in enumerate((a, b)):
+            while len(outs[i]) < N:
+                step(i, s)
+            assert ex._sessions[s.id]["attn-0"].replica.address != extra.address
+            ex.close_session(s)
     finally:
         if ex is not None:
             ex.close()
         extra.kill()
-    np.testing.assert_array_equal(np.array(out), want)
+    for out, w in zip(outs, want):
+        np.testing.assert_array_equal(np.array(out), w)
 
 
 def test_killing_a_replica_under_a_gateway_stream_gives_the_same_text(fleet):

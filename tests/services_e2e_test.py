@@ -429,7 +429,7 @@ def test_a_step_cut_by_a_stopping_replica_moves_its_session(fleet):
         launcher.wait_healthy(extra.address, extra.proc, 300)
         src = _Source({**f.endpoints, "attn-0": [extra.address]})
         ex = RemoteExecutor(local.spec, src)
-        a, b = [ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in prompts]
+        a, b = (ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in prompts)
         src.addresses["attn-0"] = f.endpoints["attn-0"]  # where they can move to
         outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip((a, b), prompts)]
 

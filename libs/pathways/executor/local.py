@@ -30,8 +30,9 @@ class LocalExecutor:
     KV-cache slot pool that grows with the sessions open. `weights` is the dtype sessions decode
     with and `native` whether with the native matmul (see `ModuleRuntime`); training, `forward`
     and `loss` use the float32 parameters and XLA. With `fuse` (the default) a session's step
-    through a pathway runs as one compiled program (`runtime.fused_step`); `fuse=False` runs one
-    program per module, as module servers do. With a `mesh` (`pathways.sharding`) every module
+    through a pathway runs as one compiled program (`ChainEngine`, `runtime.fused_step`, what a
+    module server runs for the module(s) it hosts); `fuse=False` runs one program per module.
+    With a `mesh` (`pathways.sharding`) every module
     is split over its devices (tensor parallel).
 
     A module's parameters come from `states` (name -> nnx.State), else from the checkpoint

@@ -165,7 +165,7 @@ class ChainEngine:
             e.cache = cache
         return out, logits
 
-    # ---- the module engine's interface, for a server ----------------------------------------
+    # ---- a server's steps: sessions' prefill chunks and (batched) decode steps ---------------
     def prefill(self, s: ServerSession, x, starts, lengths, steps, want_logits: bool):
         """One prefill chunk of session `s` through every module (one program): x (B, T) rows
         of `lengths` real positions from `starts` on; `steps` the head's. Returns (output,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -367,21 +368,40 @@ def test_full_kv_cache_refuses_new_sessions_only(fleet):
     s.CloseSession(module_pb2.CloseSessionRequest(session_id=sids[0]), timeout=10)  # idempotent
 
 
-def test_killing_the_replica_a_group_is_sent_to_gives_every_session_its_text(fleet):
+PROMPTS = [list(p.encode()) for p in (PROMPT, "import os")]
+
+
+@contextlib.contextmanager
+def _two_sessions_on_an_extra_replica(fleet, args, **executor_options):
+    """Yields (the extra attn-0 replica, the executor, a `tiny` session per PROMPTS) with both
+    sessions on a replica of the test's own (started with `args`, killed after), so the
+    fixture's stay alive; the fixture's attn-0 replicas are where the sessions can move to."""
     f, local = fleet
-    # A replica of our own, so that both sessions sit on it and the fixture's stay alive.
-    extra = launcher.start_module(f.checkpoint, "attn-0", f.server_env(9), None, f.module_args)
-    prompts = [list(p.encode()) for p in (PROMPT, "import os")]
-    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in prompts]
+    extra = launcher.start_module(f.checkpoint, "attn-0", f.server_env(9), None, args)
     ex = None
     try:
         launcher.wait_healthy(extra.address, extra.proc, 300)
         src = _Source({**f.endpoints, "attn-0": [extra.address]})
-        ex = RemoteExecutor(local.spec, src, lockstep_wait_s=1.0)
-        sessions = [ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in prompts]
+        ex = RemoteExecutor(local.spec, src, **executor_options)
+        sessions = [ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in PROMPTS]
         assert {ex._sessions[s.id]["attn-0"].replica.address for s in sessions} == {extra.address}
         src.addresses["attn-0"] = f.endpoints["attn-0"]  # where they can move to
-        outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip(sessions, prompts)]
+        yield extra, ex, sessions
+    finally:
+        if ex is not None:
+            ex.close()
+        extra.kill()
+
+
+def test_killing_the_replica_a_group_is_sent_to_gives_every_session_its_text(fleet):
+    f, local = fleet
+    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in PROMPTS]
+    with _two_sessions_on_an_extra_replica(fleet, f.module_args, lockstep_wait_s=1.0) as (
+        extra,
+        ex,
+        sessions,
+    ):
+        outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip(sessions, PROMPTS)]
         errors = []
 
         def steps(i, until):
@@ -406,10 +426,6 @@ def test_killing_the_replica_a_group_is_sent_to_gives_every_session_its_text(fle
         for s in sessions:
             assert ex._sessions[s.id]["attn-0"].replica.address != extra.address
             ex.close_session(s)
-    finally:
-        if ex is not None:
-            ex.close()
-        extra.kill()
     for out, w in zip(outs, want):
         np.testing.assert_array_equal(np.array(out), w)
 
@@ -420,18 +436,10 @@ def test_a_step_cut_by_a_stopping_replica_moves_its_session(fleet):
     and their texts are the local ones. The step is held in flight by the batcher (a 3 s batch
     wait, another session active). The SIGKILL tests cover abrupt death."""
     f, local = fleet
+    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in PROMPTS]
     args = [*f.module_args, "--grace-s", "0", "--batch-wait-ms", "3000"]
-    extra = launcher.start_module(f.checkpoint, "attn-0", f.server_env(9), None, args)
-    prompts = [list(p.encode()) for p in (PROMPT, "import os")]
-    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in prompts]
-    ex = None
-    try:
-        launcher.wait_healthy(extra.address, extra.proc, 300)
-        src = _Source({**f.endpoints, "attn-0": [extra.address]})
-        ex = RemoteExecutor(local.spec, src)
-        a, b = (ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in prompts)
-        src.addresses["attn-0"] = f.endpoints["attn-0"]  # where they can move to
-        outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip((a, b), prompts)]
+    with _two_sessions_on_an_extra_replica(fleet, args) as (extra, ex, (a, b)):
+        outs = [[int(ex.prefill(s, [ids]).tokens[0])] for s, ids in zip((a, b), PROMPTS)]
 
         def step(i, s):
             outs[i].append(int(ex.decode(s, np.array(outs[i][-1:])).tokens[0]))
@@ -457,10 +465,6 @@ def test_a_step_cut_by_a_stopping_replica_moves_its_session(fleet):
                 step(i, s)
             assert ex._sessions[s.id]["attn-0"].replica.address != extra.address
             ex.close_session(s)
-    finally:
-        if ex is not None:
-            ex.close()
-        extra.kill()
     for out, w in zip(outs, want):
         np.testing.assert_array_equal(np.array(out), w)
 

@@ -39,6 +39,17 @@ def one_of(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     require(value in allowed, f"{name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
+def schedule(steps: Any, lr: Any, warmup: Any) -> None:
+    """A training run's optimizer schedule: positive steps and learning rate, a warmup in
+    [0, steps) (`train.TrainConfig`, and requests that build one without importing jax)."""
+    positive_int("steps", steps)
+    positive_number("lr", lr)
+    require(
+        isinstance(warmup, int) and 0 <= warmup < steps,
+        f"warmup must be in [0, steps={steps}), got {warmup!r}",
+    )
+
+
 def unknown_fields(cls: type, data: dict[str, Any]) -> list[str]:
     """The keys of `data` that are not init fields of dataclass `cls`, sorted."""
     return sorted(set(data) - {f.name for f in dataclasses.fields(cls) if f.init})

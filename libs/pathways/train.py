@@ -21,7 +21,7 @@ import numpy as np
 import optax
 
 from pathways import checkpoint as ckpt
-from pathways.config import positive_int, positive_number, require
+from pathways.config import positive_int, schedule
 from pathways.data import TokenData
 from pathways.executor.local import LocalExecutor
 from pathways.pipeline.runner import run_step
@@ -46,13 +46,9 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_batches", "save_every"):
+        schedule(self.steps, self.lr, self.warmup)
+        for name in ("batch_size", "seq_len", "eval_every", "eval_batches", "save_every"):
             positive_int(name, getattr(self, name))
-        positive_number("lr", self.lr)
-        require(
-            isinstance(self.warmup, int) and 0 <= self.warmup < self.steps,
-            f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}",
-        )
 
     @classmethod
     def with_warmup(

@@ -9,7 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from pathways.config import positive_int, positive_number, require, unknown_fields
+from pathways.config import positive_int, require, schedule, unknown_fields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,14 +22,8 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self):
-        # TrainConfig's checks (steps, batch size, lr, warmup), made here too: it needs jax.
-        for name in ("steps", "batch_size"):
-            positive_int(name, getattr(self, name))
-        positive_number("lr", self.lr)
-        require(
-            isinstance(self.warmup, int) and 0 <= self.warmup < self.steps,
-            f"warmup must be in [0, steps={self.steps}), got {self.warmup!r}",
-        )
+        schedule(self.steps, self.lr, self.warmup)  # TrainConfig's, without importing jax
+        positive_int("batch_size", self.batch_size)
         require(
             isinstance(self.ce_weight, int | float) and self.ce_weight >= 0,
             f"ce_weight must be >= 0, got {self.ce_weight!r}",

@@ -73,11 +73,15 @@ class KernelError(backends.BackendError):
     or a setting of theirs is not one they know."""
 
 
-def mode() -> str:
+def _setting(name: str) -> str:
     try:
-        return backends.setting("PATHWAYS_KERNELS")
+        return backends.setting(name)
     except backends.BackendError as e:  # as a KernelError: what callers of the kernels catch
         raise KernelError(str(e)) from None
+
+
+def mode() -> str:
+    return _setting("PATHWAYS_KERNELS")
 
 
 def cache_dir() -> Path:
@@ -414,10 +418,7 @@ AMX_MODES = backends.SETTINGS["PATHWAYS_AMX"]
 
 
 def amx_mode() -> str:
-    try:
-        return backends.setting("PATHWAYS_AMX")
-    except backends.BackendError as e:
-        raise KernelError(str(e)) from None
+    return _setting("PATHWAYS_AMX")
 
 
 def tiles_available() -> bool:

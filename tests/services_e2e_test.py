@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import select
+import signal
+import socket
 import threading
 import time
+import urllib.request
 
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 from pathways import codec
 from pathways import generate as gen
 from pathways.deploy import launcher
 from pathways.executor.remote import RemoteExecutor
+from pathways.executor.replicas import RemoteError
 from pathways.sampling import SamplingParams
 from pathways.serving import testing
 from pathways.tokenizers import ByteTokenizer
@@ -34,6 +42,7 @@ def fleet(tmp_path_factory):
         list(local.spec.modules),
         replicas={"attn-0": 2, "attn-1": 2},
         module_args=["--kv-cache-mb", "1", "--max-message-mb", "1"],
+        metrics=True,
     )
     with f:
         yield f, local
@@ -469,6 +478,168 @@ def test_a_step_cut_by_a_stopping_replica_moves_its_session(fleet):
         np.testing.assert_array_equal(np.array(out), w)
 
 
+def test_closing_a_session_mid_step_ends_the_step_and_moves_nothing(fleet):
+    """Another thread closes a session while its step is in flight (held by the batcher): the
+    step ends CANCELLED (this process cancelled it) and the session is not moved anywhere."""
+    f, _ = fleet
+    args = [*f.module_args, "--batch-wait-ms", "3000"]
+    fleet_sessions = lambda: [  # noqa: E731
+        stub(a).Describe(module_pb2.DescribeRequest(), timeout=10).sessions
+        for a in f.endpoints["attn-0"]
+    ]
+    before = fleet_sessions()
+    with _two_sessions_on_an_extra_replica(fleet, args) as (extra, ex, (a, b)):
+        first = [int(ex.prefill(s, [ids]).tokens[0]) for s, ids in zip((a, b), PROMPTS)]
+        ex.decode(b, np.array(first[1:]))  # b is active: a's next step waits in the batcher
+        errors = []
+
+        def a_step():
+            try:
+                ex.decode(a, np.array(first[:1]))
+            except RemoteError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=a_step)
+        t.start()
+        time.sleep(1.0)
+        assert t.is_alive()  # a's step is held at attn-0
+        ex.close_session(a)
+        t.join(30)
+        ex.close_session(b)
+        assert [e.code for e in errors] == [grpc.StatusCode.CANCELLED], errors
+        assert ex.moves == {}
+        assert fleet_sessions() == before  # nothing was opened on the replicas it could move to
+        # The replica frees a's rows once the held step has run (within the batch wait), b's at once.
+        left = lambda: stub(extra.address).Describe(module_pb2.DescribeRequest()).sessions  # noqa
+        deadline = time.monotonic() + 10
+        while left() != 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left() == 0
+
+
+class _HeldReplies:
+    """A TCP proxy in front of `address` whose replies to the client can be held (`hold`) and let
+    through later (`let_through`): calls still reach the server, answers wait in the proxy."""
+
+    def __init__(self, address: str):
+        self.target = address.rsplit(":", 1)
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
+        self._held = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> None:
+        self._held.set()
+
+    def let_through(self) -> None:
+        self._held.clear()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection((self.target[0], int(self.target[1])))
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        held, open_ = b"", True
+        with client, server:
+            while open_ or held:
+                if open_:
+                    for s in select.select([client, server], [], [], 0.01)[0]:
+                        data = s.recv(65536)
+                        if not data:
+                            open_ = False  # what the server said before closing still goes
+                        elif s is client:
+                            server.sendall(data)
+                        else:
+                            held += data
+                else:
+                    time.sleep(0.01)
+                if held and not self._held.is_set():
+                    client.sendall(held)
+                    held = b""
+
+
+def test_a_call_a_stopping_replica_cancels_moves_its_session(fleet):
+    """A call that reaches a replica whose shutdown has begun, before the client has read the
+    replica's GOAWAY, is cancelled by gRPC there (CANCELLED; no handler ran): the session moves
+    and replays as after UNAVAILABLE, and the texts are the local ones. A proxy holds the
+    replica's replies, so the call is sent in that window every time (a Kubernetes scale-down hit
+    it by chance under load)."""
+    f, local = fleet
+    want = [gen.greedy_ids(local, "tiny", ids, N) for ids in PROMPTS]
+    # A long grace: b's open decode stream keeps the stopping server up while a's call lands.
+    args = [*f.module_args, "--grace-s", "60"]
+    extra = launcher.start_module(f.checkpoint, "attn-0", f.server_env(9), None, args)
+    proxy = ex = None
+    try:
+        launcher.wait_healthy(extra.address, extra.proc, 300)
+        proxy = _HeldReplies(extra.address)
+        src = _Source({**f.endpoints, "attn-0": [proxy.address]})
+        ex = RemoteExecutor(local.spec, src)
+        a, b = (ex.open_session("tiny", [SamplingParams(max_new_tokens=N)]) for _ in PROMPTS)
+        src.addresses["attn-0"] = f.endpoints["attn-0"]  # where they can move to
+        outs = [[], [int(ex.prefill(b, [PROMPTS[1]]).tokens[0])]]
+
+        def step(i, s):
+            outs[i].append(int(ex.decode(s, np.array(outs[i][-1:])).tokens[0]))
+
+        step(1, b)  # b's decode stream is open on the replica
+        proxy.hold()
+        extra.proc.send_signal(signal.SIGTERM)
+        with grpc.insecure_channel(extra.address) as ch:  # straight to it, not through the proxy
+            health = health_pb2_grpc.HealthStub(ch)
+            wait_for_shutdown = time.monotonic() + 30
+            while time.monotonic() < wait_for_shutdown:
+                try:
+                    st = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+                except grpc.RpcError:
+                    break
+                if st == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.05)
+            else:
+                pytest.fail("the extra replica did not start shutting down")
+        time.sleep(0.5)  # NOT_SERVING comes just before the gRPC server's own stop
+        threading.Timer(1.0, proxy.let_through).start()
+        outs[0].append(int(ex.prefill(a, [PROMPTS[0]]).tokens[0]))  # a new call: cancelled
+        assert ex.moves == {("attn-0", "CANCELLED"): 1}
+        for i, s in enumerate((a, b)):
+            while len(outs[i]) < N:
+                step(i, s)
+            assert ex._sessions[s.id]["attn-0"].replica.address != proxy.address
+            ex.close_session(s)
+        assert ex.moves["attn-0", "UNAVAILABLE"] == 1  # b: its next step on the open stream
+    finally:
+        if ex is not None:
+            ex.close()
+        if proxy is not None:
+            proxy.close()
+        extra.kill()
+    for out, w in zip(outs, want):
+        np.testing.assert_array_equal(np.array(out), w)
+
+
+def _gateway_moves(f) -> collections.Counter:
+    """The gateway's session moves so far, by (hop, status), from its /metrics."""
+    with urllib.request.urlopen(f.metrics_urls["gateway"], timeout=10) as r:
+        families = text_string_to_metric_families(r.read().decode())
+        return collections.Counter(
+            {
+                (s.labels["hop"], s.labels["code"]): s.value
+                for m in families
+                for s in m.samples
+                if s.name == "pathways_gateway_session_moves_total"
+            }
+        )
+
+
 def test_killing_a_replica_under_a_gateway_stream_gives_the_same_text(fleet):
     f, local = fleet
     n = 200  # long enough that the gateway is still generating when the replica dies
@@ -478,6 +649,7 @@ def test_killing_a_replica_under_a_gateway_stream_gives_the_same_text(fleet):
     req = gateway_pb2.GenerateRequest(
         pathway="tiny", prompt=PROMPT, sampling=gateway_pb2.SamplingOptions(max_new_tokens=n)
     )
+    moves_before = _gateway_moves(f)
     events = gw.Generate(req, timeout=120)
     got = [next(events)]
     holders = [
@@ -490,6 +662,8 @@ def test_killing_a_replica_under_a_gateway_stream_gives_the_same_text(fleet):
     got += list(events)
     assert [e.token_id for e in got] == want.token_ids
     assert "".join(e.text for e in got) == want.text
+    # The gateway counts the move (its /metrics), by hop and the status that caused it.
+    assert _gateway_moves(f) - moves_before == collections.Counter({("attn-1", "UNAVAILABLE"): 1})
 
 
 def test_killing_a_replica_mid_generation_gives_the_same_text(fleet):

@@ -174,6 +174,16 @@ class GatewayMetrics:
             "step's wait for the sessions it is batched with; by hop and method",
             explicit_bucket_boundaries_advisory=HOP_MS,
         )
+        self.moves = meter.create_counter(
+            "pathways.gateway.session_moves",
+            description="module sessions moved to another replica by replay, by hop and the "
+            "status that moved them (UNAVAILABLE, CANCELLED: the replica went away; NOT_FOUND: "
+            "it forgot the session)",
+        )
+
+    def move(self, hop: str, code: str) -> None:
+        """Counts a session moved off a replica of `hop` (RemoteExecutor.on_move)."""
+        self.moves.add(1, {"hop": hop, "code": code})
 
     def hop(self, hop: str, method: str, seconds: float) -> None:
         """Records one call to `hop` (RemoteExecutor.on_hop)."""

@@ -1,5 +1,5 @@
 """Module sessions that outlive their replica: opened on the least loaded replica, and moved when
-it fails (UNAVAILABLE) or forgets the session (NOT_FOUND after a restart or TTL) to another one
+it is going away (`GONE`) or forgets the session (NOT_FOUND after a restart or TTL) to another one
 by replaying the exact calls the session made to that module, so the cache and the generated
 text come out identical.
 """
@@ -15,7 +15,14 @@ from pathways.executor.decode_stream import DecodeStream
 from pathways.executor.replicas import RemoteError, Replica, ReplicaSet, replica_error
 from pathways.v1 import module_pb2
 
-MOVE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+# The replica is going away: it failed, refuses calls while it shuts down (UNAVAILABLE), or
+# cancelled the call before running it. A server that has begun shutting down cancels a call
+# that reaches it on an open connection before its GOAWAY has reached the client (gRPC core
+# answers RST_STREAM: the client sees CANCELLED "CANCELLED"; measured on grpcio 1.85, and seen
+# in a Kubernetes scale-down). A call this process cancels itself is CANCELLED too: callers
+# move on CANCELLED only while their session is still open (see RemoteExecutor._call).
+GONE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+MOVE = (*GONE, grpc.StatusCode.NOT_FOUND)
 
 
 @dataclasses.dataclass
@@ -52,8 +59,8 @@ def open_on(
         except grpc.RpcError as e:
             rset.release(r)
             last = e
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-                if e.code() == grpc.StatusCode.UNAVAILABLE:
+            if e.code() in GONE or e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if e.code() in GONE:
                     rset.mark_down(r)
                 tried.append(r)
                 if rset.tried_all(tried):

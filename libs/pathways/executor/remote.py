@@ -3,8 +3,9 @@
 Each module may have several replicas, listed by a `ReplicaSource` (fixed addresses, or Kubernetes
 discovery) that is asked again for every new session, so replicas can come and go at runtime.
 Sessions are spread over replicas (fewest open sessions first) and stick to the replica holding
-their KV cache. When a replica fails (UNAVAILABLE) or forgets a session (NOT_FOUND after a restart
-or TTL), the session moves to another replica by replaying the exact calls it made to that module,
+their KV cache. When a replica fails or goes away (UNAVAILABLE; CANCELLED by a server shutting
+down, see `failover.GONE`) or forgets a session (NOT_FOUND after a restart or TTL), the session
+moves to another replica by replaying the exact calls it made to that module,
 so the cache and the generated text come out identical.
 
 The parts live beside it: `replicas` (the pool of channels per module), `failover` (module
@@ -27,7 +28,7 @@ import numpy as np
 from pathways import codec, messages, transport
 from pathways.executor.base import Session, StepResult, forward_input, pad_prompts
 from pathways.executor.decode_stream import DecodeStream, send_group, session_stream
-from pathways.executor.failover import MOVE, ModuleSession, move, open_on
+from pathways.executor.failover import GONE, MOVE, ModuleSession, move, open_on
 from pathways.executor.lockstep import Entry, Lockstep
 from pathways.executor.replicas import (
     HostedSource,
@@ -143,8 +144,14 @@ class RemoteExecutor:
         # Called with (hop, method, seconds) after each session step's call to a hop, as this
         # client saw it (a decode step's lockstep wait included): the gateway's hop latency.
         self.on_hop: Callable[[str, str, float], None] | None = None
+        # Module sessions moved to another replica, by (hop, the status that moved them), and
+        # the same as a callback (the gateway's session-move counter).
+        self.moves: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.on_move: Callable[[str, str], None] | None = None
+        self._closed = False
 
     def close(self) -> None:
+        self._closed = True  # calls still in flight end CANCELLED (channels closed): not moved
         for rs in self.replicas.values():
             rs.close()
 
@@ -311,13 +318,18 @@ class RemoteExecutor:
                     resp = getattr(ms.replica.stub, method)(req, timeout=self._timeout(module))
             except grpc.RpcError as e:
                 ms.drop_stream()  # a failed stream is over; the next step opens a new one
-                if e.code() not in MOVE or attempt == self.max_attempts - 1:
+                # Closed by another thread (the session or the executor), cancelling this call.
+                closed = self._closed or self._sessions.get(session.id, {}).get(module) is not ms
+                if e.code() not in MOVE or attempt == self.max_attempts - 1 or closed:
                     raise replica_error(module, ms.replica, e) from None
+                self.moves[module, e.code().name] += 1
+                if self.on_move is not None:
+                    self.on_move(module, e.code().name)
                 move(
                     self.replicas[module],
                     module,
                     ms,
-                    e.code() == grpc.StatusCode.UNAVAILABLE,
+                    e.code() in GONE,
                     self.max_attempts,
                     functools.partial(self._timeout, module),
                 )
@@ -495,7 +507,7 @@ class RemoteExecutor:
                     x = r.stub.Forward(req, timeout=self._timeout(m)).output
                     break
                 except grpc.RpcError as e:
-                    if e.code() != grpc.StatusCode.UNAVAILABLE or attempt == self.max_attempts - 1:
+                    if e.code() not in GONE or attempt == self.max_attempts - 1:
                         raise replica_error(m, r, e) from None
                     rset.mark_down(r)
                 finally:

@@ -61,6 +61,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.router = routing.load(checkpoint, executor.spec)
         self.metrics = prom.GatewayMetrics()
         executor.on_hop = self.metrics.hop  # per-hop latency as the gateway sees it
+        executor.on_move = self.metrics.move
 
     def ListPathways(self, request, context):
         spec, served = self.executor.spec, self.executor.served

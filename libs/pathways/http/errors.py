@@ -16,7 +16,9 @@ STATUS = {
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    # Not the HTTP client's doing (the front cancels a call only when its client has gone, and
+    # then answers nobody): the gateway was shutting down when the call reached it.
+    grpc.StatusCode.CANCELLED: (503, "service_unavailable"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
     grpc.StatusCode.UNIMPLEMENTED: (501, "not_implemented"),

@@ -20,6 +20,7 @@ from pathways.http.errors import APIError, from_gateway
         (grpc.StatusCode.NOT_FOUND, 404),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
         (grpc.StatusCode.UNAVAILABLE, 503),
+        (grpc.StatusCode.CANCELLED, 503),  # a gateway shutting down; the client did not cancel
         (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
         (grpc.StatusCode.INTERNAL, 500),
     ],

@@ -389,11 +389,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 
 def _abort_remote(context, e: RemoteError):
-    """Ends the call with a module server's status, passing on its retry hint (a full KV-cache
-    pool: trailing `retry-after-ms`, which the HTTP front turns into Retry-After)."""
+    """Ends the call with a module server's status (CANCELLED as UNAVAILABLE), passing on its
+    retry hint (a full KV-cache pool: trailing `retry-after-ms`, which the HTTP front turns into
+    Retry-After)."""
     if e.retry_after_s is not None:
         transport.set_retry_after(context, e.retry_after_s)
-    context.abort(e.code, str(e))
+    # A module call cancelled by its server (shutting down, after the session's moves ran out)
+    # is not the caller's cancellation: to the caller the service is unavailable.
+    code = grpc.StatusCode.UNAVAILABLE if e.code == grpc.StatusCode.CANCELLED else e.code
+    context.abort(code, str(e))
 
 
 @contextlib.contextmanager

@@ -5,11 +5,13 @@ for the README's examples, and prometheus_client's parser for /metrics."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -389,6 +391,51 @@ def test_a_client_that_goes_away_cancels_the_generation_and_frees_the_session(de
             break
         time.sleep(0.2)
     assert sessions == 0
+
+
+def test_a_stopping_front_lets_its_streams_finish_within_its_grace(dep):
+    """SIGTERM to an HTTP front mid-stream: with --grace-s 60 the stream goes on to [DONE] and
+    the front exits right after, refusing new connections meanwhile; with --grace-s 0 the stream
+    is cut."""
+    d = dep["d"]
+    fronts = {
+        g: launcher.start_http_front(
+            d.gateway, tls=d.identities.tls("http-front"), extra_args=["--grace-s", str(g)]
+        )
+        for g in (60, 0)
+    }
+    body = {"model": "tiny", "prompt": "def ", "max_tokens": 120, "temperature": 0, "stream": True}
+    headers = {"Authorization": f"Bearer {READER}"}
+    try:
+        for front in fronts.values():
+            launcher.wait_http_ready(front, 60)
+        for grace, front in fronts.items():
+            text = []
+            with httpx.stream(
+                "POST", front.url + "/v1/completions", json=body, timeout=60, headers=headers
+            ) as r:
+                lines = r.iter_lines()
+                text.append(next(ln for ln in lines if ln.startswith("data: ")))
+                front.proc.send_signal(signal.SIGTERM)
+                time.sleep(0.5)
+                with pytest.raises(httpx.ConnectError):
+                    httpx.get(front.url + "/healthz", timeout=5)
+                with contextlib.suppress(httpx.RemoteProtocolError):  # a cut stream
+                    text += [ln for ln in lines if ln.startswith("data: ")]
+            t_end = time.monotonic()
+            front.proc.wait(30)
+            assert time.monotonic() - t_end < 10
+            # uvicorn re-raises the signal once it has shut down: the exit status says SIGTERM.
+            assert front.proc.returncode in (0, -signal.SIGTERM)
+            if grace:
+                assert text[-1] == "data: [DONE]"
+                chunks = [json.loads(ln[len("data: ") :]) for ln in text[:-1]]
+                got = "".join(c["choices"][0]["text"] for c in chunks)
+                assert got == _local(dep["ex"], "def ", 120)
+            else:
+                assert "data: [DONE]" not in text
+    finally:
+        launcher.stop_all(list(fronts.values()))
 
 
 def _readme_curls() -> list[str]:

@@ -626,6 +626,45 @@ def test_a_call_a_stopping_replica_cancels_moves_its_session(fleet):
         np.testing.assert_array_equal(np.array(out), w)
 
 
+def test_a_stopping_gateway_lets_its_generations_finish_within_its_grace(fleet):
+    """SIGTERM mid-stream: with --grace-s 60 the generation streams to its end and the gateway
+    exits right after it; with --grace-s 0 the stream is cut (UNAVAILABLE)."""
+    f, local = fleet
+    n = 200
+    want = gen.generate(local, "tiny", [PROMPT], ByteTokenizer(), SamplingParams(max_new_tokens=n))
+    req = gateway_pb2.GenerateRequest(
+        pathway="tiny", prompt=PROMPT, sampling=gateway_pb2.SamplingOptions(max_new_tokens=n)
+    )
+    gateways = {
+        g: launcher.start_gateway(f.checkpoint, f.endpoints, extra_args=["--grace-s", str(g)])
+        for g in (60, 0)
+    }
+    try:
+        launcher.wait_all_healthy(list(gateways.values()), 120)
+        for grace, gw in gateways.items():
+            with grpc.insecure_channel(gw.address) as ch:
+                events = gateway_pb2_grpc.GatewayServiceStub(ch).Generate(req, timeout=120)
+                got = [next(events)]
+                gw.proc.send_signal(signal.SIGTERM)
+                try:
+                    got += list(events)
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as e:
+                    code = e.code()
+            t_end = time.monotonic()
+            gw.proc.wait(30)
+            if grace:
+                assert code == grpc.StatusCode.OK
+                assert [e.token_id for e in got] == want[0].token_ids
+                assert gw.proc.returncode == 0
+                assert time.monotonic() - t_end < 10  # not the whole grace
+            else:
+                assert code == grpc.StatusCode.UNAVAILABLE
+                assert len(got) < n
+    finally:
+        launcher.stop_all(list(gateways.values()))
+
+
 def _gateway_moves(f) -> collections.Counter:
     """The gateway's session moves so far, by (hop, status), from its /metrics."""
     with urllib.request.urlopen(f.metrics_urls["gateway"], timeout=10) as r:

@@ -143,7 +143,17 @@ def main(argv: list[str] | None = None) -> int:
         "applied again when the gateway restarts; written for one checkpoint (env "
         "PATHWAYS_PATHWAYS_FILE; default: none, changes last until the gateway stops)",
     )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=float(os.environ.get("PATHWAYS_GRACE_S", "5")),
+        help="on SIGTERM, generations in flight get this many seconds to finish while new "
+        "calls are refused; the gateway exits as soon as none is left (env PATHWAYS_GRACE_S; "
+        "default 5; keep it under the pod's terminationGracePeriodSeconds)",
+    )
     args = p.parse_args(argv)
+    if not args.grace_s >= 0:
+        p.error(f"--grace-s must be >= 0; got {args.grace_s}")
     if not args.session_ttl_s > 0:
         p.error(f"--session-ttl-s must be > 0; got {args.session_ttl_s}")
     if args.max_prompt_bytes < 1:
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             session_ttl_s=args.session_ttl_s,
             pathways_file=args.pathways_file or None,
             colocated=groups,
+            grace_s=args.grace_s,
         )
         server.serve_forever()
     except StoreError as e:  # a pathways file that does not apply: say which entry, exit 2

@@ -247,5 +247,5 @@ def cmd_http_front(args) -> int:
     from pathways.http import server as http_server
 
     settings = http_server.settings_from_args(args)
-    http_server.run(settings, args.host, args.port)
+    http_server.run(settings, args.host, args.port, args.grace_s)
     return 0

@@ -305,11 +305,12 @@ def start_http_front(
     log=None,
     port: int | None = None,
     tls: transport.TLSConfig | None = None,
+    extra_args: list[str] = (),
 ) -> Process:
     """The OpenAI-compatible HTTP front over `gateway` on `port` (None: a free one), reaching
     the gateway with `tls` (None: plaintext). Ready when `wait_http_ready` says so."""
     port = free_port() if port is None else port
-    argv = [HTTP_FRONT, "--gateway", gateway, "--port", str(port)]
+    argv = [HTTP_FRONT, "--gateway", gateway, "--port", str(port), *extra_args]
     p = Process("http-front", argv, port, _with_tls(env, tls), log, label="http front")
     p.url = f"http://127.0.0.1:{port}"
     return p

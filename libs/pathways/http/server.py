@@ -36,6 +36,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=float(os.environ.get("PATHWAYS_HTTP_TIMEOUT_S", "300")),
         help="deadline of each gateway call in seconds (default 300)",
     )
+    p.add_argument(
+        "--grace-s",
+        type=float,
+        default=float(os.environ.get("PATHWAYS_HTTP_GRACE_S", "5")),
+        help="on SIGTERM, responses in flight (streams included) get this many seconds to finish "
+        "while new connections are refused (env PATHWAYS_HTTP_GRACE_S; default 5)",
+    )
 
 
 def check_args(args) -> None:
@@ -45,6 +52,8 @@ def check_args(args) -> None:
         raise ValueError(f"--max-body-kb must be > 0; got {args.max_body_kb}")
     if args.timeout <= 0:
         raise ValueError(f"--timeout must be > 0; got {args.timeout}")
+    if not args.grace_s >= 0:
+        raise ValueError(f"--grace-s must be >= 0; got {args.grace_s}")
 
 
 def settings_from_args(args, tls: transport.TLSConfig | None = None):
@@ -60,15 +69,16 @@ def settings_from_args(args, tls: transport.TLSConfig | None = None):
     )
 
 
-def run(settings, host: str, port: int) -> None:
-    """Serves `settings` (an app.Settings) until SIGTERM/SIGINT."""
+def run(settings, host: str, port: int, grace_s: float = 5.0) -> None:
+    """Serves `settings` (an app.Settings) until SIGTERM/SIGINT, then lets responses in flight
+    finish for up to `grace_s` seconds."""
     import uvicorn
 
     from pathways.http.app import create_app
 
     app = create_app(settings)
     print(f"http front serving on http://{host}:{port} (gateway {settings.gateway})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=grace_s)
 
 
 def serve(args) -> None:
@@ -79,4 +89,4 @@ def serve(args) -> None:
     else:
         tls = transport.TLSConfig.from_dir(args.tls_dir, args.tls_server_name)
     transport.announce(tls, "http front (towards the gateway)")
-    run(settings_from_args(args, tls), args.host, args.port)
+    run(settings_from_args(args, tls), args.host, args.port, args.grace_s)

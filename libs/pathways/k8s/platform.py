@@ -105,6 +105,8 @@ def gateway(
         str(pods.METRICS_PORT),
         "--pathways-file",
         pods.gateway_pathways_file(checkpoint_uri),
+        "--grace-s",
+        str(pods.GATEWAY_GRACE_S),
         *(a for g in colocate for a in ("--colocate", g)),
     ]
     container = {
@@ -161,7 +163,9 @@ def gateway(
     return [deployment, service]
 
 
-HTTP_FRONT_GRACE_S = 5  # uvicorn's timeout_graceful_shutdown (pathways.http.server)
+# The front's `--grace-s`: its responses in flight (streams relayed from the gateway) get as
+# long as the gateway's own drain.
+HTTP_FRONT_GRACE_S = pods.GATEWAY_GRACE_S
 
 
 def http_front(image: str) -> list[dict[str, Any]]:
@@ -186,6 +190,8 @@ def http_front(image: str) -> list[dict[str, Any]]:
             "0.0.0.0",
             "--port",
             str(pods.HTTP_PORT),
+            "--grace-s",
+            str(HTTP_FRONT_GRACE_S),
         ],
         # The gateway's certificate is checked against the Service name it dials.
         "env": [{"name": "PATHWAYS_TLS_DIR", "value": pods.TLS_DIR}],

@@ -38,7 +38,9 @@ API_KEYS_SECRET = "pathways-api-keys"  # key keys.json: hashed keys (pathways.se
 # letting in-flight calls finish; the pod gets `--grace-s SHUTDOWN_GRACE_S` and Kubernetes waits that
 # long plus EXIT_MARGIN_S (process exit, telemetry flush) before SIGKILL.
 SHUTDOWN_GRACE_S = 30
-GATEWAY_GRACE_S = 5  # GatewayServer.stop()'s fixed grace
+# The gateway's calls in flight are whole generations (a stream of tokens), so its drain is
+# longer: `--grace-s GATEWAY_GRACE_S`; it exits as soon as the last one ends.
+GATEWAY_GRACE_S = 60
 EXIT_MARGIN_S = 5
 RUN_AS = 10001  # the non-root user the service images create
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import signal
 import threading
 from collections.abc import Sequence
 from concurrent import futures
@@ -21,7 +20,7 @@ from pathways.executor.remote import RemoteExecutor
 from pathways.executor.replicas import RemoteError, ReplicaSource
 from pathways.modules.action import choose
 from pathways.parallel import routing
-from pathways.serving import auth, limits
+from pathways.serving import auth, limits, signals
 from pathways.serving.episodes import DEFAULT_TTL_S, Episodes
 from pathways.serving.pathway_store import PathwayStore
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc, module_pb2
@@ -458,6 +457,7 @@ class GatewayServer:
         session_ttl_s: float = DEFAULT_TTL_S,
         pathways_file: str | None = None,
         colocated: Sequence[Sequence[str]] = (),
+        grace_s: float = 5.0,
     ):
         """`keys`: the API keys callers must present (None: no keys, every caller is admin;
         logged). `allowed_addresses`: "host:port" patterns AddModule may dial (None: the
@@ -469,7 +469,11 @@ class GatewayServer:
         the pathway table's changes are kept across restarts (`serving.pathway_store`; applied
         here before serving, StoreError naming the entry when it cannot be; None: they last as
         long as this process). `colocated`: groups of modules one server hosts, with a
-        ReplicaSource (see RemoteExecutor)."""
+        ReplicaSource (see RemoteExecutor). `grace_s`: how long `stop` lets calls in flight
+        (whole generations) finish."""
+        if not grace_s >= 0:
+            raise ValueError(f"grace_s must be >= 0; got {grace_s!r}")
+        self.grace_s = grace_s
         telemetry.init("pathways-gateway", prometheus=bool(metrics_port))
         self.metrics_host, self.metrics_port, self.metrics_server = host, metrics_port, None
         self.tls = transport.default() if tls is None else tls
@@ -540,9 +544,11 @@ class GatewayServer:
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, new calls refused; calls in flight get `grace` seconds (default: the
+        server's grace_s) to finish; returns when none is left."""
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self.server.stop(self.grace_s if grace is None else grace).wait()
         if self.health_server is not None:
             self.health_server.stop(None)
         if self.metrics_server is not None:
@@ -552,12 +558,10 @@ class GatewayServer:
         telemetry.shutdown()
 
     def serve_forever(self) -> None:
-        done = threading.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: done.set())
+        done = signals.on_stop()
         try:
             self.start()
             print(f"gateway serving on 127.0.0.1:{self.port}", flush=True)
-            done.wait()
+            signals.wait(done)
         finally:
             self.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
-import signal
 import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
@@ -19,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from pathways import checkpoint as ckpt
 from pathways import codec, cpu, paths, sharding, telemetry, transport
 from pathways.modules import registry
-from pathways.serving import auth, chain, limits
+from pathways.serving import auth, chain, limits, signals
 from pathways.serving.engine import ModuleEngine
 from pathways.serving.errors import NotFound
 from pathways.serving.servicer import ModuleServicer
@@ -292,12 +291,10 @@ def serve(settings: ModuleServerSettings, add_ons: Sequence[AddOn] = ()) -> None
     threads = cpu.limit_threads(settings.cpu_threads)
     log.info("XLA computes with %d CPU thread(s)", threads)
     server = ModuleServer(settings, add_ons)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    done = signals.on_stop()
     try:
         server.start()
         print(f"module {settings.module} serving on {settings.host}:{server.port}", flush=True)
-        done.wait()
+        signals.wait(done)
     finally:
         server.stop()

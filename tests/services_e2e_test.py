@@ -628,8 +628,16 @@ def test_a_call_a_stopping_replica_cancels_moves_its_session(fleet):
 
 def test_a_stopping_gateway_lets_its_generations_finish_within_its_grace(fleet):
     """SIGTERM mid-stream: with --grace-s 60 the generation streams to its end and the gateway
-    exits right after it; with --grace-s 0 the stream is cut (UNAVAILABLE)."""
+    exits right after it; with --grace-s 0 the stream is cut (UNAVAILABLE), and the stopping
+    gateway closes the cut generation's sessions (the module servers free their rows now, not
+    at their TTL)."""
     f, local = fleet
+    sessions = lambda: {  # noqa: E731
+        p.address: stub(p.address).Describe(module_pb2.DescribeRequest(), timeout=10).sessions
+        for ps in f.servers.values()
+        for p in ps
+    }
+    before = sessions()
     n = 200
     want = gen.generate(local, "tiny", [PROMPT], ByteTokenizer(), SamplingParams(max_new_tokens=n))
     req = gateway_pb2.GenerateRequest(
@@ -661,6 +669,7 @@ def test_a_stopping_gateway_lets_its_generations_finish_within_its_grace(fleet):
             else:
                 assert code == grpc.StatusCode.UNAVAILABLE
                 assert len(got) < n
+            assert sessions() == before
     finally:
         launcher.stop_all(list(gateways.values()))
 

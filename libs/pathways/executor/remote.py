@@ -151,7 +151,12 @@ class RemoteExecutor:
         self._closed = False
 
     def close(self) -> None:
-        self._closed = True  # calls still in flight end CANCELLED (channels closed): not moved
+        """Closes the sessions still open (their steps in flight end CANCELLED, and are not
+        moved), so the module servers free their KV-cache rows now rather than at their TTL
+        (a gateway stopping with generations cut by its grace), then the channels."""
+        self._closed = True
+        for sid in list(self._sessions):
+            self._close_module_sessions(sid, timeout=2.0)
         for rs in self.replicas.values():
             rs.close()
 
@@ -265,6 +270,8 @@ class RemoteExecutor:
         return p
 
     def open_session(self, pathway: str, sampling: list[SamplingParams]) -> Session:
+        if self._closed:
+            raise RemoteError(grpc.StatusCode.UNAVAILABLE, "this executor is closed")
         p = self._pathway(pathway)
         session = Session.new(pathway, sampling, p.max_seq_len)
         b = session.batch_size
@@ -293,12 +300,15 @@ class RemoteExecutor:
         return session
 
     def close_session(self, session: Session) -> None:
-        self.lockstep.leave(session.id)
-        for module, ms in self._sessions.pop(session.id, {}).items():
+        self._close_module_sessions(session.id)
+
+    def _close_module_sessions(self, session_id: str, timeout: float = 5.0) -> None:
+        self.lockstep.leave(session_id)
+        for module, ms in self._sessions.pop(session_id, {}).items():
             ms.drop_stream()
             try:
                 ms.replica.stub.CloseSession(
-                    module_pb2.CloseSessionRequest(session_id=ms.session_id), timeout=5.0
+                    module_pb2.CloseSessionRequest(session_id=ms.session_id), timeout=timeout
                 )
             except grpc.RpcError:
                 pass  # a dead replica has nothing to free; a live one reclaims it by TTL

@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from pathways import codec
+from pathways import client, codec, transport
 from pathways import generate as gen
 from pathways.deploy import launcher
 from pathways.executor.remote import RemoteExecutor
@@ -519,10 +519,11 @@ def test_closing_a_session_mid_step_ends_the_step_and_moves_nothing(fleet):
 
 class _HeldReplies:
     """A TCP proxy in front of `address` whose replies to the client can be held (`hold`) and let
-    through later (`let_through`): calls still reach the server, answers wait in the proxy."""
+    through later (`let_through`): calls still reach the server, answers wait in the proxy. New
+    connections go to `target`, which a test may change (a Service whose endpoints changed)."""
 
     def __init__(self, address: str):
-        self.target = address.rsplit(":", 1)
+        self.target = address
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._sock.getsockname()[1]}"
         self._held = threading.Event()
@@ -543,7 +544,8 @@ class _HeldReplies:
                 client, _ = self._sock.accept()
             except OSError:
                 return
-            server = socket.create_connection((self.target[0], int(self.target[1])))
+            host, port = self.target.rsplit(":", 1)
+            server = socket.create_connection((host, int(port)))
             threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
 
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
@@ -564,6 +566,26 @@ class _HeldReplies:
                 if held and not self._held.is_set():
                     client.sendall(held)
                     held = b""
+
+
+def _stop_and_wait_for_shutdown(proc: launcher.Process) -> None:
+    """SIGTERM, then returns once its gRPC server has begun to shut down (asked straight, not
+    through a proxy)."""
+    proc.proc.send_signal(signal.SIGTERM)
+    with grpc.insecure_channel(proc.address) as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                st = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
+            except grpc.RpcError:
+                break
+            if st == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"{proc.label} did not start shutting down")
+    time.sleep(0.5)  # NOT_SERVING comes just before the gRPC server's own stop
 
 
 def test_a_call_a_stopping_replica_cancels_moves_its_session(fleet):
@@ -592,21 +614,7 @@ def test_a_call_a_stopping_replica_cancels_moves_its_session(fleet):
 
         step(1, b)  # b's decode stream is open on the replica
         proxy.hold()
-        extra.proc.send_signal(signal.SIGTERM)
-        with grpc.insecure_channel(extra.address) as ch:  # straight to it, not through the proxy
-            health = health_pb2_grpc.HealthStub(ch)
-            wait_for_shutdown = time.monotonic() + 30
-            while time.monotonic() < wait_for_shutdown:
-                try:
-                    st = health.Check(health_pb2.HealthCheckRequest(), timeout=2).status
-                except grpc.RpcError:
-                    break
-                if st == health_pb2.HealthCheckResponse.NOT_SERVING:
-                    break
-                time.sleep(0.05)
-            else:
-                pytest.fail("the extra replica did not start shutting down")
-        time.sleep(0.5)  # NOT_SERVING comes just before the gRPC server's own stop
+        _stop_and_wait_for_shutdown(extra)
         threading.Timer(1.0, proxy.let_through).start()
         outs[0].append(int(ex.prefill(a, [PROMPTS[0]]).tokens[0]))  # a new call: cancelled
         assert ex.moves == {("attn-0", "CANCELLED"): 1}
@@ -672,6 +680,43 @@ def test_a_stopping_gateway_lets_its_generations_finish_within_its_grace(fleet):
             assert sessions() == before
     finally:
         launcher.stop_all(list(gateways.values()))
+
+
+def test_a_client_call_a_stopping_gateway_cancels_is_retried_on_another(fleet):
+    """A rollout: two gateways behind one address (a proxy standing for their Service). A call
+    that reaches the first after its shutdown began is cancelled there; the client's retry policy
+    sends it again, now to the second, and the text is the local one. The first gateway's own
+    stream in flight finishes during its grace."""
+    f, local = fleet
+    gateways = [
+        launcher.start_gateway(f.checkpoint, f.endpoints, extra_args=["--grace-s", "60"])
+        for _ in range(2)
+    ]
+    proxy = None
+    try:
+        launcher.wait_all_healthy(gateways, 120)
+        proxy = _HeldReplies(gateways[0].address)
+        with client.Client(proxy.address, tls=transport.TLSConfig.plaintext()) as c:
+            assert c.complete(PROMPT, max_tokens=2).text  # connected to the first gateway
+            long = c.generate(PROMPT, max_tokens=120)  # held in flight there while it stops
+            first = [next(long)]
+            proxy.hold()
+            _stop_and_wait_for_shutdown(gateways[0])
+            proxy.target = gateways[1].address
+            threading.Timer(1.0, proxy.let_through).start()
+            got = c.complete(PROMPT, max_tokens=N)  # cancelled by the first, then retried
+            rest = first + list(long)
+        params = SamplingParams(max_new_tokens=N)
+        assert got.text == gen.generate(local, "tiny", [PROMPT], ByteTokenizer(), params)[0].text
+        params = SamplingParams(max_new_tokens=120)
+        want = gen.generate(local, "tiny", [PROMPT], ByteTokenizer(), params)[0]
+        assert [t.token_id for t in rest if t.token_id >= 0] == want.token_ids
+        gateways[0].proc.wait(30)
+        assert gateways[0].proc.returncode == 0
+    finally:
+        if proxy is not None:
+            proxy.close()
+        launcher.stop_all(gateways)
 
 
 def _gateway_moves(f) -> collections.Counter:

@@ -13,12 +13,14 @@ PATHWAYS_TLS_DIR / PATHWAYS_INSECURE and PATHWAYS_API_KEY from the environment (
 neither TLS setting is set), unless it is the local deployment's, whose state file says where
 the local user's certificate and key are; no address means the local deployment's. Failed calls
 raise `GatewayError` with the gRPC status, its message and, when the servers are full, how long
-to wait.
+to wait; a Generate or ListPathways call that a gateway going away refused before answering is
+retried first (`RETRY_POLICY`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
@@ -30,6 +32,38 @@ from pathways.serving import auth
 from pathways.v1 import gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_TIMEOUT_S = 300.0
+_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+# gRPC retries a call the gateway refused before any response came back, with backoff: during a
+# rollout or scale-down a call can reach a gateway whose shutdown has begun (it is cancelled
+# there: CANCELLED) or find no connection for a moment (UNAVAILABLE); the retry goes to another
+# gateway. Only calls with no effect before their first message: Generate and ListPathways
+# (Infer is not retried: an episode's step changes the episode). Throttled, so a gateway that is
+# down for good does not get a storm of retries.
+RETRY_POLICY = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": _SERVICE, "method": m} for m in ("Generate", "ListPathways")],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.2s",
+                    "maxBackoff": "2s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+)
+
+
+def with_retries(options: Sequence[tuple[str, object]]) -> list[tuple[str, object]]:
+    """`options` plus RETRY_POLICY, unless they bring a service config of their own."""
+    options = list(options)
+    if not any(k == "grpc.service_config" for k, _ in options):
+        options.append(("grpc.service_config", RETRY_POLICY))
+    return options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,7 +299,7 @@ class Client(_Base):
     ):
         super().__init__(address, api_key, tls, timeout)
         self.channel = telemetry.channel(
-            transport.channel(self.target.address, options, self.target.tls)
+            transport.channel(self.target.address, with_retries(options), self.target.tls)
         )
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
 
@@ -417,7 +451,10 @@ class AsyncClient(_Base):
     ):
         super().__init__(address, api_key, tls, timeout)
         self.channel = transport.aio_channel(
-            self.target.address, options, self.target.tls, telemetry.aio_interceptors()
+            self.target.address,
+            with_retries(options),
+            self.target.tls,
+            telemetry.aio_interceptors(),
         )
         self.stub = gateway_pb2_grpc.GatewayServiceStub(self.channel)
 

@@ -17,7 +17,8 @@ class Gateway:
     metadata: tuple[tuple[str, str], ...]  # the API key, when there is one
 
     def channel(self):
-        return transport.channel(self.address, tls=self.tls)
+        """A channel to it, retrying what `pathways.client.RETRY_POLICY` retries."""
+        return transport.channel(self.address, client.with_retries(()), tls=self.tls)
 
 
 def gateway(explicit: str | None) -> Gateway:

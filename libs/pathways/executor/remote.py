@@ -155,8 +155,9 @@ class RemoteExecutor:
         moved), so the module servers free their KV-cache rows now rather than at their TTL
         (a gateway stopping with generations cut by its grace), then the channels."""
         self._closed = True
+        end = time.monotonic() + 5.0  # all of them, so an unreachable server cannot hold it up
         for sid in list(self._sessions):
-            self._close_module_sessions(sid, timeout=2.0)
+            self._close_module_sessions(sid, timeout=min(2.0, max(0.01, end - time.monotonic())))
         for rs in self.replicas.values():
             rs.close()
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -151,10 +149,10 @@ def local_deployment(args) -> LocalDeployment:
 
 
 def cmd_up(args) -> int:
+    from pathways.serving import signals
+
     dep = local_deployment(args)
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
+    done = signals.on_stop()
     n = sum(dep.replicas.get(m, 1) for m in dep.servers)
     if args.insecure:
         print(

@@ -119,11 +119,16 @@ class ModuleRuntime:
             return False
         template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self._state)
         self._build_servings([n for n in natives if n not in self._servings])
+        if self.weights == "float32" and False in natives:
+            # The kernels chosen for one shape class only: XLA's copy, for the other, is the
+            # float32 parameters themselves. Nothing to drop; that copy stays the state.
+            self._state = self._servings[False]
+            return False
         serving = self.serving_state
         if self.weights == "float32" and not any(
             getattr(a, "ndim", 0) != len(t.shape)
             for a, t in zip(jax.tree.leaves(serving), jax.tree.leaves(template))
-        ):  # kernels not packed for decode (native for prefill only): keep them as the state
+        ):  # no kernel packed (a kind without linear layers): the copy is the parameters
             self._state = serving
             return False
         self._template, self._state = template, None

@@ -11,6 +11,7 @@ import pytest
 from pathways import spec as spec_lib
 from pathways import weights
 from pathways.executor.local import LocalExecutor
+from pathways.kernels.testing import force_decision
 from pathways.runtime import ModuleRuntime
 from pathways.sampling import SamplingParams
 
@@ -109,12 +110,34 @@ def test_compact_keeps_only_the_reduced_copy():
     assert not f32.compact()  # on XLA nothing to drop: the float32 state is what it serves
 
 
+# The default backend's decisions a machine can make (`kernels.chosen`: decode steps, prefill
+# chunks), forced here rather than read from this machine's cached measurement.
+DECISIONS = {
+    "xla": None,
+    "kernels for both": {"decode": True, "prefill": True},
+    "kernels for decode only": {"decode": True, "prefill": False},
+    "kernels for prefill only": {"decode": False, "prefill": True},
+}
+
+
+@pytest.fixture(params=list(DECISIONS))
+def native(request, monkeypatch):
+    """The runtime's `native` argument with the auto decision `request.param` names in force:
+    False for XLA, else None (auto)."""
+    chosen = DECISIONS[request.param]
+    if chosen is None:
+        return False
+    force_decision(monkeypatch, **chosen)
+    return None
+
+
 @pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("native", [None, False])
 def test_compact_converts_array_by_array(storage, native):
     """compact() before any step (a module server's start) builds the serving copies one array
     at a time and releases each float32 array once converted: the copies equal those made from
-    the whole tree, and no float32 array outlives its conversion (peak: about one copy)."""
+    the whole tree, and no float32 array outlives its conversion (peak: about one copy). Where
+    the kernels compute one shape class only, a float32 module keeps XLA's copy for the other:
+    the parameters themselves, not a second float32 copy."""
     import weakref
 
     from flax import nnx
@@ -150,8 +173,16 @@ def test_compact_converts_array_by_array(storage, native):
         kept = {id(x) for n in (False, True) for x in jax.tree.leaves(rt.serving_for(n))}
         assert all(id(x) in kept for x in alive)
         assert sum(x.size for x in alive) < 0.1 * sum(x.size for x in jax.tree.leaves(rt.state))
-    else:  # float32 served as it is: the arrays are the state
+    else:  # float32 served as it is (by XLA's dot, for every shape or one): the arrays are
+        # the state and XLA's serving copy, no other float32 copy of them
         assert storage == "float32" and len(alive) == len(refs)
+        originals = [id(r()) for r in refs]
+        assert [id(x) for x in jax.tree.leaves(rt._state)] == originals
+        assert [id(x) for x in jax.tree.leaves(rt._servings[False])] == originals
+        if rt._native_for(False) or rt._native_for(True):  # and the packed copy, for the other
+            assert set(rt._servings) == {False, True}
+            packed = jax.tree.leaves(rt._servings[True])
+            assert not {id(x) for x in packed if x.ndim == 3} & {id(x) for x in alive}
 
 
 def test_bad_storage_is_refused():

@@ -9,6 +9,7 @@ from flax import nnx
 from pathways import backends, kernels, runtime
 from pathways import spec as spec_lib
 from pathways.executor.local import LocalExecutor
+from pathways.kernels.testing import force_decision
 from pathways.modules.attention import empty_cache
 from pathways.sampling import SamplingParams, sample
 
@@ -389,15 +390,26 @@ def test_small_parameters_travel_packed_and_come_back_exact():
     assert runtime._unpack_small(two, None) is two
 
 
-def test_compact_keeps_one_exact_copy_of_the_weights(ex):
+@pytest.mark.parametrize("decode_only", [False, True], ids=["kernels for both", "decode only"])
+def test_compact_keeps_one_exact_copy_of_the_weights(ex, monkeypatch, decode_only):
+    """Where the kernels compute every shape, compact() drops the float32 parameters for their
+    packed copy; where they compute decode steps only, XLA's copy for prefill chunks is the
+    parameters themselves: nothing to drop, and nothing copied."""
     spec = spec_lib.from_dict(SPEC)
     states = {name: ex.state(name) for name in ex.runtimes}
+    force_decision(monkeypatch, decode=True, prefill=not decode_only)
     other = LocalExecutor(spec, states)
     prompts = _prompts()
     before = _session_logits(other, prompts, steps=1)
     rt = other.runtimes["attn-a"]
-    if not rt.compact():
-        pytest.skip("no native kernels here: nothing is packed, so nothing to drop")
+    if decode_only:
+        held = [id(x) for x in jax.tree.leaves(rt.state)]
+        assert not rt.compact()
+        assert [id(x) for x in jax.tree.leaves(rt.state)] == held
+        assert [id(x) for x in jax.tree.leaves(rt.serving_for(prefill=True))] == held
+        np.testing.assert_array_equal(_session_logits(other, prompts, steps=1), before)
+        return
+    assert rt.compact()
     assert rt._state is None
     np.testing.assert_array_equal(_session_logits(other, prompts, steps=1), before)
     for a, b in zip(jax.tree.leaves(rt.state), jax.tree.leaves(states["attn-a"])):  # rebuilt

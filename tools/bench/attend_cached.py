@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from pathways import kernels, modules  # noqa: E402
+from pathways import backends, kernels, modules  # noqa: E402
 from pathways.modules import attention  # noqa: E402
 from tools.bench.common import print_table, save_record  # noqa: E402
 
@@ -40,7 +40,8 @@ def step_fn(graphdef, window: int, native: bool):
     """jit of one decode step: (state, x (B, 1, D), positions, cache, slots) -> (y, cache)."""
 
     def step(state, x, positions, cache, slots):
-        return nnx.merge(graphdef, state).forward_cached(x, positions, cache, slots, window, native)
+        with backends.using(native):  # as the runtime traces a module's step
+            return nnx.merge(graphdef, state).forward_cached(x, positions, cache, slots, window)
 
     return jax.jit(step, donate_argnums=3)
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pathways import backends
 from pathways import spec as spec_lib
 from pathways.executor.local import LocalExecutor
 from pathways.sampling import SamplingParams
@@ -52,7 +53,8 @@ def fused_step_fn(ex: LocalExecutor, pathway: str, prefill: bool):
         for rt, st, native in zip(chain[:-1], states[:-1], natives):
             m = nnx.merge(rt.graphdef, st)
             if rt.kind.has_cache:
-                x, c = m.step(x, positions, caches[ci], slots, window, native)
+                with backends.using(native):  # the backend the runtime chose for this module
+                    x, c = m.step(x, positions, caches[ci], slots, window)
                 new_caches.append(c)
                 ci += 1
             else:

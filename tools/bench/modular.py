@@ -217,18 +217,18 @@ def main() -> None:
     print(f"base pathway: {args.steps} steps in {teacher_s:.1f} s", flush=True)
 
     # --- compositions over the shared modules ------------------------------------------------
-    comps = {
-        "full (4 attn)": ["embed", *ATTN, "head"],
-        "3 attn": ["embed", "attn-0", "attn-1", "attn-2", "head"],
-        "2 attn": ["embed", "attn-0", "attn-1", "head"],
-        "1 attn": ["embed", "attn-0", "head"],
-        "0 attn": ["embed", "head"],
+    comps = {  # the table's label -> (pathway name, its modules)
+        "full (4 attn)": ("attn-4", ["embed", *ATTN, "head"]),
+        "3 attn": ("attn-3", ["embed", "attn-0", "attn-1", "attn-2", "head"]),
+        "2 attn": ("attn-2", ["embed", "attn-0", "attn-1", "head"]),
+        "1 attn": ("attn-1", ["embed", "attn-0", "head"]),
+        "0 attn": ("attn-0", ["embed", "head"]),
     }
     shared = spec
-    for name, chain in comps.items():
+    for name, chain in comps.values():
         shared = shared.with_pathway(name, chain)
     ex = LocalExecutor(shared, states={n: base.state(n) for n in spec.modules})
-    rows = [row(name, ex, name, data, ev) for name in comps]
+    rows = [row(label, ex, name, data, ev) for label, (name, _) in comps.items()]
 
     grown_spec, new_state = surgery.insert_attention(spec, "full", "attn-new", 5, seed=1)
     grown = LocalExecutor(

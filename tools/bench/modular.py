@@ -218,11 +218,11 @@ def main() -> None:
 
     # --- compositions over the shared modules ------------------------------------------------
     comps = {  # the table's label -> (pathway name, its modules)
-        "full (4 attn)": ("attn-4", ["embed", *ATTN, "head"]),
-        "3 attn": ("attn-3", ["embed", "attn-0", "attn-1", "attn-2", "head"]),
-        "2 attn": ("attn-2", ["embed", "attn-0", "attn-1", "head"]),
-        "1 attn": ("attn-1", ["embed", "attn-0", "head"]),
-        "0 attn": ("attn-0", ["embed", "head"]),
+        "full (4 attn)": ("depth-4", ["embed", *ATTN, "head"]),
+        "3 attn": ("depth-3", ["embed", "attn-0", "attn-1", "attn-2", "head"]),
+        "2 attn": ("depth-2", ["embed", "attn-0", "attn-1", "head"]),
+        "1 attn": ("depth-1", ["embed", "attn-0", "head"]),
+        "0 attn": ("depth-0", ["embed", "head"]),
     }
     shared = spec
     for name, chain in comps.values():

@@ -58,9 +58,10 @@ def _packed_reference(w, weights):
 
 @pytest.mark.usefixtures("native")
 @pytest.mark.parametrize("weights", kernels.WEIGHTS)
-# 3: AVX2's float32 weights as memory operands; > 8: several row groups; 50: more than 6 groups,
+# 3: AVX2's float32 weights as memory operands; 4-8: AVX2's passes over k-blocks (several
+# passes per panel); > 8: several row groups; 50: more than 6 groups,
 # bfloat16 panels widened once (matmul.cc's kWidenGroups)
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 20, 50])
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 8, 9, 20, 50])
 @pytest.mark.parametrize("k, n", [(7, 1), (72, 33), (7, 100)])
 def test_matmul_matches_float64_reference(weights, m, k, n):
     x = _normal(0, (m, k))

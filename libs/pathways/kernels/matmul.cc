@@ -87,16 +87,13 @@ inline vf Load(const uint16_t* p) {  // bfloat16 bits -> float32
   return f;
 }
 
-// R rows of x (row stride K) times V vectors of one packed panel [K, 32], its columns c0.. ->
-// the same columns (from n0 + c0) of R rows of y.
+// R rows of x (row stride K) times V vectors of one packed panel [K, 32], its columns c0, over
+// k in [k0, k1): added to the accumulators `acc`.
 template <int R, int V, typename W>
-void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64_t n_dim,
-          int64_t n0) {
-  vf acc[R][V];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) acc[r][v] = vf{};
+inline void Accumulate(const float* x, int64_t k_dim, const W* panel, int c0, int64_t k0,
+                       int64_t k1, vf (&acc)[R][V]) {
   constexpr int64_t ahead = kAheadBytes / (kPanel * sizeof(W));
-  for (int64_t k = 0; k < k_dim; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     __builtin_prefetch(panel + (k + ahead) * kPanel);  // past the end is harmless: no fault
     if (sizeof(W) == 4) __builtin_prefetch(panel + (k + ahead) * kPanel + 16);
     vf w[V];
@@ -106,6 +103,17 @@ void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64
       for (int v = 0; v < V; ++v) acc[r][v] += xv * w[v];
     }
   }
+}
+
+// R rows of x times V vectors of one packed panel [K, 32], its columns c0.. -> the same columns
+// (from n0 + c0) of R rows of y.
+template <int R, int V, typename W>
+void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64_t n_dim,
+          int64_t n0) {
+  vf acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = vf{};
+  Accumulate<R, V>(x, k_dim, panel, c0, 0, k_dim, acc);
   const int64_t cols = std::min<int64_t>(V * kLanes, n_dim - n0 - c0);
   if (cols <= 0) return;
   for (int r = 0; r < R; ++r) {
@@ -113,6 +121,20 @@ void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64
     for (int v = 0; v < V; ++v) std::memcpy(out + v * kLanes, &acc[r][v], sizeof(vf));
     std::memcpy(y + r * n_dim + n0 + c0, out, cols * sizeof(float));
   }
+}
+
+// The same over k in [k0, k1) only, the accumulators kept in `part` between calls: R rows' sums
+// for all 32 columns, kVecs vectors per row. Not inlined: each call holds its own accumulators in
+// registers, loaded from and stored to `part` (in L1) once per block.
+template <int R, int V, typename W>
+__attribute__((noinline)) void PassBlock(const float* x, int64_t k_dim, const W* panel, int c0,
+                                         int64_t k0, int64_t k1, vf* part) {
+  vf acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = part[r * kVecs + c0 / kLanes + v];
+  Accumulate<R, V>(x, k_dim, panel, c0, k0, k1, acc);
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) part[r * kVecs + c0 / kLanes + v] = acc[r][v];
 }
 
 // R rows times one packed panel -> columns n0.. of R rows of y, in as few passes as the
@@ -123,12 +145,25 @@ void Pass(const float* x, int64_t k_dim, const W* panel, int c0, float* y, int64
 // 1.3-1.4x on one, measured with an AVX2 build on a Zen 5).
 // Bfloat16 weights are widened in registers first, so they keep the register rule.
 template <int R, typename W>
-void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0) {
+constexpr int VecsPerPass() {
   constexpr bool weights_in_regs = (R + 1) * kVecs + 1 <= kRegs;
   constexpr bool weights_from_memory = std::is_same_v<W, float> && R * kVecs + 1 <= kRegs;
   constexpr int V = weights_in_regs || weights_from_memory ? kVecs : 2;
   static_assert(V == kVecs || R * V + V + 1 <= kRegs, "accumulators and weights fit the registers");
+  return V;
+}
+
+template <int R, typename W>
+void Panel(const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim, int64_t n0) {
+  constexpr int V = VecsPerPass<R, W>();
   for (int c0 = 0; c0 < kPanel; c0 += V * kLanes) Pass<R, V>(x, k_dim, panel, c0, y, n_dim, n0);
+}
+
+// Panel's passes over k in [k0, k1) only, the sums in `part` (see PassBlock).
+template <int R, typename W>
+void PanelBlock(const float* x, int64_t k_dim, const W* panel, int64_t k0, int64_t k1, vf* part) {
+  constexpr int V = VecsPerPass<R, W>();
+  for (int c0 = 0; c0 < kPanel; c0 += V * kLanes) PassBlock<R, V>(x, k_dim, panel, c0, k0, k1, part);
 }
 
 template <typename W>
@@ -147,6 +182,66 @@ void Rows(int rows, const float* x, int64_t k_dim, const W* panel, float* y, int
   }
 }
 
+template <typename W>
+void RowsBlock(int rows, const float* x, int64_t k_dim, const W* panel, int64_t k0, int64_t k1,
+               vf* part) {
+  switch (std::min(rows, kRowGroup)) {
+    case 1: return PanelBlock<1>(x, k_dim, panel, k0, k1, part);
+    case 2: return PanelBlock<std::min(2, kRowGroup)>(x, k_dim, panel, k0, k1, part);
+    case 3: return PanelBlock<std::min(3, kRowGroup)>(x, k_dim, panel, k0, k1, part);
+    case 4: return PanelBlock<std::min(4, kRowGroup)>(x, k_dim, panel, k0, k1, part);
+    case 5: return PanelBlock<std::min(5, kRowGroup)>(x, k_dim, panel, k0, k1, part);
+    case 6: return PanelBlock<std::min(6, kRowGroup)>(x, k_dim, panel, k0, k1, part);
+    case 7: return PanelBlock<std::min(7, kRowGroup)>(x, k_dim, panel, k0, k1, part);
+    default: return PanelBlock<kRowGroup>(x, k_dim, panel, k0, k1, part);
+  }
+}
+
+template <typename W>
+constexpr bool OnePass(int rows) {  // whether Rows(rows, ...) takes a panel in one pass
+  switch (std::min(rows, kRowGroup)) {
+    case 1: return VecsPerPass<1, W>() == kVecs;
+    case 2: return VecsPerPass<std::min(2, kRowGroup), W>() == kVecs;
+    case 3: return VecsPerPass<std::min(3, kRowGroup), W>() == kVecs;
+    case 4: return VecsPerPass<std::min(4, kRowGroup), W>() == kVecs;
+    case 5: return VecsPerPass<std::min(5, kRowGroup), W>() == kVecs;
+    case 6: return VecsPerPass<std::min(6, kRowGroup), W>() == kVecs;
+    case 7: return VecsPerPass<std::min(7, kRowGroup), W>() == kVecs;
+    default: return VecsPerPass<kRowGroup, W>() == kVecs;
+  }
+}
+
+// A decode step's rows (m_dim <= kMaxRows) that take a panel in several passes (AVX2's 4-8
+// float32 or 3-8 bfloat16 rows: several row groups, or two halves of a panel) make all their
+// passes over one block of kBlock k's before the next. Each pass over a whole panel (96 KB of
+// float32 weights) used to leave memory idle after the first: only the first streamed from
+// memory, the others computed from L2, so 8 rows cost 1.6-1.8x one row on a Zen 3. Over 4 KB
+// blocks (the prefetch distance) the first pass's prefetches stay in flight while the later
+// passes compute from L1: 1.3-1.4x faster for 8 rows (a scratch C++ loop, 151 MB of weights, one
+// and two threads; `tools/bench/decode_rows.py`, BENCHMARKS.md).
+constexpr int64_t kBlock = 32;
+
+template <typename W>
+void PanelsBlocked(int64_t p0, int64_t p1, const float* x, int m_dim, int64_t k_dim, const W* w,
+                   float* y, int64_t n_dim) {
+  alignas(64) vf part[kMaxRows * kVecs];
+  for (int64_t p = p0; p < p1; ++p) {
+    const W* panel = w + p * k_dim * kPanel;
+    std::memset(part, 0, sizeof part);
+    for (int64_t k0 = 0; k0 < k_dim; k0 += kBlock) {
+      const int64_t k1 = std::min(k_dim, k0 + kBlock);
+      for (int m = 0; m < m_dim; m += kRowGroup) {
+        RowsBlock(std::min(kRowGroup, m_dim - m), x + m * k_dim, k_dim, panel, k0, k1,
+                  part + m * kVecs);
+      }
+    }
+    const int64_t cols = std::min(kPanel, n_dim - p * kPanel);
+    for (int r = 0; r < m_dim; ++r) {
+      std::memcpy(y + r * n_dim + p * kPanel, part + r * kVecs, cols * sizeof(float));
+    }
+  }
+}
+
 // Panels [p0, p1): each panel once, all row groups against it while it is in cache. With many
 // row groups a bfloat16 panel is widened once into a float32 copy (K * 32 floats, in L2) instead
 // of once per group: prefill of 128 tokens ran 25 % slower than float32 without. With few the
@@ -159,6 +254,9 @@ constexpr int kWidenGroups = 6;  // widen where a call has more row groups than 
 template <typename W>
 void Panels(int64_t p0, int64_t p1, const float* x, int64_t m_dim, int64_t k_dim, const W* w,
             float* y, int64_t n_dim) {
+  if (m_dim <= kMaxRows && (m_dim > kRowGroup || !OnePass<W>(static_cast<int>(m_dim)))) {
+    return PanelsBlocked(p0, p1, x, static_cast<int>(m_dim), k_dim, w, y, n_dim);
+  }
   const bool widen =
       !std::is_same_v<W, float> && (m_dim + kRowGroup - 1) / kRowGroup > kWidenGroups;
   thread_local std::vector<float> wide;

@@ -166,49 +166,38 @@ void PanelBlock(const float* x, int64_t k_dim, const W* panel, int64_t k0, int64
   for (int c0 = 0; c0 < kPanel; c0 += V * kLanes) PassBlock<R, V>(x, k_dim, panel, c0, k0, k1, part);
 }
 
+// Calls f(std::integral_constant<int, R>{}) with R = min(rows, kRowGroup): the row count as a
+// compile-time constant for the templates below (one instantiation per count).
+template <typename F>
+decltype(auto) ByRows(int rows, F&& f) {
+  static_assert(kRowGroup >= 1 && kRowGroup <= 8, "row group of 1 to 8 rows");
+  switch (std::min(rows, kRowGroup)) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, std::min(2, kRowGroup)>{});
+    case 3: return f(std::integral_constant<int, std::min(3, kRowGroup)>{});
+    case 4: return f(std::integral_constant<int, std::min(4, kRowGroup)>{});
+    case 5: return f(std::integral_constant<int, std::min(5, kRowGroup)>{});
+    case 6: return f(std::integral_constant<int, std::min(6, kRowGroup)>{});
+    case 7: return f(std::integral_constant<int, std::min(7, kRowGroup)>{});
+    default: return f(std::integral_constant<int, kRowGroup>{});
+  }
+}
+
 template <typename W>
 void Rows(int rows, const float* x, int64_t k_dim, const W* panel, float* y, int64_t n_dim,
           int64_t n0) {
-  static_assert(kRowGroup >= 1 && kRowGroup <= 8, "row group of 1 to 8 rows");
-  switch (std::min(rows, kRowGroup)) {
-    case 1: return Panel<1>(x, k_dim, panel, y, n_dim, n0);
-    case 2: return Panel<std::min(2, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
-    case 3: return Panel<std::min(3, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
-    case 4: return Panel<std::min(4, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
-    case 5: return Panel<std::min(5, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
-    case 6: return Panel<std::min(6, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
-    case 7: return Panel<std::min(7, kRowGroup)>(x, k_dim, panel, y, n_dim, n0);
-    default: return Panel<kRowGroup>(x, k_dim, panel, y, n_dim, n0);
-  }
+  ByRows(rows, [&](auto r) { Panel<decltype(r)::value>(x, k_dim, panel, y, n_dim, n0); });
 }
 
 template <typename W>
 void RowsBlock(int rows, const float* x, int64_t k_dim, const W* panel, int64_t k0, int64_t k1,
                vf* part) {
-  switch (std::min(rows, kRowGroup)) {
-    case 1: return PanelBlock<1>(x, k_dim, panel, k0, k1, part);
-    case 2: return PanelBlock<std::min(2, kRowGroup)>(x, k_dim, panel, k0, k1, part);
-    case 3: return PanelBlock<std::min(3, kRowGroup)>(x, k_dim, panel, k0, k1, part);
-    case 4: return PanelBlock<std::min(4, kRowGroup)>(x, k_dim, panel, k0, k1, part);
-    case 5: return PanelBlock<std::min(5, kRowGroup)>(x, k_dim, panel, k0, k1, part);
-    case 6: return PanelBlock<std::min(6, kRowGroup)>(x, k_dim, panel, k0, k1, part);
-    case 7: return PanelBlock<std::min(7, kRowGroup)>(x, k_dim, panel, k0, k1, part);
-    default: return PanelBlock<kRowGroup>(x, k_dim, panel, k0, k1, part);
-  }
+  ByRows(rows, [&](auto r) { PanelBlock<decltype(r)::value>(x, k_dim, panel, k0, k1, part); });
 }
 
 template <typename W>
-constexpr bool OnePass(int rows) {  // whether Rows(rows, ...) takes a panel in one pass
-  switch (std::min(rows, kRowGroup)) {
-    case 1: return VecsPerPass<1, W>() == kVecs;
-    case 2: return VecsPerPass<std::min(2, kRowGroup), W>() == kVecs;
-    case 3: return VecsPerPass<std::min(3, kRowGroup), W>() == kVecs;
-    case 4: return VecsPerPass<std::min(4, kRowGroup), W>() == kVecs;
-    case 5: return VecsPerPass<std::min(5, kRowGroup), W>() == kVecs;
-    case 6: return VecsPerPass<std::min(6, kRowGroup), W>() == kVecs;
-    case 7: return VecsPerPass<std::min(7, kRowGroup), W>() == kVecs;
-    default: return VecsPerPass<kRowGroup, W>() == kVecs;
-  }
+bool OnePass(int rows) {  // whether Rows(rows, ...) takes a panel in one pass
+  return ByRows(rows, [](auto r) { return VecsPerPass<decltype(r)::value, W>() == kVecs; });
 }
 
 // A decode step's rows (m_dim <= kMaxRows) that take a panel in several passes (AVX2's 4-8
